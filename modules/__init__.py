@@ -1,0 +1,1 @@
+"""Pipeline stages of comap-reduce, addressed from TOML call strings (``modules.<Package>...``)."""

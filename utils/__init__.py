@@ -1,0 +1,1 @@
+"""Shared physics, formats and kernels of comap-reduce (the ground floor: never imports ``modules``)."""

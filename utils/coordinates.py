@@ -1,0 +1,248 @@
+"""Observed az/el ↔ ICRS ↔ Galactic, per sample, at the OVRO site (04 §3.3).
+
+IERS policy (shared with the simulator): the bundled ``astropy-iers-data`` tables are used, never
+downloaded (``configure_iers``). UT1−UTC and polar motion come from the same helpers astropy's own
+AltAz transform uses, so simulator and pipeline agree inside and outside the tables.
+
+This module currently implements the transforms with astropy's full per-sample machinery; the
+public signatures are final.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from utils.constants import OVRO_HEIGHT_M, OVRO_LAT_DEG, OVRO_LON_DEG
+
+log = logging.getLogger("comap.coordinates")
+
+_IERS_LOCK = threading.Lock()
+_IERS_CONFIGURED = False
+
+Site = tuple[float, float, float]
+"""(longitude deg east, latitude deg, height m)."""
+
+OVRO: Site = (OVRO_LON_DEG, OVRO_LAT_DEG, OVRO_HEIGHT_M)
+
+
+def configure_iers() -> None:
+    """Use astropy's bundled IERS tables with downloads off (idempotent, no network)."""
+    global _IERS_CONFIGURED
+    if _IERS_CONFIGURED:
+        return
+    with _IERS_LOCK:
+        from astropy.utils import iers
+
+        iers.conf.auto_download = False
+        iers.conf.auto_max_age = None
+        _IERS_CONFIGURED = True
+
+
+def earth_location(site: Site = OVRO):
+    """Return an astropy ``EarthLocation`` for ``site`` = (lon_deg, lat_deg, height_m)."""
+    from astropy import units as u
+    from astropy.coordinates import EarthLocation
+
+    lon, lat, height = site
+    return EarthLocation.from_geodetic(lon * u.deg, lat * u.deg, height * u.m)
+
+
+def standard_pressure_hpa(height_m: float) -> float:
+    """Standard-atmosphere pressure (hPa) at ``height_m`` (used when refraction is on)."""
+    return 1013.25 * (1.0 - 2.25577e-5 * height_m) ** 5.25588
+
+
+def _altaz_frame(mjd_utc: NDArray, site: Site, refraction: bool, pressure_hpa, temperature_c, humidity,
+                 wavelength_um):
+    from astropy import units as u
+    from astropy.coordinates import AltAz
+    from astropy.time import Time
+
+    configure_iers()
+    if refraction:
+        pressure = standard_pressure_hpa(site[2]) if pressure_hpa is None else float(pressure_hpa)
+    else:
+        pressure = 0.0
+    return AltAz(
+        obstime=Time(mjd_utc, format="mjd", scale="utc"),
+        location=earth_location(site),
+        pressure=pressure * u.hPa,
+        temperature=temperature_c * u.deg_C,
+        relative_humidity=humidity,
+        obswl=wavelength_um * u.micron,
+    )
+
+
+def azel_to_icrs(
+    az_deg: ArrayLike,
+    el_deg: ArrayLike,
+    mjd_utc: ArrayLike,
+    *,
+    site: Site = OVRO,
+    refraction: bool = False,
+    pressure_hpa: float | None = None,
+    temperature_c: float = 10.0,
+    humidity: float = 0.3,
+    wavelength_um: float = 1.0e4,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Convert observed azimuth/elevation to ICRS RA/Dec for every sample.
+
+    Parameters
+    ----------
+    az_deg, el_deg : array_like, shape (n,)
+        Observed azimuth (North through East) and elevation, degrees.
+    mjd_utc : array_like, shape (n,) or scalar
+        Sample times, MJD (UTC).
+    site : (lon_deg, lat_deg, height_m)
+        Observatory location; default OVRO.
+    refraction : bool
+        Apply refraction (off by default; the level-1 elevations are not refraction-corrected).
+    pressure_hpa, temperature_c, humidity, wavelength_um
+        Refraction parameters; the pressure defaults to the standard pressure at the site height.
+
+    Returns
+    -------
+    ra_deg, dec_deg : ndarray, shape (n,)
+        ICRS coordinates in degrees; RA in [0, 360). Non-finite inputs give NaN.
+    """
+    from astropy import units as u
+    from astropy.coordinates import ICRS, SkyCoord
+
+    az = np.atleast_1d(np.asarray(az_deg, dtype=np.float64))
+    el = np.atleast_1d(np.asarray(el_deg, dtype=np.float64))
+    mjd = np.broadcast_to(np.asarray(mjd_utc, dtype=np.float64), az.shape)
+    ra = np.full(az.shape, np.nan)
+    dec = np.full(az.shape, np.nan)
+    good = np.isfinite(az) & np.isfinite(el) & np.isfinite(mjd)
+    if good.any():
+        frame = _altaz_frame(mjd[good], site, refraction, pressure_hpa, temperature_c, humidity,
+                             wavelength_um)
+        c = SkyCoord(az=az[good] * u.deg, alt=el[good] * u.deg, frame=frame).transform_to(ICRS())
+        ra[good] = c.ra.to_value(u.deg) % 360.0
+        dec[good] = c.dec.to_value(u.deg)
+    return ra, dec
+
+
+def icrs_to_azel(
+    ra_deg: ArrayLike,
+    dec_deg: ArrayLike,
+    mjd_utc: ArrayLike,
+    *,
+    site: Site = OVRO,
+    refraction: bool = False,
+    pressure_hpa: float | None = None,
+    temperature_c: float = 10.0,
+    humidity: float = 0.3,
+    wavelength_um: float = 1.0e4,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Convert ICRS RA/Dec (deg) to observed azimuth/elevation (deg) at each ``mjd_utc``.
+
+    The inverse of :func:`azel_to_icrs`; same parameters. Returns arrays of the broadcast shape.
+    """
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    ra, dec, mjd = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(ra_deg, dtype=np.float64)),
+        np.atleast_1d(np.asarray(dec_deg, dtype=np.float64)),
+        np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64)),
+    )
+    az = np.full(ra.shape, np.nan)
+    el = np.full(ra.shape, np.nan)
+    good = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mjd)
+    if good.any():
+        frame = _altaz_frame(mjd[good], site, refraction, pressure_hpa, temperature_c, humidity,
+                             wavelength_um)
+        c = SkyCoord(ra=ra[good] * u.deg, dec=dec[good] * u.deg, frame="icrs").transform_to(frame)
+        az[good] = c.az.to_value(u.deg) % 360.0
+        el[good] = c.alt.to_value(u.deg)
+    return az, el
+
+
+def _galactic_matrix() -> NDArray[np.float64]:
+    """3×3 rotation ICRS→Galactic, from astropy's transform of the unit vectors (built once)."""
+    global _GAL_MATRIX
+    if _GAL_MATRIX is None:
+        from astropy import units as u
+        from astropy.coordinates import ICRS, Galactic
+
+        eye = np.eye(3)
+        basis = ICRS(
+            ra=np.degrees(np.arctan2(eye[:, 1], eye[:, 0])) * u.deg,
+            dec=np.degrees(np.arcsin(eye[:, 2])) * u.deg,
+        ).transform_to(Galactic())
+        g = basis.cartesian.xyz.value  # (3, 3): column k = Galactic image of ICRS unit vector k
+        _GAL_MATRIX = np.asarray(g, dtype=np.float64)
+    return _GAL_MATRIX
+
+
+_GAL_MATRIX: NDArray[np.float64] | None = None
+
+
+def _to_vec(lon_deg: NDArray, lat_deg: NDArray) -> NDArray:
+    lon = np.radians(lon_deg)
+    lat = np.radians(lat_deg)
+    cl = np.cos(lat)
+    return np.stack([cl * np.cos(lon), cl * np.sin(lon), np.sin(lat)])
+
+
+def _from_vec(v: NDArray) -> tuple[NDArray, NDArray]:
+    lon = np.degrees(np.arctan2(v[1], v[0])) % 360.0
+    lat = np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1])))
+    return lon, lat
+
+
+def icrs_to_galactic(ra_deg: ArrayLike, dec_deg: ArrayLike) -> tuple[NDArray, NDArray]:
+    """ICRS (deg) → Galactic (l, b) in degrees, l in [0, 360); a fixed rotation."""
+    ra = np.asarray(ra_deg, dtype=np.float64)
+    dec = np.asarray(dec_deg, dtype=np.float64)
+    v = _to_vec(ra, dec)
+    g = np.tensordot(_galactic_matrix(), v, axes=1)
+    return _from_vec(g)
+
+
+def galactic_to_icrs(l_deg: ArrayLike, b_deg: ArrayLike) -> tuple[NDArray, NDArray]:
+    """Galactic (l, b) in degrees → ICRS (ra, dec) in degrees; the transpose rotation."""
+    gl = np.asarray(l_deg, dtype=np.float64)
+    gb = np.asarray(b_deg, dtype=np.float64)
+    v = _to_vec(gl, gb)
+    e = np.tensordot(_galactic_matrix().T, v, axes=1)
+    return _from_vec(e)
+
+
+def angular_separation_deg(lon1: ArrayLike, lat1: ArrayLike, lon2: ArrayLike, lat2: ArrayLike) -> NDArray:
+    """Great-circle distance (deg) between points given in degrees (Vincenty formula, stable)."""
+    l1, b1, l2, b2 = (np.radians(np.asarray(a, dtype=np.float64)) for a in (lon1, lat1, lon2, lat2))
+    dl = l2 - l1
+    num = np.hypot(np.cos(b2) * np.sin(dl), np.cos(b1) * np.sin(b2) - np.sin(b1) * np.cos(b2) * np.cos(dl))
+    den = np.sin(b1) * np.sin(b2) + np.cos(b1) * np.cos(b2) * np.cos(dl)
+    return np.degrees(np.arctan2(num, den))
+
+
+def sun_altitude_deg(mjd_utc: ArrayLike, *, site: Site = OVRO) -> NDArray[np.float64]:
+    """Altitude (deg, no refraction) of the Sun at ``site`` for each time (built-in ephemeris)."""
+    from astropy import units as u
+    from astropy.coordinates import get_body
+
+    mjd = np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64))
+    frame = _altaz_frame(mjd, site, False, None, 10.0, 0.3, 1.0e4)
+    sun = get_body("sun", frame.obstime, location=frame.location).transform_to(frame)
+    return np.asarray(sun.alt.to_value(u.deg), dtype=np.float64)
+
+
+__all__: Sequence[str] = (
+    "OVRO",
+    "angular_separation_deg",
+    "azel_to_icrs",
+    "configure_iers",
+    "earth_location",
+    "galactic_to_icrs",
+    "icrs_to_azel",
+    "icrs_to_galactic",
+    "sun_altitude_deg",
+)
