@@ -57,8 +57,9 @@ def standard_pressure_hpa(height_m: float) -> float:
     return 1013.25 * (1.0 - 2.25577e-5 * height_m) ** 5.25588
 
 
-def _altaz_frame(mjd_utc: NDArray, site: Site, refraction: bool, pressure_hpa, temperature_c, humidity,
-                 wavelength_um):
+def _altaz_frame(
+    mjd_utc: NDArray, site: Site, refraction: bool, pressure_hpa, temperature_c, humidity, wavelength_um
+):
     from astropy import units as u
     from astropy.coordinates import AltAz
     from astropy.time import Time
@@ -120,8 +121,9 @@ def azel_to_icrs(
     dec = np.full(az.shape, np.nan)
     good = np.isfinite(az) & np.isfinite(el) & np.isfinite(mjd)
     if good.any():
-        frame = _altaz_frame(mjd[good], site, refraction, pressure_hpa, temperature_c, humidity,
-                             wavelength_um)
+        frame = _altaz_frame(
+            mjd[good], site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um
+        )
         c = SkyCoord(az=az[good] * u.deg, alt=el[good] * u.deg, frame=frame).transform_to(ICRS())
         ra[good] = c.ra.to_value(u.deg) % 360.0
         dec[good] = c.dec.to_value(u.deg)
@@ -156,8 +158,9 @@ def icrs_to_azel(
     el = np.full(ra.shape, np.nan)
     good = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mjd)
     if good.any():
-        frame = _altaz_frame(mjd[good], site, refraction, pressure_hpa, temperature_c, humidity,
-                             wavelength_um)
+        frame = _altaz_frame(
+            mjd[good], site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um
+        )
         c = SkyCoord(ra=ra[good] * u.deg, dec=dec[good] * u.deg, frame="icrs").transform_to(frame)
         az[good] = c.az.to_value(u.deg) % 360.0
         el[good] = c.alt.to_value(u.deg)

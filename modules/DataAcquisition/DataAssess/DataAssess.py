@@ -1,0 +1,303 @@
+"""DataAssess: discover level-1 and level-2 files on disk and register them (06 §6)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from modules.pipeline_control.Pipeline import PipelineStage, StageResult
+from modules.SQLModule.source_groups import classify
+from modules.SQLModule.SQLModule import db
+from utils.constants import GROUND_FEED, LEVEL1_NAME_RE, LEVEL2_NAME_RE, SUPPORTED_LEVEL2_FORMAT_VERSIONS
+from utils.errors import BadCOMAPFile
+from utils.level1 import Level1File
+
+log = logging.getLogger("comap.DataAssess")
+
+DEMO_HINT = (
+    "the simulated demo archive has not been created; run `make demo` or "
+    "`python -m utils.simulator archive --preset demo --out demo/remote`"
+)
+
+# /comap attributes copied to comap_data when present (05 §1.1).
+_COPIED_ATTRS = (
+    "telescope",
+    "instrument",
+    "platform",
+    "pixels",
+    "version",
+    "bof",
+    "bw",
+    "tsamp",
+    "coeff_iq",
+    "features",
+    "fft_shift",
+    "iqcalid",
+    "level",
+    "nbit",
+    "nchan",
+    "nint",
+)
+
+
+def observation_row(
+    attrs: dict[str, Any], *, level1_path: str | None, size_bytes: int | None, n_feeds: int | None
+) -> dict[str, Any]:
+    """The ``comap_data`` fields of an observation from its ``/comap`` attributes."""
+    source, group = classify(str(attrs.get("source", "")), str(attrs.get("comment", "")))
+    row: dict[str, Any] = {
+        "obsid": int(attrs["obsid"]),
+        "source": source,
+        "source_group": group,
+        "utc_start": str(attrs.get("utc_start", "")) or None,
+        "comment": str(attrs.get("comment", "")),
+    }
+    if level1_path is not None:
+        row["level1_path"] = os.path.abspath(level1_path)
+    if size_bytes is not None:
+        row["level1_size_bytes"] = int(size_bytes)
+    if n_feeds is not None:
+        row["n_feeds"] = int(n_feeds)
+    for key in _COPIED_ATTRS:
+        if key in attrs and attrs[key] is not None:
+            value = attrs[key]
+            row[key] = value.item() if hasattr(value, "item") else value
+    return row
+
+
+def walk_files(root: Path, pattern, *, follow_symlinks: bool = False) -> Iterator[Path]:
+    """Files under ``root`` whose base name matches ``pattern``; hidden directories and files
+    (``.quarantine``, ``.rsync-partial``, staging files) are skipped."""
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", d, exc)
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=follow_symlinks):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=follow_symlinks) and pattern.match(e.name):
+                    yield Path(e.path)
+            except OSError:
+                continue
+
+
+def level2_complete(path: Path) -> tuple[bool, int | None, str | None, str]:
+    """Read a level-2 file's obsid and format version and whether every module output is complete.
+
+    Returns (usable, obsid, code_version, reason).
+    """
+    with h5py.File(path, "r", locking=False) as l2:
+        obsid = l2.attrs.get("obsid")
+        version = l2.attrs.get("level2_format_version")
+        code = l2.attrs.get("comap_reduce_version")
+        if isinstance(code, bytes):
+            code = code.decode()
+        if obsid is None:
+            return False, None, code, "no root attribute obsid"
+        if version is None or int(version) not in SUPPORTED_LEVEL2_FORMAT_VERSIONS:
+            return False, int(obsid), code, f"unsupported level2_format_version {version}"
+        incomplete: list[str] = []
+
+        def visit(name: str, obj: Any) -> None:
+            status = obj.attrs.get("status")
+            if isinstance(status, bytes):
+                status = status.decode()
+            if status is not None and status != "complete":
+                incomplete.append(name)
+
+        l2.visititems(visit)
+        if incomplete:
+            return False, int(obsid), code, f"incomplete outputs: {', '.join(incomplete[:3])}"
+        return True, int(obsid), code, ""
+
+
+class DataAssess(PipelineStage):
+    """Discover level-1 and level-2 files on disk and register or refresh them in the database.
+
+    Parameters
+    ----------
+    level1_data_paths : list of str
+        Roots searched recursively for level-1 names (``comap-<obsid>-<date>-<time>.hd5``).
+    level2_data_paths : list of str
+        Roots searched for ``Level2_comap-*.hd5``; complete files are registered as done.
+    overwrite_existing : bool
+        Re-read and update observations that are already registered.
+    validate_level2_paths : bool
+        Null out registered level-2 paths whose file is missing.
+    clear_quality_stats_on_missing : bool
+        Also clear the statistics of such observations.
+    verify_level1 : bool
+        Run the full level-1 validator (C1–C13), not just the attribute read.
+    follow_symlinks : bool
+        Follow symbolic links while walking.
+    """
+
+    def __init__(
+        self,
+        level1_data_paths: list | None = None,
+        level2_data_paths: list | None = None,
+        overwrite_existing: bool = False,
+        validate_level2_paths: bool = True,
+        clear_quality_stats_on_missing: bool = False,
+        verify_level1: bool = False,
+        follow_symlinks: bool = False,
+    ) -> None:
+        self.level1_data_paths = list(level1_data_paths or [])
+        self.level2_data_paths = list(level2_data_paths or [])
+        self.overwrite_existing = overwrite_existing
+        self.validate_level2_paths = validate_level2_paths
+        self.clear_quality_stats_on_missing = clear_quality_stats_on_missing
+        self.verify_level1 = verify_level1
+        self.follow_symlinks = follow_symlinks
+
+    @classmethod
+    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+        problems = []
+        for p in params.get("level1_data_paths") or []:
+            if not Path(p).is_dir():
+                hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
+                problems.append(f"level1_data_paths: directory {p} does not exist{hint}")
+        return problems
+
+    def plan(self) -> list[str]:
+        n1 = sum(
+            1
+            for root in self.level1_data_paths
+            for _ in walk_files(Path(root), LEVEL1_NAME_RE, follow_symlinks=self.follow_symlinks)
+        )
+        n2 = sum(
+            1
+            for root in self.level2_data_paths
+            if Path(root).is_dir()
+            for _ in walk_files(Path(root), LEVEL2_NAME_RE, follow_symlinks=self.follow_symlinks)
+        )
+        known = set(db.query_all_obsids())
+        return [
+            f"DataAssess: {n1} level-1 file(s) under {self.level1_data_paths} "
+            f"({len(known)} observation(s) registered), {n2} level-2 file(s) under {self.level2_data_paths}"
+        ]
+
+    def run(self) -> StageResult:
+        result = StageResult(stage="DataAssess")
+        if self.validate_level2_paths:
+            n = db.scrub_missing_level2_paths(clear_statistics=self.clear_quality_stats_on_missing)
+            if n:
+                log.info("cleared %d level-2 path(s) whose file is missing", n)
+        registered = {o.obsid: o for o in db.query_observations()}
+        seen_level1: dict[int, Path] = {}
+        counts = {
+            "level1 new": 0,
+            "level1 updated": 0,
+            "level1 unchanged": 0,
+            "level2 registered": 0,
+            "level2 unchanged": 0,
+            "level2 needs reprocessing": 0,
+        }
+        for root in self.level1_data_paths:
+            for path in walk_files(Path(root), LEVEL1_NAME_RE, follow_symlinks=self.follow_symlinks):
+                self._assess_level1(path, registered, seen_level1, counts, result)
+        for root in self.level2_data_paths:
+            if not Path(root).is_dir():
+                log.info("level-2 root %s does not exist yet; nothing to register there", root)
+                continue
+            for path in walk_files(Path(root), LEVEL2_NAME_RE, follow_symlinks=self.follow_symlinks):
+                self._assess_level2(path, counts, result)
+        result.done = counts["level1 new"] + counts["level1 updated"] + counts["level2 registered"]
+        result.skipped = counts["level1 unchanged"] + counts["level2 unchanged"]
+        log.info(
+            "DataAssess: %s; %d unreadable", ", ".join(f"{v} {k}" for k, v in counts.items()), result.failed
+        )
+        return result
+
+    def _assess_level1(
+        self,
+        path: Path,
+        registered: dict[int, Any],
+        seen: dict[int, Path],
+        counts: dict[str, int],
+        result: StageResult,
+    ) -> None:
+        obsid_from_name = int(LEVEL1_NAME_RE.match(path.name).group(1))
+        if obsid_from_name in seen:
+            log.warning(
+                "obsid %d has two level-1 files: %s and %s; keeping the first",
+                obsid_from_name,
+                seen[obsid_from_name],
+                path,
+            )
+            return
+        seen[obsid_from_name] = path
+        existing = registered.get(obsid_from_name)
+        abspath = str(path.resolve())
+        if (
+            existing is not None
+            and not self.overwrite_existing
+            and existing.level1_path == abspath
+            and existing.level1_size_bytes == path.stat().st_size
+        ):
+            counts["level1 unchanged"] += 1
+            return
+        try:
+            with Level1File(path) as l1:
+                if self.verify_level1:
+                    l1.validate(probe_tod=True)
+                attrs = l1.attrs()
+                if "obsid" not in attrs:
+                    raise BadCOMAPFile("missing attribute /comap.obsid")
+                if int(attrs["obsid"]) != obsid_from_name:
+                    raise BadCOMAPFile(
+                        f"obsid mismatch: file name says {obsid_from_name}, "
+                        f"/comap.obsid says {attrs['obsid']}"
+                    )
+                n_feeds = int(sum(1 for f in l1.feeds() if int(f) != GROUND_FEED))
+        except (BadCOMAPFile, OSError, KeyError, ValueError) as exc:
+            log.warning("cannot register %s: %s", path, exc)
+            result.record_failure(path.name, str(exc))
+            return
+        row = observation_row(attrs, level1_path=abspath, size_bytes=path.stat().st_size, n_feeds=n_feeds)
+        db.upsert_observation(row)
+        counts["level1 updated" if existing is not None else "level1 new"] += 1
+
+    def _assess_level2(self, path: Path, counts: dict[str, int], result: StageResult) -> None:
+        try:
+            usable, obsid, code, reason = level2_complete(path)
+        except OSError as exc:
+            log.warning("cannot read level-2 file %s: %s", path, exc)
+            result.record_failure(path.name, f"unreadable level-2 file: {exc}")
+            return
+        if not usable or obsid is None:
+            log.info("%s needs reprocessing: %s", path.name, reason)
+            counts["level2 needs reprocessing"] += 1
+            return
+        abspath = str(path.resolve())
+        current = db.query_data(obsid)
+        if current is None:
+            with h5py.File(path, "r", locking=False) as l2:
+                attrs = (
+                    {k: (v.decode() if isinstance(v, bytes) else v) for k, v in l2["comap"].attrs.items()}
+                    if "comap" in l2
+                    else {"obsid": obsid}
+                )
+            attrs["obsid"] = obsid
+            db.upsert_observation(observation_row(attrs, level1_path=None, size_bytes=None, n_feeds=None))
+        jobs = db.job_table("level2", obsids=[obsid])
+        if current is not None and current.level2_path == abspath and jobs and jobs[0].status == "done":
+            counts["level2 unchanged"] += 1
+            return
+        db.set_level2_path(obsid, abspath)
+        db.finish_job(obsid, "level2", "done", last_module="DataAssess")
+        log.info("registered %s (written by comap-reduce %s)", path.name, code)
+        counts["level2 registered"] += 1

@@ -1,0 +1,3 @@
+from modules.DataAcquisition.DataAssess.DataAssess import DataAssess
+
+__all__ = ["DataAssess"]

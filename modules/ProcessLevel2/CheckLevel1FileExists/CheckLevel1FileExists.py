@@ -1,0 +1,54 @@
+"""CheckLevel1FileExists: validate the level-1 file before anything reads it (03 §4.1)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from modules.pipeline_control.Pipeline import BaseCOMAPModule
+
+
+class CheckLevel1FileExists(BaseCOMAPModule):
+    """Validate the observation's level-1 file against checks C1–C13 (01 §9).
+
+    Writes nothing to level 2; records ``level1_size_bytes`` in the database. It runs whenever the
+    observation has other work and never makes an observation count as not done
+    (``runs_with_others``).
+
+    Parameters
+    ----------
+    validate : bool
+        Run the validation checklist (False only records the file size).
+    probe_tod : bool
+        Include C13, the read of single TOD elements that detects truncated files.
+    plot, plot_dir
+        Accepted for uniformity; nothing is plotted.
+    """
+
+    runs_with_others = True
+
+    def __init__(
+        self,
+        validate: bool = True,
+        probe_tod: bool = True,
+        plot: bool = False,
+        plot_dir: str = "outputs/CheckLevel1FileExists",
+    ) -> None:
+        self.validate = validate
+        self.probe_tod = probe_tod
+        self.plot = plot
+        self.plot_dir = plot_dir
+
+    def already_processed(self, file_info: Any, overwrite: bool = False) -> bool:
+        """Always True: this check never makes an observation count as not done."""
+        return True
+
+    def run(self, file_info: Any) -> None:
+        ctx = self.observation_context(file_info)
+        l1 = ctx.l1
+        if self.validate:
+            l1.validate(probe_tod=self.probe_tod)
+        else:
+            l1.open()
+        size = os.path.getsize(l1.path)
+        ctx.db.upsert_observation({"obsid": ctx.obsid, "level1_size_bytes": int(size)})

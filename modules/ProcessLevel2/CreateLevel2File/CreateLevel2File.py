@@ -1,0 +1,252 @@
+"""CreateLevel2File: start the level-2 file from level-1 metadata and pointing (03 §4.2)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from typing import Any
+
+import numpy as np
+
+from modules.pipeline_control import provenance
+from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
+from utils import level2 as l2layout
+from utils.constants import GROUND_FEED, OVRO_HEIGHT_M, OVRO_LAT_DEG, OVRO_LON_DEG
+from utils.coordinates import azel_to_icrs
+from utils.errors import BadCOMAPFile
+
+OPTIONAL = "optional"
+
+DEFAULT_LEVEL1_DATASETS: list[list[Any]] = [
+    ["spectrometer/MJD", 1.0],
+    ["spectrometer/bands", 1.0],
+    ["spectrometer/frequency", 1.0],
+    ["spectrometer/features", 1.0],
+    ["hk/antenna0/vane/angle", 0.01],
+    ["hk/antenna0/vane/Tshroud", 0.01],
+    ["hk/antenna0/vane/Tvane", 0.01],
+    ["hk/antenna0/vane/Tambient", 0.01],
+    ["hk/antenna0/vane/utc", 1.0],
+    ["hk/array/frame/features", 1.0],
+    ["hk/array/frame/utc", 1.0],
+    ["hk/array/weather/airTemperature", 0.01, OPTIONAL],
+    ["hk/array/weather/dewPointTemp", 0.01, OPTIONAL],
+    ["hk/array/weather/pressure", 0.01, OPTIONAL],
+    ["hk/array/weather/windSpeed", 0.01, OPTIONAL],
+    ["hk/array/weather/windDirection", 0.01, OPTIONAL],
+    ["hk/array/weather/utc", 1.0, OPTIONAL],
+    ["hk/antenna0/deTracker/lissajous_status", 1.0, OPTIONAL],
+    ["hk/antenna0/deTracker/utc", 1.0, OPTIONAL],
+]
+
+# Units of the scaled copies (01 §3.3).
+_UNITS = {
+    "angle": "deg",
+    "Tshroud": "degC",
+    "Tvane": "degC",
+    "Tambient": "degC",
+    "utc": "MJD (hk clock)",
+    "airTemperature": "degC",
+    "dewPointTemp": "degC",
+    "pressure": "hPa",
+    "windSpeed": "m/s",
+    "windDirection": "deg",
+    "MJD": "MJD (UTC)",
+    "frequency": "GHz",
+}
+
+
+class CreateLevel2File(BaseCOMAPModule):
+    """Create the level-2 file: metadata, hk copies, per-feed pointing and recomputed RA/Dec.
+
+    Parameters
+    ----------
+    output_dir : str
+        Root directory of level-2 files.
+    save_dir_structure : str
+        Sub-path template with ``{date:<strftime>}``, ``{source}``, ``{source_group}``, ``{obsid}``.
+    level1_datasets : list
+        ``[path, scale]`` or ``[path, scale, "optional"]`` entries copied from level 1; a scale
+        other than 1 stores ``raw.astype(float64) * scale``.
+    level1_attributes : list of str
+        Level-1 groups whose attributes are copied.
+    compute_radec : bool
+        Recompute per-sample ICRS RA/Dec from az/el (``utils.coordinates.azel_to_icrs``).
+    overwrite : bool
+        Redo even if the file is complete.
+    plot, plot_dir
+        Accepted for uniformity; nothing is plotted.
+    """
+
+    writes = ("spectrometer/pixel_pointing/pixel_dec",)
+
+    def __init__(
+        self,
+        output_dir: str = "level2",
+        save_dir_structure: str = l2layout.DEFAULT_SAVE_DIR_STRUCTURE,
+        level1_datasets: list | None = None,
+        level1_attributes: list | None = None,
+        compute_radec: bool = True,
+        overwrite: bool = False,
+        plot: bool = False,
+        plot_dir: str = "outputs/CreateLevel2File",
+    ) -> None:
+        self.output_dir = output_dir
+        self.save_dir_structure = save_dir_structure
+        self.level1_datasets = DEFAULT_LEVEL1_DATASETS if level1_datasets is None else level1_datasets
+        self.level1_attributes = ["comap"] if level1_attributes is None else level1_attributes
+        self.compute_radec = compute_radec
+        self.overwrite = overwrite
+        self.plot = plot
+        self.plot_dir = plot_dir
+
+    @classmethod
+    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+        problems = []
+        msg = l2layout.validate_save_dir(str(params.get("save_dir_structure", "")))
+        if msg:
+            problems.append(f"save_dir_structure: {msg}")
+        for i, entry in enumerate(params.get("level1_datasets") or []):
+            ok = (
+                isinstance(entry, list | tuple)
+                and len(entry) in (2, 3)
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], int | float)
+                and not isinstance(entry[1], bool)
+                and (len(entry) == 2 or entry[2] == OPTIONAL)
+            )
+            if not ok:
+                problems.append(
+                    f"level1_datasets[{i}] must be [path, scale] or [path, scale, 'optional'], got {entry!r}"
+                )
+        return problems
+
+    def level2_path_for(self, file_info: Any) -> str:
+        """The final (published) level-2 path of ``file_info`` (public; Level2Pipeline calls it)."""
+        if not getattr(file_info, "level1_path", None):
+            raise BadCOMAPFile("observation has no level1_path", obsid=getattr(file_info, "obsid", None))
+        return str(
+            l2layout.level2_path(
+                self.output_dir,
+                self.save_dir_structure,
+                level1_path=file_info.level1_path,
+                utc_start=file_info.utc_start or "",
+                source=file_info.source or "Unknown",
+                source_group=file_info.source_group,
+                obsid=int(file_info.obsid),
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, file_info: Any) -> None:
+        ctx = self.observation_context(file_info)
+        l1 = ctx.l1
+        feeds_l1 = np.asarray(l1.feeds(), dtype=int)
+        positions = [i for i, f in enumerate(feeds_l1) if f != GROUND_FEED]
+        sci_feeds = feeds_l1[positions]
+        n_tod = l1.n_tod
+        path = file_info.level2_path
+        stat = os.stat(l1.path)
+        with RetryH5PY(path, "a") as l2:
+            root = l2.attrs
+            root["obsid"] = int(ctx.obsid)
+            root["level2_format_version"] = l2layout.FORMAT_VERSION
+            root["comap_reduce_version"] = provenance.code_version()
+            if "created_utc" not in root:
+                root["created_utc"] = provenance.utc_now_iso()
+            root["updated_utc"] = provenance.utc_now_iso()
+            root["level1_path"] = os.path.abspath(l1.path)
+            root["level1_size_bytes"] = int(stat.st_size)
+            root["level1_mtime_utc"] = _dt.datetime.fromtimestamp(stat.st_mtime, _dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+            root["hk_time_offset_s"] = float(ctx.hk_time_offset_s)
+
+            for group in self.level1_attributes:
+                if group not in l1.file:
+                    raise BadCOMAPFile(f"missing group /{group} in the level-1 file")
+                dst = l2.require_group(group)
+                for key, value in l1.file[group].attrs.items():
+                    dst.attrs[key] = value
+
+            spec = l2.require_group("spectrometer")
+            self._replace(spec, "feeds", sci_feeds.astype(np.int32))
+            self._replace(spec, "level1_feed_index", np.asarray(positions, dtype=np.int32))
+
+            for entry in self.level1_datasets:
+                src, scale = entry[0], float(entry[1])
+                optional = len(entry) > 2 and entry[2] == OPTIONAL
+                if not l1.has_dataset(src):
+                    if optional:
+                        continue
+                    raise BadCOMAPFile(f"missing dataset {src}")
+                raw = l1.file[src][...]
+                data = raw.astype(np.float64) * scale if scale != 1.0 else raw
+                grp = l2.require_group(os.path.dirname(src))
+                ds = self._replace(grp, os.path.basename(src), data)
+                unit = _UNITS.get(os.path.basename(src))
+                if unit and (scale != 1.0 or src.startswith("spectrometer/")):
+                    ds.attrs["unit"] = unit
+                if scale != 1.0:
+                    ds.attrs["scale_applied"] = scale
+                self.mark_complete(ds)
+
+            pp = l2.require_group("spectrometer/pixel_pointing")
+            for name in ("pixel_ra", "pixel_dec"):  # recomputed below; never left stale
+                if name in pp:
+                    provenance.mark_incomplete(pp[name])
+            chunks = (1, int(min(n_tod, 65536))) if n_tod > 0 else None
+            az_ds = self._create(pp, "pixel_az", (len(positions), n_tod), np.float64, chunks)
+            el_ds = self._create(pp, "pixel_el", (len(positions), n_tod), np.float64, chunks)
+            ra_ds = self._create(pp, "pixel_ra", (len(positions), n_tod), np.float64, chunks)
+            dec_ds = self._create(pp, "pixel_dec", (len(positions), n_tod), np.float64, chunks)
+            flags = self._create(
+                l2.require_group("level2"), "sample_flags", (len(positions), n_tod), np.uint8, chunks
+            )
+            mjd = l1.mjd()
+            for ifeed, pos in enumerate(positions):
+                az, el = l1.pointing(pos, slice(None))
+                az = np.asarray(az, dtype=np.float64)
+                el = np.asarray(el, dtype=np.float64)
+                az_ds[ifeed] = az
+                el_ds[ifeed] = el
+                if self.compute_radec:
+                    ra, dec = azel_to_icrs(az, el, mjd)
+                else:
+                    ra = np.asarray(l1.file["spectrometer/pixel_pointing/pixel_ra"][pos], dtype=np.float64)
+                    dec = np.asarray(l1.file["spectrometer/pixel_pointing/pixel_dec"][pos], dtype=np.float64)
+                ra_ds[ifeed] = ra
+                dec_ds[ifeed] = dec
+                bad = ~(np.isfinite(az) & np.isfinite(el) & np.isfinite(ra) & np.isfinite(dec))
+                row = np.zeros(n_tod, dtype=np.uint8)
+                row[bad] = l2layout.FLAG_POINTING
+                flags[ifeed] = row
+            for ds, frame in ((ra_ds, "icrs"), (dec_ds, "icrs")):
+                ds.attrs["frame"] = frame
+                ds.attrs["refraction"] = False
+                ds.attrs["site"] = (
+                    f"OVRO lon {OVRO_LON_DEG} deg, lat {OVRO_LAT_DEG} deg, height {OVRO_HEIGHT_M} m"
+                )
+                ds.attrs["computed_from"] = "pixel_az, pixel_el" if self.compute_radec else "level-1 copy"
+                ds.attrs["unit"] = "deg"
+            az_ds.attrs["unit"] = "deg"
+            el_ds.attrs["unit"] = "deg"
+            self.mark_complete(l2["spectrometer/feeds"])
+            self.mark_complete(l2["spectrometer/level1_feed_index"])
+            self.mark_complete(flags)
+            for ds in (az_ds, el_ds, ra_ds):
+                self.mark_complete(ds)
+            self.mark_complete(pp)
+            self.mark_complete(dec_ds)  # the done-check: last
+
+    @staticmethod
+    def _replace(group: Any, name: str, data: np.ndarray) -> Any:
+        if name in group:
+            del group[name]
+        return group.create_dataset(name, data=data, track_times=False)
+
+    @staticmethod
+    def _create(group: Any, name: str, shape: tuple[int, int], dtype: Any, chunks: Any) -> Any:
+        if name in group:
+            del group[name]
+        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, track_times=False)

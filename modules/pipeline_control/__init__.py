@@ -1,0 +1,1 @@
+"""Shared plumbing: config parsing, the runner, executors, jobs, logging and provenance."""

@@ -1,0 +1,212 @@
+"""Command line of ``run.py`` (00 §7)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import pkgutil
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from modules.pipeline_control.config import KIND_TEXT, class_parameters, module_kind
+from modules.pipeline_control.provenance import code_version
+
+
+class _UsageError(Exception):
+    pass
+
+
+def parse_obsid_spec(spec: str) -> list[int]:
+    """``N``, ``N,M,...`` or ``N-M`` (inclusive) → sorted unique obsids."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part[1:]:
+            lo_s, hi_s = part.split("-", 1)
+            try:
+                lo, hi = int(lo_s), int(hi_s)
+            except ValueError:
+                raise _UsageError(f"--obsid: '{part}' is not a range N-M") from None
+            if hi < lo:
+                raise _UsageError(f"--obsid: range '{part}' is empty")
+            out.update(range(lo, hi + 1))
+        else:
+            try:
+                out.add(int(part))
+            except ValueError:
+                raise _UsageError(f"--obsid: '{part}' is not an obsid") from None
+    if not out:
+        raise _UsageError(f"--obsid: '{spec}' selects nothing")
+    return sorted(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py",
+        description="comap-reduce: run the pipeline described by a TOML config "
+        "(e.g. parameter_files/main_run.toml).",
+    )
+    p.add_argument("config", nargs="?", help="TOML config, usually parameter_files/main_run.toml")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate all configs, open the DB read-only and print the plan; write nothing",
+    )
+    p.add_argument(
+        "--obsid",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="restrict to obsids: N, N,M,... or N-M (repeatable)",
+    )
+    p.add_argument(
+        "--nprocess", type=int, default=None, metavar="N", help="override Master.nprocess in every config"
+    )
+    p.add_argument("--force", action="store_true", help="ignore job states and recompute everything")
+    p.add_argument("--retry-failed", action="store_true", help="include observations whose job failed")
+    p.add_argument("--mpi", action="store_true", help="use MPI mode (needs mpi4py)")
+    p.add_argument(
+        "--list-modules", action="store_true", help="print every loadable module with its parameters and exit"
+    )
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
+    p.add_argument("--version", action="store_true", help="print the code version and exit")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# --list-modules
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleListing:
+    path: str
+    kind: str
+    summary: str
+    parameters: list[tuple[str, str]]
+
+
+def _walk(prefix: str, errors: list[str]) -> Iterator[str]:
+    top = prefix.rstrip(".")
+    try:
+        pkg = importlib.import_module(top)
+    except Exception as exc:
+        errors.append(f"{top}: {type(exc).__name__}: {exc}")
+        return
+    yield top
+    paths = getattr(pkg, "__path__", None)
+    if not paths:
+        return
+    for info in pkgutil.walk_packages(
+        paths, prefix=top + ".", onerror=lambda name: errors.append(f"{name}: cannot import package")
+    ):
+        yield info.name
+
+
+def list_modules(prefixes: Iterable[str] = ("modules.",)) -> tuple[list[ModuleListing], list[str]]:
+    """Every loadable pipeline class under the allow-listed prefixes, and the import errors met."""
+    from modules.pipeline_control import Pipeline as _base
+
+    base_classes = {_base.BaseCOMAPModule, _base.StreamingStage, _base.PipelineStage, _base.MapJob}
+    errors: list[str] = []
+    found: dict[str, ModuleListing] = {}
+    for prefix in prefixes:
+        for modname in _walk(prefix, errors):
+            try:
+                mod = importlib.import_module(modname)
+            except Exception as exc:
+                errors.append(f"{modname}: {type(exc).__name__}: {exc}")
+                continue
+            for _name, obj in vars(mod).items():
+                if not isinstance(obj, type) or obj.__module__ != modname or obj in base_classes:
+                    continue
+                if getattr(obj, "__abstract_module__", False) or _name.startswith("_"):
+                    continue
+                kind = module_kind(obj)
+                if kind is None:
+                    continue
+                params, _ = class_parameters(obj)
+                doc = inspect.getdoc(obj) or ""
+                summary = doc.strip().splitlines()[0] if doc.strip() else ""
+                path = f"{obj.__module__}.{obj.__qualname__}"
+                found[path] = ModuleListing(
+                    path=path,
+                    kind=kind,
+                    summary=summary,
+                    parameters=[
+                        (n, "required" if p.required else repr(p.default)) for n, p in params.items()
+                    ],
+                )
+    return [found[k] for k in sorted(found)], errors
+
+
+def print_module_list(prefixes: Iterable[str]) -> int:
+    listings, errors = list_modules(prefixes)
+    for item in listings:
+        print(f"{item.path}  [{item.kind}: {KIND_TEXT[item.kind]}]")
+        if item.summary:
+            print(f"    {item.summary}")
+        for name, default in item.parameters:
+            print(f"    {name} = {default}")
+    for err in errors:
+        print(f"import error: {err}", file=sys.stderr)
+    return 0
+
+
+def _module_paths_from(config: str | None) -> list[str]:
+    prefixes = ["modules."]
+    if config:
+        import tomllib
+
+        try:
+            with open(config, "rb") as fh:
+                raw = tomllib.load(fh)
+            extra = (raw.get("Master") or {}).get("module_paths") or []
+            prefixes.extend(str(x) for x in extra)
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+    return prefixes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(code_version())
+        return 0
+    if args.list_modules:
+        return print_module_list(_module_paths_from(args.config))
+    if not args.config:
+        parser.print_usage(sys.stderr)
+        print("run.py: error: CONFIG is required (e.g. parameter_files/main_run.toml)", file=sys.stderr)
+        return 2
+    try:
+        obsids = sorted({o for spec in args.obsid for o in parse_obsid_spec(spec)}) if args.obsid else None
+    except _UsageError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return 2
+    if args.nprocess is not None and args.nprocess < 1:
+        print("run.py: error: --nprocess must be >= 1", file=sys.stderr)
+        return 2
+    from modules.pipeline_control.runner import run_pipeline
+
+    try:
+        return run_pipeline(
+            args.config,
+            dry_run=args.dry_run,
+            obsids=obsids,
+            nprocess=args.nprocess,
+            force=args.force,
+            retry_failed=args.retry_failed,
+            mpi=args.mpi,
+            log_level=args.log_level,
+        )
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

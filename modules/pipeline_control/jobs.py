@@ -1,0 +1,129 @@
+"""Staging files, atomic publish and the per-observation result record (03 §2.2, 00 §9 rule 5).
+
+A level-2 file is built in a hidden staging file beside its final name,
+``.<final name>.partial-<host>-<pid>``, and published with ``os.replace`` after an ``fsync``, so
+nothing half-written is ever visible under a final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("comap.jobs")
+
+HOST = socket.gethostname()
+
+
+def staging_path(final: str | Path, *, host: str = HOST, pid: int | None = None) -> Path:
+    """The staging name for ``final`` owned by this process."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial-{host}-{os.getpid() if pid is None else pid}")
+
+
+def staging_files(final: str | Path) -> list[Path]:
+    """Every staging file (any owner) for ``final`` in its directory."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    prefix = f".{final.name}.partial-"
+    return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix))
+
+
+def remove_staging_files(final: str | Path) -> list[Path]:
+    """Delete older staging files of ``final`` (left by a crash or a killed worker)."""
+    removed = []
+    for p in staging_files(final):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d stale staging file(s) for %s", len(removed), Path(final).name)
+    return removed
+
+
+def prepare_staging(final: str | Path, *, start_from_published: bool) -> Path:
+    """Create this process's staging file for ``final``.
+
+    Older staging files for the same file are removed first. If ``start_from_published`` and the
+    published file exists, it is copied to the staging name (so modules that are already done
+    stay done); otherwise the staging file does not exist yet and the first module creates it.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_staging_files(final)
+    staging = staging_path(final)
+    if start_from_published and final.exists():
+        tmp = staging.with_name(staging.name + ".copy")
+        shutil.copyfile(final, tmp)
+        os.replace(tmp, staging)
+    return staging
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(staging: str | Path, final: str | Path) -> Path:
+    """``fsync`` the staging file, ``os.replace`` it onto ``final`` and ``fsync`` the directory."""
+    staging, final = Path(staging), Path(final)
+    fsync_file(staging)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def discard(staging: str | Path | None) -> None:
+    """Remove a staging file if it exists (failure path)."""
+    if staging is None:
+        return
+    for p in (Path(staging), Path(str(staging) + ".copy")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - nothing more we can do
+            log.warning("could not remove staging file %s: %s", p, exc)
+
+
+@dataclass
+class ObservationResult:
+    """What a worker returns for one observation (03 §2.1 step 5)."""
+
+    obsid: int
+    status: str  # "done" or "failed"
+    error: str | None = None
+    last_module: str | None = None
+    level2_path: str | None = None
+    db_ops: list[Any] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    modules_run: list[str] = field(default_factory=list)
+    bytes_read_tod: int = 0
+    bytes_read_total: int = 0
+    peak_rss_mb: float | None = None
+    host: str = HOST
+    pid: int = field(default_factory=os.getpid)

@@ -1,0 +1,317 @@
+"""Run a config: validate everything, set up logging and the database, run the top-level stages,
+print the end-of-run summary and return the exit status (00 §7).
+
+Exit status: 0 all selected items succeeded or were already done; 1 the batch finished with
+failures; 2 configuration or usage error (nothing run); 3 fatal runtime error (database
+unreachable, ``max_consecutive_failures``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from modules.pipeline_control.config import (
+    LoadedConfig,
+    RunConfig,
+    dump_toml,
+    load_run_config,
+)
+from modules.pipeline_control.logging_setup import RunLogging, setup_logging
+from modules.pipeline_control.Pipeline import PipelineStage, RunContext, StageResult
+from modules.pipeline_control.provenance import code_version
+from utils.errors import ConfigError, ConfigErrors, DatabaseError
+
+log = logging.getLogger("comap.runner")
+
+EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def make_timestamp(now: _dt.datetime | None = None) -> str:
+    """``YYYY-mm-dd_HH-MM-SS`` (UTC) used in log and dump names."""
+    return (now or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def log_file_path(template: str, *, timestamp: str, config: Path, run_id: str) -> Path:
+    """Expand ``{timestamp}``, ``{config}``, ``{run_id}``; prefix ``{timestamp}_`` if none is used."""
+    if not re.search(r"\{(timestamp|config|run_id)\}", template):
+        p = Path(template)
+        template = str(p.with_name(f"{{timestamp}}_{p.name}"))
+    return Path(template.format(timestamp=timestamp, config=config.stem, run_id=run_id))
+
+
+def print_config_errors(exc: ConfigErrors | ConfigError) -> None:
+    errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+    for err in errors:
+        print(err.line(), file=sys.stderr)
+
+
+def _sql_target(main: LoadedConfig) -> str:
+    return str(main.master.get("sql_database") or "databases/COMAP_manchester.db")
+
+
+def _connect_db(target: str, *, dry_run: bool) -> None:
+    from modules.SQLModule.SQLModule import db
+
+    if dry_run:
+        is_url = "://" in target
+        if not is_url and not Path(target).exists():
+            print(f"database will be created at {Path(target).resolve()}")
+            db.connect("sqlite://", create=True)
+            return
+        db.connect(target, create=False, read_only=True)
+        return
+    db.connect(target, create=True)
+
+
+def format_summary(results: list[StageResult]) -> str:
+    """The end-of-run table: counts per stage and each distinct failure reason with its count."""
+    lines = ["", "Run summary", f"{'stage':<28} {'done':>6} {'skipped':>8} {'failed':>7} {'retried':>8}"]
+    for r in results:
+        status = " (FATAL)" if r.fatal else (" (interrupted)" if r.interrupted else "")
+        lines.append(f"{r.stage:<28} {r.done:>6} {r.skipped:>8} {r.failed:>7} {r.retried:>8}{status}")
+    reasons: Counter[str] = Counter()
+    for r in results:
+        for _item, reason in r.failures:
+            reasons[f"{r.stage}: {reason}"] += 1
+        if r.fatal:
+            reasons[f"{r.stage}: FATAL: {r.fatal}"] += 1
+    if reasons:
+        lines.append("failures:")
+        for reason, count in reasons.most_common():
+            lines.append(f"  {count:>4} × {reason}")
+    return "\n".join(lines)
+
+
+def exit_status(results: list[StageResult]) -> int:
+    if any(r.interrupted for r in results):
+        return EXIT_INTERRUPTED
+    if any(r.fatal for r in results):
+        return EXIT_FATAL
+    if any(r.failed for r in results):
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def run_pipeline(
+    config_path: str | Path,
+    *,
+    dry_run: bool = False,
+    obsids: list[int] | None = None,
+    nprocess: int | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    mpi: bool = False,
+    log_level: str = "INFO",
+    console: bool = True,
+) -> int:
+    """Validate and run ``config_path``; return the exit status. See the module docstring."""
+    timestamp = make_timestamp()
+    run_id = f"{timestamp}-{uuid.uuid4().hex[:8]}"
+    overrides: dict[str, Any] = {}
+    if nprocess is not None:
+        overrides["nprocess"] = int(nprocess)
+    if force:
+        overrides["force_run"] = True
+
+    from modules.pipeline_control.executors import mpi_requested
+
+    if mpi_requested(mpi):
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            print(
+                "usage error: MPI mode requested but mpi4py is not installed (pip install -e .[mpi])",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        print(
+            "usage error: MPI execution is not available in this version; run without mpiexec/--mpi",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+
+    try:
+        run_config = load_run_config(config_path, master_overrides=overrides)
+    except (ConfigErrors, ConfigError) as exc:
+        print_config_errors(exc)
+        return EXIT_CONFIG
+
+    main = run_config.main
+    config_file = Path(config_path)
+    log_path = log_file_path(
+        str(main.master.get("log_file") or "logs/{timestamp}_{config}.log"),
+        timestamp=timestamp,
+        config=config_file,
+        run_id=run_id,
+    )
+    run_logging = setup_logging(log_path, log_level, console=console)
+    try:
+        return _run(
+            run_config,
+            run_logging,
+            timestamp=timestamp,
+            run_id=run_id,
+            dry_run=dry_run,
+            obsids=obsids,
+            nprocess=nprocess,
+            force=force,
+            retry_failed=retry_failed,
+            log_level=log_level,
+            config_file=config_file,
+        )
+    finally:
+        run_logging.close()
+        try:
+            from modules.SQLModule.SQLModule import db
+
+            db.disconnect()
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _run(
+    run_config: RunConfig,
+    run_logging: RunLogging,
+    *,
+    timestamp: str,
+    run_id: str,
+    dry_run: bool,
+    obsids: list[int] | None,
+    nprocess: int | None,
+    force: bool,
+    retry_failed: bool,
+    log_level: str,
+    config_file: Path,
+) -> int:
+    main = run_config.main
+    log.info(
+        "comap-reduce %s, run %s, config %s%s",
+        code_version(),
+        run_id,
+        config_file,
+        " (dry run)" if dry_run else "",
+    )
+    log.info("log file: %s", run_logging.log_file)
+    if run_config.implicit_level2:
+        log.info("%s holds only per-observation modules; running it as Level2Pipeline", config_file)
+
+    if not dry_run:
+        dump_path = (
+            run_logging.log_file.parent if run_logging.log_file else Path("logs")
+        ) / f"{timestamp}_{config_file.stem}.resolved.toml"
+        dump_toml(run_config.resolved_dict(), dump_path)
+        log.info("resolved configuration written to %s", dump_path)
+
+    try:
+        _connect_db(str(main.master.get("sql_database")), dry_run=dry_run)
+    except DatabaseError as exc:
+        log.error("DatabaseError: %s", exc)
+        return EXIT_FATAL
+
+    context = RunContext(
+        run_id=run_id,
+        timestamp=timestamp,
+        config=run_config,
+        obsids=obsids,
+        nprocess=nprocess,
+        force=force,
+        retry_failed=retry_failed,
+        dry_run=dry_run,
+        log_level=logging.getLevelName(log_level.upper()) if isinstance(log_level, str) else log_level,
+        logging=run_logging,
+        log_dir=run_logging.log_file.parent if run_logging.log_file else Path("logs"),
+    )
+    stages: list[PipelineStage] = []
+    for spec in main.entries:
+        try:
+            stage = spec.instantiate()
+        except (ConfigError, ConfigErrors) as exc:
+            print_config_errors(exc)
+            return EXIT_CONFIG
+        except Exception as exc:
+            log.error("cannot construct %s: %s: %s", spec.name, type(exc).__name__, exc, exc_info=True)
+            return EXIT_FATAL
+        stage.context = context
+        stages.append(stage)
+
+    if dry_run:
+        print(f"Plan for {config_file} (dry run; nothing will be written)")
+        for stage in stages:
+            try:
+                lines = stage.plan()
+            except (ConfigError, ConfigErrors) as exc:
+                print_config_errors(exc)
+                return EXIT_CONFIG
+            except DatabaseError as exc:
+                log.error("DatabaseError: %s", exc)
+                return EXIT_FATAL
+            for line in lines:
+                print(f"  {line}")
+        return EXIT_OK
+
+    results: list[StageResult] = []
+    for stage in stages:
+        name = type(stage).__name__
+        log.info("=== %s ===", name)
+        try:
+            result = stage.run()
+            if result is None:
+                result = StageResult(stage=name, done=1)
+        except KeyboardInterrupt:
+            n = _release(run_id)
+            log.error("interrupted; %d jobs returned to pending", n)
+            results.append(StageResult(stage=name, interrupted=True))
+            break
+        except DatabaseError as exc:
+            log.error("DatabaseError: %s", exc)
+            results.append(StageResult(stage=name, fatal=f"DatabaseError: {exc}"))
+            break
+        except (ConfigError, ConfigErrors) as exc:
+            print_config_errors(exc)
+            return EXIT_CONFIG
+        except Exception as exc:
+            log.error("%s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+            result = StageResult(stage=name)
+            result.record_failure(name, f"{type(exc).__name__}: {exc}")
+        results.append(result)
+        if result.interrupted:
+            n = _release(run_id)
+            log.error("interrupted; %d jobs returned to pending", n)
+            break
+        if result.fatal:
+            log.error("%s stopped the run: %s", name, result.fatal)
+            break
+
+    summary = format_summary(results)
+    print(summary, flush=True)
+    _log_to_file(run_logging, summary)
+    status = exit_status(results)
+    log.info("exit status %d", status)
+    return status
+
+
+def _log_to_file(run_logging: RunLogging, text: str) -> None:
+    """Write ``text`` to the log file only (the console already got it on stdout)."""
+    for handler in run_logging.handlers:
+        if isinstance(handler, logging.FileHandler):
+            for line in text.splitlines():
+                record = log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (line,), None)
+                if handler.filter(record):
+                    handler.emit(record)
+
+
+def _release(run_id: str) -> int:
+    try:
+        from modules.SQLModule.SQLModule import db
+
+        return int(db.release_jobs(run_id) or 0)
+    except Exception as exc:  # pragma: no cover - best effort while interrupted
+        log.warning("could not release jobs of run %s: %s", run_id, exc)
+        return 0

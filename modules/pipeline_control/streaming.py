@@ -1,0 +1,416 @@
+"""One read of the level-1 TOD shared by several stages (03 §2.3).
+
+``ObservationContext`` is built once per observation: it holds the open ``Level1File``, the staging
+level-2 file during a streaming pass, the observation summary and cached level-2 metadata (feeds,
+scans, calibration). ``run_streaming_group`` is the driver: for every science feed and every scan it
+reads the block ``tod[l1_index(feed), :, :, start:stop]`` exactly once and hands it to every stage
+of the group, in list order. Out-of-scan samples are never read here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from utils.errors import BadCOMAPFile
+from utils.h5io import RetryH5PY
+
+if TYPE_CHECKING:  # pragma: no cover
+    from modules.pipeline_control.Pipeline import StreamingStage
+    from utils.level1 import Level1File
+
+log = logging.getLogger("comap.streaming")
+
+_CURRENT: contextvars.ContextVar[ObservationContext | None] = contextvars.ContextVar(
+    "comap_observation", default=None
+)
+
+
+class ObservationContext:
+    """Per-observation state shared by the modules of one level-2 run.
+
+    Attributes
+    ----------
+    file_info : COMAPData
+        The observation (``level2_path`` is the staging file during a run).
+    obsid : int
+    summary : dict
+        ``observation_summary`` fields set by modules (e.g. ``median_tsys``); written to the DB
+        when the observation succeeds.
+    timings : dict
+        Wall time per module (s).
+    """
+
+    def __init__(self, file_info: Any, *, hk_time_offset_s: float = 0.6, count_bytes: bool = False) -> None:
+        self.file_info = file_info
+        self.obsid = int(file_info.obsid)
+        self.hk_time_offset_s = float(hk_time_offset_s)
+        self.count_bytes = bool(count_bytes)
+        self.summary: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.l2: Any = None
+        self._l1: Level1File | None = None
+        self._cache: dict[str, Any] = {}
+
+    # --- files ------------------------------------------------------------------------------
+    @property
+    def l1(self) -> Level1File:
+        """The level-1 file, opened once (read-only, no locking)."""
+        if self._l1 is None:
+            from utils.level1 import Level1File
+
+            path = getattr(self.file_info, "level1_path", None)
+            if not path:
+                raise BadCOMAPFile("observation has no level1_path in the database", obsid=self.obsid)
+            self._l1 = Level1File(path, hk_time_offset_s=self.hk_time_offset_s, count_bytes=self.count_bytes)
+        return self._l1
+
+    @property
+    def db(self):
+        """The database facade (deferred inside workers, 05 §2.4)."""
+        from modules.SQLModule.SQLModule import db
+
+        return db
+
+    @contextlib.contextmanager
+    def open_l2(self, mode: str = "a") -> Iterator[Any]:
+        """Open the staging level-2 file as ``self.l2`` for the duration of the block."""
+        if self.l2 is not None:
+            yield self.l2
+            return
+        with RetryH5PY(self.file_info.level2_path, mode) as fh:
+            self.l2 = fh
+            try:
+                yield fh
+            finally:
+                self.l2 = None
+
+    def invalidate(self) -> None:
+        """Forget cached level-2 metadata (call after a module changed it)."""
+        self._cache.clear()
+
+    def close(self) -> None:
+        if self._l1 is not None:
+            self._l1.close()
+            self._l1 = None
+
+    # --- level-2 metadata ---------------------------------------------------------------------
+    def _read(self, key: str, reader) -> Any:
+        if key not in self._cache:
+            if self.l2 is not None:
+                self._cache[key] = reader(self.l2)
+            else:
+                with RetryH5PY(self.file_info.level2_path, "r") as fh:
+                    self._cache[key] = reader(fh)
+        return self._cache[key]
+
+    @staticmethod
+    def _require(fh, path: str) -> Any:
+        if path not in fh:
+            raise BadCOMAPFile(f"level-2 file has no {path} (is the module that writes it in the list?)")
+        return fh[path][...]
+
+    @property
+    def feeds(self) -> np.ndarray:
+        """Science feed numbers on the level-2 feed axis, int array ``(F,)``."""
+        return self._read("feeds", lambda fh: np.asarray(self._require(fh, "spectrometer/feeds"), dtype=int))
+
+    @property
+    def level1_feed_index(self) -> np.ndarray:
+        return self._read(
+            "l1idx", lambda fh: np.asarray(self._require(fh, "spectrometer/level1_feed_index"), dtype=int)
+        )
+
+    def ifeed(self, feed: int) -> int:
+        """Position of ``feed`` on the level-2 feed axis."""
+        hits = np.flatnonzero(self.feeds == int(feed))
+        if hits.size == 0:
+            raise KeyError(f"feed {feed} is not in this level-2 file (feeds {self.feeds.tolist()})")
+        return int(hits[0])
+
+    def l1_index(self, feed: int) -> int:
+        """Position of ``feed`` on the level-1 feed axis."""
+        return int(self.level1_feed_index[self.ifeed(feed)])
+
+    @property
+    def scans(self) -> np.ndarray:
+        """Scan edges ``(n_scans, 2)`` int64 ``[start, stop)``."""
+        return self._read(
+            "scans", lambda fh: np.asarray(self._require(fh, "level2/scan_edges"), dtype=np.int64)
+        )
+
+    @property
+    def mjd(self) -> np.ndarray:
+        return self._read("mjd", lambda fh: self._require(fh, "spectrometer/MJD"))
+
+    @property
+    def sample_rate_hz(self) -> float:
+        mjd = self.mjd
+        return float(1.0 / (86400.0 * np.median(np.diff(mjd))))
+
+    @property
+    def frequency_ghz(self) -> np.ndarray:
+        """Channel centre frequencies ``(B, C)`` in storage order, GHz."""
+        return self._read("freq", lambda fh: self._require(fh, "spectrometer/frequency"))
+
+    @property
+    def channel_width_hz(self) -> np.ndarray:
+        """Channel widths ``(B, C)`` in Hz, from the spacing of the stored frequencies."""
+
+        def width(_fh):
+            freq = self.frequency_ghz
+            if freq.shape[1] < 2:
+                return np.full(freq.shape, np.nan)
+            d = np.abs(np.gradient(freq, axis=1)) * 1e9
+            return d
+
+        return self._read("chanwidth", width)
+
+    @property
+    def vane(self) -> dict[str, np.ndarray]:
+        """``level2/vane`` contents: ``mjd (E,)``, ``gain``/``tsys (E, F, B, C)``."""
+
+        def reader(fh):
+            if "level2/vane/gain" not in fh:
+                raise BadCOMAPFile("level-2 file has no level2/vane/gain (run SystemTemperature first)")
+            return {
+                "mjd": fh["level2/vane/mjd"][...],
+                "gain": fh["level2/vane/gain"][...],
+                "tsys": fh["level2/vane/system_temperature"][...],
+            }
+
+        return self._read("vane", reader)
+
+    def calibration(self, feed: int, scan: int) -> tuple[np.ndarray, np.ndarray]:
+        """Vane gain (counts/K) and Tsys (K) for ``feed`` during ``scan``, each ``(B, C)`` float64.
+
+        Interpolated linearly in time between the vane events that bracket the scan's mid-time;
+        the nearest event outside them (03 §2.4).
+        """
+        vane = self.vane
+        ifeed = self.ifeed(feed)
+        start, stop = self.scans[scan]
+        t = 0.5 * (self.mjd[start] + self.mjd[stop - 1])
+        return (
+            _interp_events(vane["mjd"], vane["gain"][:, ifeed], t),
+            _interp_events(vane["mjd"], vane["tsys"][:, ifeed], t),
+        )
+
+    def pointing(self, feed: int, sl: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Azimuth and elevation (deg) of ``feed`` over samples ``sl``, from level 2."""
+        ifeed = self.ifeed(feed)
+        if self.l2 is not None:
+            pp = self.l2["spectrometer/pixel_pointing"]
+            return pp["pixel_az"][ifeed, sl], pp["pixel_el"][ifeed, sl]
+        with RetryH5PY(self.file_info.level2_path, "r") as fh:
+            pp = fh["spectrometer/pixel_pointing"]
+            return pp["pixel_az"][ifeed, sl], pp["pixel_el"][ifeed, sl]
+
+
+def _interp_events(event_mjd: np.ndarray, values: np.ndarray, t: float) -> np.ndarray:
+    """Linear interpolation in time of per-event arrays ``values (E, ...)`` at ``t``."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(event_mjd)
+    if n == 0:
+        raise BadCOMAPFile("no vane events to calibrate with")
+    if n == 1 or t <= event_mjd[0]:
+        return values[0].copy()
+    if t >= event_mjd[-1]:
+        return values[-1].copy()
+    k = int(np.searchsorted(event_mjd, t)) - 1
+    w = (t - event_mjd[k]) / (event_mjd[k + 1] - event_mjd[k])
+    return (1.0 - w) * values[k] + w * values[k + 1]
+
+
+@dataclass
+class FeedScanBlock:
+    """One feed × one scan of level-1 data, shared by the stages of a streaming pass.
+
+    ``raw`` is float32 ``(B, C, n)`` counts and read-only; ``tod_k`` is ``raw / gain`` (vane K),
+    computed once on first use, NaN where the gain is not finite or ≤ 0.
+    """
+
+    feed: int
+    ifeed: int
+    scan: int
+    start: int
+    stop: int
+    raw: np.ndarray
+    mjd: np.ndarray
+    az_deg: np.ndarray
+    el_deg: np.ndarray
+    gain: np.ndarray
+    tsys: np.ndarray
+    products: dict[str, Any] = field(default_factory=dict)
+    _tod_k: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def tod_k(self) -> np.ndarray:
+        if self._tod_k is None:
+            g = np.asarray(self.gain, dtype=np.float64)
+            inv = np.where(np.isfinite(g) & (g > 0), 1.0 / np.where(g > 0, g, 1.0), np.nan).astype(np.float32)
+            out = self.raw * inv[:, :, None]
+            out.setflags(write=False)
+            self._tod_k = out
+        return self._tod_k
+
+
+def read_block(ctx: ObservationContext, feed: int, scan: int) -> FeedScanBlock:
+    """Read one feed × scan block from level 1 (the only read of those bytes in a pass)."""
+    start, stop = (int(x) for x in ctx.scans[scan])
+    raw = ctx.l1.tod_block(ctx.l1_index(feed), slice(None), slice(None), slice(start, stop))
+    raw.setflags(write=False)
+    az, el = ctx.pointing(feed, slice(start, stop))
+    gain, tsys = ctx.calibration(feed, scan)
+    return FeedScanBlock(
+        feed=int(feed),
+        ifeed=ctx.ifeed(feed),
+        scan=int(scan),
+        start=start,
+        stop=stop,
+        raw=raw,
+        mjd=ctx.mjd[start:stop],
+        az_deg=np.asarray(az),
+        el_deg=np.asarray(el),
+        gain=gain,
+        tsys=tsys,
+    )
+
+
+def run_streaming_group(
+    ctx: ObservationContext, stages: Sequence[StreamingStage], active: Sequence[bool]
+) -> None:
+    """Drive one pass over the level-1 TOD for a group of adjacent streaming stages (03 §2.3).
+
+    Parameters
+    ----------
+    stages : sequence of StreamingStage
+        The group, in pipeline order.
+    active : sequence of bool
+        Which stages run; a done stage is replayed when an active one requires its products.
+    """
+    if not any(active):
+        return
+    required = {name for s, a in zip(stages, active) if a for name in s.requires}
+    replaying = [not a and bool(set(s.provides) & required) for s, a in zip(stages, active)]
+    users = [i for i in range(len(stages)) if active[i] or replaying[i]]
+    with ctx.open_l2("a"):
+        ctx.invalidate()
+        for i in users:
+            if active[i]:
+                t0 = time.perf_counter()
+                stages[i].begin(ctx)
+                _add_time(ctx, stages[i], t0)
+        for feed in ctx.feeds:
+            for scan in range(len(ctx.scans)):
+                t_read = time.perf_counter()
+                block = read_block(ctx, int(feed), scan)
+                ctx.timings["read_level1"] = (
+                    ctx.timings.get("read_level1", 0.0) + time.perf_counter() - t_read
+                )
+                for i in users:
+                    t0 = time.perf_counter()
+                    if active[i]:
+                        stages[i].process_block(ctx, block)
+                    else:
+                        stages[i].replay_block(ctx, block)
+                    _add_time(ctx, stages[i], t0)
+                del block
+            for i in users:
+                if active[i]:
+                    t0 = time.perf_counter()
+                    stages[i].end_feed(ctx, int(feed))
+                    _add_time(ctx, stages[i], t0)
+        for i in users:
+            if active[i]:
+                t0 = time.perf_counter()
+                stages[i].finish(ctx)
+                _add_time(ctx, stages[i], t0)
+        ctx.l2.flush()
+
+
+def _add_time(ctx: ObservationContext, stage: Any, t0: float) -> None:
+    name = type(stage).__name__
+    ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def check_products(stages: Sequence[Any]) -> list[str]:
+    """Messages for every ``requires`` name not provided by an earlier stage of the same group."""
+    problems: list[str] = []
+    provided: set[str] = set()
+    for s in stages:
+        for name in getattr(s, "requires", ()):
+            if name not in provided:
+                problems.append(
+                    f"{getattr(s, '__name__', type(s).__name__)} requires block product '{name}', which no "
+                    "earlier streaming stage in the same pass provides (check the pipeline order)"
+                )
+        provided.update(getattr(s, "provides", ()))
+    return problems
+
+
+def _providers_for(stage: StreamingStage) -> list[StreamingStage]:
+    """Default-constructed stages that provide ``stage.requires`` (for standalone runs)."""
+    from modules.pipeline_control.Pipeline import StreamingStage as _SS
+
+    def all_subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from all_subclasses(sub)
+
+    needed = list(stage.requires)
+    chosen: list[StreamingStage] = []
+    for name in needed:
+        if any(name in p.provides for p in chosen):
+            continue
+        for cls in all_subclasses(_SS):
+            if name in cls.provides and cls is not type(stage):
+                chosen.append(cls())
+                break
+        else:
+            raise BadCOMAPFile(
+                f"{type(stage).__name__} needs block product '{name}' but no stage provides it"
+            )
+    return chosen
+
+
+def run_standalone(stage: StreamingStage, file_info: Any) -> None:
+    """Run one streaming stage on its own, replaying required products from level 2."""
+    ctx = context_for(file_info)
+    providers = _providers_for(stage)
+    for p in providers:
+        if not p.already_processed(file_info):
+            raise BadCOMAPFile(
+                f"{type(stage).__name__} needs the stored results of {type(p).__name__}; run it first"
+            )
+    run_streaming_group(ctx, [*providers, stage], [False] * len(providers) + [True])
+
+
+def context_for(file_info: Any) -> ObservationContext:
+    """The running context for ``file_info`` (inside Level2Pipeline), or a new standalone one."""
+    ctx = _CURRENT.get()
+    if ctx is not None and ctx.obsid == int(file_info.obsid):
+        return ctx
+    return ObservationContext(file_info)
+
+
+@contextlib.contextmanager
+def observation(ctx: ObservationContext) -> Iterator[ObservationContext]:
+    """Make ``ctx`` the current observation for modules called inside the block."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+        ctx.close()
