@@ -32,4 +32,4 @@ lint: env
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache demo
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
-	find utils/kernels -name '*.so' -delete -o -name '*.c' -delete
+	find utils/kernels \( -name '*.so' -o -name '*.c' -o -name '*.cpp' \) -delete

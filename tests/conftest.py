@@ -62,3 +62,206 @@ def _no_network():
 # --------------------------------------------------------------------------------------------------
 # Simulated archives (made once per session)
 # --------------------------------------------------------------------------------------------------
+
+
+class SimulatedArchive:
+    """A simulated archive built once per session.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        Archive root (``<root>/<YYYY-MM>/comap-*.hd5`` and ``<root>/obs_index.csv``).
+    paths : list of pathlib.Path
+        Level-1 files in obsid order.
+    by_source : dict
+        Source name (``/comap.source``) → path of the first file with that source, e.g.
+        ``by_source["TauA"]``, ``by_source["GField30"]``, ``by_source["SkyDip"]``.
+    preset : str
+        Preset name.
+    """
+
+    def __init__(self, preset: str, root, paths) -> None:
+        import h5py
+
+        self.preset = preset
+        self.root = root
+        self.paths = list(paths)
+        self.by_source: dict = {}
+        for p in self.paths:
+            with h5py.File(p, "r") as f:
+                self.by_source.setdefault(str(f["comap"].attrs["source"]), p)
+
+    def __getitem__(self, key):
+        """``archive["TauA"]`` etc. (source name), or ``archive["root"]`` / ``archive["paths"]``."""
+        if key in ("root", "paths"):
+            return getattr(self, key)
+        return self.by_source[key]
+
+    def __repr__(self) -> str:
+        return f"SimulatedArchive({self.preset!r}, {self.root}, {len(self.paths)} files)"
+
+
+def _build_archive(tmp_path_factory, preset: str) -> SimulatedArchive:
+    from utils.simulator import make_archive
+
+    root = tmp_path_factory.mktemp(preset)
+    return SimulatedArchive(preset, root, make_archive(preset, root, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> SimulatedArchive:
+    """The ``test-tiny`` preset (one GField30 CES file; feeds 1, 2, 20; 16 channels), seed 1.
+
+    Treat the files as read-only: copy a file before mutating it.
+    """
+    return _build_archive(tmp_path_factory, "test-tiny")
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory) -> SimulatedArchive:
+    """The ``test-small`` preset (TauA Lissajous, sky dip, GField30 CES; feeds 1, 2, 3, 20;
+    32 channels), seed 1. ``small_archive["TauA"]``, ``["SkyDip"]`` and ``["GField30"]`` give the paths.
+
+    Treat the files as read-only: copy a file before mutating it.
+    """
+    return _build_archive(tmp_path_factory, "test-small")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the pipeline in a scratch directory
+# --------------------------------------------------------------------------------------------------
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+DEFAULT_LEVEL2_MODULES = [
+    "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
+    "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
+]
+
+
+class PipelineWorkspace:
+    """A scratch directory with a level-1 tree, a database and configs, run through ``run.py``.
+
+    Attributes
+    ----------
+    root : Path
+        Working directory of every run (configs use paths relative to it).
+    level1 : Path
+        Level-1 tree (copies of the archive files given).
+    db_path : Path
+        SQLite database of the workspace.
+    """
+
+    def __init__(self, root, files, *, copy: bool = True) -> None:
+        import shutil
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.level1 = self.root / "level1"
+        self.level1.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            dst = self.level1 / Path(f).name
+            if copy:
+                shutil.copyfile(f, dst)
+            else:
+                dst.symlink_to(f)
+        self.db_path = self.root / "db.sqlite"
+        self.extra_path: list[str] = []
+
+    def write_configs(
+        self,
+        level2_modules=None,
+        *,
+        nprocess: int = 1,
+        module_paths=(),
+        extra_stages=(),
+        level2_master: str = "",
+        stage_kwargs: str = "",
+    ) -> None:
+        """Write ``main.toml`` (DataAssess + Level2Pipeline) and ``l2.toml``."""
+        mods = DEFAULT_LEVEL2_MODULES if level2_modules is None else level2_modules
+        mp = ", ".join(repr(p) for p in module_paths)
+        stages = [
+            "modules.DataAcquisition.DataAssess.DataAssess.DataAssess(level1_data_paths=['level1'], "
+            "level2_data_paths=['level2'])",
+            f"modules.ProcessLevel2.ProcessLevel2.Level2Pipeline(config_file='l2.toml'{stage_kwargs})",
+            *extra_stages,
+        ]
+        (self.root / "main.toml").write_text(
+            "[Master]\n"
+            f"sql_database = 'db.sqlite'\nmodule_paths = [{mp}]\n"
+            "pipeline = [\n" + "".join(f"  {s!r},\n" for s in stages) + "]\n"
+        )
+        (self.root / "l2.toml").write_text(
+            f"[Master]\nsql_database = 'db.sqlite'\nnprocess = {nprocess}\n{level2_master}\n"
+            "pipeline = [\n" + "".join(f"  {m!r},\n" for m in mods) + "]\n"
+        )
+
+    def env(self) -> dict:
+        import os
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *self.extra_path])
+        env.pop("COLUMNS", None)
+        return env
+
+    def run(self, *args: str, timeout: float = 600, config: str = "main.toml"):
+        """Run ``python run.py <config> *args`` in the workspace; return the CompletedProcess."""
+        import subprocess
+        import sys
+
+        return subprocess.run(
+            [sys.executable, str(REPO_ROOT / "run.py"), config, *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+        )
+
+    def popen(self, *args: str, config: str = "main.toml"):
+        import subprocess
+        import sys
+
+        with open(self.root / "popen.out", "w") as out, open(self.root / "popen.err", "w") as err:
+            return subprocess.Popen(
+                [sys.executable, str(REPO_ROOT / "run.py"), config, *args],
+                cwd=self.root,
+                stdout=out,
+                stderr=err,
+                env=self.env(),
+                start_new_session=True,
+            )
+
+    def level2_files(self) -> list:
+        return sorted((self.root / "level2").rglob("Level2_*.hd5")) if (self.root / "level2").exists() else []
+
+    def staging_files(self) -> list:
+        if not (self.root / "level2").exists():
+            return []
+        return sorted(p for p in (self.root / "level2").rglob(".Level2_*") if p.is_file())
+
+    def db(self):
+        """The facade connected (read-write) to the workspace database; disconnect when done."""
+        from modules.SQLModule.SQLModule import db
+
+        db.connect(str(self.db_path), create=False)
+        return db
+
+
+@pytest.fixture()
+def workspace_factory(tmp_path):
+    """``make(files, copy=True) -> PipelineWorkspace`` in a fresh directory under ``tmp_path``."""
+    counter = {"n": 0}
+    made = []
+
+    def make(files, *, copy: bool = True) -> PipelineWorkspace:
+        counter["n"] += 1
+        ws = PipelineWorkspace(tmp_path / f"ws{counter['n']}", files, copy=copy)
+        made.append(ws)
+        return ws
+
+    yield make
+    from modules.SQLModule.SQLModule import db
+
+    db.disconnect()

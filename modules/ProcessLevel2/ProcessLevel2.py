@@ -22,7 +22,7 @@ import numpy as np
 from modules.pipeline_control import jobs
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
 from modules.pipeline_control.executors import LocalPoolExecutor, PoolInitError, make_executor
-from modules.pipeline_control.logging_setup import obsid_context, progress
+from modules.pipeline_control.logging_setup import Progress, obsid_context
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult, StreamingStage
 from modules.pipeline_control.provenance import canonical_json
 from modules.pipeline_control.streaming import check_products
@@ -33,7 +33,6 @@ from modules.ProcessLevel2.observation import (
     init_worker,
     instantiate_modules,
     process_observation,
-    stored_db_ops,
 )
 from modules.SQLModule.SQLModule import COMAPData, db
 from utils.errors import BadCOMAPFile, ConfigError
@@ -358,7 +357,7 @@ class Level2Pipeline(PipelineStage):
 
     def _recover(self, obsid: int, final: Path, result: StageResult) -> None:
         """The published file is complete but the job was not recorded (crash after os.replace)."""
-        ops = stored_db_ops(final) or []
+        ops = jobs.stored_db_ops(final) or []
         with obsid_context(obsid):
             db.apply(
                 ops,
@@ -436,7 +435,7 @@ class Level2Pipeline(PipelineStage):
         in_flight: set[int] = set()
         streak_reason, streak = None, 0
         log.info("processing %d observation(s) with %d worker(s)", len(ordered), nprocess)
-        bar = iter(progress(range(len(ordered)), desc="level-2 observations", logger=log, unit="obs"))
+        bar = Progress(len(ordered), desc="level-2 observations", logger=log, unit="obs")
         t_start = time.perf_counter()
         started = False
         try:
@@ -457,7 +456,7 @@ class Level2Pipeline(PipelineStage):
                 in_flight.discard(obsid)
                 finished.add(obsid)
                 reason = self._record(outcome, result)
-                next(bar, None)
+                bar.update(1)
                 if reason is None:
                     streak_reason, streak = None, 0
                 else:
@@ -478,6 +477,7 @@ class Level2Pipeline(PipelineStage):
             result.fatal = str(exc)
             started = False
         finally:
+            bar.close()
             if started:
                 executor.shutdown(terminate=result.interrupted)
             if isinstance(executor, LocalPoolExecutor) and ctx.logging is not None:

@@ -8,20 +8,17 @@ file with ``os.replace`` on success. It never raises: every outcome is an ``Obse
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
-import numpy as np
-
 from modules.pipeline_control import jobs, provenance
 from modules.pipeline_control.config import ModuleSpec
-from modules.pipeline_control.jobs import ObservationResult
+from modules.pipeline_control.jobs import ObservationResult, ops_to_json
 from modules.pipeline_control.logging_setup import obsid_context
 from modules.pipeline_control.Pipeline import StreamingStage
 from modules.pipeline_control.streaming import ObservationContext, observation, run_streaming_group
@@ -103,39 +100,6 @@ def _steps(modules: list[Any]) -> list[tuple[str, list[Any]]]:
         else:
             steps.append(("module", [mod]))
     return steps
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    return obj
-
-
-def ops_to_json(ops: list[Any]) -> str:
-    """Serialise deferred DB operations (NaN kept as NaN) so a published file can replay them."""
-    return json.dumps(
-        [
-            {"name": op.name, "args": _jsonable(list(op.args)), "kwargs": _jsonable(dict(op.kwargs))}
-            for op in ops
-        ],
-        allow_nan=True,
-    )
-
-
-def ops_from_json(text: str) -> list[Any]:
-    from modules.SQLModule.SQLModule import DbOp
-
-    return [DbOp(d["name"], tuple(d["args"]), dict(d["kwargs"])) for d in json.loads(text)]
 
 
 def _peak_rss_mb() -> float:
@@ -249,6 +213,10 @@ def _run_modules(ctx: ObservationContext, modules: list[Any], result: Observatio
 
 
 def _done(mod: Any, file_info: Any) -> bool:
+    """A module is done only if the staging file exists and its own check says so."""
+    path = getattr(file_info, "level2_path", None)
+    if not path or not os.path.exists(path):
+        return False
     return bool(mod.already_processed(file_info, overwrite=bool(getattr(mod, "overwrite", False))))
 
 
@@ -262,28 +230,10 @@ def _finalise_file(staging: Path, ops: list[Any], options: WorkerOptions) -> Non
         l2.attrs["db_ops_json"] = ops_to_json(ops)
 
 
-def stored_db_ops(path: str | Path) -> list[Any] | None:
-    """The DB operations recorded in a published level-2 file (None if absent or unreadable)."""
-    try:
-        with h5py.File(path, "r", locking=False) as l2:
-            text = l2.attrs.get("db_ops_json")
-    except OSError:
-        return None
-    if text is None:
-        return None
-    if isinstance(text, bytes):
-        text = text.decode()
-    try:
-        return ops_from_json(text)
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 __all__ = [
     "ObservationTask",
     "WorkerOptions",
     "init_worker",
     "instantiate_modules",
     "process_observation",
-    "stored_db_ops",
 ]

@@ -7,6 +7,7 @@ nothing half-written is ever visible under a final name.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,6 +15,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import h5py
+import numpy as np
 
 log = logging.getLogger("comap.jobs")
 
@@ -127,3 +131,67 @@ class ObservationResult:
     peak_rss_mb: float | None = None
     host: str = HOST
     pid: int = field(default_factory=os.getpid)
+
+
+# Deferred DB operations recorded in the published file, so that a level-2 file whose DB
+# transaction never happened (crash after os.replace) can be registered with its full DB outcome.
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj
+
+
+def ops_to_json(ops: list[Any]) -> str:
+    """Serialise deferred DB operations (NaN kept as NaN) so a published file can replay them."""
+    return json.dumps(
+        [
+            {"name": op.name, "args": _jsonable(list(op.args)), "kwargs": _jsonable(dict(op.kwargs))}
+            for op in ops
+        ],
+        allow_nan=True,
+    )
+
+
+def ops_from_json(text: str) -> list[Any]:
+    """Inverse of :func:`ops_to_json`; ``*_utc`` keyword values become datetimes again."""
+    import datetime as _dt
+
+    from modules.SQLModule.SQLModule import DbOp
+
+    ops = []
+    for d in json.loads(text):
+        kwargs = dict(d["kwargs"])
+        for key, value in kwargs.items():
+            if key.endswith("_utc") and isinstance(value, str):
+                kwargs[key] = _dt.datetime.fromisoformat(value)
+        ops.append(DbOp(d["name"], tuple(d["args"]), kwargs))
+    return ops
+
+
+def stored_db_ops(path: str | Path) -> list[Any] | None:
+    """The DB operations recorded in a published level-2 file (None if absent or unreadable)."""
+    try:
+        with h5py.File(path, "r", locking=False) as l2:
+            text = l2.attrs.get("db_ops_json")
+    except OSError:
+        return None
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode()
+    try:
+        return ops_from_json(text)
+    except (ValueError, KeyError, TypeError):
+        return None

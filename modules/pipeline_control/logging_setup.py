@@ -186,6 +186,47 @@ class _ObsidQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
+class Progress:
+    """A progress report: a tqdm bar on a TTY stderr, and an INFO line each time another 10 % is done.
+
+    The bar is disabled when stderr is not a terminal, so non-interactive logs stay clean; the
+    10 % lines show progress in the log file either way.
+    """
+
+    def __init__(
+        self, total: int | None, *, desc: str, logger: logging.Logger | None = None, unit: str = "it"
+    ) -> None:
+        from tqdm import tqdm
+
+        self.total = total
+        self.desc = desc
+        self.count = 0
+        self._decile = 0
+        self._log = logger or logging.getLogger("comap.progress")
+        disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+        self._bar = tqdm(total=total, desc=desc, disable=disable, unit=unit, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        self._bar.update(n)
+        if self.total:
+            decile = min(10, (self.count * 10) // self.total)
+            if decile > self._decile:
+                self._decile = decile
+                self._log.info(
+                    "%s: %d/%d (%d%%)", self.desc, self.count, self.total, (100 * self.count) // self.total
+                )
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def progress(
     iterable: Iterable[T],
     *,
@@ -194,25 +235,13 @@ def progress(
     logger: logging.Logger | None = None,
     unit: str = "it",
 ) -> Iterator[T]:
-    """Iterate with a tqdm bar on a TTY stderr, and an INFO line every 10 % of the loop.
-
-    The bar is disabled when stderr is not a terminal, so non-interactive logs stay clean; the
-    10 % INFO lines show progress in the log file either way.
-    """
-    from tqdm import tqdm
-
+    """Iterate with a :class:`Progress` report (one update after each item is consumed)."""
     if total is None:
         try:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    log = logger or logging.getLogger("comap.progress")
-    disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    next_decile = 1
-    with tqdm(iterable, desc=desc, total=total, disable=disable, unit=unit, leave=False) as bar:
-        for i, item in enumerate(bar, start=1):
+    with Progress(total, desc=desc, logger=logger, unit=unit) as bar:
+        for item in iterable:
             yield item
-            if total:
-                while next_decile <= 10 and i * 10 >= next_decile * total:
-                    log.info("%s: %d/%d (%d%%)", desc, i, total, next_decile * 10)
-                    next_decile += 1
+            bar.update(1)

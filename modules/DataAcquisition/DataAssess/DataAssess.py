@@ -10,6 +10,7 @@ from typing import Any
 
 import h5py
 
+from modules.pipeline_control import jobs
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.source_groups import classify
 from modules.SQLModule.SQLModule import db
@@ -293,11 +294,34 @@ class DataAssess(PipelineStage):
                 )
             attrs["obsid"] = obsid
             db.upsert_observation(observation_row(attrs, level1_path=None, size_bytes=None, n_feeds=None))
-        jobs = db.job_table("level2", obsids=[obsid])
-        if current is not None and current.level2_path == abspath and jobs and jobs[0].status == "done":
+        job_rows = db.job_table("level2", obsids=[obsid])
+        if (
+            current is not None
+            and current.level2_path == abspath
+            and job_rows
+            and job_rows[0].status == "done"
+        ):
             counts["level2 unchanged"] += 1
             return
-        db.set_level2_path(obsid, abspath)
-        db.finish_job(obsid, "level2", "done", last_module="DataAssess")
-        log.info("registered %s (written by comap-reduce %s)", path.name, code)
+        # Replay the observation's DB outcome recorded in the file, then point at this copy.
+        from modules.SQLModule.SQLModule import DbOp
+
+        ops = [*(jobs.stored_db_ops(path) or []), DbOp("set_level2_path", (obsid, abspath), {})]
+        db.apply(
+            ops,
+            job={
+                "obsid": obsid,
+                "stage": "level2",
+                "status": "done",
+                "error": None,
+                "last_module": "DataAssess",
+                "code_version": code,
+            },
+        )
+        log.info(
+            "registered %s (written by comap-reduce %s; %d DB operations replayed)",
+            path.name,
+            code,
+            len(ops) - 1,
+        )
         counts["level2 registered"] += 1

@@ -1,0 +1,517 @@
+"""Calibrator flux models, positions, beam helpers and the calibration-factor table.
+
+Shared by the simulator (02 §5.2) and the pipeline (03 §4.10, 03 §6).
+
+Flux models (frequency ν in GHz, ``x = log10(ν / 40 GHz)``):
+
+========  ==========================================  =========  ===========
+Source    log10 S [Jy]                                epoch      secular
+========  ==========================================  =========  ===========
+TauA      2.506 − 0.302 x                             2005.0     −0.21 %/yr
+CasA      2.204 − 0.682 x + 0.038 x²                  2000.0     −0.51 %/yr
+CygA      1.480 − 1.172 x                             —          none
+Jupiter   S = 1e26 · 2kν²/c² · T_b · Ω                —          —
+========  ==========================================  =========  ===========
+
+The secular decline is linear, ``S(t) = S_ref · [1 − r · (MJD − MJD_ref)/365.25]``, with MJD_ref the
+MJD of 1 January 00:00 UTC of the epoch year. Jupiter: ``log10 T_b = 0.282419 log10(ν/30 GHz) +
+2.161409`` and ``Ω = 2.481e-8 sr · (5.2 AU / d)²``; its position comes from astropy ``get_body`` with
+the **built-in** ephemeris (never the network).
+
+Brightness of a point source of flux S seen by a circular Gaussian beam of solid angle
+``Ω_b = 2π σ_b²``: ``T_peak = 1e-26 S c² / (2 k ν² Ω_b)`` with the exact SI c and k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from utils.constants import BOLTZMANN_J_K, JY_W_M2_HZ, SPEED_OF_LIGHT_M_S
+
+FWHM_TO_SIGMA: float = 1.0 / math.sqrt(8.0 * math.log(2.0))
+"""σ = FWHM · FWHM_TO_SIGMA for a Gaussian."""
+BEAM_FWHM_ARCMIN_30GHZ: float = 4.5
+"""Default COMAP beam FWHM at 30 GHz (arcmin); it scales as 30 GHz/ν."""
+DAYS_PER_YEAR: float = 365.25
+
+JUPITER_TB_SLOPE: float = 0.282419
+JUPITER_TB_LOG10_30GHZ: float = 2.161409
+JUPITER_OMEGA_REF_SR: float = 2.481e-8
+JUPITER_DISTANCE_REF_AU: float = 5.2
+
+
+@dataclass(frozen=True)
+class CalibratorModel:
+    """A fixed-position calibrator with a log-polynomial spectrum and a linear secular decline.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name (``TauA``, ``CasA``, ``CygA``).
+    ra_deg, dec_deg : float
+        ICRS position, degrees.
+    log10_coeffs : tuple of float
+        Coefficients of ``log10 S[Jy]`` in powers of ``x = log10(ν / ref_freq_ghz)``, constant first.
+    ref_freq_ghz : float
+        Reference frequency of ``x`` (40 GHz).
+    mjd_ref : float or None
+        Epoch of the reference flux (MJD); None for no secular change.
+    rate_per_year : float
+        Fractional decline per year (0.0021 = 0.21 %/yr).
+    """
+
+    name: str
+    ra_deg: float
+    dec_deg: float
+    log10_coeffs: tuple[float, ...]
+    ref_freq_ghz: float = 40.0
+    mjd_ref: float | None = None
+    rate_per_year: float = 0.0
+
+    def flux_jy(self, freq_ghz: ArrayLike, mjd: ArrayLike | None = None) -> NDArray[np.float64]:
+        """Flux density (Jy) at ``freq_ghz`` (GHz) and time ``mjd`` (broadcast together).
+
+        ``mjd`` may be None only for sources without secular change.
+        """
+        x = np.log10(np.asarray(freq_ghz, dtype=np.float64) / self.ref_freq_ghz)
+        s = 10.0 ** np.polynomial.polynomial.polyval(x, self.log10_coeffs)
+        if self.mjd_ref is not None and self.rate_per_year != 0.0:
+            if mjd is None:
+                raise ValueError(f"{self.name} flux needs an MJD (secular decline)")
+            years = (np.asarray(mjd, dtype=np.float64) - self.mjd_ref) / DAYS_PER_YEAR
+            s = s * (1.0 - self.rate_per_year * years)
+        return np.asarray(s, dtype=np.float64)
+
+
+FIXED_CALIBRATORS: dict[str, CalibratorModel] = {
+    "TauA": CalibratorModel("TauA", 83.633083, 22.014500, (2.506, -0.302), 40.0, 53371.0, 0.0021),
+    "CasA": CalibratorModel("CasA", 350.862208, 58.818800, (2.204, -0.682, 0.038), 40.0, 51544.0, 0.0051),
+    "CygA": CalibratorModel("CygA", 299.868150, 40.733916, (1.480, -1.172), 40.0, None, 0.0),
+}
+CALIBRATOR_NAMES: tuple[str, ...] = ("TauA", "CasA", "CygA", "Jupiter")
+
+
+def canonical_name(name: str) -> str:
+    """Return the canonical calibrator name for ``name`` (case-insensitive; spaces, ``_``, ``-`` ignored).
+
+    >>> canonical_name("taua"), canonical_name("Cas A"), canonical_name("JUPITER")
+    ('TauA', 'CasA', 'Jupiter')
+
+    Raises
+    ------
+    KeyError
+        If the name is not one of TauA, CasA, CygA, Jupiter (the message lists the known names).
+    """
+    key = "".join(ch for ch in str(name).lower() if ch not in " _-")
+    for known in CALIBRATOR_NAMES:
+        if known.lower() == key:
+            return known
+    raise KeyError(f"unknown calibrator {name!r}; known calibrators: {', '.join(CALIBRATOR_NAMES)}")
+
+
+def is_calibrator(name: str) -> bool:
+    """True if ``name`` is a supported calibrator (case-insensitive)."""
+    try:
+        canonical_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Beam and Jy <-> K
+# --------------------------------------------------------------------------------------------------
+def beam_fwhm_arcmin(freq_ghz: ArrayLike, fwhm_arcmin_30ghz: float = BEAM_FWHM_ARCMIN_30GHZ) -> NDArray:
+    """Beam FWHM (arcmin) at ``freq_ghz``: ``fwhm_30 · (30 GHz / ν)``."""
+    return fwhm_arcmin_30ghz * 30.0 / np.asarray(freq_ghz, dtype=np.float64)
+
+
+def beam_sigma_rad(freq_ghz: ArrayLike, fwhm_arcmin_30ghz: float = BEAM_FWHM_ARCMIN_30GHZ) -> NDArray:
+    """Gaussian beam σ (radians) at ``freq_ghz``."""
+    return np.radians(beam_fwhm_arcmin(freq_ghz, fwhm_arcmin_30ghz) / 60.0) * FWHM_TO_SIGMA
+
+
+def beam_solid_angle_sr(freq_ghz: ArrayLike, fwhm_arcmin_30ghz: float = BEAM_FWHM_ARCMIN_30GHZ) -> NDArray:
+    """Solid angle ``Ω_b = 2π σ_b²`` (sr) of the Gaussian beam at ``freq_ghz``."""
+    return 2.0 * np.pi * beam_sigma_rad(freq_ghz, fwhm_arcmin_30ghz) ** 2
+
+
+def jy_to_k_factor(freq_ghz: ArrayLike, solid_angle_sr: ArrayLike) -> NDArray:
+    """Rayleigh–Jeans K per Jy for a source filling ``solid_angle_sr``: ``1e-26 c² / (2 k ν² Ω)``."""
+    nu_hz = np.asarray(freq_ghz, dtype=np.float64) * 1.0e9
+    return JY_W_M2_HZ * SPEED_OF_LIGHT_M_S**2 / (2.0 * BOLTZMANN_J_K * nu_hz**2 * np.asarray(solid_angle_sr))
+
+
+def point_source_peak_k(
+    flux_jy: ArrayLike,
+    freq_ghz: ArrayLike,
+    fwhm_arcmin: ArrayLike | None = None,
+    *,
+    source_fwhm_arcmin: float = 0.0,
+) -> NDArray[np.float64]:
+    """Peak brightness (K_RJ) of a source of flux ``flux_jy`` seen by a Gaussian beam.
+
+    Parameters
+    ----------
+    flux_jy : array_like
+        Flux density, Jy.
+    freq_ghz : array_like
+        Frequency, GHz (broadcast with ``flux_jy``).
+    fwhm_arcmin : array_like, optional
+        Beam FWHM (arcmin); default ``beam_fwhm_arcmin(freq_ghz)`` (4.5′ at 30 GHz).
+    source_fwhm_arcmin : float
+        Intrinsic Gaussian source FWHM; added in quadrature to the beam (flux conserved). 0 = point.
+
+    Returns
+    -------
+    ndarray
+        ``T_peak = 1e-26 S c² / (2 k ν² Ω)`` with ``Ω = 2π σ²`` of the (convolved) beam, K.
+    """
+    if fwhm_arcmin is None:
+        fwhm_arcmin = beam_fwhm_arcmin(freq_ghz)
+    fwhm = np.sqrt(np.asarray(fwhm_arcmin, dtype=np.float64) ** 2 + float(source_fwhm_arcmin) ** 2)
+    omega = 2.0 * np.pi * (np.radians(fwhm / 60.0) * FWHM_TO_SIGMA) ** 2
+    return np.asarray(flux_jy, dtype=np.float64) * jy_to_k_factor(freq_ghz, omega)
+
+
+def gaussian_flux_jy(
+    amplitude_k: ArrayLike, sigma_x_deg: ArrayLike, sigma_y_deg: ArrayLike, freq_ghz: ArrayLike
+) -> NDArray[np.float64]:
+    """Flux (Jy) of an elliptical Gaussian of peak ``amplitude_k`` (K_RJ) and widths σx, σy (deg).
+
+    ``S = 2π A σx σy · 2 k ν² / c² · 1e26`` (03 §4.10 step 6), σ in radians, ν in Hz.
+    """
+    nu_hz = np.asarray(freq_ghz, dtype=np.float64) * 1.0e9
+    sx = np.radians(np.asarray(sigma_x_deg, dtype=np.float64))
+    sy = np.radians(np.asarray(sigma_y_deg, dtype=np.float64))
+    return (
+        2.0
+        * np.pi
+        * np.asarray(amplitude_k, dtype=np.float64)
+        * sx
+        * sy
+        * 2.0
+        * BOLTZMANN_J_K
+        * nu_hz**2
+        / SPEED_OF_LIGHT_M_S**2
+        / JY_W_M2_HZ
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Flux models
+# --------------------------------------------------------------------------------------------------
+def jupiter_brightness_temperature_k(freq_ghz: ArrayLike) -> NDArray[np.float64]:
+    """Jupiter disc brightness temperature (K): ``log10 T_b = 0.282419 log10(ν/30) + 2.161409``."""
+    nu = np.asarray(freq_ghz, dtype=np.float64)
+    return 10.0 ** (JUPITER_TB_SLOPE * np.log10(nu / 30.0) + JUPITER_TB_LOG10_30GHZ)
+
+
+def jupiter_solid_angle_sr(distance_au: ArrayLike) -> NDArray[np.float64]:
+    """Jupiter disc solid angle (sr) at ``distance_au``: ``2.481e-8 · (5.2 AU / d)²``."""
+    return JUPITER_OMEGA_REF_SR * (JUPITER_DISTANCE_REF_AU / np.asarray(distance_au, dtype=np.float64)) ** 2
+
+
+def jupiter_flux_jy(freq_ghz: ArrayLike, distance_au: ArrayLike) -> NDArray[np.float64]:
+    """Jupiter flux density (Jy): ``1e26 · 2kν²/c² · T_b · Ω``."""
+    nu_hz = np.asarray(freq_ghz, dtype=np.float64) * 1.0e9
+    return (
+        2.0
+        * BOLTZMANN_J_K
+        * nu_hz**2
+        / SPEED_OF_LIGHT_M_S**2
+        / JY_W_M2_HZ
+        * jupiter_brightness_temperature_k(freq_ghz)
+        * jupiter_solid_angle_sr(distance_au)
+    )
+
+
+def flux_jy(
+    name: str, freq_ghz: ArrayLike, mjd: ArrayLike | None = None, *, distance_au: ArrayLike | None = None
+) -> NDArray[np.float64]:
+    """Model flux density (Jy) of calibrator ``name`` at ``freq_ghz`` (GHz) and ``mjd``.
+
+    Parameters
+    ----------
+    name : str
+        TauA, CasA, CygA or Jupiter (case-insensitive).
+    freq_ghz : array_like
+        Frequencies, GHz.
+    mjd : array_like, optional
+        Time (MJD UTC); needed for the secular decline and for Jupiter's distance.
+    distance_au : array_like, optional
+        Jupiter only: geocentric/topocentric distance; computed from the built-in ephemeris at
+        ``mjd`` (as seen from OVRO) when omitted.
+    """
+    canon = canonical_name(name)
+    if canon == "Jupiter":
+        if distance_au is None:
+            if mjd is None:
+                raise ValueError("Jupiter flux needs distance_au or mjd")
+            distance_au = jupiter_azel(mjd)[2]
+        return jupiter_flux_jy(freq_ghz, distance_au)
+    return FIXED_CALIBRATORS[canon].flux_jy(freq_ghz, mjd)
+
+
+def taua_flux_jy(freq_ghz: ArrayLike, mjd: ArrayLike) -> NDArray[np.float64]:
+    """Tau A flux (Jy) at ``freq_ghz`` and ``mjd``."""
+    return FIXED_CALIBRATORS["TauA"].flux_jy(freq_ghz, mjd)
+
+
+def casa_flux_jy(freq_ghz: ArrayLike, mjd: ArrayLike) -> NDArray[np.float64]:
+    """Cas A flux (Jy) at ``freq_ghz`` and ``mjd``."""
+    return FIXED_CALIBRATORS["CasA"].flux_jy(freq_ghz, mjd)
+
+
+def cyga_flux_jy(freq_ghz: ArrayLike, mjd: ArrayLike | None = None) -> NDArray[np.float64]:
+    """Cyg A flux (Jy) at ``freq_ghz`` (no secular change)."""
+    return FIXED_CALIBRATORS["CygA"].flux_jy(freq_ghz, mjd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------------
+def jupiter_azel(mjd: ArrayLike) -> tuple[NDArray, NDArray, NDArray]:
+    """Topocentric Jupiter az, el (deg, no refraction) and distance (AU) from OVRO at ``mjd``.
+
+    Uses astropy ``get_body`` with the built-in ephemeris (no network).
+    """
+    from astropy import units as u
+    from astropy.coordinates import AltAz, get_body, solar_system_ephemeris
+    from astropy.time import Time
+
+    from utils.coordinates import configure_iers, earth_location
+
+    configure_iers()
+    m = np.atleast_1d(np.asarray(mjd, dtype=np.float64))
+    t = Time(m, format="mjd", scale="utc")
+    loc = earth_location()
+    with solar_system_ephemeris.set("builtin"):
+        body = get_body("jupiter", t, location=loc)
+    aa = body.transform_to(AltAz(obstime=t, location=loc, pressure=0.0 * u.hPa))
+    az = np.asarray(aa.az.to_value(u.deg), dtype=np.float64) % 360.0
+    el = np.asarray(aa.alt.to_value(u.deg), dtype=np.float64)
+    dist = np.asarray(aa.distance.to_value(u.AU), dtype=np.float64)
+    shape = np.shape(mjd)
+    return az.reshape(shape), el.reshape(shape), dist.reshape(shape)
+
+
+def calibrator_position(name: str, mjd: ArrayLike | None = None) -> tuple[NDArray, NDArray]:
+    """ICRS position (ra_deg, dec_deg) of calibrator ``name`` (case-insensitive).
+
+    Fixed sources return their catalogue position (``mjd`` ignored). Jupiter needs ``mjd``: its
+    topocentric AltAz from OVRO (built-in ephemeris) is converted back to an ICRS direction with
+    :func:`utils.coordinates.azel_to_icrs`, the same transform used for the telescope pointing.
+
+    Raises
+    ------
+    KeyError
+        Unknown calibrator name.
+    """
+    canon = canonical_name(name)
+    if canon != "Jupiter":
+        model = FIXED_CALIBRATORS[canon]
+        if mjd is None:
+            return np.float64(model.ra_deg), np.float64(model.dec_deg)
+        shape = np.shape(mjd)
+        return np.full(shape, model.ra_deg), np.full(shape, model.dec_deg)
+    if mjd is None:
+        raise ValueError("Jupiter's position needs an MJD")
+    from utils.coordinates import azel_to_icrs
+
+    az, el, _ = jupiter_azel(mjd)
+    ra, dec = azel_to_icrs(np.atleast_1d(az), np.atleast_1d(el), np.atleast_1d(mjd))
+    shape = np.shape(mjd)
+    return ra.reshape(shape), dec.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration-factor table (03 §6 "Evaluation")
+# --------------------------------------------------------------------------------------------------
+MODEL_TYPES: tuple[str, ...] = ("polynomial", "mean", "nearest")
+Element = tuple[int, int, int]
+
+
+def _as_list(value) -> list[float]:
+    if value is None:
+        return []
+    if isinstance(value, str | bytes):
+        value = json.loads(value) if value.strip() else []
+    return [float(v) for v in np.atleast_1d(np.asarray(value, dtype=np.float64))]
+
+
+@dataclass(frozen=True)
+class CalibrationModelRow:
+    """One fitted calibration model for a (feed, band, channel) element (05 §1.5)."""
+
+    feed: int
+    band: int
+    channel: int
+    model_type: str
+    poly_coeffs: tuple[float, ...] = ()
+    mjd_ref: float = 59000.0
+    nearest_mjds: tuple[float, ...] = ()
+    nearest_gains: tuple[float, ...] = ()
+    mjd_min: float | None = None
+    mjd_max: float | None = None
+    fit_rms: float | None = None
+    n_observations: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def factor(self, mjd: ArrayLike) -> NDArray[np.float64]:
+        """Evaluate the calibration factor at ``mjd`` (array-friendly)."""
+        m = np.asarray(mjd, dtype=np.float64)
+        if self.model_type == "polynomial":
+            if not self.poly_coeffs:
+                return np.full(m.shape, np.nan)
+            lo = -np.inf if self.mjd_min is None else self.mjd_min
+            hi = np.inf if self.mjd_max is None else self.mjd_max
+            t = (np.clip(m, lo, hi) - self.mjd_ref) / DAYS_PER_YEAR
+            return np.asarray(np.polynomial.polynomial.polyval(t, self.poly_coeffs), dtype=np.float64)
+        if self.model_type == "mean":
+            value = self.poly_coeffs[0] if self.poly_coeffs else np.nan
+            return np.full(m.shape, value, dtype=np.float64)
+        # nearest: ratio at the closest MJD (ties go to the earlier point)
+        if not self.nearest_mjds:
+            return np.full(m.shape, np.nan)
+        mjds = np.asarray(self.nearest_mjds, dtype=np.float64)
+        gains = np.asarray(self.nearest_gains, dtype=np.float64)
+        order = np.argsort(mjds, kind="stable")
+        mjds, gains = mjds[order], gains[order]
+        pick = np.argmin(np.abs(m[..., None] - mjds), axis=-1)  # first (earliest) on ties
+        return np.asarray(gains[pick], dtype=np.float64)
+
+
+class CalibrationTable:
+    """Calibration factors (measured / model calibrator flux) per (feed, band, channel) and time.
+
+    Build it with :meth:`from_rows` from ``calibration_model_fit`` rows (05 §1.5). Data in vane
+    kelvin divided by :meth:`factor` are in K_RJ (04 §3).
+
+    Evaluation (03 §6):
+
+    * ``polynomial``: ``Σ c_k t^k`` with ``t = (mjd − mjd_ref)/365.25``; outside
+      ``[mjd_min, mjd_max]`` the polynomial is evaluated at the nearest end (never extrapolated);
+    * ``mean``: the constant (stored as ``poly_coeffs[0]``);
+    * ``nearest``: the ratio at the closest MJD.
+    """
+
+    def __init__(self, source: str, models: Mapping[Element, CalibrationModelRow] | None = None) -> None:
+        self.source: str = str(source)
+        self._models: dict[Element, CalibrationModelRow] = dict(models or {})
+
+    @classmethod
+    def from_rows(cls, source: str, rows: Iterable[Mapping]) -> CalibrationTable:
+        """Build a table from mappings with keys ``feed, band, channel, model_type, poly_coeffs,
+        mjd_ref, nearest_mjds, nearest_gains, mjd_min, mjd_max, fit_rms, n_observations``.
+
+        JSON-encoded strings are accepted for the list-valued keys. Missing optional keys default to
+        empty/None. An unknown ``model_type`` raises ``ValueError``.
+        """
+        models: dict[Element, CalibrationModelRow] = {}
+        known = {
+            "feed",
+            "band",
+            "channel",
+            "model_type",
+            "poly_coeffs",
+            "mjd_ref",
+            "nearest_mjds",
+            "nearest_gains",
+            "mjd_min",
+            "mjd_max",
+            "fit_rms",
+            "n_observations",
+        }
+        for row in rows:
+            model_type = str(row["model_type"]).lower()
+            if model_type not in MODEL_TYPES:
+                raise ValueError(
+                    f"unknown calibration model_type {row['model_type']!r}; "
+                    f"expected one of {', '.join(MODEL_TYPES)}"
+                )
+            key = (int(row["feed"]), int(row["band"]), int(row["channel"]))
+            mjd_ref = row.get("mjd_ref")
+            mjd_min = row.get("mjd_min")
+            mjd_max = row.get("mjd_max")
+            models[key] = CalibrationModelRow(
+                feed=key[0],
+                band=key[1],
+                channel=key[2],
+                model_type=model_type,
+                poly_coeffs=tuple(_as_list(row.get("poly_coeffs"))),
+                mjd_ref=59000.0 if mjd_ref is None else float(mjd_ref),
+                nearest_mjds=tuple(_as_list(row.get("nearest_mjds"))),
+                nearest_gains=tuple(_as_list(row.get("nearest_gains"))),
+                mjd_min=None if mjd_min is None else float(mjd_min),
+                mjd_max=None if mjd_max is None else float(mjd_max),
+                fit_rms=None if row.get("fit_rms") is None else float(row["fit_rms"]),
+                n_observations=None if row.get("n_observations") is None else int(row["n_observations"]),
+                extra={k: v for k, v in row.items() if k not in known},
+            )
+        return cls(source, models)
+
+    def has(self, feed: int, band: int, channel: int) -> bool:
+        """True if a model exists for this element."""
+        return (int(feed), int(band), int(channel)) in self._models
+
+    def elements(self) -> list[Element]:
+        """Sorted list of (feed, band, channel) elements with a model."""
+        return sorted(self._models)
+
+    def model(self, feed: int, band: int, channel: int) -> CalibrationModelRow | None:
+        """The model row of an element, or None."""
+        return self._models.get((int(feed), int(band), int(channel)))
+
+    def factor(self, feed: int, band: int, channel: int, mjd: ArrayLike) -> float | NDArray[np.float64]:
+        """Calibration factor at ``mjd``; NaN if the element has no model.
+
+        Returns a float for scalar ``mjd`` and an array of the same shape otherwise.
+        """
+        model = self._models.get((int(feed), int(band), int(channel)))
+        m = np.asarray(mjd, dtype=np.float64)
+        out = np.full(m.shape, np.nan) if model is None else model.factor(m)
+        return float(out) if out.ndim == 0 else out
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, element: Sequence[int]) -> bool:
+        return tuple(int(v) for v in element) in self._models
+
+    def __repr__(self) -> str:
+        return f"CalibrationTable(source={self.source!r}, n_elements={len(self)})"
+
+
+__all__ = [
+    "BEAM_FWHM_ARCMIN_30GHZ",
+    "CALIBRATOR_NAMES",
+    "FIXED_CALIBRATORS",
+    "FWHM_TO_SIGMA",
+    "CalibrationModelRow",
+    "CalibrationTable",
+    "CalibratorModel",
+    "beam_fwhm_arcmin",
+    "beam_sigma_rad",
+    "beam_solid_angle_sr",
+    "calibrator_position",
+    "canonical_name",
+    "casa_flux_jy",
+    "cyga_flux_jy",
+    "flux_jy",
+    "gaussian_flux_jy",
+    "is_calibrator",
+    "jupiter_azel",
+    "jupiter_brightness_temperature_k",
+    "jupiter_flux_jy",
+    "jupiter_solid_angle_sr",
+    "jy_to_k_factor",
+    "point_source_peak_k",
+    "taua_flux_jy",
+]

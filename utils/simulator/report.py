@@ -1,0 +1,167 @@
+"""``python -m utils.simulator report DIR``: recovered-versus-truth summary (00 §11 step 3).
+
+Level-1 files (``comap-*.hd5``, anywhere under DIR, e.g. ``DIR/remote`` and ``DIR/level1``; copies
+with the same name are listed once) carry the truth; level-2 files ``Level2_<level-1 name>`` are
+looked up anywhere under DIR. Each *row kind* is one function ``row_<kind>(obs) -> dict`` that
+returns the columns of one observation (or ``{"note": ...}``); :data:`ROW_KINDS` lists the tables
+printed, so further rows (calibrator flux, noise, maps, RRL) are added by appending a function.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from utils.constants import LEVEL1_NAME_RE, LEVEL2_NAME_RE
+
+
+@dataclass
+class ObservationFiles:
+    """The level-1 file of one observation and its level-2 file, if any."""
+
+    obsid: int
+    name: str
+    level1: Path
+    level2: Path | None
+
+
+def find_observations(root: str | os.PathLike) -> list[ObservationFiles]:
+    """Level-1 files under ``root`` (recursive) paired with ``Level2_<name>`` files, sorted by obsid."""
+    root = Path(root)
+    level1: dict[str, Path] = {}
+    level2: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.hd5")):
+        if LEVEL1_NAME_RE.match(path.name):
+            level1.setdefault(path.name, path)
+        elif LEVEL2_NAME_RE.match(path.name):
+            level2.setdefault(path.name[len("Level2_") :], path)
+    out = [
+        ObservationFiles(int(LEVEL1_NAME_RE.match(n).group(1)), n, p, level2.get(n))
+        for n, p in level1.items()
+    ]
+    return sorted(out, key=lambda o: (o.obsid, o.name))
+
+
+def _feed_positions(l1_feeds: np.ndarray, l2_feeds: np.ndarray) -> list[tuple[int, int]]:
+    """(level-2 index, level-1 index) pairs of the feeds present in both files."""
+    where = {int(f): i for i, f in enumerate(l1_feeds)}
+    return [(j, where[int(f)]) for j, f in enumerate(l2_feeds) if int(f) in where]
+
+
+# --------------------------------------------------------------------------------------------------
+# Row kinds
+# --------------------------------------------------------------------------------------------------
+def row_truth(obs: ObservationFiles) -> dict[str, object]:
+    """Truth summary: source, number of science feeds, median expected vane Tsys."""
+    with h5py.File(obs.level1, "r", locking=False) as l1:
+        source = str(l1["comap"].attrs.get("source", ""))
+        if "truth" not in l1:
+            return {"obsid": obs.obsid, "source": source, "note": "no /truth group (not a simulated file)"}
+        truth = l1["truth"]
+        tsys = truth["vane/tsys_expected_k"][...] if "vane/tsys_expected_k" in truth else np.array([])
+        feeds = l1["spectrometer/feeds"][...]
+        kind = str(truth["sky"].attrs.get("kind", "")) if "sky" in truth else ""
+        return {
+            "obsid": obs.obsid,
+            "source": source,
+            "sky": kind,
+            "feeds": ",".join(str(int(f)) for f in feeds),
+            "events": int(tsys.shape[0]) if tsys.ndim == 4 else 0,
+            "tsys_truth_k": float(np.nanmedian(tsys)) if np.isfinite(tsys).any() else float("nan"),
+            "level2": "yes" if obs.level2 is not None else "absent",
+        }
+
+
+def row_tsys(obs: ObservationFiles) -> dict[str, object]:
+    """Median (and spread) of recovered/truth Tsys per element, matched by feed number and event."""
+    base = {"obsid": obs.obsid}
+    if obs.level2 is None:
+        return {**base, "note": "level-2 file absent"}
+    with h5py.File(obs.level1, "r", locking=False) as l1, h5py.File(obs.level2, "r", locking=False) as l2:
+        if "truth/vane/tsys_expected_k" not in l1:
+            return {**base, "note": "no truth vane expectation"}
+        if "level2/vane/system_temperature" not in l2:
+            return {**base, "note": "level2/vane/system_temperature absent"}
+        truth = l1["truth/vane/tsys_expected_k"][...]
+        t_edges = l1["truth/vane/event_edges"][...]
+        rec = l2["level2/vane/system_temperature"][...]
+        r_edges = (
+            l2["level2/vane/event_edges"][...] if "level2/vane/event_edges" in l2 else t_edges[: rec.shape[0]]
+        )
+        pairs_feed = _feed_positions(l1["spectrometer/feeds"][...], l2["spectrometer/feeds"][...])
+        t_index = {int(s): k for k, (s, _) in enumerate(t_edges)}
+        ratios = []
+        for e, (start, _) in enumerate(r_edges):
+            k = t_index.get(int(start))
+            if k is None:
+                continue
+            for j, i in pairs_feed:
+                ratios.append(rec[e, j] / truth[k, i])
+        if not ratios:
+            return {**base, "note": "no matching vane events or feeds"}
+        r = np.concatenate([np.ravel(x) for x in ratios])
+        r = r[np.isfinite(r)]
+        if r.size == 0:
+            return {**base, "note": "no finite recovered Tsys"}
+        return {
+            **base,
+            "median_ratio": float(np.median(r)),
+            "p99_abs_err": float(np.percentile(np.abs(r - 1.0), 99)),
+            "n_elements": int(r.size),
+        }
+
+
+ROW_KINDS: list[tuple[str, Callable[[ObservationFiles], dict[str, object]]]] = [
+    ("Observations (truth)", row_truth),
+    ("Vane Tsys: recovered / truth (tsys_expected_k)", row_tsys),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------------
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def format_table(title: str, rows: list[dict[str, object]]) -> str:
+    """Plain-text table; rows with a ``note`` print it after the common columns."""
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key != "note" and key not in columns:
+                columns.append(key)
+    if any("note" in r for r in rows):
+        columns.append("note")
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = [title, "-" * len(title)]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def build_report(root: str | os.PathLike) -> str:
+    """The full report text for ``root``."""
+    observations = find_observations(root)
+    if not observations:
+        return f"no level-1 files (comap-*.hd5) found under {root}"
+    blocks = []
+    for title, func in ROW_KINDS:
+        rows = []
+        for obs in observations:
+            try:
+                rows.append(func(obs))
+            except (OSError, KeyError, ValueError) as exc:
+                rows.append({"obsid": obs.obsid, "note": f"unreadable: {exc}"})
+        blocks.append(format_table(title, rows))
+    return "\n\n".join(blocks)
