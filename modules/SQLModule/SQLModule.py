@@ -1263,6 +1263,10 @@ class SQLModule:
         finally:
             self._deferred, self._ops = previous_mode, previous_ops
 
+    def peek_deferred(self) -> list[DbOp]:
+        """A copy of the operations recorded so far, without clearing them (e.g. for snapshots)."""
+        return list(self._ops)
+
     def take_deferred(self) -> list[DbOp]:
         """Return the recorded operations and clear the list."""
         ops, self._ops = self._ops, []
