@@ -1,0 +1,118 @@
+"""The dependency direction of 00 §4.1: imports point downwards only (checked on the source)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(path: Path, name: str | None = None) -> set[str]:
+    """Absolute names of every module imported by ``path`` (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    name = name or module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{alias.name}" for alias in node.names)
+    return {m for m in out if m.split(".")[0] in ("modules", "utils", "run", "tests", "benchmarks")}
+
+
+def shipped_files():
+    for root in ("utils", "modules"):
+        yield from sorted((REPO / root).rglob("*.py"))
+    yield REPO / "run.py"
+
+
+STAGE_PACKAGES = ("modules.DataAcquisition", "modules.ProcessLevel2", "modules.MapMaking")
+
+
+def violations(files=None) -> list[str]:
+    """Rule violations of ``files`` (pairs of module name and path; default: every shipped file)."""
+    problems = []
+    stage_packages = STAGE_PACKAGES
+    pairs = files if files is not None else [(module_name(p), p) for p in shipped_files()]
+    for name, path in pairs:
+        for imp in imports_of(path, name):
+            top2 = ".".join(imp.split(".")[:2])
+            bad = None
+            if imp.startswith(("tests", "benchmarks")):
+                bad = "shipped code must not import tests or benchmarks"
+            elif name.startswith("utils.") and not imp.startswith("utils"):
+                bad = "utils is the ground floor: it never imports modules or run.py"
+            elif imp.startswith("utils.simulator") and not name.startswith("utils.simulator"):
+                bad = "nothing outside utils.simulator imports the simulator"
+            elif (
+                name.startswith("modules.SQLModule")
+                and imp.startswith("modules")
+                and not imp.startswith("modules.SQLModule")
+            ):
+                bad = "SQLModule imports utils only"
+            elif (
+                name.startswith("modules.pipeline_control")
+                and imp.startswith("modules")
+                and top2 not in ("modules.pipeline_control", "modules.SQLModule")
+            ):
+                bad = "pipeline_control imports utils and SQLModule only"
+            elif (
+                name == "run"
+                and imp.startswith(("modules", "utils"))
+                and not imp.startswith("modules.pipeline_control")
+            ):
+                bad = "run.py imports modules.pipeline_control only"
+            elif name.startswith(stage_packages):
+                own = ".".join(name.split(".")[:2])
+                if imp.startswith(stage_packages) and not imp.startswith(own):
+                    bad = "stage packages do not import each other"
+                elif name.startswith("modules.ProcessLevel2.") and imp.startswith("modules.ProcessLevel2."):
+                    own_stage = name.split(".")[2]
+                    other = imp.split(".")[2]
+                    in_folder = (REPO / "modules" / "ProcessLevel2" / own_stage).is_dir()
+                    other_folder = (REPO / "modules" / "ProcessLevel2" / other).is_dir()
+                    if other_folder and other != own_stage:
+                        bad = "a ProcessLevel2 stage never imports another stage"
+                    elif in_folder and not other_folder:
+                        bad = "a ProcessLevel2 stage does not import the coordinator"
+            if bad:
+                problems.append(f"{name} imports {imp}: {bad}")
+    return problems
+
+
+def test_dependency_direction():
+    assert violations() == []
+
+
+def test_checker_catches_violations(tmp_path):
+    """The checker itself can fail: each rule reports a planted violation."""
+    cases = {
+        "utils.probe": "from modules.SQLModule.SQLModule import db\n",
+        "modules.SQLModule.probe": "from modules.pipeline_control import config\n",
+        "modules.pipeline_control.probe": "import modules.ProcessLevel2.ProcessLevel2\n",
+        "modules.MapMaking.probe": "from modules.ProcessLevel2.observation import x\n",
+        "modules.ProcessLevel2.CreateLevel2File.probe": "import modules.ProcessLevel2.FindScans.FindScans\n",
+        "modules.ProcessLevel2.probe": "import utils.simulator\n",
+        "run": "import modules.ProcessLevel2\n",
+    }
+    for name, text in cases.items():
+        path = tmp_path / (name.replace(".", "_") + ".py")
+        path.write_text(text)
+        assert violations([(name, path)]), name
