@@ -265,3 +265,68 @@ def workspace_factory(tmp_path):
     from modules.SQLModule.SQLModule import db
 
     db.disconnect()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reducing one observation in process (stage tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def default_level2_modules(**overrides):
+    """Instances of the default level-2 list up to GainFilterAndBin; ``overrides`` maps a class
+    name to keyword arguments (or to None to leave that module out)."""
+    from modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation import AtmosphereInObservation
+    from modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists import CheckLevel1FileExists
+    from modules.ProcessLevel2.CreateLevel2File.CreateLevel2File import CreateLevel2File
+    from modules.ProcessLevel2.FindScans.FindScans import FindScans
+    from modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin import GainFilterAndBin
+    from modules.ProcessLevel2.NoiseStatsLevel1.NoiseStatsLevel1 import NoiseStatsLevel1
+    from modules.ProcessLevel2.SystemTemperature.SystemTemperature import SystemTemperature
+
+    classes = [
+        CheckLevel1FileExists,
+        CreateLevel2File,
+        SystemTemperature,
+        FindScans,
+        NoiseStatsLevel1,
+        AtmosphereInObservation,
+        GainFilterAndBin,
+    ]
+    out = []
+    for cls in classes:
+        if cls.__name__ in overrides and overrides[cls.__name__] is None:
+            continue
+        out.append(cls(**overrides.get(cls.__name__, {})))
+    return out
+
+
+def reduce_in_process(level1_path, out_dir, modules, *, source_group=None):
+    """Run ``modules`` on one level-1 file exactly as a Level2Pipeline worker does (streaming stages
+    grouped into one pass), without a database. Returns (level2_path, context, deferred DB ops)."""
+    from pathlib import Path
+
+    from modules.pipeline_control.jobs import ObservationResult
+    from modules.pipeline_control.streaming import ObservationContext, observation
+    from modules.ProcessLevel2.observation import _run_modules
+    from modules.SQLModule.source_groups import classify
+    from modules.SQLModule.SQLModule import COMAPData, db
+    from utils.level1 import Level1File
+
+    with Level1File(level1_path) as l1:
+        attrs = l1.attrs()
+    source, group = classify(str(attrs["source"]), str(attrs.get("comment", "")))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fi = COMAPData(
+        obsid=int(attrs["obsid"]),
+        level1_path=str(level1_path),
+        source=source,
+        source_group=source_group or group,
+        utc_start=str(attrs["utc_start"]),
+    )
+    fi.level2_path = str(out / f"Level2_{Path(level1_path).name}")
+    ctx = ObservationContext(fi)
+    result = ObservationResult(obsid=fi.obsid, status="running")
+    with db.deferring() as ops, observation(ctx):
+        _run_modules(ctx, modules, result)
+    return Path(fi.level2_path), ctx, list(ops)

@@ -95,6 +95,21 @@ def level2_path(
     return (Path(output_dir) / sub / level2_name(level1_path)).resolve()
 
 
+def replace_dataset(
+    group: Any, name: str, shape: tuple[int, ...], dtype: Any, *, fillvalue: Any = None, chunks: Any = True
+) -> Any:
+    """(Re)create ``group[name]`` at full size; unwritten regions read as ``fillvalue`` (NaN for
+    float "no value" arrays) without using storage."""
+    if name in group:
+        del group[name]
+    kwargs: dict[str, Any] = {"track_times": False}
+    if fillvalue is not None:
+        kwargs["fillvalue"] = fillvalue
+    if chunks is not None and all(int(s) > 0 for s in shape):
+        kwargs["chunks"] = chunks
+    return group.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+
+
 def feeds(l2: Any) -> np.ndarray:
     """Science feed numbers on the level-2 feed axis of an open level-2 file."""
     return np.asarray(l2["spectrometer/feeds"][...], dtype=int)

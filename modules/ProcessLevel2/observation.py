@@ -139,9 +139,6 @@ def process_observation(task: ObservationTask) -> ObservationResult:
             with observation(ctx):
                 ran = _run_modules(ctx, _STATE.modules, result)
                 current = "Level2Pipeline"
-                if ctx._l1 is not None:
-                    result.bytes_read_tod = int(getattr(ctx._l1, "bytes_read_tod", 0) or 0)
-                    result.bytes_read_total = int(getattr(ctx._l1, "bytes_read_total", 0) or 0)
                 if ran:
                     db.set_level2_path(obsid, str(final))
                     summary = dict(ctx.summary)
@@ -157,6 +154,8 @@ def process_observation(task: ObservationTask) -> ObservationResult:
                     staging = None
                     result.db_ops = db.take_deferred()
                 result.timings = dict(ctx.timings)
+            result.bytes_read_tod = ctx.bytes_read_tod
+            result.bytes_read_total = ctx.bytes_read_total
             result.status = "done"
             result.last_module = result.modules_run[-1] if result.modules_run else None
         except BaseException as exc:

@@ -46,6 +46,9 @@ class ObservationContext:
         when the observation succeeds.
     timings : dict
         Wall time per module (s).
+    scratch : dict
+        Per-observation working state of streaming stages (accumulators between blocks), keyed by
+        stage; modules never keep per-observation state on ``self``.
     """
 
     def __init__(self, file_info: Any, *, hk_time_offset_s: float = 0.6, count_bytes: bool = False) -> None:
@@ -55,8 +58,12 @@ class ObservationContext:
         self.count_bytes = bool(count_bytes)
         self.summary: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.scratch: dict[str, Any] = {}
         self.l2: Any = None
         self._l1: Level1File | None = None
+        self.bytes_read_tod = 0
+        self.bytes_read_total = 0
+        self.tod_storage_size: int | None = None
         self._cache: dict[str, Any] = {}
 
     # --- files ------------------------------------------------------------------------------
@@ -97,8 +104,12 @@ class ObservationContext:
         self._cache.clear()
 
     def close(self) -> None:
+        """Close the level-1 file, keeping its byte counters in ``bytes_read_tod``/``bytes_read_total``."""
         if self._l1 is not None:
+            self.tod_storage_size = self._l1.tod_storage_size() if self.count_bytes else None
             self._l1.close()
+            self.bytes_read_tod = int(self._l1.bytes_read_tod)
+            self.bytes_read_total = int(self._l1.bytes_read_total)
             self._l1 = None
 
     # --- level-2 metadata ---------------------------------------------------------------------
@@ -152,8 +163,10 @@ class ObservationContext:
 
     @property
     def sample_rate_hz(self) -> float:
-        mjd = self.mjd
-        return float(1.0 / (86400.0 * np.median(np.diff(mjd))))
+        """Sample rate (Hz) from ``spectrometer/MJD`` (``utils.level1.sample_rate_from_mjd``)."""
+        from utils.level1 import sample_rate_from_mjd
+
+        return self._read("fs", lambda fh: sample_rate_from_mjd(self.mjd))
 
     @property
     def frequency_ghz(self) -> np.ndarray:

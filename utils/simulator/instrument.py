@@ -125,11 +125,13 @@ def feed_instrument(
     t_rx_ripple_k: float = 1.0,
     ripple_period_ghz: float = 0.25,
     band_edges_ghz: Sequence[tuple[float, float]] = BAND_EDGES_GHZ,
+    t_rx_band_offsets_k: Sequence[float] = (0.0, 3.0, -2.0, 2.0),
 ) -> FeedInstrument:
     """Draw the instrument of ``feed`` from its instrument stream and evaluate T_rx and G.
 
     Draw order: ``s_f ~ U(0.9, 1.1)``, ``φ_f ~ U(0, 2π)``, ``a_f ~ U(0.5, 1.5)``, then
-    ``ε ~ N(0, 1)`` of shape (n_bands, n_channels), clipped to ±3.
+    ``ε ~ N(0, 1)`` of shape (n_bands, n_channels), clipped to ±3. ``t_rx_band_offsets_k`` (one per
+    band row of ``freq_ghz``, missing entries 0) is added inside the ``s_f`` factor.
     """
     rng = instrument_rng(instrument_seed, feed)
     s_f = float(rng.uniform(0.9, 1.1))
@@ -138,8 +140,12 @@ def feed_instrument(
     eps = np.clip(rng.standard_normal(freq_ghz.shape), -3.0, 3.0)
     d = edge_distance_ghz(freq_ghz, band_edges_ghz)
     edge = np.exp(-d / edge_width_ghz)
+    offsets = np.zeros(freq_ghz.shape[0])
+    n = min(len(t_rx_band_offsets_k), offsets.size)
+    offsets[:n] = np.asarray(t_rx_band_offsets_k, dtype=np.float64)[:n]
     t_rx = s_f * (
-        t_rx_base_k
+        offsets[:, None]
+        + t_rx_base_k
         + t_rx_slope_k_per_ghz * (freq_ghz - 26.0)
         + t_rx_edge_k * edge
         + t_rx_ripple_k * np.sin(2.0 * math.pi * freq_ghz / ripple_period_ghz + phi)

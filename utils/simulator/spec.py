@@ -185,6 +185,11 @@ class ObservationSpec:
     edge_width_ghz: float = 0.05
     t_rx_ripple_k: float = 1.0
     ripple_period_ghz: float = 0.25
+    t_rx_band_offsets_k: list[float] = field(default_factory=lambda: [0.0, 3.0, -2.0, 2.0])
+    """Receiver temperature added to each band (K, × s_f): the bands' separate IF chains. Not in 02
+    §3.1: without it T_rx is almost linear in frequency across 26–34 GHz, which makes a gain change
+    indistinguishable from a sky brightness change with a linear spectrum (the gain filter's level
+    and slope templates); real receivers' bands differ by a few K."""
     ground_load_k: float = 290.0
     # atmosphere and CMB
     atm_zenith_k: float = 10.0

@@ -107,6 +107,7 @@ def simulate_observation(
             edge_width_ghz=spec.edge_width_ghz,
             t_rx_ripple_k=spec.t_rx_ripple_k,
             ripple_period_ghz=spec.ripple_period_ghz,
+            t_rx_band_offsets_k=spec.t_rx_band_offsets_k,
         )
         for f in feeds
     ]

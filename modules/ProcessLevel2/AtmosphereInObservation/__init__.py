@@ -1,0 +1,3 @@
+from modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation import AtmosphereInObservation
+
+__all__ = ["AtmosphereInObservation"]

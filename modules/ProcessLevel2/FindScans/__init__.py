@@ -1,0 +1,3 @@
+from modules.ProcessLevel2.FindScans.FindScans import FindScans
+
+__all__ = ["FindScans"]

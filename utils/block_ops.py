@@ -1,0 +1,268 @@
+"""Fused per-block operations of the streaming level-2 stages (03 §4.5–§4.7).
+
+These wrap the Cython kernels ``utils.kernels.block_stats`` and ``utils.kernels.binning``. They take
+the raw float32 block ``(n_bands, n_channels, n)`` of one feed and scan and a per-channel scale
+(the inverse vane gain) instead of a calibrated copy, so calibration costs nothing extra and no
+block-sized temporary is made. Rows run in parallel (OpenMP, no GIL); ``n_threads=None`` uses the
+current OpenMP limit (``OMP_NUM_THREADS`` / ``threadpoolctl``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from utils.kernels import binning as _binning
+from utils.kernels import block_stats as _stats
+from utils.kernels import median_filter as _median_kernel
+
+_ESTIMATORS = {"std": 0, "clipped_std": 1}
+
+
+def _threads(n_threads: int | None) -> int:
+    return max(1, int(_median_kernel.max_threads())) if n_threads is None else max(1, int(n_threads))
+
+
+def inverse_gain(gain: ArrayLike) -> NDArray[np.float64]:
+    """``1/gain`` (K per count), NaN where the gain is not finite or ≤ 0 (03 §2.4)."""
+    g = np.asarray(gain, dtype=np.float64)
+    good = np.isfinite(g) & (g > 0)
+    return np.where(good, 1.0 / np.where(good, g, 1.0), np.nan)
+
+
+def _rows(x: ArrayLike) -> tuple[NDArray, tuple[int, ...]]:
+    a = np.asarray(x)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    lead = a.shape[:-1]
+    return np.ascontiguousarray(a.reshape(-1, a.shape[-1])), lead
+
+
+def pair_difference_rms_and_nans(
+    x: ArrayLike,
+    *,
+    estimator: str = "clipped_std",
+    clip_sigma: float = 5.0,
+    min_pairs: int = 10,
+    n_threads: int | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """White-noise rms per sample (pair differences along the last axis) and NaN count per row.
+
+    Same estimators and definitions as :func:`utils.noise.pair_difference_rms` ('std',
+    'clipped_std'; 'mad' is delegated to it), computed in one pass per row.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n)
+        Samples (counts or K); NaN marks missing values.
+    estimator, clip_sigma, min_pairs
+        As :func:`utils.noise.pair_difference_rms`.
+
+    Returns
+    -------
+    rms : ndarray, shape (...), float64
+        NaN where fewer than ``min_pairs`` finite pairs.
+    n_nan : ndarray, shape (...), int64
+    """
+    rows, lead = _rows(x)
+    if estimator == "mad":
+        from utils.noise import pair_difference_rms
+
+        rms = pair_difference_rms(rows, estimator="mad", clip_sigma=clip_sigma, min_pairs=min_pairs)
+        return rms.reshape(lead), np.isnan(rows).sum(axis=-1).astype(np.int64).reshape(lead)
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected 'std', 'clipped_std' or 'mad'")
+    out = np.empty(rows.shape[0], dtype=np.float64)
+    nan = np.zeros(rows.shape[0], dtype=np.int64)
+    _stats.pair_diff_rms(
+        rows, _ESTIMATORS[estimator], float(clip_sigma), int(min_pairs), out, nan, _threads(n_threads)
+    )
+    if rows.shape[1] < 2:
+        nan[:] = np.isnan(rows).sum(axis=-1)
+    return out.reshape(lead), nan.reshape(lead)
+
+
+@dataclass
+class AirmassFit:
+    """Per-channel fit ``y = offset + tau * x`` (arrays of the channel shape)."""
+
+    offset: NDArray[np.float64]
+    tau: NDArray[np.float64]
+    ok: NDArray[np.bool_]
+    n: NDArray[np.float64]
+
+
+def airmass_fit(
+    raw: ArrayLike, scale: ArrayLike, airmass: ArrayLike, *, n_threads: int | None = None
+) -> AirmassFit:
+    """Closed-form least squares of ``y = raw·scale`` against ``airmass`` per channel (03 §4.6).
+
+    Parameters
+    ----------
+    raw : array_like, shape (..., n)
+        Raw counts (float32).
+    scale : array_like, shape (...)
+        Per-channel factor, e.g. 1/gain (K/count); non-finite → that channel is not fitted.
+    airmass : array_like, shape (n,)
+        ``1/sin(el)`` per sample.
+
+    Returns
+    -------
+    AirmassFit
+        ``ok`` is False where the denominator ``n Σxx − (Σx)²`` is 0 or fewer than 2 samples.
+    """
+    rows, lead = _rows(raw)
+    sc = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, dtype=np.float64), lead).reshape(-1))
+    x = np.ascontiguousarray(airmass, dtype=np.float64)
+    sums = np.zeros((rows.shape[0], 5))
+    _stats.airmass_sums(rows, sc, x, sums, _threads(n_threads))
+    n, sx, sy, sxx, sxy = sums.T
+    den = n * sxx - sx * sx
+    ok = (n >= 2) & (den > 0) & np.isfinite(den)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # relative test: a constant airmass makes den a rounding residue of n Σxx ≈ (Σx)²
+        ok &= den > 1e-12 * np.maximum(n * sxx, 1e-300)
+        tau = np.where(ok, (n * sxy - sx * sy) / np.where(ok, den, 1.0), np.nan)
+        offset = np.where(ok, (sy - tau * sx) / np.where(n > 0, n, 1.0), np.nan)
+    return AirmassFit(offset.reshape(lead), tau.reshape(lead), ok.reshape(lead), n.reshape(lead))
+
+
+def decimated_nanmedian(
+    raw: ArrayLike,
+    scale: ArrayLike,
+    stride: int,
+    *,
+    offset: ArrayLike | None = None,
+    tau: ArrayLike | None = None,
+    airmass: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """Median over every ``stride``-th sample of ``raw·scale − offset − tau·airmass``, per channel.
+
+    NaN samples are ignored; NaN where a channel has none. Rows without NaN use a plain partition
+    median; only rows with NaN pay for ``nanmedian``.
+
+    Returns
+    -------
+    ndarray, shape (...), float64
+    """
+    a = np.asarray(raw)
+    lead = a.shape[:-1]
+    sub = a[..., :: max(1, int(stride))].astype(np.float64)
+    sub *= np.asarray(scale, dtype=np.float64)[..., None]
+    if offset is not None:
+        sub -= np.asarray(offset, dtype=np.float64)[..., None]
+    if tau is not None and airmass is not None:
+        sub -= np.asarray(tau, dtype=np.float64)[..., None] * np.asarray(airmass)[:: max(1, int(stride))]
+    flat = sub.reshape(-1, sub.shape[-1])
+    out = np.full(flat.shape[0], np.nan)
+    if flat.shape[1] == 0:
+        return out.reshape(lead)
+    bad = np.isnan(flat).any(axis=-1)
+    if (~bad).any():
+        out[~bad] = np.median(flat[~bad], axis=-1)
+    if bad.any():
+        some = bad & ~np.isnan(flat).all(axis=-1)
+        if some.any():
+            out[some] = np.nanmedian(flat[some], axis=-1)
+    return out.reshape(lead)
+
+
+@dataclass
+class BinnedSums:
+    """Channel sums of one block from :func:`filter_and_bin`.
+
+    ``r_sum (n,)`` gain-filter sum Σ wr·d; ``num, den, wm (n_groups, n)`` Σ wb·d, Σ wb, Σ wb·m over
+    finite samples of each group; ``nan_count (n,)`` NaN raw values per sample.
+    """
+
+    r_sum: NDArray[np.float64]
+    num: NDArray[np.float64]
+    den: NDArray[np.float64]
+    wm: NDArray[np.float64]
+    nan_count: NDArray[np.int32]
+
+    def binned(self) -> NDArray[np.float64]:
+        """``num/den`` (NaN where ``den == 0``), shape (n_groups, n)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.den > 0, self.num / np.where(self.den > 0, self.den, 1.0), np.nan)
+
+    def binned_residual(self, gain: NDArray) -> NDArray[np.float64]:
+        """Binned ``d − m·ĝ``: ``(num − ĝ·wm)/den``, shape (n_groups, n)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(
+                self.den > 0,
+                (self.num - gain[None, :] * self.wm) / np.where(self.den > 0, self.den, 1.0),
+                np.nan,
+            )
+
+
+def filter_and_bin(
+    raw: NDArray,
+    inv_gain: ArrayLike,
+    offset: ArrayLike,
+    tau: ArrayLike,
+    airmass: ArrayLike,
+    level: ArrayLike,
+    wr: ArrayLike,
+    wb: ArrayLike,
+    m: ArrayLike,
+    group: ArrayLike,
+    n_groups: int,
+    *,
+    n_threads: int | None = None,
+) -> BinnedSums:
+    """One pass over a raw block: ``d = raw·inv_gain − offset − tau·airmass − level`` summed three ways.
+
+    Parameters
+    ----------
+    raw : ndarray, shape (B, C, n), float32
+    inv_gain, offset, tau, level, wr, wb, m : array_like, shape (B, C)
+        Per-channel calibration (1/gain), atmosphere terms (tau = 0 where not fitted), median level
+        (all vane K), gain-filter weights ``wr`` (K⁻¹), binning weights ``wb`` (K⁻²; 0 = masked) and
+        normalisation ``m`` (K).
+    airmass : array_like, shape (n,)
+    group : array_like of int, shape (B, C)
+        Output group of each channel (e.g. ``band * K + bin``), −1 for none.
+    n_groups : int
+
+    Returns
+    -------
+    BinnedSums
+    """
+    rows, lead = _rows(raw)
+    n = rows.shape[1]
+
+    def vec(v, dtype=np.float64):
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=dtype), lead).reshape(-1))
+
+    out = BinnedSums(
+        np.zeros(n),
+        np.zeros((n_groups, n)),
+        np.zeros((n_groups, n)),
+        np.zeros((n_groups, n)),
+        np.zeros(n, dtype=np.int32),
+    )
+    grp = vec(group, np.int32)
+    if grp.size and (grp.max() >= n_groups or grp.min() < -1):
+        raise ValueError("group indices must lie in [-1, n_groups)")
+    _binning.filter_bin(
+        rows,
+        vec(inv_gain),
+        vec(offset),
+        vec(tau),
+        np.ascontiguousarray(airmass, dtype=np.float64),
+        vec(level),
+        vec(wr),
+        vec(wb),
+        vec(m),
+        grp,
+        out.r_sum,
+        out.num,
+        out.den,
+        out.wm,
+        out.nan_count,
+        _threads(n_threads),
+    )
+    return out
