@@ -441,3 +441,31 @@ def test_detrend_reduces_leakage_of_steep_spectra():
             out.append(math.log(fit_one_over_f(f, p, c, sigma_white0=sigma_white).sigma_red / sigma_red))
     assert np.mean(plain) > 0.12
     assert abs(np.mean(detrended)) < 0.10
+
+
+def test_segment_noise_stats_in_row_chunks_equals_whole(monkeypatch):
+    """Large inputs are processed in row chunks (bounded memory) with identical results."""
+    import utils.noise as noise_module
+
+    rng = np.random.default_rng(41)
+    x = 1e-3 * rng.standard_normal((8, 1500))
+    x[2, rng.choice(1500, 30, replace=False)] += 0.05
+    bright = np.zeros(1500, dtype=bool)
+    bright[700:760] = True
+    seeds = [(1, 2, k) for k in range(8)]
+    whole = segment_noise_stats(x, FS_HZ, bright=bright, seeds=seeds, keep_spectra=[1, 6])
+    monkeypatch.setattr(noise_module, "_CHUNK_ELEMENTS", 3 * 1500)
+    chunked = segment_noise_stats(x, FS_HZ, bright=bright, seeds=seeds, keep_spectra=[1, 6])
+    for name in (
+        "auto_rms",
+        "sigma_white",
+        "sigma_red",
+        "alpha",
+        "fknee_hz",
+        "good_fraction",
+        "fit_ok",
+        "n_bright",
+    ):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
+    assert chunked.reason == whole.reason and sorted(chunked.spectra) == [1, 6]
+    np.testing.assert_array_equal(chunked.spectra[6][1], whole.spectra[6][1])

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from conftest import default_level2_modules, reduce_in_process
 
-from utils.block_ops import pair_difference_rms_and_nans
-from utils.noise import pair_difference_rms
 from utils.simulator import PRESETS, simulate_observation
 from utils.simulator.spec import SkySpec
 
@@ -82,20 +80,6 @@ def test_clipped_estimator_resists_a_calibrator_crossing(small_archive, tmp_path
     assert np.all(excess_clipped <= excess_std)
     inflated = excess_std > 0.05
     assert np.all(excess_clipped[inflated] <= 0.5 * excess_std[inflated])
-
-
-@pytest.mark.parametrize("estimator", ["std", "clipped_std"])
-def test_fused_kernel_equals_reference_estimator(estimator):
-    rng = np.random.default_rng(11)
-    x = rng.normal(0.0, 2.0, size=(3, 5, 2001)).astype(np.float32)
-    x[0, 1, 100:140] += 80.0  # a transient
-    x[1, 2, ::7] = np.nan
-    x[2, 3, :] = np.nan
-    rms, nan = pair_difference_rms_and_nans(x, estimator=estimator)
-    ref = pair_difference_rms(x, estimator=estimator)
-    np.testing.assert_allclose(rms, ref, rtol=1e-9, equal_nan=True)
-    np.testing.assert_array_equal(nan, np.isnan(x).sum(axis=-1))
-    assert np.isnan(rms[2, 3])
 
 
 def test_nan_channel_counts_and_replay(small_archive, tmp_path):

@@ -137,35 +137,46 @@ def decimated_nanmedian(
     offset: ArrayLike | None = None,
     tau: ArrayLike | None = None,
     airmass: ArrayLike | None = None,
+    n_threads: int | None = None,
 ) -> NDArray[np.float64]:
     """Median over every ``stride``-th sample of ``raw·scale − offset − tau·airmass``, per channel.
 
-    NaN samples are ignored; NaN where a channel has none. Rows without NaN use a plain partition
-    median; only rows with NaN pay for ``nanmedian``.
+    NaN samples are ignored (the mean of the two middle values for an even count, as
+    ``numpy.nanmedian``); NaN where a channel has none. One selection per row in the Cython kernel,
+    rows in parallel, without a copy of the block.
+
+    Parameters
+    ----------
+    raw : array_like, shape (..., n)
+    scale, offset, tau : array_like, shape (...)
+        Per-channel factor and terms (offset and tau default to 0).
+    stride : int
+    airmass : array_like, shape (n,), optional
 
     Returns
     -------
     ndarray, shape (...), float64
     """
-    a = np.asarray(raw)
-    lead = a.shape[:-1]
-    sub = a[..., :: max(1, int(stride))].astype(np.float64)
-    sub *= np.asarray(scale, dtype=np.float64)[..., None]
-    if offset is not None:
-        sub -= np.asarray(offset, dtype=np.float64)[..., None]
-    if tau is not None and airmass is not None:
-        sub -= np.asarray(tau, dtype=np.float64)[..., None] * np.asarray(airmass)[:: max(1, int(stride))]
-    flat = sub.reshape(-1, sub.shape[-1])
-    out = np.full(flat.shape[0], np.nan)
-    if flat.shape[1] == 0:
-        return out.reshape(lead)
-    bad = np.isnan(flat).any(axis=-1)
-    if (~bad).any():
-        out[~bad] = np.median(flat[~bad], axis=-1)
-    if bad.any():
-        some = bad & ~np.isnan(flat).all(axis=-1)
-        if some.any():
-            out[some] = np.nanmedian(flat[some], axis=-1)
+    rows, lead = _rows(raw)
+    n = rows.shape[1]
+
+    def vec(v):
+        if v is None:
+            return np.zeros(rows.shape[0])
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), lead).reshape(-1))
+
+    x = np.zeros(n) if airmass is None or tau is None else np.ascontiguousarray(airmass, dtype=np.float64)
+    out = np.empty(rows.shape[0])
+    _stats.decimated_median(
+        rows,
+        vec(scale),
+        vec(offset),
+        vec(tau if airmass is not None else None),
+        x,
+        max(1, int(stride)),
+        out,
+        _threads(n_threads),
+    )
     return out.reshape(lead)
 
 
@@ -182,20 +193,24 @@ class BinnedSums:
     den: NDArray[np.float64]
     wm: NDArray[np.float64]
     nan_count: NDArray[np.int32]
+    w_total: NDArray[np.float64] | None = None
+
+    def _has_weight(self) -> NDArray[np.bool_]:
+        # den is a total minus the NaN samples' weights: "no weight" may leave a rounding residue
+        tol = 0.0 if self.w_total is None else 1e-9 * self.w_total[:, None]
+        return self.den > tol
 
     def binned(self) -> NDArray[np.float64]:
         """``num/den`` (NaN where ``den == 0``), shape (n_groups, n)."""
+        ok = self._has_weight()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.den > 0, self.num / np.where(self.den > 0, self.den, 1.0), np.nan)
+            return np.where(ok, self.num / np.where(ok, self.den, 1.0), np.nan)
 
     def binned_residual(self, gain: NDArray) -> NDArray[np.float64]:
         """Binned ``d − m·ĝ``: ``(num − ĝ·wm)/den``, shape (n_groups, n)."""
+        ok = self._has_weight()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(
-                self.den > 0,
-                (self.num - gain[None, :] * self.wm) / np.where(self.den > 0, self.den, 1.0),
-                np.nan,
-            )
+            return np.where(ok, (self.num - gain[None, :] * self.wm) / np.where(ok, self.den, 1.0), np.nan)
 
 
 def filter_and_bin(
@@ -237,26 +252,33 @@ def filter_and_bin(
     def vec(v, dtype=np.float64):
         return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=dtype), lead).reshape(-1))
 
-    out = BinnedSums(
-        np.zeros(n),
-        np.zeros((n_groups, n)),
-        np.zeros((n_groups, n)),
-        np.zeros((n_groups, n)),
-        np.zeros(n, dtype=np.int32),
-    )
     grp = vec(group, np.int32)
     if grp.size and (grp.max() >= n_groups or grp.min() < -1):
         raise ValueError("group indices must lie in [-1, n_groups)")
+    wbv, mv = vec(wb), vec(m)
+    used = (grp >= 0) & (wbv > 0)
+    # den and wm start from the group totals; the kernel subtracts the NaN samples
+    w_total = np.bincount(grp[used], weights=wbv[used], minlength=n_groups).astype(np.float64)
+    wm_total = np.bincount(grp[used], weights=(wbv * mv)[used], minlength=n_groups).astype(np.float64)
+    out = BinnedSums(
+        np.zeros(n),
+        np.zeros((n_groups, n)),
+        np.repeat(w_total[:, None], n, axis=1),
+        np.repeat(wm_total[:, None], n, axis=1),
+        np.zeros(n, dtype=np.int32),
+        w_total,
+    )
+    x = np.ascontiguousarray(airmass, dtype=np.float64)
     _binning.filter_bin(
         rows,
         vec(inv_gain),
         vec(offset),
         vec(tau),
-        np.ascontiguousarray(airmass, dtype=np.float64),
+        x,
         vec(level),
         vec(wr),
-        vec(wb),
-        vec(m),
+        wbv,
+        mv,
         grp,
         out.r_sum,
         out.num,

@@ -332,6 +332,376 @@ def calibrator_position(name: str, mjd: ArrayLike | None = None) -> tuple[NDArra
 
 
 # --------------------------------------------------------------------------------------------------
+# Tangent plane and Gaussian source fitting (03 §4.10)
+# --------------------------------------------------------------------------------------------------
+def tangent_plane_offsets_deg(
+    ra_deg: ArrayLike, dec_deg: ArrayLike, ra0_deg: ArrayLike, dec0_deg: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Gnomonic (tangent-plane) offsets of (α, δ) from the centre (α0, δ0), 03 §4.10 step 1.
+
+    ``cos c = sin δ0 sin δ + cos δ0 cos δ cos(α − α0)``,
+    ``x = cos δ sin(α − α0) / cos c``,
+    ``y = (cos δ0 sin δ − sin δ0 cos δ cos(α − α0)) / cos c``.
+
+    Parameters
+    ----------
+    ra_deg, dec_deg : array_like
+        ICRS positions, degrees (broadcast with the centre).
+    ra0_deg, dec0_deg : array_like
+        Tangent point, degrees (scalars, or per-sample arrays for a moving source).
+
+    Returns
+    -------
+    x_deg, y_deg : ndarray
+        Offsets in degrees of the tangent plane; x grows towards east (increasing α), y towards
+        north. Points 90° or more from the centre give NaN.
+    """
+    ra = np.radians(np.asarray(ra_deg, dtype=np.float64))
+    dec = np.radians(np.asarray(dec_deg, dtype=np.float64))
+    ra0 = np.radians(np.asarray(ra0_deg, dtype=np.float64))
+    dec0 = np.radians(np.asarray(dec0_deg, dtype=np.float64))
+    dra = ra - ra0
+    cos_c = np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(dra)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(cos_c > 0.0, 1.0 / cos_c, np.nan)
+    x = np.cos(dec) * np.sin(dra) * inv
+    y = (np.cos(dec0) * np.sin(dec) - np.sin(dec0) * np.cos(dec) * np.cos(dra)) * inv
+    return np.degrees(x), np.degrees(y)
+
+
+def tangent_plane_to_icrs_deg(
+    x_deg: ArrayLike, y_deg: ArrayLike, ra0_deg: ArrayLike, dec0_deg: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Inverse of :func:`tangent_plane_offsets_deg`: tangent-plane offsets (deg) → ICRS (deg).
+
+    Returns
+    -------
+    ra_deg, dec_deg : ndarray
+        RA in [0, 360), Dec in degrees.
+    """
+    x = np.radians(np.asarray(x_deg, dtype=np.float64))
+    y = np.radians(np.asarray(y_deg, dtype=np.float64))
+    ra0 = np.radians(np.asarray(ra0_deg, dtype=np.float64))
+    dec0 = np.radians(np.asarray(dec0_deg, dtype=np.float64))
+    denom = np.cos(dec0) - y * np.sin(dec0)
+    ra = ra0 + np.arctan2(x, denom)
+    dec = np.arctan2(np.sin(dec0) + y * np.cos(dec0), np.hypot(x, denom))
+    return np.degrees(ra) % 360.0, np.degrees(dec)
+
+
+BACKGROUND_MODELS: tuple[str, ...] = ("constant", "plane")
+
+
+@dataclass
+class GaussianSourceFit:
+    """Result of :func:`fit_gaussian_source` (03 §4.10 steps 4–7).
+
+    Failed or rejected fits have ``fit_ok = False``, NaN parameters and a ``reason``.
+
+    Attributes
+    ----------
+    fit_ok : bool
+        Converged, every value finite and no bound active.
+    reason : str
+        Why the fit was rejected ('' if ``fit_ok``).
+    amplitude_k, amplitude_error_k : float
+        Peak A above the background (same unit as the data, e.g. vane K).
+    x0_deg, y0_deg, x0_error_deg, y0_error_deg : float
+        Fitted centre in the tangent plane of the fit coordinates, degrees.
+    sigma_x_deg, sigma_y_deg, sigma_x_error_deg, sigma_y_error_deg : float
+        Gaussian widths along the (rotated) axes, degrees.
+    position_angle_deg : float
+        θ of the x′ axis from +x towards +y, degrees in (−90, 90]; 0 unless fitted.
+    position_angle_error_deg : float
+        NaN unless ``fit_rotation``.
+    background : ndarray
+        ``(c0,)`` or ``(c0, c1, c2)`` of the background model (data unit, per degree).
+    chi2_reduced : float
+        ``Σ r² / (n − p)`` of the residuals weighted by ``1/noise_k``.
+    n_samples : int
+        Samples inside the fit region.
+    covariance : ndarray
+        Parameter covariance ``(JᵀJ)⁻¹ · max(χ²_red, 1)`` in the order
+        ``(A, x0, y0, σx, σy[, θ], c0[, c1, c2])`` (θ in radians).
+    params : ndarray
+        Best-fit parameters in the same order (for :func:`gaussian_source_model`).
+    median_k : float
+        Median of the region that was subtracted before the fit.
+    """
+
+    fit_ok: bool = False
+    reason: str = ""
+    amplitude_k: float = math.nan
+    amplitude_error_k: float = math.nan
+    x0_deg: float = math.nan
+    y0_deg: float = math.nan
+    x0_error_deg: float = math.nan
+    y0_error_deg: float = math.nan
+    sigma_x_deg: float = math.nan
+    sigma_y_deg: float = math.nan
+    sigma_x_error_deg: float = math.nan
+    sigma_y_error_deg: float = math.nan
+    position_angle_deg: float = math.nan
+    position_angle_error_deg: float = math.nan
+    background: NDArray[np.float64] = field(default_factory=lambda: np.full(1, np.nan))
+    chi2_reduced: float = math.nan
+    n_samples: int = 0
+    covariance: NDArray[np.float64] = field(default_factory=lambda: np.full((0, 0), np.nan))
+    params: NDArray[np.float64] = field(default_factory=lambda: np.full(0, np.nan))
+    median_k: float = math.nan
+
+    def flux_jy(self, freq_ghz: float) -> tuple[float, float]:
+        """Flux density and its 1σ error (Jy) at ``freq_ghz`` (03 §4.10 step 6).
+
+        ``S = 2π A σx σy · 2kν²/c² · 1e26``. The relative error is propagated with the full
+        parameter covariance, ``(δS/S)² = gᵀ C g`` with ``g = ∂ln S/∂p = (1/A, 1/σx, 1/σy)`` on
+        (A, σx, σy). **Deliberate difference** from the spec's ``sqrt((δA/A)² + (δσx/σx)² +
+        (δσy/σy)²)``: A and σ are strongly anti-correlated in a Gaussian fit, and dropping the
+        covariances overestimates δS by about a factor 2. NaN for a failed fit.
+        """
+        if not self.fit_ok:
+            return math.nan, math.nan
+        s = float(gaussian_flux_jy(self.amplitude_k, self.sigma_x_deg, self.sigma_y_deg, freq_ghz))
+        idx = [0, 3, 4]
+        g = np.array([1.0 / self.amplitude_k, 1.0 / self.sigma_x_deg, 1.0 / self.sigma_y_deg])
+        var = float(g @ self.covariance[np.ix_(idx, idx)] @ g)
+        return s, abs(s) * math.sqrt(var) if var >= 0.0 else math.nan
+
+
+def _n_background(background: str) -> int:
+    if background not in BACKGROUND_MODELS:
+        raise ValueError(f"background must be one of {BACKGROUND_MODELS}, got {background!r}")
+    return 1 if background == "constant" else 3
+
+
+def gaussian_source_model(
+    params: ArrayLike,
+    x_deg: ArrayLike,
+    y_deg: ArrayLike,
+    *,
+    background: str = "plane",
+    fit_rotation: bool = False,
+) -> NDArray[np.float64]:
+    """Elliptical Gaussian plus background at tangent-plane offsets (03 §4.10 step 5).
+
+    ``A·exp(−½[(x′/σx)² + (y′/σy)²]) + c0 [+ c1 x + c2 y]`` with
+    ``x′ = (x − x0) cos θ + (y − y0) sin θ`` and ``y′ = −(x − x0) sin θ + (y − y0) cos θ``.
+
+    Parameters
+    ----------
+    params : array_like
+        ``(A, x0, y0, σx, σy[, θ], c0[, c1, c2])`` (degrees; θ in radians), as in
+        :attr:`GaussianSourceFit.params`.
+    x_deg, y_deg : array_like
+        Offsets, degrees.
+    background : {'constant', 'plane'}
+    fit_rotation : bool
+        Whether ``params`` contains θ.
+    """
+    return _model_and_jacobian(
+        np.asarray(params, dtype=np.float64),
+        np.asarray(x_deg, dtype=np.float64),
+        np.asarray(y_deg, dtype=np.float64),
+        _n_background(background),
+        fit_rotation,
+        jac=False,
+    )[0]
+
+
+def _model_and_jacobian(
+    p: NDArray, x: NDArray, y: NDArray, n_bg: int, rotation: bool, *, jac: bool
+) -> tuple[NDArray, NDArray | None]:
+    a, x0, y0, sx, sy = p[:5]
+    k = 5
+    if rotation:
+        theta = p[5]
+        k = 6
+        ct, st = math.cos(theta), math.sin(theta)
+    else:
+        ct, st = 1.0, 0.0
+    c = p[k : k + n_bg]
+    dx = x - x0
+    dy = y - y0
+    xp = dx * ct + dy * st
+    yp = -dx * st + dy * ct
+    g = np.exp(-0.5 * ((xp / sx) ** 2 + (yp / sy) ** 2))
+    model = a * g + c[0]
+    if n_bg == 3:
+        model = model + c[1] * x + c[2] * y
+    if not jac:
+        return model, None
+    j = np.empty((x.size, p.size))
+    ag = a * g
+    j[:, 0] = g
+    j[:, 1] = ag * (xp * ct / sx**2 - yp * st / sy**2)
+    j[:, 2] = ag * (xp * st / sx**2 + yp * ct / sy**2)
+    j[:, 3] = ag * xp**2 / sx**3
+    j[:, 4] = ag * yp**2 / sy**3
+    if rotation:
+        j[:, 5] = -ag * xp * yp * (1.0 / sx**2 - 1.0 / sy**2)
+    j[:, k] = 1.0
+    if n_bg == 3:
+        j[:, k + 1] = x
+        j[:, k + 2] = y
+    return model, j
+
+
+def fit_gaussian_source(
+    x_deg: ArrayLike,
+    y_deg: ArrayLike,
+    data_k: ArrayLike,
+    noise_k: float,
+    beam_sigma_deg: float,
+    *,
+    fit_radius_deg: float = 0.25,
+    min_width_factor: float = 0.3,
+    max_width_factor: float = 3.0,
+    min_samples: int = 50,
+    background: str = "plane",
+    fit_rotation: bool = False,
+) -> GaussianSourceFit:
+    """Fit an elliptical Gaussian source plus background to samples around a calibrator.
+
+    Implements steps 4–7 of 03 §4.10: the region is ``r = hypot(x, y) < fit_radius_deg`` with
+    finite data (at least ``min_samples`` samples); its median is subtracted; the model of
+    :func:`gaussian_source_model` is fitted with ``scipy.optimize.least_squares(method='trf')``
+    on residuals weighted by ``1/noise_k``, with ``A > 0``, ``σ ∈ [min, max]·σ_b`` and
+    ``|x0|, |y0| < fit_radius``. Errors are ``sqrt(diag((JᵀJ)⁻¹))·sqrt(max(χ²_red, 1))``. A fit
+    that did not converge, has a non-finite value or an active bound is rejected
+    (``fit_ok = False``, NaN values).
+
+    Parameters
+    ----------
+    x_deg, y_deg : array_like, shape (n,)
+        Tangent-plane offsets of the samples from the source, degrees.
+    data_k : array_like, shape (n,)
+        Data (e.g. vane K); NaN = no value.
+    noise_k : float
+        White-noise rms per sample of ``data_k`` (same unit).
+    beam_sigma_deg : float
+        Beam σ_b at the data's frequency, degrees (start value and width bounds).
+    fit_radius_deg : float
+        Radius of the fit region and bound on the centre, degrees.
+    min_width_factor, max_width_factor : float
+        Allowed σx, σy relative to σ_b.
+    min_samples : int
+        Minimum number of samples in the region.
+    background : {'constant', 'plane'}
+        ``c0`` or ``c0 + c1 x + c2 y``.
+    fit_rotation : bool
+        Fit the position angle θ (otherwise θ ≡ 0: σx along x, σy along y).
+
+    Returns
+    -------
+    GaussianSourceFit
+    """
+    from scipy.optimize import least_squares
+
+    n_bg = _n_background(background)
+    x = np.asarray(x_deg, dtype=np.float64).ravel()
+    y = np.asarray(y_deg, dtype=np.float64).ravel()
+    d = np.asarray(data_k, dtype=np.float64).ravel()
+    sig_b = float(beam_sigma_deg)
+    noise = float(noise_k)
+    if not (np.isfinite(noise) and noise > 0.0):
+        return GaussianSourceFit(reason=f"noise rms {noise!r} is not a positive number")
+    if not (np.isfinite(sig_b) and sig_b > 0.0):
+        return GaussianSourceFit(reason=f"beam sigma {sig_b!r} is not a positive number")
+    with np.errstate(invalid="ignore"):
+        sel = np.isfinite(d) & np.isfinite(x) & np.isfinite(y) & (np.hypot(x, y) < fit_radius_deg)
+    n = int(sel.sum())
+    if n < max(int(min_samples), 1):
+        return GaussianSourceFit(
+            reason=f"{n} samples within {fit_radius_deg} deg (need >= {min_samples})", n_samples=n
+        )
+    x, y, d = x[sel], y[sel], d[sel]
+    median = float(np.median(d))
+    d = d - median
+    n_par = 5 + int(fit_rotation) + n_bg
+    if n <= n_par:
+        return GaussianSourceFit(reason=f"{n} samples for {n_par} parameters", n_samples=n, median_k=median)
+    ipk = int(np.argmax(d))
+    a0 = float(d[ipk])
+    if not a0 > 0.0:
+        return GaussianSourceFit(reason="no positive signal in the fit region", n_samples=n, median_k=median)
+    s_lo, s_hi = min_width_factor * sig_b, max_width_factor * sig_b
+    r = float(fit_radius_deg)
+    p0 = [a0, float(x[ipk]), float(y[ipk]), sig_b, sig_b * (1.05 if fit_rotation else 1.0)]
+    lo = [0.0, -r, -r, s_lo, s_lo]
+    hi = [np.inf, r, r, s_hi, s_hi]
+    if fit_rotation:
+        p0.append(0.0)
+        lo.append(-np.inf)
+        hi.append(np.inf)
+    p0 += [0.0] * n_bg
+    lo += [-np.inf] * n_bg
+    hi += [np.inf] * n_bg
+    p0a = np.clip(np.asarray(p0), np.nextafter(np.asarray(lo), np.inf), np.nextafter(np.asarray(hi), -np.inf))
+    inv_noise = 1.0 / noise
+
+    def fun(p: NDArray) -> NDArray:
+        return (_model_and_jacobian(p, x, y, n_bg, fit_rotation, jac=False)[0] - d) * inv_noise
+
+    def jac(p: NDArray) -> NDArray:
+        return _model_and_jacobian(p, x, y, n_bg, fit_rotation, jac=True)[1] * inv_noise
+
+    try:
+        res = least_squares(fun, p0a, jac=jac, bounds=(lo, hi), method="trf", x_scale="jac")
+    except (ValueError, np.linalg.LinAlgError) as exc:  # pragma: no cover - defensive
+        return GaussianSourceFit(reason=f"least_squares failed: {exc}", n_samples=n, median_k=median)
+    p = res.x
+    chi2_red = float(2.0 * res.cost / (n - n_par))
+    failed = GaussianSourceFit(n_samples=n, median_k=median, chi2_reduced=math.nan)
+    if not res.success:
+        failed.reason = f"did not converge: {res.message}"
+        return failed
+    lo_a, hi_a = np.asarray(lo), np.asarray(hi)
+    span = np.array([max(a0, 1e-300), r, r, sig_b, sig_b] + [1.0] * (n_par - 5))
+    tol = 1e-6 * span
+    at_bound = (res.active_mask != 0) | (np.abs(p - lo_a) <= tol) | (np.abs(hi_a - p) <= tol)
+    if at_bound.any():
+        names = ["amplitude", "x0", "y0", "sigma_x", "sigma_y"] + ["theta"] * int(fit_rotation)
+        names += ["c0", "c1", "c2"][:n_bg]
+        failed.reason = "bound active on " + ", ".join(nm for nm, b in zip(names, at_bound) if b)
+        return failed
+    try:
+        cov = np.linalg.inv(res.jac.T @ res.jac) * max(chi2_red, 1.0)
+    except np.linalg.LinAlgError:
+        failed.reason = "singular normal matrix"
+        return failed
+    err = np.sqrt(np.diag(cov)) if np.all(np.diag(cov) >= 0) else np.full(n_par, np.nan)
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(err)) and np.isfinite(chi2_red)):
+        failed.reason = "non-finite parameter, error or chi2"
+        return failed
+    k = 5 + int(fit_rotation)
+    theta = float(p[5]) if fit_rotation else 0.0
+    # Report θ in (−90°, 90°]: a Gaussian is symmetric under θ → θ + 180°.
+    pa = math.degrees(theta)
+    pa = pa - 180.0 * math.ceil((pa - 90.0) / 180.0)
+    return GaussianSourceFit(
+        fit_ok=True,
+        amplitude_k=float(p[0]),
+        amplitude_error_k=float(err[0]),
+        x0_deg=float(p[1]),
+        y0_deg=float(p[2]),
+        x0_error_deg=float(err[1]),
+        y0_error_deg=float(err[2]),
+        sigma_x_deg=float(p[3]),
+        sigma_y_deg=float(p[4]),
+        sigma_x_error_deg=float(err[3]),
+        sigma_y_error_deg=float(err[4]),
+        position_angle_deg=pa,
+        position_angle_error_deg=math.degrees(float(err[5])) if fit_rotation else math.nan,
+        background=np.asarray(p[k:], dtype=np.float64),
+        chi2_reduced=chi2_red,
+        n_samples=n,
+        covariance=cov,
+        params=np.asarray(p, dtype=np.float64),
+        median_k=median,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Calibration-factor table (03 §6 "Evaluation")
 # --------------------------------------------------------------------------------------------------
 MODEL_TYPES: tuple[str, ...] = ("polynomial", "mean", "nearest")
@@ -490,6 +860,7 @@ class CalibrationTable:
 
 
 __all__ = [
+    "BACKGROUND_MODELS",
     "BEAM_FWHM_ARCMIN_30GHZ",
     "CALIBRATOR_NAMES",
     "FIXED_CALIBRATORS",
@@ -497,6 +868,7 @@ __all__ = [
     "CalibrationModelRow",
     "CalibrationTable",
     "CalibratorModel",
+    "GaussianSourceFit",
     "beam_fwhm_arcmin",
     "beam_sigma_rad",
     "beam_solid_angle_sr",
@@ -504,8 +876,10 @@ __all__ = [
     "canonical_name",
     "casa_flux_jy",
     "cyga_flux_jy",
+    "fit_gaussian_source",
     "flux_jy",
     "gaussian_flux_jy",
+    "gaussian_source_model",
     "is_calibrator",
     "jupiter_azel",
     "jupiter_brightness_temperature_k",
@@ -513,5 +887,7 @@ __all__ = [
     "jupiter_solid_angle_sr",
     "jy_to_k_factor",
     "point_source_peak_k",
+    "tangent_plane_offsets_deg",
+    "tangent_plane_to_icrs_deg",
     "taua_flux_jy",
 ]

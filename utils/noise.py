@@ -736,6 +736,49 @@ def segment_noise_stats(
     n_rows, n = a.shape
     if seeds is not None and len(seeds) != n_rows:
         raise ValueError(f"seeds must give one seed per row ({n_rows}), got {len(seeds)}")
+    options = dict(
+        f_ref_hz=f_ref_hz,
+        n_psd_bins=n_psd_bins,
+        medfilt_length=medfilt_length,
+        outlier_sigma=outlier_sigma,
+        min_good_fraction=min_good_fraction,
+        min_samples=min_samples,
+        alpha_bounds=alpha_bounds,
+        alpha_init=alpha_init,
+        detrend=detrend,
+    )
+    chunks = _row_chunks(n_rows, n)
+    if len(chunks) > 1:  # bound memory: a few float64 copies of one chunk at a time
+        bright_rows = None if bright is None else np.broadcast_to(np.asarray(bright, dtype=bool), a.shape)
+        parts = []
+        for sl in chunks:
+            parts.append(
+                segment_noise_stats(
+                    a[sl],
+                    sample_rate_hz,
+                    bright=None if bright_rows is None else bright_rows[sl],
+                    seeds=[seeds[r] if seeds is not None else (0, r) for r in range(sl.start, sl.stop)],
+                    keep_spectra=[k - sl.start for k in keep_spectra if sl.start <= k < sl.stop],
+                    **options,
+                )
+            )
+        return SegmentNoiseStats(
+            **{
+                name: np.concatenate([getattr(p, name) for p in parts])
+                for name in (
+                    "auto_rms",
+                    "sigma_white",
+                    "sigma_red",
+                    "alpha",
+                    "fknee_hz",
+                    "good_fraction",
+                    "fit_ok",
+                    "n_bright",
+                )
+            },
+            reason=[r for p in parts for r in p.reason],
+            spectra={k + sl.start: v for p, sl in zip(parts, chunks) for k, v in p.spectra.items()},
+        )
     x64 = a.astype(np.float64)
     finite = np.isfinite(x64)
     n_f = finite.sum(axis=-1)

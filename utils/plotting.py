@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (8.0, 5.0),
-               **kwargs: Any):
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (8.0, 5.0), **kwargs: Any):
     """A figure and axes from matplotlib's object API with the Agg backend (no display needed).
 
     Using ``matplotlib.figure.Figure`` directly (not pyplot) keeps figures out of pyplot's global

@@ -14,6 +14,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -279,10 +280,24 @@ class FeedScanBlock:
         return self._tod_k
 
 
-def read_block(ctx: ObservationContext, feed: int, scan: int) -> FeedScanBlock:
-    """Read one feed × scan block from level 1 (the only read of those bytes in a pass)."""
+def read_block(ctx: ObservationContext, feed: int, scan: int, *, buffer: int = 0) -> FeedScanBlock:
+    """Read one feed × scan block from level 1 (the only read of those bytes in a pass).
+
+    The block is read into one of two buffers reused for the whole pass (sized for the longest
+    scan): a fresh block-sized array costs a page fault per 4 KiB on first touch, which takes longer
+    than the read itself. ``block.raw`` is therefore only valid until that buffer is read into again.
+    """
     start, stop = (int(x) for x in ctx.scans[scan])
-    raw = ctx.l1.tod_block(ctx.l1_index(feed), slice(None), slice(None), slice(start, stop))
+    n_bands, n_chan = ctx.frequency_ghz.shape
+    longest = int(np.max(np.diff(ctx.scans, axis=1))) if len(ctx.scans) else 0
+    size = n_bands * n_chan * (stop - start)
+    key = f"_tod_buffer{buffer}"
+    buf = ctx.scratch.get(key)
+    if buf is None or buf.size < n_bands * n_chan * longest:
+        buf = ctx.scratch[key] = np.empty(n_bands * n_chan * longest, dtype=np.float32)
+    raw = buf[:size].reshape(n_bands, n_chan, stop - start)
+    ctx.l1.tod_block(ctx.l1_index(feed), slice(None), slice(None), slice(start, stop), out=raw)
+    raw = raw.view()
     raw.setflags(write=False)
     az, el = ctx.pointing(feed, slice(start, stop))
     gain, tsys = ctx.calibration(feed, scan)
@@ -325,12 +340,22 @@ def run_streaming_group(
                 t0 = time.perf_counter()
                 stages[i].begin(ctx)
                 _add_time(ctx, stages[i], t0)
-        for feed in ctx.feeds:
-            for scan in range(len(ctx.scans)):
-                t_read = time.perf_counter()
-                block = read_block(ctx, int(feed), scan)
-                ctx.timings["read_level1"] = (
-                    ctx.timings.get("read_level1", 0.0) + time.perf_counter() - t_read
+        order = [(int(feed), scan) for feed in ctx.feeds for scan in range(len(ctx.scans))]
+        ctx.l1.open()  # before the prefetch thread uses it
+        # The next block is read in a background thread while the stages work on the current one:
+        # HDF5 reads and the Cython kernels both run without the GIL.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="comap-prefetch") as prefetch:
+            pending = prefetch.submit(_timed_read, ctx, *order[0], 0) if order else None
+            for k, (feed, _scan) in enumerate(order):
+                t_wait = time.perf_counter()
+                block = pending.result()
+                ctx.timings["wait_level1"] = (
+                    ctx.timings.get("wait_level1", 0.0) + time.perf_counter() - t_wait
+                )
+                pending = (
+                    prefetch.submit(_timed_read, ctx, *order[k + 1], (k + 1) % 2)
+                    if k + 1 < len(order)
+                    else None
                 )
                 for i in users:
                     t0 = time.perf_counter()
@@ -340,17 +365,25 @@ def run_streaming_group(
                         stages[i].replay_block(ctx, block)
                     _add_time(ctx, stages[i], t0)
                 del block
-            for i in users:
-                if active[i]:
-                    t0 = time.perf_counter()
-                    stages[i].end_feed(ctx, int(feed))
-                    _add_time(ctx, stages[i], t0)
+                if k + 1 == len(order) or order[k + 1][0] != feed:
+                    for i in users:
+                        if active[i]:
+                            t0 = time.perf_counter()
+                            stages[i].end_feed(ctx, feed)
+                            _add_time(ctx, stages[i], t0)
         for i in users:
             if active[i]:
                 t0 = time.perf_counter()
                 stages[i].finish(ctx)
                 _add_time(ctx, stages[i], t0)
         ctx.l2.flush()
+
+
+def _timed_read(ctx: ObservationContext, feed: int, scan: int, buffer: int) -> FeedScanBlock:
+    t0 = time.perf_counter()
+    block = read_block(ctx, feed, scan, buffer=buffer)
+    ctx.timings["read_level1"] = ctx.timings.get("read_level1", 0.0) + time.perf_counter() - t0
+    return block
 
 
 def _add_time(ctx: ObservationContext, stage: Any, t0: float) -> None:

@@ -8,7 +8,10 @@ For every sample t and channel i with a finite raw value::
 
     d_i(t)   = raw_i(t) * inv_gain_i − offset_i − tau_i * x(t) − level_i      (vane K)
     R(t)    += wr_i * d_i(t)                                                 (gain-filter sum)
-    num_g(t) += wb_i * d_i(t),  den_g(t) += wb_i,  wm_g(t) += wb_i * m_i     (g = group of i)
+    num_g(t) += wb_i * d_i(t)                                                (g = group of i)
+
+while ``den_g(t) = Σ wb_i`` and ``wm_g(t) = Σ wb_i·m_i`` over the rows finite at t start from the
+group totals and lose each NaN sample
 
 and ``nan_count(t)`` counts the rows whose raw value is NaN. ``d`` is never stored: the binned
 residual of the gain filter follows as ``num/den − ĝ(t) · wm/den``. Threads own disjoint ranges
@@ -23,7 +26,7 @@ ctypedef fused real:
     double
 
 cdef enum:
-    SAMPLE_CHUNK = 2048
+    SAMPLE_CHUNK = 1024
 
 
 def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[::1] offset,
@@ -31,7 +34,11 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
                const double[::1] wr, const double[::1] wb, const double[::1] m, const int[::1] group,
                double[::1] r_sum, double[:, ::1] num, double[:, ::1] den, double[:, ::1] wm,
                int[::1] nan_count, int n_threads):
-    """Accumulate the channel sums of one block (outputs must be zero-initialised).
+    """Accumulate the channel sums of one block.
+
+    ``r_sum``, ``num`` and ``nan_count`` must be zero-initialised. ``den`` and ``wm`` must hold, for
+    every sample, the group totals Σ wb and Σ wb·m over the group's rows with wb > 0: NaN samples
+    are subtracted from them here, which is cheaper than adding every finite one (NaN is rare).
 
     Parameters
     ----------
@@ -46,6 +53,7 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
     cdef Py_ssize_t c, i, t, t0, t1
     cdef double v, d, ig, off, ta, lv, wri, wbi, wmi
     cdef int g
+    cdef bint binned
     if rows == 0 or n == 0:
         return
     for c in prange(n_chunks, nogil=True, num_threads=n_threads, schedule="static"):
@@ -62,27 +70,27 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
             wbi = wb[i]
             wmi = wbi * m[i]
             g = group[i]
-            if wri != 0.0 and g >= 0 and wbi > 0.0:
+            binned = g >= 0 and wbi > 0.0
+            if binned and wri != 0.0:
                 for t in range(t0, t1):
                     v = raw[i, t]
                     if v != v:
                         nan_count[t] += 1
+                        den[g, t] -= wbi
+                        wm[g, t] -= wmi
                     else:
                         d = v * ig - off - ta * x[t] - lv
                         r_sum[t] += wri * d
                         num[g, t] += wbi * d
-                        den[g, t] += wbi
-                        wm[g, t] += wmi
-            elif g >= 0 and wbi > 0.0:
+            elif binned:
                 for t in range(t0, t1):
                     v = raw[i, t]
                     if v != v:
                         nan_count[t] += 1
+                        den[g, t] -= wbi
+                        wm[g, t] -= wmi
                     else:
-                        d = v * ig - off - ta * x[t] - lv
-                        num[g, t] += wbi * d
-                        den[g, t] += wbi
-                        wm[g, t] += wmi
+                        num[g, t] += wbi * (v * ig - off - ta * x[t] - lv)
             elif wri != 0.0:
                 for t in range(t0, t1):
                     v = raw[i, t]

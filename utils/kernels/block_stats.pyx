@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: language = c++
 """Per-channel statistics of one feed × scan block, one pass each, rows in parallel (03 §4.5, §4.6).
 
 Do not call this module directly: use :mod:`utils.block_ops`.
@@ -7,6 +8,9 @@ Do not call this module directly: use :mod:`utils.block_ops`.
     White-noise rms per sample from pair differences ``d_j = x[2j+1] - x[2j]`` of finite pairs,
     with the ``std`` or ``clipped_std`` estimator of 03 §4.5 (the same definition as
     :func:`utils.noise.pair_difference_rms`), and the NaN count of each row.
+``decimated_median``
+    Median of every ``stride``-th sample of ``raw*scale − offset − tau*x`` per row (finite values
+    only; the mean of the two middle values for an even count, as numpy), by selection.
 ``airmass_sums``
     float64 sums ``n, Σx, Σy, Σxx, Σxy`` over finite ``y = raw * scale`` per row, for the
     closed-form fit ``y = offset + tau * x``.
@@ -15,53 +19,66 @@ Each row (a channel's samples of one scan) is small enough to stay in cache, so 
 row cost little beyond the one read from memory.
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport NAN, fabs, sqrt
+from libc.stdlib cimport free, malloc
+from libcpp.algorithm cimport nth_element
 
 ctypedef fused real:
     float
     double
 
 
-cdef inline void _mean_std(const real* row, Py_ssize_t npairs, bint clip, double centre, double lim,
-                           double* mean, double* std, Py_ssize_t* count) noexcept nogil:
-    """Mean and ddof=1 std of the finite pair differences (optionally only |d - centre| <= lim)."""
-    cdef Py_ssize_t j, c = 0
-    cdef double d, s1 = 0.0, s2 = 0.0, m
-    for j in range(npairs):
-        d = <double>row[2 * j + 1] - <double>row[2 * j]
-        if d == d and fabs(d) < 1e308 and (not clip or fabs(d - centre) <= lim):
-            s1 += d
-            c += 1
-    count[0] = c
+cdef inline void _mean_std(const double* d, Py_ssize_t count, double centre, double lim,
+                           double* mean, double* std, Py_ssize_t* kept) noexcept nogil:
+    """Mean and ddof=1 std of the finite ``d[:count]`` with |d − centre| <= lim, in one branch-free
+    pass over sums of ``d − centre`` and its square (the shift keeps the variance well conditioned;
+    NaN differences fail the comparison and are skipped)."""
+    cdef Py_ssize_t j
+    cdef double v, s1 = 0.0, s2 = 0.0, c = 0.0, m, var
+    for j in range(count):
+        v = d[j] - centre
+        v = v if fabs(v) <= lim else 0.0
+        s1 += v
+        s2 += v * v
+    for j in range(count):
+        c += 1.0 if fabs(d[j] - centre) <= lim else 0.0
+    kept[0] = <Py_ssize_t>c
     if c == 0:
         mean[0] = NAN
         std[0] = NAN
         return
     m = s1 / c
-    for j in range(npairs):
-        d = <double>row[2 * j + 1] - <double>row[2 * j]
-        if d == d and fabs(d) < 1e308 and (not clip or fabs(d - centre) <= lim):
-            s2 += (d - m) * (d - m)
-    mean[0] = m
-    std[0] = sqrt(s2 / (c - 1)) if c >= 2 else NAN
+    mean[0] = centre + m
+    if c >= 2:
+        var = (s2 - s1 * m) / (c - 1.0)
+        std[0] = sqrt(var) if var > 0.0 else 0.0
+    else:
+        std[0] = NAN
 
 
 cdef inline void _row_pair_rms(const real* row, Py_ssize_t n, int estimator, double clip,
-                               Py_ssize_t min_pairs, double* rms, long long* n_nan) noexcept nogil:
+                               Py_ssize_t min_pairs, double* dbuf, double* rms,
+                               long long* n_nan) noexcept nogil:
+    """One read of the row: the pair differences into ``dbuf`` (float64, NaN kept) and the NaN
+    count; the (clipped) statistics then run over ``dbuf``, which stays in cache."""
     cdef Py_ssize_t j, k, npairs = n // 2, n_valid, c
-    cdef double mean, s
+    cdef double a, b, mean, s
     cdef long long nn = 0
-    for j in range(n):
-        if row[j] != row[j]:
-            nn += 1
+    for j in range(npairs):
+        a = row[2 * j]
+        b = row[2 * j + 1]
+        dbuf[j] = b - a
+        nn += (a != a) + (b != b)
+    if n % 2 == 1 and row[n - 1] != row[n - 1]:
+        nn += 1
     n_nan[0] = nn
-    _mean_std(row, npairs, False, 0.0, 0.0, &mean, &s, &n_valid)
+    _mean_std(dbuf, npairs, 0.0, 1e300, &mean, &s, &n_valid)
     if estimator == 1:
         for k in range(2):
             if not (s == s):
                 break
-            _mean_std(row, npairs, True, mean, clip * s, &mean, &s, &c)
+            _mean_std(dbuf, npairs, mean, clip * s, &mean, &s, &c)
     if n_valid >= min_pairs and n_valid >= 1:
         rms[0] = s / sqrt(2.0)
     else:
@@ -75,14 +92,22 @@ def pair_diff_rms(const real[:, ::1] x, int estimator, double clip_sigma, Py_ssi
     ``estimator``: 0 = std, 1 = clipped_std.
     """
     cdef Py_ssize_t i, rows = x.shape[0], n = x.shape[1]
+    cdef double* dbuf
     if rows == 0:
         return
     if n < 2:
         out[:] = NAN
         n_nan[:] = 0
         return
-    for i in prange(rows, nogil=True, num_threads=n_threads, schedule="static"):
-        _row_pair_rms(&x[i, 0], n, estimator, clip_sigma, min_pairs, &out[i], &n_nan[i])
+    with nogil, parallel(num_threads=n_threads):
+        dbuf = <double*>malloc((n // 2 + 1) * sizeof(double))
+        if dbuf != NULL:
+            for i in prange(rows, schedule="static"):
+                _row_pair_rms(&x[i, 0], n, estimator, clip_sigma, min_pairs, dbuf, &out[i], &n_nan[i])
+            free(dbuf)
+        else:
+            for i in prange(rows, schedule="static"):
+                out[i] = NAN
 
 
 def airmass_sums(const real[:, ::1] raw, const double[::1] scale, const double[::1] x,
@@ -112,3 +137,44 @@ def airmass_sums(const real[:, ::1] raw, const double[::1] scale, const double[:
         out[i, 2] = sy
         out[i, 3] = sxx
         out[i, 4] = sxy
+
+
+def decimated_median(const real[:, ::1] raw, const double[::1] scale, const double[::1] offset,
+                     const double[::1] tau, const double[::1] x, Py_ssize_t stride, double[::1] out,
+                     int n_threads):
+    """Per row: median over t = 0, stride, 2·stride, … of finite ``raw*scale − offset − tau*x[t]``
+    (NaN where there is none)."""
+    cdef Py_ssize_t i, t, k, m, rows = raw.shape[0], n = raw.shape[1]
+    cdef Py_ssize_t n_dec = (n + stride - 1) // stride if stride > 0 else 0
+    cdef double v, lo
+    cdef double* buf
+    if rows == 0:
+        return
+    with nogil, parallel(num_threads=n_threads):
+        buf = <double*>malloc((n_dec + 1) * sizeof(double))
+        if buf != NULL:
+            for i in prange(rows, schedule="static"):
+                m = 0
+                for k in range(n_dec):
+                    t = k * stride
+                    v = raw[i, t] * scale[i] - offset[i] - tau[i] * x[t]
+                    if v == v and fabs(v) < 1e308:
+                        buf[m] = v
+                        m = m + 1
+                if m == 0:
+                    out[i] = NAN
+                else:
+                    k = m // 2
+                    nth_element(buf, buf + k, buf + m)
+                    if m % 2 == 1:
+                        out[i] = buf[k]
+                    else:
+                        lo = buf[0]
+                        for t in range(1, k):
+                            if buf[t] > lo:
+                                lo = buf[t]
+                        out[i] = 0.5 * (lo + buf[k])
+            free(buf)
+        else:
+            for i in prange(rows, schedule="static"):
+                out[i] = NAN

@@ -14,12 +14,25 @@ from utils.block_ops import airmass_fit, decimated_nanmedian, inverse_gain
 GROUP = "level2/atmosphere"
 
 
+def _stored_parameter(grp, name: str):
+    """A parameter recorded in a group's provenance (``parameters_json``), or None."""
+    import json
+
+    text = grp.attrs.get("parameters_json")
+    if text is None:
+        return None
+    try:
+        return json.loads(text if isinstance(text, str) else text.decode()).get(name)
+    except (ValueError, AttributeError):
+        return None
+
+
 class AtmosphereInObservation(StreamingStage):
     """Fit ``y = offset + tau/sin(el)`` per channel and scan in vane K, and the scan median power.
 
     Reads: the raw block (shared pass), vane gain, the feed's elevation. Writes:
     ``level2/atmosphere/{offsets, tau, fitted, median_k}``. Provides ``atmosphere`` = (offset,
-    tau, fitted) and ``median_k`` (B, C) to later stages. Sets ``mean_tau`` in the summary.
+    tau, fitted), ``median_k`` (B, C) and ``median_stride`` to later stages. Sets ``mean_tau`` in the summary.
 
     Parameters
     ----------
@@ -35,7 +48,7 @@ class AtmosphereInObservation(StreamingStage):
     overwrite : bool
     """
 
-    provides = ("atmosphere", "median_k")
+    provides = ("atmosphere", "median_k", "median_stride")
     writes = (GROUP,)
 
     def __init__(
@@ -97,6 +110,7 @@ class AtmosphereInObservation(StreamingStage):
         grp["fitted"][block.ifeed, block.scan] = fitted
         block.products["atmosphere"] = (offset.astype(np.float64), tau.astype(np.float64), fitted)
         block.products["median_k"] = median.astype(np.float64)
+        block.products["median_stride"] = self.median_stride
 
     def finish(self, ctx) -> None:
         grp = ctx.l2[GROUP]
@@ -120,6 +134,7 @@ class AtmosphereInObservation(StreamingStage):
         fitted = bool(grp["fitted"][block.ifeed, block.scan])
         block.products["atmosphere"] = (offset, tau, fitted)
         block.products["median_k"] = grp["median_k"][block.ifeed, :, :, block.scan].astype(np.float64)
+        block.products["median_stride"] = _stored_parameter(grp, "median_stride")
 
     def _plot(self, ctx) -> None:
         from utils.plotting import new_figure, save_figure

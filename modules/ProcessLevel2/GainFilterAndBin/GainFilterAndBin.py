@@ -239,9 +239,13 @@ class GainFilterAndBin(StreamingStage):
         with np.errstate(divide="ignore", invalid="ignore"):
             airmass = 1.0 / np.sin(np.radians(np.asarray(block.el_deg, dtype=np.float64)))
         tau_eff = np.where(np.isfinite(tau), tau, 0.0) if fitted else np.zeros_like(m)
-        level = decimated_nanmedian(
-            block.raw, inv_gain, self.median_stride, offset=offset, tau=tau_eff, airmass=airmass
-        )
+        if not fitted and block.products.get("median_stride") == self.median_stride:
+            # offset is then the scan median over the same samples: the remaining level is 0
+            level = np.where(np.isfinite(offset), 0.0, np.nan)
+        else:
+            level = decimated_nanmedian(
+                block.raw, inv_gain, self.median_stride, offset=offset, tau=tau_eff, airmass=airmass
+            )
         mask = channel_mask(
             block.tsys,
             block.gain,

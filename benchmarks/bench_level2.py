@@ -1,0 +1,308 @@
+"""B2, B3, B6 and B7 — level-2 processing of ``bench-full`` (19 feeds × 1024 channels, 300 s scan).
+
+* **B7** simulator: peak RSS of generating ``bench-full`` (target < 1.5 GB, 02 §10).
+* **B2** bytes read from ``spectrometer/tod`` by the full default level-2 pipeline (``--force``,
+  one process), counted through h5py's ``fileobj`` driver, against the dataset's storage size.
+  Target ≤ 1.3×.
+* **B3** level-2 wall time of that observation against one plain h5py read of the whole TOD
+  (``read_direct`` feed by feed into a reused float32 buffer), both with a warm page cache (the file
+  is read once, untimed, first). Target ≤ 3×. Per-module timings are printed too.
+* **B6** peak RSS of the worker for the same observation simulated with 4, 8 and 19 feeds (same
+  n_tod). Target: RSS(19) − RSS(4) ≤ max(10 % of RSS(4), 50 MB), and RSS ≤ 4 × block + 0.5 GB.
+
+Each level-2 run happens in a child process (``python -m benchmarks.bench_level2 --worker ...``)
+so that its peak RSS (``ru_maxrss``) is its own. The level-2 module list is the shipped
+``parameter_files/level2_processing.toml`` with ``CreateLevel2File`` writing into the work directory.
+Inputs are generated one at a time and each is deleted before the next (≈ 6 GB at most on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import Result
+
+ID = "B2"
+TITLE = (
+    "level-2 pipeline on bench-full: bytes read (B2), wall time (B3), memory vs feeds (B6), simulator (B7)"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LEVEL2_CONFIG = REPO / "parameter_files" / "level2_processing.toml"
+
+
+# --------------------------------------------------------------------------------------------------
+# Child process: one observation through the real worker code
+# --------------------------------------------------------------------------------------------------
+def _worker_main(level1: str, out_dir: str, count_bytes: bool, passes: int) -> dict:
+    import resource
+
+    from modules.pipeline_control.config import ErrorCollector, load_config
+    from modules.ProcessLevel2.observation import (
+        ObservationTask,
+        WorkerOptions,
+        init_worker,
+        process_observation,
+    )
+    from modules.SQLModule.source_groups import classify
+    from modules.SQLModule.SQLModule import COMAPData, db
+    from utils.level1 import Level1File
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = LEVEL2_CONFIG.read_text()
+    text = re.sub(
+        r"CreateLevel2File\(output_dir='[^']*'\)",
+        f"CreateLevel2File(output_dir={str(out / 'level2')!r})",
+        text,
+    )
+    text = re.sub(r'sql_database\s*=\s*"[^"]*"', f'sql_database = "{out / "bench.db"}"', text)
+    cfg = out / "level2_bench.toml"
+    cfg.write_text(text)
+    errors = ErrorCollector()
+    sub = load_config(cfg, "level2", errors)
+    errors.raise_if_any()
+    with Level1File(level1) as l1:
+        attrs = l1.attrs()
+        storage = l1.tod_storage_size()
+        n_feeds, n_bands, n_chan, n_tod = l1.tod_shape
+    source, group = classify(str(attrs["source"]), str(attrs.get("comment", "")))
+    db.connect(str(out / "bench.db"))
+    fields = {
+        "obsid": int(attrs["obsid"]),
+        "level1_path": str(Path(level1).resolve()),
+        "source": source,
+        "source_group": group,
+        "utc_start": str(attrs["utc_start"]),
+    }
+    db.upsert_observation(fields)
+    creator = next(s.instantiate() for s in sub.entries if hasattr(s.cls, "level2_path_for"))
+    final = creator.level2_path_for(COMAPData(**fields))
+    options = WorkerOptions(force=True, count_bytes=count_bytes, config_sha256=sub.sha256, in_process=True)
+    init_worker(sub.entries, options)
+    walls = []
+    for _ in range(passes):  # the first pass pays the process's one-time costs (imports, IERS tables)
+        t0 = time.perf_counter()
+        result = process_observation(ObservationTask(fields=fields, final_level2_path=final))
+        walls.append(time.perf_counter() - t0)
+    wall = walls[-1]
+    db.disconnect()
+    return {
+        "status": result.status,
+        "error": result.error,
+        "wall_s": wall,
+        "first_wall_s": walls[0],
+        "timings": result.timings,
+        "bytes_read_tod": result.bytes_read_tod,
+        "bytes_read_total": result.bytes_read_total,
+        "tod_storage": storage,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "shape": [n_feeds, n_bands, n_chan, n_tod],
+    }
+
+
+def _run_worker(level1: Path, out_dir: Path, *, count_bytes: bool, passes: int = 1) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_level2",
+            "--worker",
+            str(level1),
+            str(out_dir),
+            "1" if count_bytes else "0",
+            str(passes),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=7200,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"level-2 worker failed: {res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+def _simulate(n_science: int, out: Path) -> tuple[Path, float, float]:
+    """bench-full with the first ``n_science`` feeds; returns (path, wall s, peak RSS MB of the child)."""
+    import psutil
+
+    code = (
+        "import sys\nfrom utils.simulator import PRESETS, simulate_observation\n"
+        "from utils.constants import GROUND_FEED\n"
+        f"spec = PRESETS['bench-full'].observations[0]\n"
+        f"spec = spec.replace(feeds=[*range(1, {n_science + 1}), GROUND_FEED])\n"
+        f"print(simulate_observation(spec, {str(out)!r}, seed=1, preset='bench-full'))\n"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"simulation failed: {stderr.strip().splitlines()[-1:]}")
+    return Path(stdout.strip().splitlines()[-1]), time.perf_counter() - t0, peak / 2**20
+
+
+def _plain_read(path: Path) -> float:
+    """One h5py read of the whole TOD, feed by feed, into a reused float32 buffer (seconds)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        tod = f["spectrometer/tod"]
+        buf = np.empty(tod.shape[1:], dtype=np.float32)
+        t0 = time.perf_counter()
+        for i in range(tod.shape[0]):
+            tod.read_direct(buf, np.s_[i])
+        return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> list[Result]:
+    work = Path(args.workdir) / "level2"
+    rows: list[Result] = []
+    rss: dict[int, float] = {}
+    block_bytes = None
+    for n_science in (4, 8, 19):
+        sim_dir = work / f"sim{n_science}"
+        path, sim_wall, sim_rss = _simulate(n_science, sim_dir)
+        if n_science == 19:
+            rows.append(
+                Result(
+                    "B7",
+                    "simulate bench-full (19 feeds × 1024 ch, 300 s scan)",
+                    sim_rss,
+                    None,
+                    "MB",
+                    None,
+                    "-",
+                    "< 1500 MB peak RSS",
+                    sim_rss < 1500.0,
+                    f"wall {sim_wall:.0f} s, file {path.stat().st_size / 1e9:.2f} GB",
+                )
+            )
+            _plain_read(path)  # warm the page cache (untimed)
+            plain = [_plain_read(path) for _ in range(max(1, args.repeat))]
+        out = _run_worker(path, work / f"out{n_science}_0", count_bytes=n_science == 19)
+        outs = [out]
+        if out["status"] != "done":
+            raise RuntimeError(f"level-2 failed on {n_science} feeds: {out['error']}")
+        rss[n_science] = out["peak_rss_mb"]
+        n_feeds, n_bands, n_chan, n_tod = out["shape"]
+        if n_science == 19:
+            timed = _run_worker(
+                path, work / f"out{n_science}_1", count_bytes=False, passes=1 + max(1, args.repeat)
+            )
+            outs.append(timed)
+            wall = timed["wall_s"]
+            base = float(np.median(plain))
+            ratio_b2 = out["bytes_read_tod"] / out["tod_storage"]
+            rows.append(
+                Result(
+                    "B2",
+                    "bytes read from spectrometer/tod / storage size",
+                    out["bytes_read_tod"] / 1e9,
+                    out["tod_storage"] / 1e9,
+                    "GB",
+                    ratio_b2,
+                    "ours/storage",
+                    "<= 1.3",
+                    ratio_b2 <= 1.3,
+                    f"all datasets: {out['bytes_read_total'] / 1e9:.2f} GB",
+                )
+            )
+            timing = ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(timed["timings"].items(), key=lambda kv: -kv[1])
+            )
+            rows.append(
+                Result(
+                    "B3",
+                    "level-2 wall time per observation (warm cache, warm worker)",
+                    wall,
+                    base,
+                    "s",
+                    wall / base,
+                    "ours/plain read",
+                    "<= 3",
+                    wall / base <= 3.0,
+                    f"first observation of a fresh worker {timed['first_wall_s']:.1f} s; "
+                    f"per module (s): {timing}",
+                )
+            )
+            block_bytes = 4.0 * n_bands * n_chan * min(n_tod, 600 * 50)
+        shutil.rmtree(sim_dir, ignore_errors=True)
+        for k in range(len(outs)):
+            shutil.rmtree(work / f"out{n_science}_{k}", ignore_errors=True)
+    growth = rss[19] - rss[4]
+    allowed = max(0.10 * rss[4], 50.0)
+    rows.append(
+        Result(
+            "B6",
+            "worker peak RSS, 19 feeds vs 4 feeds (same n_tod)",
+            rss[19],
+            rss[4],
+            "MB",
+            growth,
+            "RSS(19) − RSS(4) MB",
+            f"<= {allowed:.0f} MB",
+            growth <= allowed,
+            f"RSS(8) = {rss[8]:.0f} MB",
+        )
+    )
+    if block_bytes is not None:
+        bound = (4 * block_bytes) / 2**20 + 512.0
+        rows.append(
+            Result(
+                "B6",
+                "worker peak RSS vs 4 × block + 0.5 GB",
+                rss[19],
+                bound,
+                "MB",
+                rss[19] / bound,
+                "ours/bound",
+                "<= 1",
+                rss[19] <= bound,
+                f"block {block_bytes / 2**20:.0f} MB",
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker_main(sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]))))
+    else:
+        print("usage: python -m benchmarks.bench_level2 --worker LEVEL1 OUT_DIR (internal)", file=sys.stderr)
+        sys.exit(2)

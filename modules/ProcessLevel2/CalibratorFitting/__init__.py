@@ -1,0 +1,3 @@
+from modules.ProcessLevel2.CalibratorFitting.CalibratorFitting import CalibratorFitting
+
+__all__ = ["CalibratorFitting"]

@@ -1,0 +1,577 @@
+"""NoiseStatsLevel2: white-noise rms and 1/f fits of the binned TOD, per segment (03 §4.9)."""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from modules.pipeline_control import provenance
+from modules.pipeline_control.Pipeline import BaseCOMAPModule
+from utils.coordinates import icrs_to_galactic
+from utils.errors import BadCOMAPFile
+from utils.noise import one_over_f_model, segment_noise_stats
+
+FLOAT_OUTPUTS: tuple[tuple[str, str], ...] = (
+    ("sigma_white", "K"),
+    ("sigma_red", "K"),
+    ("alpha", ""),
+    ("fknee_hz", "Hz"),
+    ("auto_rms", "K"),
+    ("good_fraction", ""),
+)
+"""Per-segment float32 outputs ``(F, B, K, S)`` and their units."""
+
+DB_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("sigma_white", "white_noise"),
+    ("sigma_red", "red_noise"),
+    ("alpha", "noise_index"),
+    ("fknee_hz", "fknee"),
+    ("auto_rms", "auto_rms"),
+)
+"""Output name → ``quality_flags`` column suffix (prefix ``filtered_`` or ``unfiltered_``)."""
+
+
+# ==================================================================================================
+# Bright-source mask map
+# ==================================================================================================
+@dataclass
+class BrightMap:
+    """A bright-source map sampled at the telescope pointing (Galactic or ICRS; CAR or HEALPix)."""
+
+    path: str
+    frame: str  # 'galactic' or 'icrs'
+    data: NDArray[np.float64]
+    wcs: Any = None
+    nside: int = 0
+
+    def sample(self, ra_deg: NDArray, dec_deg: NDArray) -> NDArray[np.float64]:
+        """Map value (K) at each ICRS position (deg); NaN outside the map or for NaN pointing."""
+        ra = np.asarray(ra_deg, dtype=np.float64)
+        dec = np.asarray(dec_deg, dtype=np.float64)
+        if self.frame == "galactic":
+            lon, lat = icrs_to_galactic(ra, dec)
+        else:
+            lon, lat = ra, dec
+        out = np.full(lon.shape, np.nan)
+        ok = np.isfinite(lon) & np.isfinite(lat)
+        if not ok.any():
+            return out
+        if self.wcs is not None:
+            px, py = self.wcs.wcs_world2pix(lon[ok], lat[ok], 0)
+            ny, nx = self.data.shape
+            with np.errstate(invalid="ignore"):
+                ix = np.floor(px + 0.5)
+                iy = np.floor(py + 0.5)
+            inside = np.isfinite(ix) & np.isfinite(iy) & (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+            vals = np.full(ix.shape, np.nan)
+            vals[inside] = self.data[iy[inside].astype(np.intp), ix[inside].astype(np.intp)]
+        else:  # HEALPix (RING ordering after loading)
+            import healpy
+
+            vals = self.data[healpy.ang2pix(self.nside, lon[ok], lat[ok], lonlat=True)]
+        out[ok] = vals
+        return out
+
+
+def load_bright_map(path: str) -> BrightMap:
+    """Load a bright-source map: a FITS image with a celestial CAR WCS (GLON/GLAT or RA/DEC), or
+    a HEALPix binary table (needs ``healpy``).
+
+    Image axes beyond the two celestial ones (e.g. frequency) are collapsed with a NaN-ignoring
+    maximum, the conservative choice for a mask.
+
+    Raises
+    ------
+    ValueError
+        The file cannot be read or is not a usable map (one-line message).
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    if not os.path.exists(path):
+        raise ValueError(f"bright_mask_map {path} does not exist")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            for hdu in hdul:
+                header = hdu.header
+                if str(header.get("PIXTYPE", "")).upper() == "HEALPIX":
+                    return _load_healpix(path, header)
+                if hdu.data is None or getattr(hdu.data, "ndim", 0) < 2 or not hdu.is_image:
+                    continue
+                wcs = WCS(header).celestial
+                if wcs.naxis != 2 or wcs.wcs.lng < 0:
+                    continue
+                lngtyp = wcs.wcs.lngtyp.strip().upper()
+                if lngtyp not in ("GLON", "RA"):
+                    raise ValueError(f"bright_mask_map {path}: unsupported celestial axes {wcs.wcs.ctype}")
+                data = np.asarray(hdu.data, dtype=np.float64)
+                if data.ndim > 2:
+                    data = np.fmax.reduce(data.reshape(-1, *data.shape[-2:]), axis=0)
+                return BrightMap(path, "galactic" if lngtyp == "GLON" else "icrs", data, wcs=wcs)
+    except OSError as exc:
+        raise ValueError(f"bright_mask_map {path}: cannot read: {' '.join(str(exc).split())}") from None
+    raise ValueError(f"bright_mask_map {path}: no image HDU with a celestial WCS and no HEALPix table")
+
+
+def _load_healpix(path: str, header: Any) -> BrightMap:
+    try:
+        import healpy
+    except ImportError:
+        raise ValueError(
+            f"bright_mask_map {path} is a HEALPix map, which needs healpy (pip install comap-reduce[healpix])"
+        ) from None
+    coordsys = str(header.get("COORDSYS", "G")).strip().upper()[:1]
+    if coordsys not in ("G", "C"):
+        raise ValueError(f"bright_mask_map {path}: unsupported COORDSYS {coordsys!r} (need G or C)")
+    data = np.asarray(healpy.read_map(path, field=0, nest=False, dtype=np.float64))
+    data = np.where(data == healpy.UNSEEN, np.nan, data)
+    return BrightMap(
+        path, "galactic" if coordsys == "G" else "icrs", data, nside=healpy.npix2nside(data.size)
+    )
+
+
+# ==================================================================================================
+# The module
+# ==================================================================================================
+class NoiseStatsLevel2(BaseCOMAPModule):
+    """White-noise rms and 1/f fit of every (feed, band, bin, scan) segment of binned datasets.
+
+    Per dataset and segment (03 §4.9, algorithm in :func:`utils.noise.segment_noise_stats`): the
+    clipped pair-difference rms, optional replacement of bright samples, a short running median
+    to find outliers, and — when enough samples are good — a fit of
+    ``σ_red² |f/f_ref|^α + σ_white²`` to the log-binned periodogram.
+
+    Outputs ``<output_group_name>/<basename>/{sigma_white, sigma_red, alpha, fknee_hz, auto_rms,
+    good_fraction}`` (F, B, K, S) float32 and ``fit_ok`` bool, for every target dataset. DB: per
+    (feed, band, bin), the nanmean over the scans with ``fit_ok`` of σ_white, σ_red, α, f_knee and
+    auto_rms into the ``filtered_*`` (``filtered_dataset``) and ``unfiltered_*``
+    (``unfiltered_dataset``) quality columns (NULL if no scan fitted). ``extra_datasets`` are
+    written to HDF5 only.
+
+    Parameters
+    ----------
+    filtered_dataset : str or None
+        Dataset (F, B, K, N) whose statistics go to the ``filtered_*`` columns (None: skip).
+    unfiltered_dataset : str or None
+        Dataset whose statistics go to the ``unfiltered_*`` columns (None: skip).
+    extra_datasets : list of str
+        More datasets; HDF5 output only.
+    f_ref_hz : float
+        Reference frequency of the red-noise amplitude, Hz.
+    n_psd_bins : int
+        Number of log-spaced periodogram bins.
+    medfilt_length : int
+        Running-median window for the outlier mask, samples.
+    outlier_sigma : float
+        Outlier threshold in units of auto_rms.
+    min_good_fraction : float
+        Segments with a smaller fraction of good (finite, non-outlier) samples are not fitted.
+    min_samples : int
+        Segments with fewer finite samples are not fitted.
+    alpha_bounds : [float, float]
+        Bounds of the spectral index.
+    alpha_init : float
+        Start value of the spectral index.
+    bright_mask_map : str or None
+        FITS map (Galactic or equatorial CAR image, or HEALPix if ``healpy`` is installed) in K;
+        samples where it is ≥ ``bright_cut_k`` are replaced by interpolation plus noise. Loaded
+        once per worker.
+    bright_cut_k : float
+        Threshold of the bright mask, K.
+    output_group_name : str
+        Top-level level-2 group of the outputs.
+    plot : bool
+        Write one PNG per dataset and feed: the periodogram of every band and bin (longest scan)
+        with the fitted model.
+    plot_dir : str
+        Directory of the PNGs.
+    output_dir : str or None
+        Alias of ``plot_dir`` (legacy name); wins when given.
+    overwrite : bool
+        Recompute even if the outputs are complete.
+    """
+
+    def __init__(
+        self,
+        filtered_dataset: str | None = "level2/binned_cleaned_data",
+        unfiltered_dataset: str | None = "level2/binned_data",
+        extra_datasets: list | tuple = (),
+        f_ref_hz: float = 0.1,
+        n_psd_bins: int = 100,
+        medfilt_length: int = 50,
+        outlier_sigma: float = 3.0,
+        min_good_fraction: float = 0.95,
+        min_samples: int = 512,
+        alpha_bounds: list | tuple = (-4.0, 4.0),
+        alpha_init: float = -1.5,
+        bright_mask_map: str | None = None,
+        bright_cut_k: float = 0.07,
+        output_group_name: str = "level2_noise_stats",
+        plot: bool = False,
+        plot_dir: str = "outputs/NoiseStatsLevel2",
+        output_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.filtered_dataset = filtered_dataset
+        self.unfiltered_dataset = unfiltered_dataset
+        self.extra_datasets = list(extra_datasets)
+        self.f_ref_hz = f_ref_hz
+        self.n_psd_bins = n_psd_bins
+        self.medfilt_length = medfilt_length
+        self.outlier_sigma = outlier_sigma
+        self.min_good_fraction = min_good_fraction
+        self.min_samples = min_samples
+        self.alpha_bounds = list(alpha_bounds)
+        self.alpha_init = alpha_init
+        self.bright_mask_map = bright_mask_map
+        self.bright_cut_k = bright_cut_k
+        self.output_group_name = output_group_name
+        self.plot = plot
+        self.plot_dir = output_dir if output_dir is not None else plot_dir
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.writes = tuple(self._group_path(path) for path, _ in self.targets)
+        self._bright_cache: dict[str, BrightMap] = {}
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def targets(self) -> list[tuple[str, str | None]]:
+        """``(dataset path, DB column prefix or None)`` for every dataset analysed, in order."""
+        out: list[tuple[str, str | None]] = []
+        seen: set[str] = set()
+        for path, prefix in (
+            (self.filtered_dataset, "filtered_"),
+            (self.unfiltered_dataset, "unfiltered_"),
+            *((p, None) for p in self.extra_datasets),
+        ):
+            if not path:
+                continue
+            path = str(path).strip("/")
+            if path in seen:
+                continue
+            seen.add(path)
+            out.append((path, prefix))
+        return out
+
+    def _group_path(self, dataset: str) -> str:
+        return f"{self.output_group_name.strip('/')}/{posixpath.basename(dataset)}"
+
+    @classmethod
+    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+        problems: list[str] = []
+
+        def number(name: str, default: float) -> Any:
+            value = params.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+                return None
+            return value
+
+        def integer(name: str, default: int, minimum: int) -> None:
+            value = params.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                problems.append(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        datasets = [
+            params.get("filtered_dataset", "level2/binned_cleaned_data"),
+            params.get("unfiltered_dataset", "level2/binned_data"),
+            *list(params.get("extra_datasets", []) or []),
+        ]
+        names: dict[str, str] = {}
+        for d in datasets:
+            if d is None or d == "":
+                continue
+            if not isinstance(d, str):
+                problems.append(f"dataset names must be strings, got {d!r}")
+                continue
+            base = posixpath.basename(d.strip("/"))
+            if base in names and names[base] != d.strip("/"):
+                problems.append(f"datasets {names[base]!r} and {d!r} would share output group {base!r}")
+            names[base] = d.strip("/")
+        f_ref = number("f_ref_hz", 0.1)
+        if f_ref is not None and not f_ref > 0:
+            problems.append(f"f_ref_hz must be > 0, got {f_ref!r}")
+        integer("n_psd_bins", 100, 4)
+        integer("medfilt_length", 50, 1)
+        integer("min_samples", 512, 8)
+        sig = number("outlier_sigma", 3.0)
+        if sig is not None and not sig > 0:
+            problems.append(f"outlier_sigma must be > 0, got {sig!r}")
+        frac = number("min_good_fraction", 0.95)
+        if frac is not None and not 0.0 <= frac <= 1.0:
+            problems.append(f"min_good_fraction must lie in [0, 1], got {frac!r}")
+        bounds = params.get("alpha_bounds", (-4.0, 4.0))
+        init = number("alpha_init", -1.5)
+        if (
+            not isinstance(bounds, list | tuple)
+            or len(bounds) != 2
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            or not bounds[0] < bounds[1]
+        ):
+            problems.append(f"alpha_bounds must be [low, high] with low < high, got {bounds!r}")
+        elif init is not None and not bounds[0] <= init <= bounds[1]:
+            problems.append(f"alpha_init {init!r} lies outside alpha_bounds {list(bounds)}")
+        number("bright_cut_k", 0.07)
+        group = params.get("output_group_name", "level2_noise_stats")
+        if not isinstance(group, str) or not group.strip("/"):
+            problems.append(f"output_group_name must be a non-empty string, got {group!r}")
+        bright = params.get("bright_mask_map")
+        if bright is not None:
+            if not isinstance(bright, str):
+                problems.append(f"bright_mask_map must be a path, got {bright!r}")
+            else:
+                try:
+                    load_bright_map(bright)
+                except ValueError as exc:
+                    problems.append(str(exc))
+        return problems
+
+    def bright_map(self) -> BrightMap | None:
+        """The bright-source map, loaded on first use and cached on the instance (once per worker)."""
+        if not self.bright_mask_map:
+            return None
+        path = str(self.bright_mask_map)
+        cached = getattr(self, "_bright_cache", None)
+        if cached is None:
+            cached = self._bright_cache = {}
+        if path not in cached:
+            try:
+                cached[path] = load_bright_map(path)
+            except ValueError as exc:
+                raise BadCOMAPFile(str(exc)) from None
+        return cached[path]
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, file_info: Any) -> None:
+        if self.already_processed(file_info):
+            return
+        ctx = self.observation_context(file_info)
+        bright_map = self.bright_map()
+        db_rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+        with ctx.open_l2("a") as l2:
+            feeds = ctx.feeds
+            scans = ctx.scans
+            n_tod = int(ctx.mjd.shape[0])
+            fs = ctx.sample_rate_hz
+            for path, _ in self.targets:
+                if path not in l2:
+                    raise BadCOMAPFile(
+                        f"level-2 file has no {path} (is the module that writes it before NoiseStatsLevel2?)"
+                    )
+                shape = l2[path].shape
+                if len(shape) != 4 or shape[0] != feeds.size or shape[3] != n_tod:
+                    raise BadCOMAPFile(
+                        f"{path} has shape {shape}, expected (F={feeds.size}, B, K, N={n_tod})"
+                    )
+            top = l2.require_group(self.output_group_name.strip("/"))
+            provenance.mark_incomplete(top)
+            for path, prefix in self.targets:
+                results = self._process_dataset(ctx, l2, path, feeds, scans, fs, bright_map)
+                self._write_group(l2, path, results, fs)
+                if prefix is not None:
+                    self._collect_db(ctx.obsid, feeds, results, prefix, db_rows)
+            self.mark_complete(top)
+        if db_rows:
+            ctx.db.bulk_update_quality_statistics(list(db_rows.values()))
+
+    def _process_dataset(
+        self,
+        ctx: Any,
+        l2: Any,
+        path: str,
+        feeds: NDArray,
+        scans: NDArray,
+        fs: float,
+        bright_map: BrightMap | None,
+    ) -> dict[str, NDArray]:
+        src = l2[path]
+        n_feeds, n_bands, n_bins, _ = src.shape
+        n_scans = scans.shape[0]
+        shape = (n_feeds, n_bands, n_bins, n_scans)
+        out: dict[str, NDArray] = {
+            name: np.full(shape, np.nan, dtype=np.float32) for name, _ in FLOAT_OUTPUTS
+        }
+        out["fit_ok"] = np.zeros(shape, dtype=bool)
+        out["n_bright"] = np.zeros(shape, dtype=np.int64)
+        lengths = scans[:, 1] - scans[:, 0]
+        plot_scan = int(np.argmax(lengths)) if n_scans else -1
+        rows_per_scan = n_bands * n_bins
+        band_idx, bin_idx = np.divmod(np.arange(rows_per_scan), n_bins)
+        pointing = l2["spectrometer/pixel_pointing"] if bright_map is not None else None
+        for ifeed in range(n_feeds):
+            feed = int(feeds[ifeed])
+            x = np.asarray(src[ifeed], dtype=np.float32)  # (B, K, N)
+            if bright_map is not None:
+                ra = np.asarray(pointing["pixel_ra"][ifeed], dtype=np.float64)
+                dec = np.asarray(pointing["pixel_dec"][ifeed], dtype=np.float64)
+            spectra: dict[int, tuple[NDArray, NDArray, NDArray]] = {}
+            fits_for_plot: dict[int, tuple[float, float, float]] = {}
+            for length in np.unique(lengths):
+                if length <= 0:
+                    continue
+                group = np.flatnonzero(lengths == length)
+                segs = np.stack([x[:, :, scans[s, 0] : scans[s, 1]] for s in group]).reshape(-1, int(length))
+                bright_row = None
+                if bright_map is not None:
+                    bright_row = np.zeros(segs.shape, dtype=bool)
+                    for j, s in enumerate(group):
+                        a, b = int(scans[s, 0]), int(scans[s, 1])
+                        with np.errstate(invalid="ignore"):
+                            hot = bright_map.sample(ra[a:b], dec[a:b]) >= self.bright_cut_k
+                        bright_row[j * rows_per_scan : (j + 1) * rows_per_scan] = hot
+                # Replacement noise (bright and bad samples) is seeded per segment.
+                scan_of_row = np.repeat(group, rows_per_scan)
+                seeds = [
+                    (
+                        int(ctx.obsid),
+                        feed,
+                        int(band_idx[r % rows_per_scan]),
+                        int(bin_idx[r % rows_per_scan]),
+                        int(scan_of_row[r]),
+                    )
+                    for r in range(segs.shape[0])
+                ]
+                keep = []
+                if self.plot and plot_scan in group:
+                    j0 = int(np.flatnonzero(group == plot_scan)[0])
+                    keep = list(range(j0 * rows_per_scan, (j0 + 1) * rows_per_scan))
+                st = segment_noise_stats(
+                    segs,
+                    fs,
+                    f_ref_hz=self.f_ref_hz,
+                    n_psd_bins=self.n_psd_bins,
+                    medfilt_length=self.medfilt_length,
+                    outlier_sigma=self.outlier_sigma,
+                    min_good_fraction=self.min_good_fraction,
+                    min_samples=self.min_samples,
+                    alpha_bounds=self.alpha_bounds,
+                    alpha_init=self.alpha_init,
+                    bright=bright_row,
+                    seeds=seeds,
+                    keep_spectra=keep,
+                )
+                for name, _unit in FLOAT_OUTPUTS:
+                    vals = getattr(st, name).reshape(group.size, n_bands, n_bins)
+                    out[name][ifeed][..., group] = np.moveaxis(vals, 0, -1)
+                out["fit_ok"][ifeed][..., group] = np.moveaxis(
+                    st.fit_ok.reshape(group.size, n_bands, n_bins), 0, -1
+                )
+                out["n_bright"][ifeed][..., group] = np.moveaxis(
+                    st.n_bright.reshape(group.size, n_bands, n_bins), 0, -1
+                )
+                for r, spec in st.spectra.items():
+                    rr = r % rows_per_scan
+                    spectra[rr] = spec
+                    if st.fit_ok[r]:
+                        fits_for_plot[rr] = (
+                            float(st.sigma_white[r]),
+                            float(st.sigma_red[r]),
+                            float(st.alpha[r]),
+                        )
+            if self.plot and spectra:
+                self._plot_feed(ctx.obsid, path, feed, plot_scan, n_bands, n_bins, spectra, fits_for_plot)
+            n_fit = int(out["fit_ok"][ifeed].sum())
+            if n_fit < out["fit_ok"][ifeed].size:
+                self.logger.debug(
+                    "%s feed %d: %d of %d segments fitted", path, feed, n_fit, out["fit_ok"][ifeed].size
+                )
+        return out
+
+    def _write_group(self, l2: Any, path: str, results: dict[str, NDArray], fs: float) -> None:
+        grp_path = self._group_path(path)
+        if grp_path in l2:
+            provenance.mark_incomplete(l2[grp_path])
+        grp = l2.require_group(grp_path)
+        for name, unit in FLOAT_OUTPUTS:
+            ds = self._replace(grp, name, results[name])
+            if unit:
+                ds.attrs["unit"] = unit
+            self.mark_complete(ds)
+        ds = self._replace(grp, "fit_ok", results["fit_ok"])
+        self.mark_complete(ds)
+        grp.attrs["dataset"] = path
+        grp.attrs["f_ref_hz"] = float(self.f_ref_hz)
+        grp.attrs["sample_rate_hz"] = float(fs)
+        grp.attrs["model"] = "P(f) = sigma_red^2 |f/f_ref|^alpha + sigma_white^2 (periodogram |rfft|^2/N)"
+        grp.attrs["n_bright_samples"] = int(results["n_bright"].sum())
+        self.mark_complete(grp)
+
+    @staticmethod
+    def _replace(group: Any, name: str, data: np.ndarray) -> Any:
+        if name in group:
+            del group[name]
+        return group.create_dataset(name, data=data, track_times=False)
+
+    @staticmethod
+    def _collect_db(
+        obsid: int,
+        feeds: NDArray,
+        results: dict[str, NDArray],
+        prefix: str,
+        rows: dict[tuple[int, int, int], dict[str, Any]],
+    ) -> None:
+        ok = results["fit_ok"]
+        means: dict[str, NDArray] = {}
+        for name, _column in DB_COLUMNS:
+            vals = np.where(ok, results[name].astype(np.float64), np.nan)
+            good = np.isfinite(vals)
+            n = good.sum(axis=-1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means[name] = np.where(n > 0, np.where(good, vals, 0.0).sum(axis=-1) / n, np.nan)
+        n_feeds, n_bands, n_bins = ok.shape[:3]
+        for ifeed in range(n_feeds):
+            feed = int(feeds[ifeed])
+            for band in range(n_bands):
+                for k in range(n_bins):
+                    row = rows.setdefault(
+                        (feed, band, k), {"obsid": int(obsid), "feed": feed, "band": band, "channel": k}
+                    )
+                    for name, column in DB_COLUMNS:
+                        value = float(means[name][ifeed, band, k])
+                        row[prefix + column] = value if math.isfinite(value) else None
+
+    def _plot_feed(
+        self,
+        obsid: int,
+        path: str,
+        feed: int,
+        scan: int,
+        n_bands: int,
+        n_bins: int,
+        spectra: dict[int, tuple[NDArray, NDArray, NDArray]],
+        fits: dict[int, tuple[float, float, float]],
+    ) -> None:
+        from utils.plotting import new_figure, save_figure
+
+        base = posixpath.basename(path)
+        fig, axes = new_figure(n_bands, 1, figsize=(7.0, 2.6 * n_bands), squeeze=False, sharex=True)
+        for band in range(n_bands):
+            ax = axes[band, 0]
+            for k in range(n_bins):
+                r = band * n_bins + k
+                if r not in spectra:
+                    continue
+                f, p, _c = spectra[r]
+                (line,) = ax.loglog(f, p, ".", ms=2, label=f"bin {k}")
+                if r in fits:
+                    sw, sr, al = fits[r]
+                    ax.loglog(
+                        f,
+                        one_over_f_model(f, sw, sr, al, self.f_ref_hz),
+                        "-",
+                        color=line.get_color(),
+                        lw=1,
+                        label=f"fit: σw={sw:.2e} K, α={al:.2f}",
+                    )
+            ax.set_ylabel(f"band {band}  P [K²]")
+            if ax.has_data():
+                ax.legend(fontsize="x-small", loc="upper right")
+        axes[0, 0].set_title(f"obsid {obsid} feed {feed} scan {scan}: {base}")
+        axes[-1, 0].set_xlabel("frequency [Hz]")
+        save_figure(fig, os.path.join(self.plot_dir, f"NoiseStatsLevel2_{obsid}_{base}_feed{feed:02d}.png"))

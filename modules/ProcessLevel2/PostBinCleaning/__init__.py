@@ -1,0 +1,3 @@
+from modules.ProcessLevel2.PostBinCleaning.PostBinCleaning import PostBinCleaning
+
+__all__ = ["PostBinCleaning"]

@@ -1,0 +1,136 @@
+"""Fused per-block kernels (utils.block_ops) against plain NumPy references."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from utils.block_ops import (
+    airmass_fit,
+    decimated_nanmedian,
+    filter_and_bin,
+    inverse_gain,
+    pair_difference_rms_and_nans,
+)
+from utils.noise import pair_difference_rms
+
+
+@pytest.fixture()
+def block():
+    rng = np.random.default_rng(4)
+    raw = rng.normal(1.0e6, 1.0e3, size=(3, 8, 3001)).astype(np.float32)
+    raw[0, 1, ::5] = np.nan
+    raw[2, 7, :] = np.nan
+    raw[1, 2, 100:140] += 5.0e4  # a transient
+    return raw
+
+
+@pytest.mark.parametrize("estimator", ["std", "clipped_std", "mad"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_pair_difference_matches_reference(block, estimator, n_threads):
+    rms, nan = pair_difference_rms_and_nans(block, estimator=estimator, n_threads=n_threads)
+    np.testing.assert_allclose(
+        rms, pair_difference_rms(block, estimator=estimator), rtol=1e-9, equal_nan=True
+    )
+    np.testing.assert_array_equal(nan, np.isnan(block).sum(axis=-1))
+    assert np.isnan(rms[2, 7])
+
+
+@pytest.mark.parametrize("stride", [1, 7, 10])
+def test_decimated_median_matches_nanmedian(block, stride):
+    rng = np.random.default_rng(5)
+    scale, offset, tau = (rng.uniform(0.5, 2, (3, 8)) for _ in range(3))
+    x = rng.uniform(1.0, 2.0, block.shape[-1])
+    got = decimated_nanmedian(block, scale, stride, offset=offset, tau=tau, airmass=x)
+    sub = (
+        block[..., ::stride].astype(np.float64) * scale[..., None]
+        - offset[..., None]
+        - tau[..., None] * x[::stride]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(sub, axis=-1)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_airmass_fit_matches_polyfit(block):
+    rng = np.random.default_rng(6)
+    el = np.linspace(35.0, 65.0, block.shape[-1])
+    x = 1.0 / np.sin(np.radians(el))
+    scale = inverse_gain(rng.uniform(5e5, 2e6, (3, 8)))
+    fit = airmass_fit(block, scale, x)
+    for b, c in [(0, 0), (0, 1), (1, 3)]:
+        y = block[b, c].astype(np.float64) * scale[b, c]
+        ok = np.isfinite(y)
+        slope, intercept = np.polyfit(x[ok], y[ok], 1)
+        assert fit.tau[b, c] == pytest.approx(slope, rel=1e-8)
+        assert fit.offset[b, c] == pytest.approx(intercept, rel=1e-8)
+    assert not fit.ok[2, 7] and np.isnan(fit.tau[2, 7])
+    flat = airmass_fit(block, scale, np.full(block.shape[-1], 1.3))
+    assert not flat.ok.any()
+
+
+def test_filter_and_bin_matches_numpy(block):
+    rng = np.random.default_rng(7)
+    n_bands, n_chan, n = block.shape
+    inv_gain = inverse_gain(rng.uniform(5e5, 2e6, (n_bands, n_chan)))
+    offset, tau, level = (rng.normal(0, 1, (n_bands, n_chan)) for _ in range(3))
+    m = rng.uniform(30, 60, (n_bands, n_chan))
+    x = rng.uniform(1.0, 1.5, n)
+    wr = rng.normal(0, 1, (n_bands, n_chan))
+    wb = rng.uniform(0, 2, (n_bands, n_chan))
+    wb[0, 3] = 0.0
+    wr[1, 4] = 0.0
+    n_bin = 2
+    group = (np.arange(n_bands)[:, None] * n_bin + np.arange(n_chan)[None, :] // (n_chan // n_bin)).astype(
+        np.int32
+    )
+    group[2, 0] = -1
+    sums = filter_and_bin(block, inv_gain, offset, tau, x, level, wr, wb, m, group, n_bands * n_bin)
+
+    d = (
+        block.astype(np.float64) * inv_gain[..., None]
+        - offset[..., None]
+        - tau[..., None] * x
+        - level[..., None]
+    )
+    finite = np.isfinite(d)
+    d0 = np.where(finite, d, 0.0)
+    np.testing.assert_allclose(sums.r_sum, np.einsum("bc,bct->t", wr, d0), rtol=1e-9, atol=1e-6)
+    np.testing.assert_array_equal(sums.nan_count, np.isnan(block).sum(axis=(0, 1)))
+    for g in range(n_bands * n_bin):
+        sel = (group == g) & (wb > 0)
+        w = np.where(sel, wb, 0.0)[..., None] * finite
+        np.testing.assert_allclose(sums.den[g], w.sum(axis=(0, 1)), rtol=1e-12)
+        np.testing.assert_allclose(sums.num[g], (w * d0).sum(axis=(0, 1)), rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(sums.wm[g], (w * m[..., None]).sum(axis=(0, 1)), rtol=1e-12)
+    binned = sums.binned()
+    gain = rng.normal(0, 1e-3, n)
+    np.testing.assert_allclose(
+        sums.binned_residual(gain), binned - gain * sums.wm / sums.den, rtol=1e-9, atol=1e-9
+    )
+
+
+def test_all_nan_sample_of_a_group_is_nan():
+    raw = np.full((1, 4, 50), 3.0, dtype=np.float32)
+    raw[0, :2, 10] = np.nan  # both channels of group 0 at sample 10
+    w = np.array([[0.1, 0.7, 0.3, 0.9]])
+    zero = np.zeros((1, 4))
+    sums = filter_and_bin(
+        raw,
+        np.ones((1, 4)),
+        zero,
+        zero,
+        np.ones(50),
+        zero,
+        zero,
+        w,
+        np.ones((1, 4)),
+        np.array([[0, 0, 1, 1]], dtype=np.int32),
+        2,
+    )
+    binned = sums.binned()
+    assert np.isnan(binned[0, 10]) and np.isfinite(binned[1, 10])
+    assert np.allclose(binned[:, :10], 3.0)
