@@ -116,9 +116,109 @@ def row_tsys(obs: ObservationFiles) -> dict[str, object]:
         }
 
 
-ROW_KINDS: list[tuple[str, Callable[[ObservationFiles], dict[str, object]]]] = [
+def _gain_ratio(l1, idx) -> np.ndarray:
+    """True gain / expected vane gain (mean over events), per (level-2 feed, band, channel)."""
+    gain = l1["truth/instrument/gain"][...][idx]
+    expected = np.nanmean(l1["truth/vane/gain_expected"][...], axis=0)[idx]
+    return gain / expected
+
+
+def _bin_mean(values: np.ndarray, weights: np.ndarray, n_bin: int) -> np.ndarray:
+    """Weighted mean over the channels of each bin: (F, B, C) → (F, B, K)."""
+    f, b, c = values.shape
+    v = values.reshape(f, b, n_bin, c // n_bin)
+    w = np.where(np.isfinite(v), weights.reshape(f, b, n_bin, c // n_bin), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nansum(v * w, axis=-1) / w.sum(axis=-1)
+
+
+def row_calibrator(obs: ObservationFiles) -> dict[str, object] | None:
+    """Calibrator flux: fitted / truth (model flux averaged over each bin's channels), and the same
+    divided by the truth gain ratio gain/gain_expected (the vane underestimates G, 02 §9)."""
+    with h5py.File(obs.level1, "r", locking=False) as l1:
+        if "truth/calibrator/flux_jy" not in l1:
+            return None
+        if obs.level2 is None:
+            return {"obsid": obs.obsid, "note": "level-2 file absent"}
+        with h5py.File(obs.level2, "r", locking=False) as l2:
+            if "level2/calibrator_fit/flux" not in l2:
+                return {"obsid": obs.obsid, "note": "level2/calibrator_fit absent"}
+            idx = l2["spectrometer/level1_feed_index"][...]
+            flux = l2["level2/calibrator_fit/flux"][...].astype(np.float64)
+            ok = l2["level2/calibrator_fit/fit_ok"][...]
+            used = l2["level2/channel_mask"][...].astype(np.float64)
+            n_bin = flux.shape[-1]
+            truth = np.broadcast_to(l1["truth/calibrator/flux_jy"][...], used.shape)
+            truth_bin = _bin_mean(truth, used, n_bin)
+            ratio_bin = _bin_mean(_gain_ratio(l1, idx), used, n_bin)
+    r = (flux / truth_bin)[ok]
+    if r.size == 0:
+        return {"obsid": obs.obsid, "note": "no successful fits"}
+    return {
+        "obsid": obs.obsid,
+        "flux_jy": float(np.median(flux[ok])),
+        "fitted/truth": float(np.median(r)),
+        "fitted/(truth*gain_ratio)": float(np.median((flux / (truth_bin * ratio_bin))[ok])),
+        "n_fits": int(r.size),
+    }
+
+
+def _noise_truth(l1, l2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Truth white-noise rms (K, vane K), σ_red at f_ref and knee frequency of binned_data per
+    (feed, band, bin, scan), for the binning weights actually used (03 §4.9 integration test)."""
+    idx = l2["spectrometer/level1_feed_index"][...]
+    sigma_chan = l1["truth/noise/radiometer_sigma_k"][...][idx] * _gain_ratio(l1, idx)  # vane K
+    w = l2["level2/binning_weights"][...].astype(np.float64)  # (F, B, C, S)
+    m = l2["level2/atmosphere/median_k"][...].astype(np.float64)
+    n_bin = l2["level2/binned_data"].shape[2]
+    f, b, c, s = w.shape
+    wr = w.reshape(f, b, n_bin, c // n_bin, s)
+    sig = np.broadcast_to(sigma_chan[..., None], w.shape).reshape(f, b, n_bin, c // n_bin, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        white = np.sqrt((wr**2 * sig**2).sum(axis=3)) / wr.sum(axis=3)
+        m_bin = (wr * m.reshape(f, b, n_bin, c // n_bin, s)).sum(axis=3) / wr.sum(axis=3)
+    fs = 1.0 / (86400.0 * np.median(np.diff(l2["spectrometer/MJD"][...])))
+    sigma_g = l1["truth/noise/sigma_g"][...][idx][:, None, None, None]
+    alpha = l1["truth/noise/alpha"][...][idx][:, None, None, None]
+    f0 = l1["truth/noise/f0_hz"][...][idx][:, None, None, None]
+    f_ref = 0.1
+    red = m_bin * sigma_g * np.sqrt(fs / 2.0) * (f_ref / f0) ** (alpha / 2.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        knee = f_ref * (white / red) ** (2.0 / alpha)
+    return white, red, knee
+
+
+def row_noise(obs: ObservationFiles) -> dict[str, object] | None:
+    """NoiseStatsLevel2 on binned_data: white noise and knee frequency, recovered / truth."""
+    if obs.level2 is None:
+        return {"obsid": obs.obsid, "note": "level-2 file absent"}
+    with h5py.File(obs.level1, "r", locking=False) as l1, h5py.File(obs.level2, "r", locking=False) as l2:
+        group = "level2_noise_stats/binned_data"
+        if group not in l2 or "truth/noise/radiometer_sigma_k" not in l1:
+            return {"obsid": obs.obsid, "note": f"{group} absent"}
+        ok = l2[f"{group}/fit_ok"][...]
+        white, _red, knee = _noise_truth(l1, l2)
+        sw = l2[f"{group}/sigma_white"][...].astype(np.float64)
+        fk = l2[f"{group}/fknee_hz"][...].astype(np.float64)
+    if not ok.any():
+        return {"obsid": obs.obsid, "note": "no fitted segments"}
+    r_white = (sw / white)[ok]
+    r_knee = (fk / knee)[ok & np.isfinite(fk)]
+    return {
+        "obsid": obs.obsid,
+        "white_recovered/truth": float(np.nanmedian(r_white)),
+        "fknee_hz": float(np.nanmedian(fk[ok])),
+        "fknee_truth_hz": float(np.nanmedian(knee[ok])),
+        "fknee_recovered/truth": float(np.nanmedian(r_knee)) if r_knee.size else float("nan"),
+        "n_segments": int(ok.sum()),
+    }
+
+
+ROW_KINDS: list[tuple[str, Callable[[ObservationFiles], dict[str, object] | None]]] = [
     ("Observations (truth)", row_truth),
     ("Vane Tsys: recovered / truth (tsys_expected_k)", row_tsys),
+    ("Calibrator flux: fitted / truth (model at the bin's frequencies)", row_calibrator),
+    ("Noise of binned_data (NoiseStatsLevel2): recovered / truth", row_noise),
 ]
 
 
@@ -160,8 +260,11 @@ def build_report(root: str | os.PathLike) -> str:
         rows = []
         for obs in observations:
             try:
-                rows.append(func(obs))
+                row = func(obs)
             except (OSError, KeyError, ValueError) as exc:
-                rows.append({"obsid": obs.obsid, "note": f"unreadable: {exc}"})
-        blocks.append(format_table(title, rows))
+                row = {"obsid": obs.obsid, "note": f"unreadable: {exc}"}
+            if row is not None:
+                rows.append(row)
+        if rows:
+            blocks.append(format_table(title, rows))
     return "\n\n".join(blocks)
