@@ -89,7 +89,11 @@ class ConfigErrors(COMAPError):
     """Several configuration problems collected together; each is printed on its own line."""
 
     def __init__(self, errors: list[ConfigError]) -> None:
-        self.errors = list(errors)
+        # The same problem can be reached by two routes (e.g. a file included twice); say it once.
+        lines: dict[str, ConfigError] = {}
+        for error in errors:
+            lines.setdefault(error.line(), error)
+        self.errors = list(lines.values())
         super().__init__("\n".join(e.line() for e in self.errors))
 
 

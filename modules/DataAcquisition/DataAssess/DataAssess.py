@@ -10,65 +10,21 @@ from typing import Any
 
 import h5py
 
+from modules.DataAcquisition.registration import (
+    DEMO_HINT,
+    directory_expected,
+    observation_row,
+    read_level1_row,
+)
 from modules.pipeline_control import jobs
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
-from modules.SQLModule.source_groups import classify
 from modules.SQLModule.SQLModule import db
-from utils.constants import GROUND_FEED, LEVEL1_NAME_RE, LEVEL2_NAME_RE, SUPPORTED_LEVEL2_FORMAT_VERSIONS
+from utils.constants import LEVEL1_NAME_RE, LEVEL2_NAME_RE, SUPPORTED_LEVEL2_FORMAT_VERSIONS
 from utils.errors import BadCOMAPFile
-from utils.level1 import Level1File
 
 log = logging.getLogger("comap.DataAssess")
 
-DEMO_HINT = (
-    "the simulated demo archive has not been created; run `make demo` or "
-    "`python -m utils.simulator archive --preset demo --out demo/remote`"
-)
-
-# /comap attributes copied to comap_data when present (05 §1.1).
-_COPIED_ATTRS = (
-    "telescope",
-    "instrument",
-    "platform",
-    "pixels",
-    "version",
-    "bof",
-    "bw",
-    "tsamp",
-    "coeff_iq",
-    "features",
-    "fft_shift",
-    "iqcalid",
-    "level",
-    "nbit",
-    "nchan",
-    "nint",
-)
-
-
-def observation_row(
-    attrs: dict[str, Any], *, level1_path: str | None, size_bytes: int | None, n_feeds: int | None
-) -> dict[str, Any]:
-    """The ``comap_data`` fields of an observation from its ``/comap`` attributes."""
-    source, group = classify(str(attrs.get("source", "")), str(attrs.get("comment", "")))
-    row: dict[str, Any] = {
-        "obsid": int(attrs["obsid"]),
-        "source": source,
-        "source_group": group,
-        "utc_start": str(attrs.get("utc_start", "")) or None,
-        "comment": str(attrs.get("comment", "")),
-    }
-    if level1_path is not None:
-        row["level1_path"] = os.path.abspath(level1_path)
-    if size_bytes is not None:
-        row["level1_size_bytes"] = int(size_bytes)
-    if n_feeds is not None:
-        row["n_feeds"] = int(n_feeds)
-    for key in _COPIED_ATTRS:
-        if key in attrs and attrs[key] is not None:
-            value = attrs[key]
-            row[key] = value.item() if hasattr(value, "item") else value
-    return row
+__all__ = ["DEMO_HINT", "DataAssess", "level2_complete", "observation_row", "walk_files"]
 
 
 def walk_files(root: Path, pattern, *, follow_symlinks: bool = False) -> Iterator[Path]:
@@ -168,15 +124,17 @@ class DataAssess(PipelineStage):
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
         problems = []
         for p in params.get("level1_data_paths") or []:
-            if not Path(p).is_dir():
-                hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
-                problems.append(f"level1_data_paths: directory {p} does not exist{hint}")
+            if Path(p).is_dir() or directory_expected(p):
+                continue  # a DataAcquisition earlier in the pipeline creates its local_dir
+            hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
+            problems.append(f"level1_data_paths: directory {p} does not exist{hint}")
         return problems
 
     def plan(self) -> list[str]:
         n1 = sum(
             1
             for root in self.level1_data_paths
+            if Path(root).is_dir()
             for _ in walk_files(Path(root), LEVEL1_NAME_RE, follow_symlinks=self.follow_symlinks)
         )
         n2 = sum(
@@ -208,6 +166,11 @@ class DataAssess(PipelineStage):
             "level2 needs reprocessing": 0,
         }
         for root in self.level1_data_paths:
+            if not Path(root).is_dir():
+                reason = f"level-1 root {root} does not exist"
+                log.warning("%s; nothing registered from it", reason)
+                result.record_failure(root, reason)
+                continue
             for path in walk_files(Path(root), LEVEL1_NAME_RE, follow_symlinks=self.follow_symlinks):
                 self._assess_level1(path, registered, seen_level1, counts, result)
         for root in self.level2_data_paths:
@@ -252,23 +215,11 @@ class DataAssess(PipelineStage):
             counts["level1 unchanged"] += 1
             return
         try:
-            with Level1File(path) as l1:
-                if self.verify_level1:
-                    l1.validate(probe_tod=True)
-                attrs = l1.attrs()
-                if "obsid" not in attrs:
-                    raise BadCOMAPFile("missing attribute /comap.obsid")
-                if int(attrs["obsid"]) != obsid_from_name:
-                    raise BadCOMAPFile(
-                        f"obsid mismatch: file name says {obsid_from_name}, "
-                        f"/comap.obsid says {attrs['obsid']}"
-                    )
-                n_feeds = int(sum(1 for f in l1.feeds() if int(f) != GROUND_FEED))
-        except (BadCOMAPFile, OSError, KeyError, ValueError) as exc:
+            row = read_level1_row(path, validate=self.verify_level1)
+        except BadCOMAPFile as exc:
             log.warning("cannot register %s: %s", path, exc)
             result.record_failure(path.name, str(exc))
             return
-        row = observation_row(attrs, level1_path=abspath, size_bytes=path.stat().st_size, n_feeds=n_feeds)
         db.upsert_observation(row)
         counts["level1 updated" if existing is not None else "level1 new"] += 1
 

@@ -179,6 +179,12 @@ class GainFilterWithPrior(GainFilter):
         Log-spaced periodogram bins for the 'estimate' fit.
     min_fft_samples : int
         Shorter scans fall back to the base estimate.
+    min_red_significance : float
+        'estimate' only: the fitted red component is used only if it improves the fit of the
+        log-binned periodogram over white noise alone by at least this Δχ² (2 extra parameters; 25
+        is far beyond what noise gives). Without this test a spurious red fit to pure noise makes the
+        Wiener filter pass the lowest frequencies of the estimator noise, which then enters every
+        channel as correlated noise scaled by m.
     sky_templates : int
     """
 
@@ -191,6 +197,7 @@ class GainFilterWithPrior(GainFilter):
         f_ref_hz: float = 0.1,
         n_psd_bins: int = 100,
         min_fft_samples: int = 256,
+        min_red_significance: float = 25.0,
         sky_templates: int = 2,
     ) -> None:
         super().__init__(sky_templates)
@@ -207,6 +214,7 @@ class GainFilterWithPrior(GainFilter):
         self.f_ref_hz = float(f_ref_hz)
         self.n_psd_bins = int(n_psd_bins)
         self.min_fft_samples = int(min_fft_samples)
+        self.min_red_significance = float(min_red_significance)
         self._file_priors: dict[int, tuple[float, float]] | None = None
 
     def _prior_from_file(self, feed: int | None) -> tuple[float, float]:
@@ -248,6 +256,13 @@ class GainFilterWithPrior(GainFilter):
                     fit.message or f"sigma_red={sigma_red}, alpha={alpha}",
                 )
                 return GainEstimate(np.zeros(n), z, info)
+            delta_chi2 = red_significance(f_b, p_b, n_b, fit, self.f_ref_hz)
+            info["red_delta_chi2"] = delta_chi2
+            if not delta_chi2 >= self.min_red_significance:
+                log.debug(
+                    "no significant gain fluctuation in this scan (Δχ² = %.1f); no gain removed", delta_chi2
+                )
+                return GainEstimate(np.zeros(n), z, info)
         elif self.prior == "fixed":
             sigma_red, alpha = float(self.sigma_red), float(self.alpha)
         else:
@@ -261,6 +276,20 @@ class GainFilterWithPrior(GainFilter):
             inv_c = np.where(c > 0, 1.0 / c, np.inf)
         gain_spec[1:] = spec[1:] / (z + inv_c)
         return GainEstimate(np.fft.irfft(gain_spec, n=n), z, info)
+
+
+def red_significance(f_hz: NDArray, p_mean: NDArray, counts: NDArray, fit: Any, f_ref_hz: float) -> float:
+    """Δχ² by which the fitted ``σ_red²|f/f_ref|^α + σ_white²`` beats white noise alone on the log-binned
+    periodogram (residuals ``sqrt(n_b)·[ln P̄_b − (ψ(n_b) − ln n_b) − ln M]``, unit variance per bin)."""
+    from utils.noise import log_mean_bias, one_over_f_model
+
+    n = np.asarray(counts, dtype=np.float64)
+    y = np.log(np.asarray(p_mean, dtype=np.float64)) - log_mean_bias(n)
+    ln_white = float(np.sum(n * y) / np.sum(n))  # best white level
+    chi2_white = float(np.sum(n * (y - ln_white) ** 2))
+    model = one_over_f_model(f_hz, fit.sigma_white, fit.sigma_red, fit.alpha, f_ref_hz)
+    chi2_red = float(np.sum(n * (y - np.log(model)) ** 2))
+    return chi2_white - chi2_red
 
 
 BUILTIN_FILTERS = {"GainFilterBase": GainFilterBase, "GainFilterWithPrior": GainFilterWithPrior}

@@ -1,0 +1,3 @@
+from modules.DataAcquisition.DataAcquisition.DataAcquisition import DataAcquisition
+
+__all__ = ["DataAcquisition"]

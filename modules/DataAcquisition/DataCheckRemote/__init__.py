@@ -1,0 +1,3 @@
+from modules.DataAcquisition.DataCheckRemote.DataCheckRemote import DataCheckRemote
+
+__all__ = ["DataCheckRemote"]

@@ -1,0 +1,534 @@
+"""MapMaking and LineMapMaking: top-level stages that run the map jobs of a map-making config (04 §1).
+
+For every ``CreateMap`` entry: select the observations (04 §2) in the coordinator, expand the job
+into concrete maps (band × channel × split), skip maps whose FITS file already carries the job's
+configuration hash, then read (files in parallel on ``nprocess`` workers), destripe and write FITS.
+A map job that fails or selects nothing is counted as failed and the others continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from modules.MapMaking.fits_output import MapInfo, read_configsha, write_map_fits
+from modules.MapMaking.geometry import job_geometry
+from modules.MapMaking.ReadData import Level2DataReader, compress_pixels, describe_counts, sample_pointing
+from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
+from modules.pipeline_control.executors import LocalPoolExecutor
+from modules.pipeline_control.logging_setup import Progress
+from modules.pipeline_control.Pipeline import PipelineStage, StageResult
+from utils.constants import SUPPORTED_LEVEL2_FORMAT_VERSIONS
+
+log = logging.getLogger("comap.MapMaking")
+
+
+class MapJobFailed(Exception):
+    """A map job cannot be made (no data, no hits...): one line, the other jobs continue."""
+
+
+def _decode(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class MapMaking(PipelineStage):
+    """Make the destriped continuum maps listed in a map-making config (04 §1–§7).
+
+    Parameters
+    ----------
+    config_file : str
+        The map-making config: its ``[Master]`` (``sql_database``, ``obsid_list``, ``min_obsid``,
+        ``max_obsid``, ``nprocess``) and ``pipeline`` of ``CreateMap`` calls.
+    """
+
+    sub_config_kind = "map"
+
+    def __init__(self, config_file: str = "parameter_files/level2_mapmaking.toml") -> None:
+        self.config_file = config_file
+
+    # --- config -------------------------------------------------------------------------------
+    def _sub_config(self) -> LoadedConfig:
+        sub = self.context.sub_config(self.config_file)
+        if sub is not None:
+            return sub
+        errors = ErrorCollector()
+        sub = load_config(self.config_file, "map", errors)
+        errors.raise_if_any()
+        assert sub is not None
+        return sub
+
+    def _nprocess(self, master: dict[str, Any]) -> int:
+        n = self.context.nprocess if self.context.nprocess is not None else master.get("nprocess") or 1
+        return max(1, int(n))
+
+    # --- selection (04 §2) ----------------------------------------------------------------------
+    def _facade(self, job: Any, master: dict[str, Any]):
+        from modules.SQLModule.SQLModule import SQLModule, db
+
+        if job.database_file:
+            other = SQLModule()
+            other.connect(job.database_file, create=False, read_only=True)
+            return other, True
+        if master.get("sql_database") and not db.connected:
+            db.connect(master["sql_database"], create=False, read_only=True)
+        return db, False
+
+    def select(self, job: Any, master: dict[str, Any], facade) -> tuple[list[Any], Counter]:
+        """Observations the job maps and the reasons others were dropped."""
+        dropped: Counter = Counter()
+        cli = self.context.obsids
+        ids: list[int] | None = None
+        if job.obsid_list_file or job.obsids:
+            ids = facade.load_obsid_list(job.obsid_list_file or job.obsids)
+            if cli is not None:
+                ids = sorted(set(ids) & set(cli))
+        elif cli is not None:
+            ids = list(cli)
+        elif master.get("obsid_list") is not None:
+            ids = facade.load_obsid_list(master["obsid_list"])
+        min_obsid = job.min_obsid if job.min_obsid is not None else master.get("min_obsid")
+        max_obsid = job.max_obsid if job.max_obsid is not None else master.get("max_obsid")
+        if ids is not None:
+            obs = facade.query_observations(obsids=ids)
+        else:
+            obs = facade.query_observations(
+                source=job.source, source_group=job.source_group, min_obsid=min_obsid, max_obsid=max_obsid
+            )
+        done = {j.obsid for j in facade.job_table("level2", status="done", obsids=[o.obsid for o in obs])}
+        noise_group = f"level2_noise_stats/{job.tod_data_name.rstrip('/').rsplit('/', 1)[-1]}"
+        keep = []
+        for o in obs:
+            if not o.level2_path or o.obsid not in done:
+                dropped["no level-2 file or level-2 job not done"] += 1
+                continue
+            path = Path(o.level2_path)
+            if not path.is_file():
+                dropped["level-2 file missing"] += 1
+                continue
+            try:
+                with h5py.File(path, "r", locking=False) as l2:
+                    version = l2.attrs.get("level2_format_version")
+                    if job.tod_data_name not in l2:
+                        dropped[f"lacks {job.tod_data_name}"] += 1
+                        continue
+                    if noise_group not in l2:
+                        dropped[f"lacks {noise_group}"] += 1
+                        continue
+                    if version is None or int(version) not in SUPPORTED_LEVEL2_FORMAT_VERSIONS:
+                        dropped["unsupported level-2 format version"] += 1
+                        continue
+            except OSError:
+                dropped["level-2 file unreadable"] += 1
+                continue
+            keep.append(o)
+        return keep, dropped
+
+    @staticmethod
+    def _level2_facts(observations: list[Any]) -> tuple[dict[int, str], list[int]]:
+        """``updated_utc`` of each level-2 file and the union of their feeds."""
+        updated, feeds = {}, set()
+        for o in observations:
+            with h5py.File(o.level2_path, "r", locking=False) as l2:
+                updated[o.obsid] = str(_decode(l2.attrs.get("updated_utc", "")))
+                feeds.update(int(f) for f in l2["spectrometer/feeds"][...])
+        return updated, sorted(feeds)
+
+    # --- plan ---------------------------------------------------------------------------------------
+    def plan(self) -> list[str]:
+        sub = self._sub_config()
+        lines = [f"{type(self).__name__}: config {self.config_file}"]
+        for spec in sub.entries:
+            job = spec.instantiate()
+            facade, own = self._facade(job, sub.master)
+            try:
+                obs, dropped = self.select(job, sub.master, facade)
+            finally:
+                if own:
+                    facade.disconnect()
+            _updated, feeds = self._level2_facts(obs) if obs else ({}, [])
+            jobs = job.expand(obs, feeds)
+            lines.append(
+                f"  {spec.name}({job.map_name}): {len(obs)} observation(s) selected "
+                f"({describe_counts(dropped) if dropped else 'none dropped'}); {len(jobs)} map(s)"
+            )
+            lines.extend(f"    {j.output_path}" for j in jobs)
+        return lines
+
+    # --- run --------------------------------------------------------------------------------------
+    def run(self) -> StageResult:
+        result = StageResult(stage=type(self).__name__)
+        sub = self._sub_config()
+        nprocess = self._nprocess(sub.master)
+        executor = None
+        if nprocess > 1:
+            import multiprocessing
+
+            log_queue = None
+            if self.context.logging is not None:
+                log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
+            executor = LocalPoolExecutor(nprocess, log_queue=log_queue, log_level=self.context.log_level)
+            from modules.MapMaking.ReadData import _read_task
+
+            executor.start(_read_task)
+        try:
+            for spec in sub.entries:
+                job = spec.instantiate()
+                self.run_map_job(job, None, master=sub.master, result=result, executor=executor)
+        finally:
+            if executor is not None:
+                executor.shutdown()
+                if self.context.logging is not None:
+                    self.context.logging.stop_queue()
+        return result
+
+    def run_map_job(
+        self,
+        job: Any,
+        files: list[Any] | None,
+        *,
+        master: dict[str, Any] | None = None,
+        result: StageResult | None = None,
+        executor=None,
+    ) -> StageResult:
+        """Make every map of one CreateMap job; ``files`` overrides the DB selection."""
+        master = master or {}
+        result = result or StageResult(stage=type(self).__name__)
+        facade, own = self._facade(job, master)
+        try:
+            if files is None:
+                observations, dropped = self.select(job, master, facade)
+            else:
+                observations, dropped = list(files), Counter()
+            if not observations:
+                log.warning(
+                    "no data for map %s: %s", job.map_name, describe_counts(dropped) or "empty selection"
+                )
+                result.record_failure(job.map_name, f"no data for map {job.map_name}")
+                return result
+            updated, feeds = self._level2_facts(observations)
+            table = facade.load_calibration_table(job.calib_source) if job.calibration == "model" else None
+            flags = {}
+            if job.use_quality_flags:
+                for o in observations:
+                    rows = facade.get_quality_flags(o.obsid)
+                    flags[o.obsid] = {key: bool(row.is_good) for key, row in rows.items()}
+        finally:
+            if own:
+                facade.disconnect()
+        concrete = job.expand(observations, feeds)
+        geometry = None
+        made: dict[str, Path] = {}
+        for spec in concrete:
+            name = spec.output_path.name
+            config_sha = job.job_config_hash(spec, observations, updated)
+            force = bool(job.overwrite or self.context.force)
+            if not force and spec.output_path.exists() and read_configsha(spec.output_path) == config_sha:
+                log.info("%s is up to date", name)
+                result.skipped += 1
+                made[spec.suffix] = spec.output_path
+                continue
+            t0 = time.perf_counter()
+            try:
+                if geometry is None:
+                    geometry = self._geometry(job, observations, table, flags)
+                self.make_map(job, spec, observations, table, flags, geometry, config_sha, executor)
+            except MapJobFailed as exc:
+                log.warning("%s", exc)
+                result.record_failure(name, str(exc))
+                continue
+            except Exception as exc:  # one map job failing does not stop the others
+                log.error("map %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+                result.record_failure(name, f"{type(exc).__name__}: {exc}")
+                continue
+            made[spec.suffix] = spec.output_path
+            result.done += 1
+            log.info("wrote %s in %.1f s", spec.output_path, time.perf_counter() - t0)
+        if job.write_difference:
+            self._write_differences(job, concrete, made, result)
+        return result
+
+    def _geometry(self, job: Any, observations: list[Any], table: Any, flags: dict):
+        """One grid for all maps of the job (so that split maps can be differenced)."""
+        if job.wcs_def != "dynamic":
+            return job_geometry(job.wcs_def, job.wcs_def_file)
+        reader = Level2DataReader(job.reader_settings(job.bands[0], job.channels[0]), table, flags)
+        plans = reader.prepass(observations)
+        if not plans:
+            raise MapJobFailed(f"no data for map {job.map_name}: {describe_counts(reader.counts)}")
+        lon, lat = sample_pointing(plans, job.dynamic_frame)
+        return job_geometry(
+            "dynamic",
+            job.wcs_def_file,
+            lon,
+            lat,
+            frame=job.dynamic_frame,
+            cdelt_deg=job.dynamic_wcs_cdelt,
+            padding_deg=job.dynamic_wcs_padding,
+        )
+
+    @staticmethod
+    def _filter_segments(plans: list[Any], spec: Any, threshold_deg: float) -> list[Any]:
+        if spec.segment_filter is None:
+            return plans
+        if spec.segment_filter in ("day", "night"):
+            from utils.coordinates import sun_altitude_deg
+
+            if not plans:
+                return plans
+            alt = sun_altitude_deg(np.array([p.mjd_mid for p in plans]))
+            day = alt >= threshold_deg
+            want = spec.segment_filter == "day"
+            return [p for p, d in zip(plans, day) if d == want]
+        # odd/even: scans numbered in time order across the selection
+        scans = sorted({(p.mjd_mid, p.obsid, p.scan) for p in plans})
+        number = {(o, s): k for k, (_m, o, s) in enumerate(scans)}
+        parity = 0 if spec.segment_filter == "even" else 1
+        return [p for p in plans if number[(p.obsid, p.scan)] % 2 == parity]
+
+    def make_map(
+        self,
+        job: Any,
+        spec: Any,
+        observations: list[Any],
+        table: Any,
+        flags: dict,
+        geometry: Any,
+        config_sha: str,
+        executor=None,
+    ) -> Path:
+        """Read, destripe and write one concrete map (04 §3–§5)."""
+        from modules.MapMaking.Destriper import destripe
+
+        name = spec.output_path.name
+        selected = [o for o in observations if spec.obsids is None or o.obsid in spec.obsids]
+        reader = Level2DataReader(job.reader_settings(spec.band, spec.channel, spec.feeds), table, flags)
+        plans = self._filter_segments(reader.prepass(selected), spec, job.sun_elevation_threshold_deg)
+        if not plans:
+            raise MapJobFailed(f"no data for map {name}: {describe_counts(reader.counts)}")
+        log.info(
+            "%s: %d segment(s) from %d observation(s); %s",
+            name,
+            len(plans),
+            len({p.obsid for p in plans}),
+            describe_counts(reader.counts),
+        )
+        files = len({p.path for p in plans})
+        with Progress(files, desc=f"reading {name}", logger=log, unit="file") as bar:
+            out = reader.read(
+                plans, geometry, executor=_ExecutorAdapter(executor) if executor else None, progress=bar
+            )
+        hit, comp = compress_pixels(out.pixels, out.weights, out.map_weights)
+        if hit.size == 0:
+            raise MapJobFailed(f"no data for map {name}: no sample lands on the map with non-zero weight")
+        res = destripe(
+            out.tod,
+            comp,
+            out.weights,
+            int(job.offset_length),
+            int(hit.size),
+            tol=float(job.tol),
+            max_iter=int(job.max_iter),
+            segment_starts=out.segment_starts,
+            map_weights=out.map_weights,
+            lambda_ridge=float(job.lambda_ridge),
+            good_fraction=float(job.good_fraction),
+        )
+        if res.status != "converged":
+            log.warning(
+                "%s: destriper %s after %d iterations (residual %.3g); map written with DSTATUS",
+                name,
+                res.status,
+                res.n_iter,
+                float(np.min(res.residuals)),
+            )
+
+        def grid(values, fill=np.nan, dtype=np.float64):
+            full = np.full(geometry.n_pixels, fill, dtype=dtype)
+            full[hit] = values
+            return full.reshape(geometry.shape)
+
+        info = MapInfo(
+            object_name=job.map_name,
+            band=spec.band,
+            channel=spec.channel,
+            feeds=out.feeds,
+            obsids=out.obsids,
+            mjd_min=out.mjd_range[0],
+            mjd_max=out.mjd_range[1],
+            freq_hz=out.freq_ghz * 1e9,
+            bandwidth_hz=out.bandwidth_ghz * 1e9,
+            n_segment=out.n_segments,
+            n_sample=int(out.tod.size),
+            destriper={
+                "OFFLEN": int(job.offset_length),
+                "LAMBDA": float(job.lambda_ridge),
+                "GOODFRAC": float(job.good_fraction),
+                "TOL": float(job.tol),
+                "NITER": int(res.n_iter),
+                "RESID": float(np.min(res.residuals)),
+                "DSTATUS": str(res.status),
+            },
+            calibration={
+                "MODE": job.calibration,
+                "SOURCE": job.calib_source,
+                "MEDFACT": float(np.median([p.factor for p in plans])),
+            },
+            mean_azel_mjd=out.mean_azel_mjd,
+        )
+        params = dict(job.parameters)
+        params.update(band=spec.band, channel=spec.channel, split=spec.suffix or "none")
+        path = write_map_fits(
+            spec.output_path,
+            geometry,
+            destriped=grid(res.map),
+            naive=grid(res.naive_map),
+            hits=grid(res.hits, 0, np.int64),
+            weights=grid(res.weights, 0.0),
+            info=info,
+            params=params,
+            config_sha=config_sha,
+            hit_percentile=float(job.hit_percentile),
+            min_hits=int(job.min_hits),
+            edge_clip_enabled=bool(job.edge_clip),
+            edge_clip_width=int(job.edge_clip_width),
+            clip_percentiles=tuple(job.clip_percentiles),
+            resolved_config={
+                "class": job.module_path,
+                "params": params,
+                "config_sha256": config_sha,
+                "obsids": out.obsids,
+            },
+        )
+        if job.quicklook:
+            quicklook_png(path)
+        return path
+
+    def _write_differences(
+        self, job: Any, concrete: list[Any], made: dict[str, Path], result: StageResult
+    ) -> None:
+        """``(A − B)/2`` of two-way splits, with ``RMS = ½ sqrt(RMS_A² + RMS_B²)``, as ``_diff``."""
+        for spec in concrete:
+            if not spec.pair or spec.suffix != spec.pair[0]:
+                continue
+            a = made.get(spec.pair[0])
+            b_path = spec.output_path.with_name(
+                spec.output_path.name.replace(spec.pair[0] + ".fits", spec.pair[1] + ".fits")
+            )
+            if a is None or not b_path.exists():
+                continue
+            diff_path = spec.output_path.with_name(
+                spec.output_path.name.replace(spec.pair[0] + ".fits", "_diff.fits")
+            )
+            try:
+                write_difference_map(a, b_path, diff_path)
+                result.done += 1
+            except Exception as exc:
+                log.error("difference map %s failed: %s", diff_path.name, exc, exc_info=True)
+                result.record_failure(diff_path.name, f"{type(exc).__name__}: {exc}")
+
+
+class _ExecutorAdapter:
+    """Expose a started LocalPoolExecutor as ``map_unordered`` without restarting it per job."""
+
+    def __init__(self, executor: LocalPoolExecutor) -> None:
+        self.executor = executor
+
+    def map_unordered(self, fn, items):
+        items = list(items)
+        pending = list(enumerate(items))
+        in_flight = 0
+        while pending or in_flight:
+            while pending and self.executor.free_slots():
+                key, item = pending.pop(0)
+                self.executor.submit(key, item)
+                in_flight += 1
+            outcome = self.executor.wait()
+            in_flight -= 1
+            yield outcome
+
+
+def write_difference_map(a_path: Path, b_path: Path, out_path: Path) -> Path:
+    """Jackknife difference ``(A − B)/2`` of two maps on the same grid (RMS ½√(RMS_A²+RMS_B²))."""
+    from astropy.io import fits
+
+    from modules.MapMaking.fits_output import write_atomic_fits
+
+    with fits.open(a_path, memmap=False) as a, fits.open(b_path, memmap=False) as b:
+        if a[0].data.shape != b[0].data.shape:
+            raise ValueError(f"{a_path.name} and {b_path.name} are on different grids")
+        diff = 0.5 * (a["DESTRIPED"].data - b["DESTRIPED"].data)
+        rms = 0.5 * np.sqrt(a["RMS"].data.astype(np.float64) ** 2 + b["RMS"].data.astype(np.float64) ** 2)
+        hdr = a[0].header.copy()
+        hdr["OBJECT"] = f"{hdr.get('OBJECT', '')} (A-B)/2"
+        hdr["HIERARCH COMAP DIFFA"] = a_path.name
+        hdr["HIERARCH COMAP DIFFB"] = b_path.name
+        primary = fits.PrimaryHDU(diff.astype(np.float32), header=hdr)
+        hits = np.minimum(a["HITS"].data, b["HITS"].data)
+        mask = (a["MASK"].data | b["MASK"].data).astype(np.uint8)
+        hdus = [
+            primary,
+            fits.ImageHDU(
+                np.full_like(diff, np.nan, dtype=np.float32), header=a["NAIVE"].header, name="NAIVE"
+            ),
+            fits.ImageHDU(hits.astype(np.int32), header=a["HITS"].header, name="HITS"),
+            fits.ImageHDU(rms.astype(np.float32), header=a["RMS"].header, name="RMS"),
+            fits.ImageHDU(mask, header=a["MASK"].header, name="MASK"),
+        ]
+    return write_atomic_fits(out_path, hdus)
+
+
+def quicklook_png(fits_path: Path) -> Path:
+    """A PNG of the DESTRIPED map beside the FITS file (same stem)."""
+    from astropy.io import fits
+
+    from utils.plotting import new_figure, save_figure
+
+    with fits.open(fits_path, memmap=False) as hdul:
+        data = hdul[0].data
+        header = hdul[0].header
+    fig, ax = new_figure(figsize=(7.0, 6.0))
+    finite = data[np.isfinite(data)]
+    vmin, vmax = np.percentile(finite, [1, 99]) if finite.size else (0, 1)
+    im = ax.imshow(data, origin="lower", cmap="inferno", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=ax, label="K (Rayleigh-Jeans)")
+    ax.set_title(
+        f"{header.get('OBJECT', '')} band {header.get('BAND')} ch {header.get('CHANNEL')} "
+        f"({header.get('FREQ', 0) / 1e9:.2f} GHz)"
+    )
+    ax.set_xlabel(f"{header.get('CTYPE1', 'x')} pixel")
+    ax.set_ylabel(f"{header.get('CTYPE2', 'y')} pixel")
+    return save_figure(fig, fits_path.with_suffix(".png"))
+
+
+class LineMapMaking(MapMaking):
+    """Make the RRL cubes listed in a line-map config (04 §9); its jobs are ``CreateLineMap`` calls."""
+
+    def __init__(self, config_file: str = "parameter_files/level2_line_mapmaking.toml") -> None:
+        super().__init__(config_file)
+
+    def run(self) -> StageResult:
+        result = StageResult(stage=type(self).__name__)
+        sub = self._sub_config()
+        for spec in sub.entries:
+            job = spec.instantiate()
+            try:
+                job.run_line_job(self, sub.master, result)
+            except Exception as exc:
+                log.error(
+                    "%s failed: %s: %s",
+                    getattr(job, "map_name", spec.name),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=True,
+                )
+                result.record_failure(getattr(job, "map_name", spec.name), f"{type(exc).__name__}: {exc}")
+        return result
+
+
+__all__ = ["LineMapMaking", "MapJobFailed", "MapMaking", "quicklook_png", "write_difference_map"]

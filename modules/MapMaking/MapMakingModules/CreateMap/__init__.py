@@ -1,0 +1,3 @@
+from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import CreateMap
+
+__all__ = ["CreateMap"]

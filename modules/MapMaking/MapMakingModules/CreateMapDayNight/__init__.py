@@ -1,0 +1,3 @@
+from modules.MapMaking.MapMakingModules.CreateMapDayNight.CreateMapDayNight import CreateMapDayNight
+
+__all__ = ["CreateMapDayNight"]

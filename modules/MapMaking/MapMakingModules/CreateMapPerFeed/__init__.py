@@ -1,0 +1,3 @@
+from modules.MapMaking.MapMakingModules.CreateMapPerFeed.CreateMapPerFeed import CreateMapPerFeed
+
+__all__ = ["CreateMapPerFeed"]

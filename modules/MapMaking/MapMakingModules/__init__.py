@@ -1,0 +1,1 @@
+"""Map jobs named in the map-making configs (CreateMap and its variants, CreateLineMap)."""

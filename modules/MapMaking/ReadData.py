@@ -1,0 +1,536 @@
+"""Level2DataReader: the continuum map maker's reader of level-2 files (04 §3).
+
+A **pre-pass** reads only small datasets (feeds, scan edges, MJD at scan boundaries, central
+frequencies, noise statistics) and accepts or rejects every segment (file, feed, scan), counting
+the reasons. The **read** then takes each accepted segment's samples of one (band, channel),
+calibrates them to K_RJ, weights, detrends, flags spikes, converts the pointing to the map frame
+and to pixel indices, and appends them to arrays allocated once at the exact size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+from utils.coordinates import icrs_to_galactic
+from utils.wcs import MapGeometry, world_to_pixel_index
+
+log = logging.getLogger("comap.ReadData")
+
+DETRENDS = ("median", "linear", "legendre", "none")
+
+
+@dataclass
+class ReaderSettings:
+    """Everything the reader needs to know about one map job (picklable)."""
+
+    band: int
+    channel: int
+    tod_data_name: str = "level2/binned_cleaned_data"
+    feeds: list[int] | None = None
+    use_quality_flags: bool = True
+    auto_rms_cap_k: float = 0.1
+    sigma_red_cutoff_k: float = 0.4
+    fknee_max_hz: float | None = None
+    calibration: str = "model"
+    calib_source: str = "TauA"
+    calib_min_factor: float = 0.3
+    calib_max_factor: float = 3.0
+    missing_calibration: str = "skip"
+    detrend: str = "median"
+    detrend_order: int = 3
+    detrend_mask_abs_b_deg: float = 0.75
+    spike_sigma: float | None = None
+    spike_medfilt_length: int = 100
+    spike_dilate: int = 201
+    bright_mask_map: str | None = None
+    bright_cut_k: float = 0.045
+    bright_downweight: float = 0.1
+    write_mean_azel: bool = False
+
+    @property
+    def noise_group(self) -> str:
+        return f"level2_noise_stats/{self.tod_data_name.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+@dataclass
+class SegmentPlan:
+    """One accepted segment (file, feed, scan) and the numbers its read needs."""
+
+    obsid: int
+    path: str
+    feed: int
+    ifeed: int
+    scan: int
+    start: int
+    stop: int
+    mjd_mid: float
+    auto_rms_k: float
+    factor: float
+    freq_ghz: float
+    bandwidth_ghz: float
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class ReaderOutput:
+    """Concatenated samples of all accepted segments (04 §3.2 "Reader output")."""
+
+    tod: np.ndarray
+    pixels: np.ndarray
+    weights: np.ndarray
+    map_weights: np.ndarray
+    segment_starts: np.ndarray
+    obsids: list[int]
+    feeds: list[int]
+    mjd_range: tuple[float, float]
+    freq_ghz: float
+    bandwidth_ghz: float
+    n_segments: int
+    mean_azel_mjd: tuple[float, float, float] | None = None
+    counts: Counter = field(default_factory=Counter)
+
+
+def _decode(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def prepass_file(
+    obs: Any, settings: ReaderSettings, table: Any, flags: dict | None, counts: Counter
+) -> list[SegmentPlan]:
+    """Accept or reject every (feed, scan) segment of one level-2 file (04 §3.1); count reasons."""
+    band, chan = settings.band, settings.channel
+    plans: list[SegmentPlan] = []
+    with h5py.File(obs.level2_path, "r", locking=False) as l2:
+        feeds = np.asarray(l2["spectrometer/feeds"][...], dtype=int)
+        edges = np.asarray(l2["level2/scan_edges"][...], dtype=np.int64)
+        if edges.size == 0:
+            counts["no scans"] += 1
+            return plans
+        mjd = l2["spectrometer/MJD"]
+        starts_mjd = mjd[list(edges[:, 0])] if len(edges) else []
+        stops_mjd = mjd[list(edges[:, 1] - 1)] if len(edges) else []
+        mjd_mid = 0.5 * (np.asarray(starts_mjd) + np.asarray(stops_mjd))
+        cf = l2["level2/central_freqs"][:, band, chan]
+        bw = (
+            l2["level2/bandwidths"][:, band, chan]
+            if "level2/bandwidths" in l2
+            else np.full(len(feeds), np.nan)
+        )
+        ns = l2[settings.noise_group]
+        auto_rms = ns["auto_rms"][:, band, chan, :]
+        sigma_red = ns["sigma_red"][:, band, chan, :]
+        fknee = ns["fknee_hz"][:, band, chan, :]
+        el = l2["spectrometer/pixel_pointing/pixel_el"]
+        for ifeed, feed in enumerate(feeds):
+            if settings.feeds is not None and int(feed) not in settings.feeds:
+                counts["feed not selected"] += len(edges)
+                continue
+            if (
+                settings.use_quality_flags
+                and flags is not None
+                and flags.get((int(feed), band, chan)) is False
+            ):
+                counts["quality flag bad"] += len(edges)
+                continue
+            for s, (a, b) in enumerate(edges):
+                rms = float(auto_rms[ifeed, s])
+                if not (math.isfinite(rms) and 0 < rms <= settings.auto_rms_cap_k):
+                    counts["auto_rms not finite, <= 0 or above cap"] += 1
+                    continue
+                sr = float(sigma_red[ifeed, s])
+                if math.isfinite(sr) and sr > settings.sigma_red_cutoff_k:
+                    counts["sigma_red above cutoff"] += 1
+                    continue
+                fk = float(fknee[ifeed, s])
+                if settings.fknee_max_hz is not None and math.isfinite(fk) and fk > settings.fknee_max_hz:
+                    counts["fknee above limit"] += 1
+                    continue
+                factor = 1.0
+                if settings.calibration != "none":
+                    factor = (
+                        float(table.factor(int(feed), band, chan, float(mjd_mid[s])))
+                        if table is not None
+                        else float("nan")
+                    )
+                    if not math.isfinite(factor):
+                        if settings.missing_calibration == "unity":
+                            factor = 1.0
+                        else:
+                            counts["no calibration factor"] += 1
+                            continue
+                    elif not settings.calib_min_factor <= factor <= settings.calib_max_factor:
+                        counts["calibration factor out of range"] += 1
+                        continue
+                elev = el[ifeed, a:b]
+                if not (np.all(np.isfinite(elev)) and np.all((elev > 0) & (elev < 90))):
+                    counts["pointing not finite or elevation out of (0, 90)"] += 1
+                    continue
+                counts["accepted"] += 1
+                plans.append(
+                    SegmentPlan(
+                        int(obs.obsid),
+                        str(obs.level2_path),
+                        int(feed),
+                        ifeed,
+                        s,
+                        int(a),
+                        int(b),
+                        float(mjd_mid[s]),
+                        rms,
+                        factor,
+                        float(cf[ifeed]),
+                        float(bw[ifeed]),
+                    )
+                )
+    return plans
+
+
+def frame_coordinates(ra_deg: np.ndarray, dec_deg: np.ndarray, frame: str) -> tuple[np.ndarray, np.ndarray]:
+    """ICRS pointing converted to the map frame ('galactic' or 'icrs'), degrees."""
+    if frame == "galactic":
+        return icrs_to_galactic(ra_deg, dec_deg)
+    return np.asarray(ra_deg, dtype=np.float64) % 360.0, np.asarray(dec_deg, dtype=np.float64)
+
+
+def sample_pointing(plans: list[SegmentPlan], frame: str, stride: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``stride``-th pointing sample of every accepted segment, in the map frame (dynamic WCS)."""
+    lon, lat = [], []
+    by_file: dict[str, list[SegmentPlan]] = {}
+    for p in plans:
+        by_file.setdefault(p.path, []).append(p)
+    for path, segs in by_file.items():
+        with h5py.File(path, "r", locking=False) as l2:
+            pp = l2["spectrometer/pixel_pointing"]
+            for p in segs:
+                ra = pp["pixel_ra"][p.ifeed, p.start : p.stop : stride]
+                dec = pp["pixel_dec"][p.ifeed, p.start : p.stop : stride]
+                a, b = frame_coordinates(ra, dec, frame)
+                lon.append(a)
+                lat.append(b)
+    if not lon:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(lon), np.concatenate(lat)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-segment processing
+# --------------------------------------------------------------------------------------------------
+def _legendre_basis(n: int, order: int, *coords: np.ndarray) -> np.ndarray:
+    """Legendre P0…P_order of each coordinate normalised to [−1, 1] (one shared constant)."""
+    from numpy.polynomial import legendre
+
+    cols = [np.ones(n)]
+    for c in coords:
+        c = np.asarray(c, dtype=np.float64)
+        lo, hi = np.nanmin(c), np.nanmax(c)
+        u = 2 * (c - lo) / (hi - lo) - 1 if hi > lo else np.zeros(n)
+        for k in range(1, order + 1):
+            coef = np.zeros(k + 1)
+            coef[k] = 1.0
+            cols.append(legendre.legval(u, coef))
+    return np.stack(cols, axis=1)
+
+
+def _huber_irls(
+    design: np.ndarray, y: np.ndarray, use: np.ndarray, k: float = 1.345, n_iter: int = 5
+) -> np.ndarray:
+    """Robust least squares (Huber weights, IRLS) on the rows ``use``; returns the coefficients."""
+    a, b = design[use], y[use]
+    w = np.ones(b.size)
+    coef = np.zeros(design.shape[1])
+    for _ in range(n_iter):
+        sw = np.sqrt(w)
+        coef = np.linalg.lstsq(a * sw[:, None], b * sw, rcond=None)[0]
+        r = b - a @ coef
+        scale = 1.4826 * np.median(np.abs(r - np.median(r))) or 1.0
+        u = np.abs(r) / (k * scale)
+        w = np.where(u <= 1, 1.0, 1.0 / np.maximum(u, 1e-12))
+    return coef
+
+
+def detrend_segment(
+    x: np.ndarray,
+    w: np.ndarray,
+    settings: ReaderSettings,
+    *,
+    lat_deg: np.ndarray | None = None,
+    el_deg: np.ndarray | None = None,
+    az_deg: np.ndarray | None = None,
+    quiet: np.ndarray | None = None,
+) -> np.ndarray:
+    """Subtract the segment's trend in place (04 §3.2 step 3); returns ``x``."""
+    good = w > 0
+    if settings.detrend == "none" or not good.any():
+        return x
+    if settings.detrend == "median":
+        x[good] -= np.median(x[good])
+        return x
+    n = x.size
+    t = np.arange(n, dtype=np.float64)
+    if settings.detrend == "linear":
+        coef = np.polyfit(t[good], x[good].astype(np.float64), 1)
+        x -= np.polyval(coef, t).astype(x.dtype)
+        x[~good] = 0.0
+        return x
+    coords = [t, el_deg if el_deg is not None else t, az_deg if az_deg is not None else t]
+    design = _legendre_basis(n, settings.detrend_order, *coords)
+    use = good.copy()
+    if lat_deg is not None:
+        mask = np.abs(lat_deg) > settings.detrend_mask_abs_b_deg
+        if quiet is not None:
+            mask |= quiet
+        use &= mask
+    if use.sum() < max(design.shape[1] + 2, 32):
+        x[good] -= np.median(x[good])  # too few quiet samples for the Legendre fit
+        return x
+    coef = _huber_irls(design, x.astype(np.float64), use)
+    x -= (design @ coef).astype(x.dtype)
+    x[~good] = 0.0
+    return x
+
+
+def spike_flags(
+    x: np.ndarray, w: np.ndarray, sigma: float, settings: ReaderSettings, quiet: np.ndarray | None
+) -> np.ndarray:
+    """Samples to zero-weight as spikes (04 §3.2 step 4), dilated by ``spike_dilate``."""
+    from scipy import ndimage
+
+    from utils.filters import running_median_nan
+
+    y = np.where(w > 0, x, np.nan).astype(np.float64)
+    med = running_median_nan(y, settings.spike_medfilt_length)
+    with np.errstate(invalid="ignore"):
+        flagged = np.abs(y - med) > settings.spike_sigma * sigma
+    if quiet is not None:
+        flagged &= quiet
+    if settings.spike_dilate > 1 and flagged.any():
+        flagged = ndimage.binary_dilation(flagged, structure=np.ones(int(settings.spike_dilate), dtype=bool))
+    return flagged
+
+
+def read_file_segments(
+    path: str, plans: list[SegmentPlan], settings: ReaderSettings, geometry: MapGeometry
+) -> dict[str, Any]:
+    """Read and process every accepted segment of one file (runs in a reader worker)."""
+    bright = None
+    if settings.bright_mask_map:
+        from utils.bright_map import load_bright_map
+
+        bright = load_bright_map(settings.bright_mask_map)
+    n = sum(p.n for p in plans)
+    tod = np.empty(n, dtype=np.float32)
+    pix = np.empty(n, dtype=np.int64)
+    wts = np.empty(n, dtype=np.float32)
+    mwt = np.empty(n, dtype=np.float32)
+    starts = []
+    az_sum = el_sum = mjd_sum = 0.0
+    n_sum = 0
+    pos = 0
+    band, chan = settings.band, settings.channel
+    with h5py.File(path, "r", locking=False) as l2:
+        data = l2[settings.tod_data_name]
+        pp = l2["spectrometer/pixel_pointing"]
+        for p in plans:
+            sl = slice(p.start, p.stop)
+            x = np.asarray(data[p.ifeed, band, chan, sl], dtype=np.float32) / np.float32(p.factor)
+            sigma = p.auto_rms_k / p.factor
+            w = np.full(p.n, 1.0 / sigma**2, dtype=np.float32)
+            bad = ~np.isfinite(x)
+            w[bad] = 0.0
+            x[bad] = 0.0
+            ra = pp["pixel_ra"][p.ifeed, sl]
+            dec = pp["pixel_dec"][p.ifeed, sl]
+            lon, lat = frame_coordinates(ra, dec, geometry.frame)
+            quiet = None
+            bright_vals = None
+            if bright is not None:
+                bright_vals = bright.sample(ra, dec)
+                quiet = ~(bright_vals >= settings.bright_cut_k)
+            need_azel = settings.detrend == "legendre" or settings.write_mean_azel
+            el = pp["pixel_el"][p.ifeed, sl] if need_azel else None
+            az = pp["pixel_az"][p.ifeed, sl] if need_azel else None
+            gal_lat = lat if geometry.frame == "galactic" else icrs_to_galactic(ra, dec)[1]
+            detrend_segment(x, w, settings, lat_deg=gal_lat, el_deg=el, az_deg=az, quiet=quiet)
+            if settings.spike_sigma is not None:
+                w[spike_flags(x, w, sigma, settings, quiet)] = 0.0
+            idx = world_to_pixel_index(geometry, lon, lat)
+            w[idx < 0] = 0.0
+            ws = w.copy()
+            if bright_vals is not None:
+                ws[bright_vals >= settings.bright_cut_k] *= np.float32(settings.bright_downweight)
+            sl_out = slice(pos, pos + p.n)
+            tod[sl_out] = x
+            pix[sl_out] = idx
+            wts[sl_out] = ws
+            mwt[sl_out] = w
+            starts.append(pos)
+            if settings.write_mean_azel and el is not None:
+                good = w > 0
+                az_sum += float(np.sum(az[good]))
+                el_sum += float(np.sum(el[good]))
+                mjd_sum += float(p.mjd_mid) * int(good.sum())
+                n_sum += int(good.sum())
+            pos += p.n
+    return {
+        "tod": tod,
+        "pixels": pix,
+        "weights": wts,
+        "map_weights": mwt,
+        "starts": np.asarray(starts, np.int64),
+        "azelmjd": (az_sum, el_sum, mjd_sum, n_sum),
+    }
+
+
+def _read_task(args) -> dict[str, Any]:
+    path, plans, settings, geometry = args
+    return read_file_segments(path, plans, settings, geometry)
+
+
+def read_segments(
+    plans: list[SegmentPlan], settings: ReaderSettings, geometry: MapGeometry, *, executor=None, progress=None
+) -> ReaderOutput:
+    """Read every accepted segment into concatenated arrays (files in parallel through ``executor``)."""
+    by_file: dict[str, list[SegmentPlan]] = {}
+    for p in plans:
+        by_file.setdefault(p.path, []).append(p)
+    tasks = [(path, segs, settings, geometry) for path, segs in by_file.items()]
+    results: dict[int, dict[str, Any]] = {}
+    if executor is None:
+        for k, task in enumerate(tasks):
+            results[k] = _read_task(task)
+            if progress is not None:
+                progress.update(1)
+    else:
+        for outcome in executor.map_unordered(_read_task, tasks):
+            if not outcome.ok:
+                raise RuntimeError(
+                    f"reading {tasks[outcome.key][0]} failed: "
+                    f"{outcome.died or f'{outcome.error_type}: {outcome.error}'}"
+                )
+            results[outcome.key] = outcome.result
+            if progress is not None:
+                progress.update(1)
+    n = sum(p.n for p in plans)
+    tod = np.empty(n, dtype=np.float32)
+    pix = np.empty(n, dtype=np.int64)
+    wts = np.empty(n, dtype=np.float32)
+    mwt = np.empty(n, dtype=np.float32)
+    starts = []
+    pos = 0
+    sums = np.zeros(4)
+    for k in range(len(tasks)):
+        r = results[k]
+        m = r["tod"].size
+        tod[pos : pos + m] = r["tod"]
+        pix[pos : pos + m] = r["pixels"]
+        wts[pos : pos + m] = r["weights"]
+        mwt[pos : pos + m] = r["map_weights"]
+        starts.append(r["starts"] + pos)
+        sums += np.asarray(r["azelmjd"], dtype=np.float64)
+        pos += m
+    w_seg = np.array([p.n / (p.auto_rms_k / p.factor) ** 2 for p in plans]) if plans else np.zeros(0)
+    freq = float(np.average([p.freq_ghz for p in plans], weights=w_seg)) if plans else float("nan")
+    bw = float(np.nanmedian([p.bandwidth_ghz for p in plans])) if plans else float("nan")
+    mean = None
+    if settings.write_mean_azel and sums[3] > 0:
+        mean = (sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3])
+    mjds = [p.mjd_mid for p in plans]
+    return ReaderOutput(
+        tod=tod,
+        pixels=pix,
+        weights=wts,
+        map_weights=mwt,
+        segment_starts=np.concatenate(starts) if starts else np.zeros(1, dtype=np.int64),
+        obsids=sorted({p.obsid for p in plans}),
+        feeds=sorted({p.feed for p in plans}),
+        mjd_range=(min(mjds), max(mjds)) if mjds else (float("nan"), float("nan")),
+        freq_ghz=freq,
+        bandwidth_ghz=bw,
+        n_segments=len(plans),
+        mean_azel_mjd=mean,
+    )
+
+
+def compress_pixels(pixels: np.ndarray, *weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map pixel indices to the set of hit pixels (04 §3.2, last paragraph): returns (hit pixel
+    ids, compressed int32 indices with −1 kept). Pixels seen only by samples whose weights are all
+    zero are left out."""
+    used = pixels >= 0
+    if weights:
+        any_weight = np.zeros(pixels.shape, dtype=bool)
+        for w in weights:
+            any_weight |= w > 0
+        used &= any_weight
+    hit = np.unique(pixels[used])
+    comp = np.full(pixels.shape, -1, dtype=np.int32)
+    comp[used] = np.searchsorted(hit, pixels[used]).astype(np.int32)
+    return hit, comp
+
+
+def describe_counts(counts: Counter) -> str:
+    """One line per rejection reason, accepted first."""
+    items = sorted(counts.items(), key=lambda kv: (kv[0] != "accepted", -kv[1]))
+    return "; ".join(f"{k}: {v}" for k, v in items) if items else "no segments"
+
+
+class Level2DataReader:
+    """The continuum reader of one map job (04 §3): pre-pass, pointing sample, read.
+
+    Parameters
+    ----------
+    settings : ReaderSettings
+    calibration_table : CalibrationTable or None
+        Calibration factors (``factor(feed, band, channel, mjd)``); None with ``calibration='none'``.
+    quality_flags : dict
+        obsid → {(feed, band, channel): is_good}; a missing entry counts as good.
+    """
+
+    def __init__(
+        self,
+        settings: ReaderSettings,
+        calibration_table: Any = None,
+        quality_flags: dict[int, dict] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.table = calibration_table
+        self.flags = quality_flags or {}
+        self.counts: Counter = Counter()
+
+    def prepass(self, observations: list[Any]) -> list[SegmentPlan]:
+        """Accepted segments of ``observations`` (COMAPData rows with a level-2 path)."""
+        plans: list[SegmentPlan] = []
+        for obs in observations:
+            plans.extend(
+                prepass_file(obs, self.settings, self.table, self.flags.get(int(obs.obsid)), self.counts)
+            )
+        return plans
+
+    def read(
+        self, plans: list[SegmentPlan], geometry: MapGeometry, *, executor=None, progress=None
+    ) -> ReaderOutput:
+        out = read_segments(plans, self.settings, geometry, executor=executor, progress=progress)
+        out.counts = Counter(self.counts)
+        return out
+
+
+__all__ = [
+    "DETRENDS",
+    "Level2DataReader",
+    "ReaderOutput",
+    "ReaderSettings",
+    "SegmentPlan",
+    "compress_pixels",
+    "prepass_file",
+    "read_segments",
+    "sample_pointing",
+]

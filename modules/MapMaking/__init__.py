@@ -1,0 +1,1 @@
+"""Map making: destriped continuum maps (MapMaking) and RRL cubes (LineMapMaking), spec 04."""

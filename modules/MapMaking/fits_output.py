@@ -1,0 +1,236 @@
+"""FITS writers for continuum maps and RRL cubes (04 §5, §9.6).
+
+Files are written to ``<name>.partial-<pid>`` and moved into place with ``os.replace``; the
+resolved job configuration is written beside each file as ``<stem>.config.toml``. Every HDU
+carries the WCS; the primary header carries the observation, destriper, mask, calibration and
+provenance keywords, with one ``HISTORY`` card per resolved parameter.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modules.pipeline_control.config import dump_toml
+from modules.pipeline_control.provenance import code_version, fits_history_cards
+from utils.wcs import MapGeometry
+
+MASK_NEVER_HIT = 1
+MASK_LOW_HITS = 2
+MASK_EDGE_CLIPPED = 4
+
+
+@dataclass
+class MapInfo:
+    """Observation, destriper and calibration facts recorded in the FITS header of a map."""
+
+    object_name: str
+    band: int
+    channel: int
+    feeds: list[int]
+    obsids: list[int]
+    mjd_min: float
+    mjd_max: float
+    freq_hz: float
+    bandwidth_hz: float
+    n_segment: int
+    n_sample: int
+    destriper: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    mean_azel_mjd: tuple[float, float, float] | None = None
+
+
+def hit_mask(hits: np.ndarray, *, hit_percentile: float = 5.0, min_hits: int = 1) -> tuple[np.ndarray, float]:
+    """MASK bits 1 (never hit) and 2 (below the hit threshold) and the threshold used (04 §5.1).
+
+    ``threshold = max(percentile(hits[hits > 0], hit_percentile), min_hits)``.
+    """
+    mask = np.zeros(hits.shape, dtype=np.uint8)
+    mask[hits <= 0] |= MASK_NEVER_HIT
+    hit = hits[hits > 0]
+    threshold = float(max(np.percentile(hit, hit_percentile) if hit.size else 0.0, min_hits))
+    mask[(hits > 0) & (hits < threshold)] |= MASK_LOW_HITS
+    return mask, threshold
+
+
+def edge_clip(
+    values: np.ndarray, mask: np.ndarray, *, width: int = 2, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> int:
+    """Set MASK bit 4 on pixels within ``width`` of the hit boundary whose value lies outside the
+    ``percentiles`` of the interior pixels; returns the number clipped (in place)."""
+    from scipy import ndimage
+
+    good = mask == 0
+    interior = ndimage.binary_erosion(good, iterations=max(1, int(width)))
+    edge = good & ~interior
+    inner = values[interior & np.isfinite(values)]
+    if inner.size == 0 or not edge.any():
+        return 0
+    lo, hi = np.percentile(inner, percentiles)
+    bad = edge & np.isfinite(values) & ((values < lo) | (values > hi))
+    mask[bad] |= MASK_EDGE_CLIPPED
+    return int(bad.sum())
+
+
+def _feed_label_list(feeds: list[int]) -> str:
+    return ",".join(str(int(f)) for f in sorted(feeds))
+
+
+def base_header(geometry: MapGeometry, info: MapInfo, params: Mapping[str, Any], config_sha: str):
+    """Primary header: WCS, units, observation, destriper, calibration and provenance keywords."""
+    from astropy.io import fits
+    from astropy.time import Time
+
+    h = fits.Header()
+    h.update(geometry.fits_header())
+    h["BUNIT"] = ("K", "Rayleigh-Jeans brightness temperature")
+    h["HIERARCH COMAP TEMPTYPE"] = "K_RJ"
+    h["TELESCOP"] = "COMAP"
+    h["INSTRUME"] = "COMAP"
+    h["OBJECT"] = info.object_name
+    h["DATE"] = (_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"), "file creation (UTC)")
+    if np.isfinite(info.mjd_min):
+        h["DATE-OBS"] = Time(info.mjd_min, format="mjd", scale="utc").isot
+        h["MJD-OBS"] = (float(info.mjd_min), "first sample (MJD, UTC)")
+        h["MJD-END"] = (float(info.mjd_max), "last sample (MJD, UTC)")
+    h["FREQ"] = (float(info.freq_hz), "Hz, weighted mean of central_freqs")
+    h["BANDWID"] = (float(info.bandwidth_hz), "Hz")
+    h["BAND"] = (int(info.band), "spectrometer band 0-3")
+    h["CHANNEL"] = (int(info.channel), "binned channel")
+    h["FEEDS"] = _feed_label_list(info.feeds)
+    h["NOBS"] = len(info.obsids)
+    h["OBSIDMIN"] = int(min(info.obsids)) if info.obsids else -1
+    h["OBSIDMAX"] = int(max(info.obsids)) if info.obsids else -1
+    h["NSEGMENT"] = int(info.n_segment)
+    h["NSAMPLE"] = int(info.n_sample)
+    for key, value in info.destriper.items():
+        h[f"HIERARCH DESTRIPER {key}"] = value
+    for key, value in info.calibration.items():
+        h[f"HIERARCH CALIB {key}"] = value
+    if info.mean_azel_mjd is not None:
+        az, el, mjd = info.mean_azel_mjd
+        h["MEAN_AZ"] = (float(az), "deg")
+        h["MEAN_EL"] = (float(el), "deg")
+        h["MEAN_MJD"] = float(mjd)
+    h["HIERARCH COMAP VERSION"] = code_version()
+    h["HIERARCH COMAP CONFIGSHA"] = config_sha
+    for line in fits_history_cards(params):
+        h.add_history(line)
+    return h
+
+
+def write_atomic_fits(path: str | Path, hdus) -> Path:
+    """Write an HDUList to ``<path>.partial-<pid>`` and ``os.replace`` it onto ``path``."""
+    from astropy.io import fits
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def remove_stale_partials(path: str | Path) -> None:
+    """Delete ``<name>.partial-*`` files left by an interrupted write of ``path``."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for p in path.parent.glob(f"{path.name}.partial-*"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def write_config_beside(path: str | Path, resolved: Mapping[str, Any]) -> Path:
+    """The resolved job configuration as ``<stem>.config.toml`` beside the FITS file."""
+    path = Path(path)
+    return dump_toml(resolved, path.with_name(path.stem + ".config.toml"))
+
+
+def write_map_fits(
+    path: str | Path,
+    geometry: MapGeometry,
+    *,
+    destriped: np.ndarray,
+    naive: np.ndarray,
+    hits: np.ndarray,
+    weights: np.ndarray,
+    info: MapInfo,
+    params: Mapping[str, Any],
+    config_sha: str,
+    hit_percentile: float = 5.0,
+    min_hits: int = 1,
+    edge_clip_enabled: bool = False,
+    edge_clip_width: int = 2,
+    clip_percentiles: tuple[float, float] = (0.5, 99.5),
+    resolved_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS and MASK HDUs (04 §5.1).
+
+    Parameters
+    ----------
+    destriped, naive, hits, weights : ndarray, shape (ny, nx)
+        Maps on the full grid (K), hit counts and Σ of map weights per pixel (K⁻²).
+    """
+    from astropy.io import fits
+
+    hits = np.asarray(hits)
+    mask, threshold = hit_mask(hits, hit_percentile=hit_percentile, min_hits=min_hits)
+    n_clipped = 0
+    if edge_clip_enabled:
+        n_clipped = edge_clip(
+            np.asarray(destriped), mask, width=edge_clip_width, percentiles=clip_percentiles
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rms = np.where(weights > 0, 1.0 / np.sqrt(np.where(weights > 0, weights, 1.0)), np.nan)
+    masked = mask != 0
+
+    def image(a):
+        return np.where(masked, np.nan, a).astype(np.float32)
+
+    header = base_header(geometry, info, params, config_sha)
+    header["HIERARCH MASK HITPCT"] = float(hit_percentile)
+    header["HIERARCH MASK HITMIN"] = int(min_hits)
+    header["HIERARCH MASK HITTHR"] = float(threshold)
+    header["HIERARCH MASK EDGECLIP"] = (bool(edge_clip_enabled), f"{n_clipped} pixels clipped")
+    wcs_header = geometry.fits_header()
+    primary = fits.PrimaryHDU(image(destriped), header=header)
+    primary.header["EXTNAME"] = "DESTRIPED"
+    hdus = [primary]
+    for name, data in (
+        ("NAIVE", image(naive)),
+        ("HITS", hits.astype(np.int32)),
+        ("RMS", image(rms)),
+        ("MASK", mask),
+    ):
+        h = wcs_header.copy()
+        h["BUNIT"] = {"NAIVE": "K", "HITS": "", "RMS": "K", "MASK": ""}[name]
+        hdus.append(fits.ImageHDU(data, header=h, name=name))
+    remove_stale_partials(path)
+    out = write_atomic_fits(path, hdus)
+    if resolved_config is not None:
+        write_config_beside(out, resolved_config)
+    return out
+
+
+def read_configsha(path: str | Path) -> str | None:
+    """``HIERARCH COMAP CONFIGSHA`` of an existing FITS file (None if missing or unreadable)."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            value = hdul[0].header.get("COMAP CONFIGSHA")
+    except (OSError, ValueError):
+        return None
+    return None if value is None else str(value)

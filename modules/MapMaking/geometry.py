@@ -1,0 +1,38 @@
+"""Where map geometries come from: the named definitions file and the dynamic WCS of a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.wcs import MapGeometry, dynamic_geometry, load_wcs_definitions, named_geometry
+
+HERE = Path(__file__).resolve().parent
+
+
+def wcs_definitions_path(wcs_def_file: str) -> Path | None:
+    """``wcs_def_file`` as an absolute path, then relative to the working directory, then relative to
+    ``modules/MapMaking/`` (00 §6.1); None if none exists."""
+    p = Path(wcs_def_file)
+    for candidate in [p] if p.is_absolute() else [p, HERE / p]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def job_geometry(
+    wcs_def: str,
+    wcs_def_file: str,
+    lon_deg=None,
+    lat_deg=None,
+    *,
+    frame: str = "galactic",
+    cdelt_deg: float = 0.0166667,
+    padding_deg: float = 0.5,
+) -> MapGeometry:
+    """The named geometry ``wcs_def``, or the dynamic one covering (lon, lat) when ``'dynamic'``."""
+    if wcs_def == "dynamic":
+        return dynamic_geometry(lon_deg, lat_deg, frame=frame, cdelt_deg=cdelt_deg, padding_deg=padding_deg)
+    path = wcs_definitions_path(wcs_def_file)
+    if path is None:
+        raise FileNotFoundError(f"wcs_def_file {wcs_def_file} not found")
+    return named_geometry(wcs_def, load_wcs_definitions(path))

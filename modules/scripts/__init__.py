@@ -1,0 +1,1 @@
+"""Small command-line tools over the database (``python -m modules.scripts.<name> --help``)."""
