@@ -13,6 +13,7 @@ from utils.coordinates import (
     icrs_to_azel,
     icrs_to_azel_astropy,
     icrs_to_galactic,
+    parallactic_angle,
     sun_altitude_deg,
 )
 
@@ -76,3 +77,128 @@ def test_sun_altitude_day_and_night():
     # OVRO, 1 March: local noon ≈ 20:00 UTC (Sun high), local midnight ≈ 08:00 UTC (Sun low)
     alt = sun_altitude_deg([61100 + 20 / 24, 61100 + 8 / 24])
     assert alt[0] > 30 and alt[1] < -30
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallactic angle
+# --------------------------------------------------------------------------------------------------
+POSITION_ERROR_ARCSEC = 0.1
+"""Our apparent positions agree with astropy's per-sample transform to 0.1″ (04 §3.3 requirement,
+checked above); that is the only error source of q besides rounding."""
+
+
+def _q_tolerance_deg(dec_deg, el_deg):
+    """Largest change of q from moving the source by POSITION_ERROR_ARCSEC on the sky.
+
+    q is the angle at the source S of the triangle (pole P, zenith Z, S). Moving S by s changes the
+    bearing of a fixed point at distance d by at most s / sin d, so |Δq| ≤ s (1/sin PS + 1/sin ZS)
+    = s (1/cos δ + 1/cos el). The reference itself is exact up to rounding (the offset point lies on
+    the great circle from S to the pole, so the bearing does not depend on the offset size); 1e-3″
+    covers the round trip through astropy's frames (≈ 1e-11 rad over a 0.1° offset).
+    """
+    s = POSITION_ERROR_ARCSEC
+    return (s * (1 / np.cos(np.radians(dec_deg)) + 1 / np.cos(np.radians(el_deg))) + 1e-3) / 3600.0
+
+
+def _astropy_frames(mjd):
+    from astropy import units as u
+    from astropy.coordinates import AltAz, HADec
+    from astropy.time import Time
+
+    from utils.coordinates import configure_iers, earth_location
+
+    configure_iers()
+    t = Time(mjd, format="mjd", scale="utc")
+    loc = earth_location()
+    return (
+        AltAz(obstime=t, location=loc, pressure=0 * u.hPa),
+        HADec(obstime=t, location=loc, pressure=0 * u.hPa),
+    )
+
+
+def _wrap180(x):
+    return (np.asarray(x) + 180.0) % 360.0 - 180.0
+
+
+def test_parallactic_angle_is_the_bearing_of_the_pole_in_astropy_altaz():
+    """q against a geometric reference built only from astropy: the bearing, in astropy's AltAz
+    frame (pressure 0), from the source towards a point 0.1° further north along the apparent
+    hour circle (astropy HADec, i.e. towards the apparent celestial pole), measured from "up"
+    towards increasing azimuth. 4000 samples at 50 Hz-like spacing over 2 h (so block edges are
+    crossed), random sources above 10° elevation, dec between −30° and 80°."""
+    from astropy import units as u
+    from astropy.coordinates import HADec, SkyCoord
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    mjd = np.sort(MJD0 + rng.uniform(0.0, 2.0 / 24.0, n))
+    ra = rng.uniform(0.0, 360.0, n)
+    dec = np.degrees(np.arcsin(rng.uniform(np.sin(np.radians(-30.0)), np.sin(np.radians(80.0)), n)))
+    altaz, hadec = _astropy_frames(mjd)
+    src = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs")
+    src_aa = src.transform_to(altaz)
+    el = src_aa.alt.to_value(u.deg)
+    keep = (el > 10.0) & (el < 80.0)
+    assert keep.sum() > 1000
+    src_hd = src.transform_to(hadec)
+    north = SkyCoord(
+        HADec(ha=src_hd.ha, dec=src_hd.dec + 0.1 * u.deg, obstime=hadec.obstime, location=hadec.location)
+    ).transform_to(altaz)
+    q_ref = _wrap180(src_aa.position_angle(north).to_value(u.deg))
+
+    q = parallactic_angle(ra, dec, mjd)
+    err = np.abs(_wrap180(q - q_ref))[keep]
+    tol = _q_tolerance_deg(src_hd.dec.to_value(u.deg), el)[keep]
+    assert np.all(err <= tol), (err.max() * 3600, (err / tol).max())
+    # and the sign convention: west of the meridian (H > 0) q > 0, east q < 0
+    ha = _wrap180(src_hd.ha.to_value(u.deg))[keep]
+    clear = np.abs(ha) > 1.0
+    assert np.all(np.sign(q[keep][clear]) == np.sign(ha[clear]))
+
+
+@pytest.mark.parametrize(
+    ("ha_h", "dec_deg", "expected"),
+    [
+        (0.0, 10.0, 0.0),  # on the meridian south of the zenith (OVRO latitude 37.2°)
+        (0.0, 60.0, 180.0),  # on the meridian between the zenith and the pole
+        (2.0, 10.0, "formula"),  # west: q > 0
+        (-2.0, 10.0, "formula"),  # east: q < 0
+        (4.0, 60.0, "formula"),
+    ],
+)
+def test_parallactic_angle_convention_at_given_hour_angles(ha_h, dec_deg, expected):
+    """Sources placed at a chosen apparent hour angle with astropy (HADec → ICRS). On the meridian
+    q is exactly 0 (south of the zenith) or 180° (north of it); elsewhere q equals 04 §3.3's formula
+    evaluated with astropy's H, δ and the site latitude, with the sign of H. Tolerance as above."""
+    from astropy import units as u
+    from astropy.coordinates import HADec, SkyCoord
+
+    from utils.constants import OVRO_LAT_DEG
+
+    mjd = np.array([MJD0, MJD0 + 0.37])
+    altaz, hadec = _astropy_frames(mjd)
+    src = SkyCoord(
+        HADec(
+            ha=np.full(2, ha_h) * u.hourangle,
+            dec=np.full(2, dec_deg) * u.deg,
+            obstime=hadec.obstime,
+            location=hadec.location,
+        )
+    ).transform_to("icrs")
+    q = parallactic_angle(src.ra.deg, src.dec.deg, mjd)
+    el = src.transform_to(altaz).alt.to_value(u.deg)
+    if expected == "formula":
+        h, d, phi = np.radians(ha_h * 15.0), np.radians(dec_deg), np.radians(OVRO_LAT_DEG)
+        expected = np.degrees(
+            np.arctan2(np.sin(h) * np.cos(phi), np.sin(phi) * np.cos(d) - np.cos(phi) * np.sin(d) * np.cos(h))
+        )
+        assert np.all(np.sign(q) == np.sign(ha_h))
+    tol = _q_tolerance_deg(dec_deg, el)
+    assert np.all(np.abs(_wrap180(q - expected)) <= tol), (q, expected)
+
+
+def test_parallactic_angle_broadcasts_and_gives_nan_for_nonfinite():
+    q = parallactic_angle(83.63, 22.01, [MJD0, np.nan, MJD0 + 0.1])
+    assert q.shape == (3,) and np.isfinite(q[[0, 2]]).all() and np.isnan(q[1])
+    q2 = parallactic_angle([83.63, np.nan], [22.01, 22.01], MJD0)
+    assert np.isnan(q2[1]) and abs(q2[0] - q[0]) < 1e-12

@@ -385,3 +385,95 @@ def test_obsid_restriction(workspace_factory, small_archive):
     res = ws.run("--obsid", str(keep))
     assert res.returncode == 0, res.stderr
     assert [obsid_of(p) for p in ws.level2_files()] == [keep]
+
+
+DISK_FULL_PACKAGE = '''
+import errno
+import os
+from pathlib import Path
+
+from modules.pipeline_control.Pipeline import BaseCOMAPModule
+
+
+class DiskFull(BaseCOMAPModule):
+    """Fails every observation with ENOSPC while a marker file exists (test only)."""
+
+    def __init__(self, marker: str = "markers/disk_full"):
+        self.marker = marker
+
+    def already_processed(self, file_info, overwrite=False):
+        return False
+
+    def run(self, file_info):
+        if Path(self.marker).exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+'''
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["disk_full", "missing_mount"],
+)
+def test_max_consecutive_failures_stops_the_run_with_status_3(
+    workspace_factory, small_archive, tmp_path, fault
+):
+    """00 §9 item 3 and 07 §3 (disk full row): with max_consecutive_failures=2 and every observation
+    failing with the same cause, the stage stops after the 2nd failure, the run exits 3, the message
+    names the streak, both failures are recorded as failed jobs, and the observation that was never
+    attempted stays pending (it is processed by the next run once the fault is gone)."""
+    pkg = tmp_path / "pkgs" / "mylab_diskfull"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "diskfull.py").write_text(DISK_FULL_PACKAGE)
+    ws = workspace_factory(small_archive.paths)
+    ws.extra_path.append(str(pkg.parent))
+    markers = ws.root / "markers"
+    markers.mkdir()
+    from conftest import DEFAULT_LEVEL2_MODULES
+
+    ws.write_configs(
+        [*DEFAULT_LEVEL2_MODULES, "mylab_diskfull.diskfull.DiskFull(marker='markers/disk_full')"],
+        nprocess=1,
+        module_paths=["mylab_diskfull."],
+        stage_kwargs=", max_consecutive_failures=2",
+    )
+    if fault == "disk_full":
+        (markers / "disk_full").write_text("")
+        expected_reason = "OSError: [Errno 28] No space left on device"
+    else:  # registered, then the files vanish from the (empty) mount point: an unmounted disk
+        assert ws.run("--obsid", "1").returncode == 0
+        shutil.move(ws.level1, ws.root / "level1.unmounted")
+        ws.level1.mkdir()
+        expected_reason = "level-1 file not found"
+
+    res = ws.run()
+    assert res.returncode == 3, (res.returncode, res.stderr[-2000:])
+    streak = re.search(r"2 consecutive failures with the same reason: (.*?); stopped dispatching", res.stderr)
+    assert streak and expected_reason in streak.group(1), res.stderr[-2000:]
+    assert "Level2Pipeline stopped the run" in res.stderr
+    assert re.search(r"Level2Pipeline\s+0\s+0\s+2\s+0 \(FATAL\)", res.stdout), res.stdout
+    jobs = jobs_by_obsid(ws)
+    all_obsids = {obsid_of(p) for p in small_archive.paths}
+    failed = {o for o, j in jobs.items() if j.status == "failed"}
+    assert len(failed) == 2 and failed < all_obsids
+    assert all(expected_reason in jobs[o].error for o in failed)
+    (untried,) = all_obsids - failed
+    assert untried not in jobs or jobs[untried].status == "pending"
+    assert ws.level2_files() == [] and ws.staging_files() == []
+    db = ws.db()
+    try:
+        assert db.get_observation_snapshot(untried)["summary"]["processing_status"] != "failed"
+    finally:
+        db.disconnect()
+
+    # the fault is repaired: the next run processes the untried observation and skips the failed ones
+    if fault == "disk_full":
+        (markers / "disk_full").unlink()
+    else:
+        ws.level1.rmdir()
+        shutil.move(ws.root / "level1.unmounted", ws.level1)
+    res2 = ws.run()
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    jobs = jobs_by_obsid(ws)
+    assert jobs[untried].status == "done" and all(jobs[o].status == "failed" for o in failed)
+    assert [obsid_of(p) for p in ws.level2_files()] == [untried]

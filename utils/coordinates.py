@@ -10,7 +10,8 @@ so precession–nutation, aberration, polar motion and UT1−UTC are exactly ast
 once at the block mid-time; per sample only the local Earth rotation angle is updated from UT1,
 and the conversion is ``erfa.atoiq`` (observed → CIRS) then ``erfa.aticq`` (CIRS → ICRS),
 vectorised. Freezing aberration and precession–nutation over 60 s costs < 0.05″; the test and
-benchmark B5 compare with astropy's full per-sample transform (≤ 0.1″).
+benchmark B5 compare with astropy's full per-sample transform (≤ 0.1″). ``icrs_to_azel`` and
+``parallactic_angle`` use the same block astrometry (``erfa.atciq`` then ``erfa.atioq``).
 """
 
 from __future__ import annotations
@@ -279,6 +280,65 @@ def icrs_to_azel_astropy(
     return az, el
 
 
+def parallactic_angle(
+    ra_deg: ArrayLike,
+    dec_deg: ArrayLike,
+    mjd_utc: ArrayLike,
+    *,
+    site: Site = OVRO,
+    block_s: float = DEFAULT_BLOCK_S,
+) -> NDArray[np.float64]:
+    """Parallactic angle of an ICRS position at each time, seen from ``site`` (04 §3.3).
+
+    ``q = atan2(sin H cos φ, sin φ cos δ − cos φ sin δ cos H)`` with H the apparent (local, true)
+    hour angle, δ the apparent declination and φ the geodetic latitude of the site. The ICRS
+    position goes to CIRS (``erfa.atciq``) and then to the local hour angle and declination
+    (``erfa.atioq``, no refraction) with the same block astrometry as :func:`azel_to_icrs`: per
+    sample only the Earth rotation angle changes, the rest is frozen over blocks of ``block_s``.
+    H and δ therefore refer to the local pole (polar motion and diurnal aberration included),
+    which is the pole of the az/el frame the formula is used with.
+
+    q is the position angle of the zenith direction measured from the direction of the north
+    celestial pole, positive towards east; equivalently, the bearing of the pole in the az/el
+    frame measured from "up" towards increasing azimuth. q > 0 west of the meridian (H > 0), q = 0
+    on the meridian south of the zenith, ±180° on the meridian between the zenith and the pole.
+
+    Parameters
+    ----------
+    ra_deg, dec_deg : array_like, shape (n,) or scalar
+        ICRS right ascension and declination, degrees.
+    mjd_utc : array_like, shape (n,) or scalar
+        Times, MJD (UTC). The three inputs broadcast together.
+    site : (lon_deg, lat_deg, height_m)
+        Observatory location; default OVRO.
+    block_s : float
+        Length of the blocks over which the star-independent astrometry is frozen, s.
+
+    Returns
+    -------
+    q_deg : ndarray, shape (n,)
+        Parallactic angle in degrees, in (−180, 180]. Non-finite inputs give NaN.
+    """
+    import erfa
+
+    ra, dec, mjd = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(ra_deg, dtype=np.float64)),
+        np.atleast_1d(np.asarray(dec_deg, dtype=np.float64)),
+        np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64)),
+    )
+    q = np.full(ra.shape, np.nan)
+    good = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mjd)
+    if good.any():
+        astrom = _block_astrometry(mjd[good], site, False, None, 10.0, 0.3, 1.0e4, block_s)
+        ri, di = erfa.atciq(np.radians(ra[good]), np.radians(dec[good]), 0.0, 0.0, 0.0, 0.0, astrom)
+        _aob, _zob, hob, dob, _rob = erfa.atioq(ri, di, astrom)
+        sin_phi, cos_phi = astrom["sphi"], astrom["cphi"]
+        q[good] = np.degrees(
+            np.arctan2(np.sin(hob) * cos_phi, sin_phi * np.cos(dob) - cos_phi * np.sin(dob) * np.cos(hob))
+        )
+    return q
+
+
 def _galactic_matrix() -> NDArray[np.float64]:
     """3×3 rotation ICRS→Galactic, from astropy's transform of the unit vectors (built once)."""
     global _GAL_MATRIX
@@ -361,5 +421,6 @@ __all__: Sequence[str] = (
     "icrs_to_azel",
     "icrs_to_azel_astropy",
     "icrs_to_galactic",
+    "parallactic_angle",
     "sun_altitude_deg",
 )

@@ -27,6 +27,7 @@ from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from utils.constants import SUPPORTED_LEVEL2_FORMAT_VERSIONS
 
 log = logging.getLogger("comap.MapMaking")
+line_log = logging.getLogger("comap.LineMapMaking")
 
 
 class MapJobFailed(Exception):
@@ -48,6 +49,7 @@ class MapMaking(PipelineStage):
     """
 
     sub_config_kind = "map"
+    product = "map"
 
     def __init__(self, config_file: str = "parameter_files/level2_mapmaking.toml") -> None:
         self.config_file = config_file
@@ -187,6 +189,36 @@ class MapMaking(PipelineStage):
                     self.context.logging.stop_queue()
         return result
 
+    def _gather(self, job: Any, files: list[Any] | None, master: dict[str, Any], result: StageResult):
+        """Selection, level-2 facts, calibration table and quality flags of one job; None (and a
+        failure recorded) when the selection is empty."""
+        facade, own = self._facade(job, master)
+        try:
+            if files is None:
+                observations, dropped = self.select(job, master, facade)
+            else:
+                observations, dropped = list(files), Counter()
+            if not observations:
+                log.warning(
+                    "no data for %s %s: %s",
+                    self.product,
+                    job.map_name,
+                    describe_counts(dropped) or "empty selection",
+                )
+                result.record_failure(job.map_name, f"no data for {self.product} {job.map_name}")
+                return None
+            updated, feeds = self._level2_facts(observations)
+            table = facade.load_calibration_table(job.calib_source) if job.calibration == "model" else None
+            flags = {}
+            if job.use_quality_flags:
+                for o in observations:
+                    rows = facade.get_quality_flags(o.obsid)
+                    flags[o.obsid] = {key: bool(row.is_good) for key, row in rows.items()}
+        finally:
+            if own:
+                facade.disconnect()
+        return observations, updated, feeds, table, flags
+
     def run_map_job(
         self,
         job: Any,
@@ -199,28 +231,10 @@ class MapMaking(PipelineStage):
         """Make every map of one CreateMap job; ``files`` overrides the DB selection."""
         master = master or {}
         result = result or StageResult(stage=type(self).__name__)
-        facade, own = self._facade(job, master)
-        try:
-            if files is None:
-                observations, dropped = self.select(job, master, facade)
-            else:
-                observations, dropped = list(files), Counter()
-            if not observations:
-                log.warning(
-                    "no data for map %s: %s", job.map_name, describe_counts(dropped) or "empty selection"
-                )
-                result.record_failure(job.map_name, f"no data for map {job.map_name}")
-                return result
-            updated, feeds = self._level2_facts(observations)
-            table = facade.load_calibration_table(job.calib_source) if job.calibration == "model" else None
-            flags = {}
-            if job.use_quality_flags:
-                for o in observations:
-                    rows = facade.get_quality_flags(o.obsid)
-                    flags[o.obsid] = {key: bool(row.is_good) for key, row in rows.items()}
-        finally:
-            if own:
-                facade.disconnect()
+        gathered = self._gather(job, files, master, result)
+        if gathered is None:
+            return result
+        observations, updated, feeds, table, flags = gathered
         concrete = job.expand(observations, feeds)
         geometry = None
         made: dict[str, Path] = {}
@@ -507,28 +521,292 @@ def quicklook_png(fits_path: Path) -> Path:
 
 
 class LineMapMaking(MapMaking):
-    """Make the RRL cubes listed in a line-map config (04 §9); its jobs are ``CreateLineMap`` calls."""
+    """Make the RRL cubes listed in a line-map config (04 §9); its jobs are ``CreateLineMap`` calls.
+
+    Parameters
+    ----------
+    config_file : str
+        The line-map config: ``[Master]`` as for MapMaking and a ``pipeline`` of ``CreateLineMap``
+        calls.
+    """
+
+    product = "cube"
 
     def __init__(self, config_file: str = "parameter_files/level2_line_mapmaking.toml") -> None:
         super().__init__(config_file)
 
+    @staticmethod
+    def _is_line_job(job: Any) -> bool:
+        from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
+
+        return isinstance(job, CreateLineMap)
+
+    def plan(self) -> list[str]:
+        sub = self._sub_config()
+        lines = [f"{type(self).__name__}: config {self.config_file}"]
+        for spec in sub.entries:
+            job = spec.instantiate()
+            if not self._is_line_job(job):
+                lines.append(f"  {spec.name}: not a CreateLineMap job (skipped)")
+                continue
+            facade, own = self._facade(job, sub.master)
+            try:
+                obs, dropped = self.select(job, sub.master, facade)
+            finally:
+                if own:
+                    facade.disconnect()
+            cubes = job.expand()
+            lines.append(
+                f"  {spec.name}({job.map_name}): {len(obs)} observation(s) selected "
+                f"({describe_counts(dropped) if dropped else 'none dropped'}); {len(cubes)} cube(s)"
+            )
+            lines.extend(f"    {c.output_path}" for c in cubes)
+        return lines
+
     def run(self) -> StageResult:
         result = StageResult(stage=type(self).__name__)
         sub = self._sub_config()
-        for spec in sub.entries:
-            job = spec.instantiate()
-            try:
-                job.run_line_job(self, sub.master, result)
-            except Exception as exc:
-                log.error(
-                    "%s failed: %s: %s",
-                    getattr(job, "map_name", spec.name),
-                    type(exc).__name__,
-                    exc,
-                    exc_info=True,
-                )
-                result.record_failure(getattr(job, "map_name", spec.name), f"{type(exc).__name__}: {exc}")
+        nprocess = self._nprocess(sub.master)
+        executor = None
+        if nprocess > 1:
+            import multiprocessing
+
+            log_queue = None
+            if self.context.logging is not None:
+                log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
+            executor = LocalPoolExecutor(nprocess, log_queue=log_queue, log_level=self.context.log_level)
+            from modules.MapMaking.ReadLineData import _read_line_task
+
+            executor.start(_read_line_task)
+        try:
+            for spec in sub.entries:
+                job = spec.instantiate()
+                if not self._is_line_job(job):
+                    line_log.error("%s is not a CreateLineMap job; LineMapMaking makes cubes only", spec.name)
+                    result.record_failure(spec.name, "not a CreateLineMap job")
+                    continue
+                self.run_line_job(job, None, master=sub.master, result=result, executor=executor)
+        finally:
+            if executor is not None:
+                executor.shutdown()
+                if self.context.logging is not None:
+                    self.context.logging.stop_queue()
         return result
+
+    def run_line_job(
+        self,
+        job: Any,
+        files: list[Any] | None,
+        *,
+        master: dict[str, Any] | None = None,
+        result: StageResult | None = None,
+        executor=None,
+    ) -> StageResult:
+        """Make every cube of one CreateLineMap job; ``files`` overrides the DB selection."""
+        master = master or {}
+        result = result or StageResult(stage=type(self).__name__)
+        gathered = self._gather(job, files, master, result)
+        if gathered is None:
+            return result
+        observations, updated, _feeds, table, flags = gathered
+        for cube in job.expand():
+            name = cube.output_path.name
+            config_sha = job.job_config_hash(cube, observations, updated)
+            force = bool(job.overwrite or self.context.force)
+            if not force and cube.output_path.exists() and read_configsha(cube.output_path) == config_sha:
+                line_log.info("%s is up to date", name)
+                result.skipped += 1
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.make_cube(job, cube, observations, table, flags, config_sha, executor)
+            except MapJobFailed as exc:
+                line_log.warning("%s", exc)
+                result.record_failure(name, str(exc))
+                continue
+            except Exception as exc:  # one cube failing does not stop the others
+                line_log.error("cube %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+                result.record_failure(name, f"{type(exc).__name__}: {exc}")
+                continue
+            result.done += 1
+            line_log.info("wrote %s in %.1f s", cube.output_path, time.perf_counter() - t0)
+        return result
+
+    @staticmethod
+    def _native_step_kms(cube: Any, path: str) -> float:
+        """Native channel width ``c |Δν| / ν0`` (km/s) of the widest of the cube's lines."""
+        from utils.rrl import SPEED_OF_LIGHT_KMS
+
+        with h5py.File(path, "r", locking=False) as l2:
+            freq = np.asarray(l2["spectrometer/frequency"][...], dtype=np.float64)
+        width_ghz = float(np.median(np.abs(np.diff(freq, axis=1))))
+        return max(SPEED_OF_LIGHT_KMS * width_ghz / s.rest_freq_ghz for s in cube.lines)
+
+    def make_cube(
+        self,
+        job: Any,
+        cube: Any,
+        observations: list[Any],
+        table: Any,
+        flags: dict,
+        config_sha: str,
+        executor=None,
+    ) -> Path:
+        """Pre-pass, read, assemble and write one cube (04 §9.3–§9.6)."""
+        from modules.MapMaking.fits_output import SpectralAxis, write_cube_fits
+        from modules.MapMaking.line_cube import (
+            Cube,
+            cube_from_sums,
+            cube_quicklook_png,
+            destripe_channels,
+            pixel_baselines,
+        )
+        from modules.MapMaking.ReadLineData import LineDataReader
+
+        name = cube.output_path.name
+        reader = LineDataReader(job.reader_settings(cube, 1.0), table, flags)
+        plans = reader.prepass(observations)
+        if not plans:
+            raise MapJobFailed(f"no data for cube {name}: {describe_counts(reader.counts)}")
+        step = job.velocity_resolution_kms or self._native_step_kms(cube, plans[0].path)
+        settings = job.reader_settings(cube, float(step))
+        reader.settings = settings
+        grid = settings.grid
+        if job.wcs_def != "dynamic":
+            geometry = job_geometry(job.wcs_def, job.wcs_def_file)
+        else:
+            lon, lat = sample_pointing(plans, job.dynamic_frame)
+            geometry = job_geometry(
+                "dynamic",
+                job.wcs_def_file,
+                lon,
+                lat,
+                frame=job.dynamic_frame,
+                cdelt_deg=job.dynamic_wcs_cdelt,
+                padding_deg=job.dynamic_wcs_padding,
+            )
+        line_log.info(
+            "%s: %d segment(s) from %d observation(s), %d velocity channels of %.2f km/s; %s",
+            name,
+            len(plans),
+            len({p.obsid for p in plans}),
+            grid.n_v,
+            grid.step_kms,
+            describe_counts(reader.counts),
+        )
+        files = len({p.path for p in plans})
+        with Progress(files, desc=f"reading {name}", logger=log, unit="file") as bar:
+            acc = reader.read(
+                plans, geometry, executor=_ExecutorAdapter(executor) if executor else None, progress=bar
+            )
+        for note in acc.notes:
+            line_log.info("%s: %s", name, note)
+        if acc.hit.size == 0 or not (acc.acc_w > 0).any():
+            raise MapJobFailed(
+                f"no data for cube {name}: no sample with weight lands on the map "
+                f"({describe_counts(acc.counts)})"
+            )
+        line, rms = cube_from_sums(acc)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            continuum = np.where(acc.cont_w > 0, acc.cont_sum / acc.cont_w, np.nan)
+        destriper_cards: dict[str, Any] = {}
+        if settings.per_sample:
+            line, destriper_cards = destripe_channels(
+                acc, settings, offset_length=job.offset_length, tol=job.tol, max_iter=job.max_iter
+            )
+        if settings.continuum_subtraction == "pixel":
+            line, continuum = pixel_baselines(line, acc.acc_w, settings)
+        first = cube.lines[0]
+        lines_cards: dict[str, Any] = {"STACKED": len(cube.lines) > 1}
+        total_weight = float(acc.line_weight.sum()) if acc.line_weight is not None else 0.0
+        for k, spec in enumerate(cube.lines, start=1):
+            lines_cards[f"LINE{k}"] = spec.label
+            lines_cards[f"RFREQ{k}"] = (spec.rest_freq_ghz * 1e9, "Hz")
+            if total_weight > 0:
+                share = float(acc.line_weight[k - 1]) / total_weight
+                lines_cards[f"HIERARCH LINE W{k}"] = (share, f"share of {spec.label} in the weights")
+        lines_cards.update(
+            {
+                "HIERARCH LINE CONTSUB": settings.continuum_subtraction,
+                "HIERARCH LINE BASEORD": int(settings.baseline_order),
+                "HIERARCH LINE MASKLO": (settings.mask_kms[0], "km/s LSRK"),
+                "HIERARCH LINE MASKHI": (settings.mask_kms[1], "km/s LSRK"),
+                "HIERARCH LINE VCENTER": (grid.center_kms, "km/s LSRK"),
+                "HIERARCH LINE DV": (grid.step_kms, "km/s"),
+                "HIERARCH LINE L1BYTES": (int(acc.bytes_read), "level-1 TOD bytes read"),
+            }
+        )
+        lines_cards.update(destriper_cards)
+        from utils.rrl import SPEED_OF_LIGHT_KMS
+
+        info = MapInfo(
+            object_name=job.map_name,
+            band=int(plans[0].uses[0].band) if len(cube.lines) == 1 else -1,
+            channel=-1,
+            feeds=sorted({f for _o, f, _s in acc.used}),
+            obsids=sorted({o for o, _f, _s in acc.used}),
+            mjd_min=acc.mjd_range[0],
+            mjd_max=acc.mjd_range[1],
+            freq_hz=first.rest_freq_ghz * 1e9,
+            bandwidth_hz=first.rest_freq_ghz * 1e9 * grid.step_kms / SPEED_OF_LIGHT_KMS,
+            n_segment=len(acc.used),
+            n_sample=int(acc.n_samples),
+            calibration={
+                "MODE": job.calibration,
+                "SOURCE": job.calib_source,
+                "MEDFACT": float(np.median([u.factor for p in plans for u in p.uses])),
+            },
+        )
+        spectral = SpectralAxis(
+            job.spectral_axis, grid.center_kms, grid.step_kms, grid.n_v, first.rest_freq_ghz * 1e9
+        )
+        params = dict(job.parameters)
+        params.update(cube=cube.label)
+        path = write_cube_fits(
+            cube.output_path,
+            geometry,
+            spectral,
+            hit=acc.hit,
+            line=line,
+            rms=rms,
+            hits=acc.hits,
+            continuum=continuum,
+            info=info,
+            params=params,
+            config_sha=config_sha,
+            line_cards=lines_cards,
+            hit_percentile=float(job.hit_percentile),
+            min_hits=int(job.min_hits),
+            resolved_config={
+                "class": job.module_path,
+                "params": params,
+                "config_sha256": config_sha,
+                "obsids": info.obsids,
+                "lines": {s.label: s.rest_freq_ghz for s in cube.lines},
+            },
+        )
+        line_log.info(
+            "%s: %d samples, %.1f MB of level-1 TOD read", name, acc.n_samples, acc.bytes_read / 1e6
+        )
+        if job.quicklook:
+            from modules.MapMaking.fits_output import hit_mask
+
+            hits_full = np.zeros(geometry.n_pixels, dtype=np.int64)
+            hits_full[acc.hit] = acc.hits
+            mask, _thr = hit_mask(
+                hits_full.reshape(geometry.shape), hit_percentile=job.hit_percentile, min_hits=job.min_hits
+            )
+            cube_quicklook_png(
+                path.with_suffix(".png"),
+                geometry,
+                acc.hit,
+                Cube(line, rms, continuum),
+                grid.velocities_kms,
+                settings.mask_kms,
+                mask.ravel()[acc.hit] != 0,
+                f"{job.map_name} {cube.label}",
+            )
+        return path
 
 
 __all__ = ["LineMapMaking", "MapJobFailed", "MapMaking", "quicklook_png", "write_difference_map"]

@@ -101,8 +101,10 @@ def base_header(geometry: MapGeometry, info: MapInfo, params: Mapping[str, Any],
         h["MJD-END"] = (float(info.mjd_max), "last sample (MJD, UTC)")
     h["FREQ"] = (float(info.freq_hz), "Hz, weighted mean of central_freqs")
     h["BANDWID"] = (float(info.bandwidth_hz), "Hz")
-    h["BAND"] = (int(info.band), "spectrometer band 0-3")
-    h["CHANNEL"] = (int(info.channel), "binned channel")
+    if info.band >= 0:
+        h["BAND"] = (int(info.band), "spectrometer band 0-3")
+    if info.channel >= 0:
+        h["CHANNEL"] = (int(info.channel), "binned channel")
     h["FEEDS"] = _feed_label_list(info.feeds)
     h["NOBS"] = len(info.obsids)
     h["OBSIDMIN"] = int(min(info.obsids)) if info.obsids else -1
@@ -222,6 +224,167 @@ def write_map_fits(
     if resolved_config is not None:
         write_config_beside(out, resolved_config)
     return out
+
+
+@dataclass(frozen=True)
+class SpectralAxis:
+    """The spectral axis of an RRL cube (04 §9.6): LSRK radio velocity grid and the rest frequency.
+
+    ``kind`` is ``'VRAD'`` (m/s) or ``'FREQ'`` (Hz, ``ν = ν0 (1 − v/c)``); both are exactly linear.
+    """
+
+    kind: str
+    center_kms: float
+    step_kms: float
+    n_v: int
+    rest_freq_hz: float
+
+    def header_cards(self) -> dict[str, Any]:
+        from utils.rrl import SPEED_OF_LIGHT_KMS
+
+        crpix = 0.5 * (self.n_v + 1)
+        if self.kind == "VRAD":
+            cards = {
+                "CTYPE3": "VRAD",
+                "CUNIT3": "m/s",
+                "CRPIX3": crpix,
+                "CRVAL3": self.center_kms * 1e3,
+                "CDELT3": self.step_kms * 1e3,
+                "VELREF": 257,
+            }
+        elif self.kind == "FREQ":
+            cards = {
+                "CTYPE3": "FREQ",
+                "CUNIT3": "Hz",
+                "CRPIX3": crpix,
+                "CRVAL3": self.rest_freq_hz * (1.0 - self.center_kms / SPEED_OF_LIGHT_KMS),
+                "CDELT3": -self.rest_freq_hz * self.step_kms / SPEED_OF_LIGHT_KMS,
+            }
+        else:
+            raise ValueError(f"spectral axis must be VRAD or FREQ, got {self.kind!r}")
+        cards["SPECSYS"] = "LSRK"
+        cards["RESTFRQ"] = float(self.rest_freq_hz)
+        return cards
+
+
+def _streaming_header(shape: tuple[int, ...], *, primary: bool, bitpix: int = -32):
+    """An image header for ``shape`` (NumPy order) without allocating the data."""
+    from astropy.io import fits
+
+    h = (fits.PrimaryHDU() if primary else fits.ImageHDU()).header
+    h["BITPIX"] = bitpix
+    h["NAXIS"] = len(shape)
+    after = "NAXIS"
+    for i, n in enumerate(reversed(shape)):
+        h.set(f"NAXIS{i + 1}", int(n), after=after)
+        after = f"NAXIS{i + 1}"
+    return h
+
+
+def write_cube_fits(
+    path: str | Path,
+    geometry: MapGeometry,
+    spectral: SpectralAxis,
+    *,
+    hit: np.ndarray,
+    line: np.ndarray,
+    rms: np.ndarray,
+    hits: np.ndarray,
+    continuum: np.ndarray,
+    info: MapInfo,
+    params: Mapping[str, Any],
+    config_sha: str,
+    line_cards: Mapping[str, Any],
+    hit_percentile: float = 5.0,
+    min_hits: int = 1,
+    resolved_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an RRL cube: LINE, RMS, HITS, CONTINUUM and MASK HDUs (04 §9.6).
+
+    The data are given on the hit pixels only and the full planes are assembled one velocity
+    channel at a time while streaming to disk, so memory follows the observed area.
+
+    Parameters
+    ----------
+    hit : int array, shape (n_hit,)
+        Flattened full-grid index of every hit pixel.
+    line, rms : ndarray, shape (n_hit, n_v)
+        Cube and its rms (K) on the hit pixels; NaN where no weight.
+    hits : int array, shape (n_hit,)
+        Samples per pixel, each sample counted once.
+    continuum : ndarray, shape (n_hit,)
+        Weighted baseline level at the cube centre (K).
+    line_cards : mapping
+        Extra primary-header cards (lines, continuum handling).
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    n_pix = geometry.n_pixels
+    hits_full = np.zeros(n_pix, dtype=np.int64)
+    hits_full[hit] = hits
+    hits_image = hits_full.reshape(geometry.shape)
+    mask, threshold = hit_mask(hits_image, hit_percentile=hit_percentile, min_hits=min_hits)
+    masked_hit = mask.ravel()[hit] != 0
+    n_v = int(line.shape[1])
+
+    wcs2 = geometry.fits_header()
+    header = base_header(geometry, info, params, config_sha)
+    cube_header = _streaming_header((n_v, *geometry.shape), primary=True)
+    cube_header["EXTEND"] = True
+    cube_header.extend([c for c in header.cards if c.keyword not in ("HISTORY", "COMMENT", "")], update=True)
+    cube_header["WCSAXES"] = 3
+    for key, value in spectral.header_cards().items():
+        cube_header[key] = value
+    cube_header["EXTNAME"] = "LINE"
+    cube_header["HIERARCH MASK HITPCT"] = float(hit_percentile)
+    cube_header["HIERARCH MASK HITMIN"] = int(min_hits)
+    cube_header["HIERARCH MASK HITTHR"] = float(threshold)
+    for key, value in line_cards.items():
+        cube_header.append(fits.Card(key, *(value if isinstance(value, tuple) else (value,))), end=True)
+    cube_header.extend([c for c in header.cards if c.keyword == "HISTORY"])
+
+    rms_header = _streaming_header((n_v, *geometry.shape), primary=False)
+    rms_header.extend(wcs2.cards, update=True)
+    rms_header["WCSAXES"] = 3
+    for key, value in spectral.header_cards().items():
+        rms_header[key] = value
+    rms_header["BUNIT"] = "K"
+    rms_header["EXTNAME"] = "RMS"
+
+    def plane(values: np.ndarray, j: int) -> np.ndarray:
+        full = np.full(n_pix, np.nan, dtype=np.float32)
+        full[hit] = np.where(masked_hit, np.nan, values[:, j])
+        return full.reshape(geometry.shape)
+
+    remove_stale_partials(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        for hdr, values in ((cube_header, line), (rms_header, rms)):
+            stream = fits.StreamingHDU(str(tmp), hdr)  # a Path is taken for an open file
+            for j in range(n_v):
+                stream.write(plane(values, j))
+            stream.close()
+        cont_full = np.full(n_pix, np.nan, dtype=np.float32)
+        cont_full[hit] = np.where(masked_hit, np.nan, continuum)
+        for name, data, unit in (
+            ("HITS", hits_image.astype(np.int32), ""),
+            ("CONTINUUM", cont_full.reshape(geometry.shape), "K"),
+            ("MASK", mask, ""),
+        ):
+            h = wcs2.copy()
+            h["BUNIT"] = unit
+            fits.append(tmp, data, header=fits.ImageHDU(data, header=h, name=name).header)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if resolved_config is not None:
+        write_config_beside(path, resolved_config)
+    return path
 
 
 def read_configsha(path: str | Path) -> str | None:

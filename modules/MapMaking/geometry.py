@@ -19,6 +19,22 @@ def wcs_definitions_path(wcs_def_file: str) -> Path | None:
     return None
 
 
+def wcs_def_problems(wcs_def: str, wcs_def_file: str) -> list[str]:
+    """Config-time check of a job's ``wcs_def``: the definitions file exists and names it."""
+    if wcs_def == "dynamic":
+        return []
+    path = wcs_definitions_path(str(wcs_def_file))
+    if path is None:
+        return [f"wcs_def_file {wcs_def_file} not found"]
+    try:
+        known = load_wcs_definitions(path)
+    except (OSError, ValueError) as exc:
+        return [f"wcs_def_file {path}: {exc}"]
+    if wcs_def not in known:
+        return [f"unknown WCS definition {wcs_def!r}; known: {', '.join(sorted(known))}"]
+    return []
+
+
 def job_geometry(
     wcs_def: str,
     wcs_def_file: str,

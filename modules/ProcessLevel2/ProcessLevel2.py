@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -42,6 +43,19 @@ log = logging.getLogger("comap.Level2Pipeline")
 
 def _fields(obs: COMAPData) -> dict[str, Any]:
     return {c.key: getattr(obs, c.key) for c in COMAPData.__table__.columns}
+
+
+_OBSID_PREFIX = re.compile(r"\bObsID\s+\d+:\s*", re.IGNORECASE)
+_PATH_TOKEN = re.compile(r"\S*/\S*")
+_NUMBER = re.compile(r"\d+")
+
+
+def failure_signature(reason: str) -> str:
+    """A failure reason without what differs between observations (obsid, file paths, numbers), so
+    that a missing mount or a full disk counts as the same reason for every file (00 §9 item 3)."""
+    text = _OBSID_PREFIX.sub("", reason)
+    text = _PATH_TOKEN.sub("<path>", text)
+    return _NUMBER.sub("#", text)
 
 
 class Level2Pipeline(PipelineStage):
@@ -461,8 +475,9 @@ class Level2Pipeline(PipelineStage):
                     streak_reason, streak = None, 0
                 else:
                     first = reason.split(": ", 1)[-1]
-                    streak = streak + 1 if first == streak_reason else 1
-                    streak_reason = first
+                    signature = failure_signature(first)
+                    streak = streak + 1 if signature == streak_reason else 1
+                    streak_reason = signature
                     if streak >= self.max_consecutive_failures:
                         result.fatal = (
                             f"{streak} consecutive failures with the same reason: {first}; "

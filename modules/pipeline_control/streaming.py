@@ -213,8 +213,8 @@ class ObservationContext:
         start, stop = self.scans[scan]
         t = 0.5 * (self.mjd[start] + self.mjd[stop - 1])
         return (
-            _interp_events(vane["mjd"], vane["gain"][:, ifeed], t),
-            _interp_events(vane["mjd"], vane["tsys"][:, ifeed], t),
+            interpolate_vane_events(vane["mjd"], vane["gain"][:, ifeed], t),
+            interpolate_vane_events(vane["mjd"], vane["tsys"][:, ifeed], t),
         )
 
     def pointing(self, feed: int, sl: slice) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +228,7 @@ class ObservationContext:
             return pp["pixel_az"][ifeed, sl], pp["pixel_el"][ifeed, sl]
 
 
-def _interp_events(event_mjd: np.ndarray, values: np.ndarray, t: float) -> np.ndarray:
+def interpolate_vane_events(event_mjd: np.ndarray, values: np.ndarray, t: float) -> np.ndarray:
     """Linear interpolation in time of per-event arrays ``values (E, ...)`` at ``t``."""
     values = np.asarray(values, dtype=np.float64)
     n = len(event_mjd)

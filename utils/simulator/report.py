@@ -400,4 +400,15 @@ def build_report(root: str | os.PathLike) -> str:
         blocks.append(
             format_table("Continuum maps vs truth sky (after fitting scale a and offset b; 04 §8)", rows)
         )
+    from utils.simulator.cube_report import cube_rows
+
+    rows = cube_rows(root, [o.level1 for o in observations])
+    if rows:
+        blocks.append(
+            format_table(
+                "RRL cubes vs truth (zeroth moment: scale a with a free zero level, and on region 1; "
+                "04 §9.8)",
+                rows,
+            )
+        )
     return "\n\n".join(blocks)

@@ -330,3 +330,4 @@ def _write_components(group: h5py.Group, sky: GalacticSky) -> None:
     group.attrs["ridge_modulation"] = s.ridge_modulation
     group.attrs["ridge_lambda_deg"] = s.ridge_lambda_deg
     group.attrs["n_beam_freqs"] = len(sky.beam_freqs_ghz)
+    group.attrs["beam_fwhm_arcmin_30ghz"] = sky.fwhm_30

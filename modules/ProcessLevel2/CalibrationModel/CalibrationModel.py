@@ -398,6 +398,11 @@ class CalibrationModel(PipelineStage):
             result.notes.append(msg)
             result.skipped = len(short)
             return result
+        inputs_sha = self._inputs_sha256(sel)
+        if not self.context.force and self._export_is_current(inputs_sha):
+            log.info("%s is up to date (same calibration_flux rows and parameters)", self.output_path)
+            result.skipped = len(enough) + len(short)
+            return result
         models = [
             fit_element(
                 element,
@@ -418,7 +423,7 @@ class CalibrationModel(PipelineStage):
                 self.min_observations,
             )
         if self.output_path:
-            self._export(models, sel)
+            self._export(models, sel, inputs_sha)
         if self.plot:
             self._plot(models)
         ratios = np.array([m.evaluate(np.array([0.5 * (m.mjd_min + m.mjd_max)]))[0] for m in models])
@@ -434,7 +439,32 @@ class CalibrationModel(PipelineStage):
         return result
 
     # ------------------------------------------------------------------------------------------
-    def _export(self, models: list[ElementModel], sel: SelectedRows) -> Path:
+    def _inputs_sha256(self, sel: SelectedRows) -> str:
+        """Hash of the parameters and of every selected calibration_flux row."""
+        return provenance.sha256_of(
+            {
+                "parameters": self.parameters,
+                "rows": [
+                    sel.obsid.tolist(),
+                    sel.element.tolist(),
+                    sel.mjd.tolist(),
+                    sel.ratio.tolist(),
+                    sel.ratio_error.tolist(),
+                ],
+            }
+        )
+
+    def _export_is_current(self, inputs_sha: str) -> bool:
+        """Whether ``output_path`` was written from exactly these inputs (a rerun has nothing to do)."""
+        if not self.output_path:
+            return False
+        try:
+            with open(str(self.output_path), encoding="utf-8") as fh:
+                return json.load(fh).get("inputs_sha256") == inputs_sha
+        except (OSError, ValueError):
+            return False
+
+    def _export(self, models: list[ElementModel], sel: SelectedRows, inputs_sha: str = "") -> Path:
         """Write the fitted table as JSON, atomically (temporary name, then ``os.replace``)."""
         path = Path(str(self.output_path))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,6 +483,7 @@ class CalibrationModel(PipelineStage):
             "parameters": self.parameters,
             "n_rows_read": sel.n_read,
             "n_rows_used": int(sum(m.n_observations for m in models)),
+            "inputs_sha256": inputs_sha,
             "elements": elements,
         }
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")

@@ -261,9 +261,8 @@ class CreateMap(MapJob):
     # --- validation -----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        from modules.MapMaking.geometry import wcs_definitions_path
+        from modules.MapMaking.geometry import wcs_def_problems
         from modules.MapMaking.ReadData import DETRENDS
-        from utils.wcs import load_wcs_definitions
 
         problems = []
         mode = params.get("split_mode") or cls.default_split_mode
@@ -288,21 +287,7 @@ class CreateMap(MapJob):
             problems.append("dynamic_frame must be 'galactic' or 'icrs'")
         if int(params.get("offset_length", 1)) < 1:
             problems.append("offset_length must be >= 1")
-        wcs_def = params.get("wcs_def", "dynamic")
-        if wcs_def != "dynamic":
-            path = wcs_definitions_path(str(params.get("wcs_def_file")))
-            if path is None:
-                problems.append(f"wcs_def_file {params.get('wcs_def_file')} not found")
-            else:
-                try:
-                    known = load_wcs_definitions(path)
-                except (OSError, ValueError) as exc:
-                    problems.append(f"wcs_def_file {path}: {exc}")
-                else:
-                    if wcs_def not in known:
-                        problems.append(
-                            f"unknown WCS definition {wcs_def!r}; known: {', '.join(sorted(known))}"
-                        )
+        problems += wcs_def_problems(params.get("wcs_def", "dynamic"), params.get("wcs_def_file"))
         if params.get("bright_mask_map") and not Path(str(params["bright_mask_map"])).exists():
             problems.append(f"bright_mask_map {params['bright_mask_map']} does not exist")
         return problems

@@ -1,0 +1,3 @@
+from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
+
+__all__ = ["CreateLineMap"]

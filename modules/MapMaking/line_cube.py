@@ -1,0 +1,183 @@
+"""From merged line accumulators to a cube (04 §9.4–§9.5): cube and rms, per-pixel baselines,
+per-channel destriping, moments and the quicklook PNG.
+
+All arrays here live on the hit pixels only: shape (n_hit, n_v) for cubes, (n_hit,) for images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from modules.MapMaking.ReadLineData import LineAccumulation, LineReaderSettings, line_free_channels
+
+log = logging.getLogger("comap.LineMapMaking")
+
+
+@dataclass
+class Cube:
+    """A cube on the hit pixels: ``line`` and ``rms`` (K, NaN where no weight), the CONTINUUM image
+    and the facts the FITS header records."""
+
+    line: NDArray[np.float64]
+    rms: NDArray[np.float64]
+    continuum: NDArray[np.float64]
+    cards: dict[str, Any] = field(default_factory=dict)
+
+
+def cube_from_sums(acc: LineAccumulation) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``cube = Σ f w y / Σ f w`` and ``rms = sqrt(Σ f² w) / Σ f w`` (NaN where Σ f w = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        line = np.where(acc.acc_w > 0, acc.acc_sum / acc.acc_w, np.nan)
+        rms = np.where(acc.acc_w > 0, np.sqrt(acc.acc_q) / acc.acc_w, np.nan)
+    return line, rms
+
+
+def pixel_baselines(
+    line: NDArray[np.float64], weights: NDArray[np.float64], settings: LineReaderSettings
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``continuum_subtraction='pixel'``: fit each pixel's spectrum outside the line mask, weighted
+    by its weight spectrum, and subtract it. Returns (line, constant term at the centre);
+    pixels with fewer than ``order + 2`` line-free channels with weight become NaN."""
+    grid = settings.grid
+    v = grid.velocities_kms
+    free = line_free_channels(v, np.full(v.shape, grid.step_kms), settings.mask_kms)
+    order = settings.baseline_order
+    x = (v - grid.center_kms) / settings.halfwidth_kms
+    design = np.vander(x, order + 1, increasing=True)  # (n_v, q+1)
+    w = np.where(free[None, :] & np.isfinite(line) & (weights > 0), weights, 0.0)
+    y = np.where(w > 0, line, 0.0)
+    normal = np.einsum("pj,ja,jb->pab", w, design, design)
+    rhs = np.einsum("pj,ja,pj->pa", w, design, y)
+    ok = np.count_nonzero(w, axis=1) >= order + 2
+    coef = np.full((line.shape[0], order + 1), np.nan)
+    if ok.any():
+        coef[ok] = np.linalg.solve(normal[ok], rhs[ok][..., None])[..., 0]
+    out = line - coef @ design.T
+    out[~ok] = np.nan
+    return out, coef[:, 0]
+
+
+def destripe_channels(
+    acc: LineAccumulation, settings: LineReaderSettings, *, offset_length: int, tol: float, max_iter: int
+) -> tuple[NDArray[np.float64], dict[str, Any]]:
+    """Destripe every velocity channel on the regridded TOD ``y_out,j`` with weights ``w_out,j``
+    (04 §9.5); pixels, segments and offsets are shared across channels. Returns the cube (n_hit,
+    n_v) and destriper facts for the header."""
+    from modules.MapMaking.Destriper import destripe
+
+    assert acc.samples is not None and acc.segment_starts is not None
+    pixels = np.concatenate([s["pixels"] for s in acc.samples])
+    comp = np.full(pixels.shape, -1, dtype=np.int32)
+    on = pixels >= 0
+    comp[on] = np.searchsorted(acc.hit, pixels[on]).astype(np.int32)
+    # a sample off the cube's hit set (possible only for zero-weight samples) is dropped
+    comp[on & ~np.isin(pixels, acc.hit)] = -1
+    n_v = settings.grid.n_v
+    cube = np.full((acc.hit.size, n_v), np.nan)
+    n_iter, status = [], []
+    for j in range(n_v):
+        w = np.concatenate([s["w"][:, j] for s in acc.samples]).astype(np.float32)
+        total = np.concatenate([s["sum"][:, j] for s in acc.samples])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tod = np.where(w > 0, total / w, 0.0).astype(np.float32)
+        if not (w > 0).any():
+            continue
+        res = destripe(
+            tod,
+            comp,
+            w,
+            int(offset_length),
+            int(acc.hit.size),
+            tol=float(tol),
+            max_iter=int(max_iter),
+            segment_starts=acc.segment_starts,
+        )
+        cube[:, j] = np.where(acc.acc_w[:, j] > 0, res.map, np.nan)
+        n_iter.append(int(res.n_iter))
+        status.append(str(res.status))
+    facts = {
+        "HIERARCH DESTRIPER OFFLEN": int(offset_length),
+        "HIERARCH DESTRIPER TOL": float(tol),
+        "HIERARCH DESTRIPER NITERMAX": max(n_iter) if n_iter else 0,
+        "HIERARCH DESTRIPER DSTATUS": "converged"
+        if all(s == "converged" for s in status)
+        else ",".join(sorted(set(status))),
+    }
+    return cube, facts
+
+
+def moment0_kkms(line: NDArray, velocities_kms: NDArray, window_kms: tuple[float, float]) -> NDArray:
+    """Zeroth moment Σ T Δv (K km/s) over the channels whose centres lie in ``window_kms``."""
+    step = float(np.median(np.diff(velocities_kms))) if velocities_kms.size > 1 else 1.0
+    sel = (velocities_kms >= window_kms[0]) & (velocities_kms <= window_kms[1])
+    return np.nansum(line[..., sel], axis=-1) * step
+
+
+def cube_quicklook_png(
+    png_path: Path,
+    geometry: Any,
+    hit: NDArray[np.int64],
+    cube: Cube,
+    velocities_kms: NDArray,
+    mask_kms: tuple[float, float],
+    masked: NDArray[np.bool_],
+    title: str,
+) -> Path:
+    """PNG: moment-0 map over the line mask and the spectrum (± rms) at its most significant pixel
+    (largest moment 0 over its noise, so that a noisy edge pixel is not picked)."""
+    from utils.plotting import new_figure, save_figure
+
+    m0 = moment0_kkms(cube.line, velocities_kms, mask_kms)
+    m0 = np.where(masked | ~np.isfinite(cube.line).any(axis=1), np.nan, m0)
+    m0_sigma = np.sqrt(
+        moment0_kkms(cube.rms**2, velocities_kms, mask_kms) * np.median(np.diff(velocities_kms))
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        significance = np.where(m0_sigma > 0, m0 / m0_sigma, np.nan)
+    image = np.full(geometry.n_pixels, np.nan)
+    image[hit] = m0
+    image = image.reshape(geometry.shape)
+    fig, axes = new_figure(ncols=2, figsize=(12.0, 5.0))
+    ax0, ax1 = axes
+    finite = image[np.isfinite(image)]
+    vmin, vmax = np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0)
+    im = ax0.imshow(image, origin="lower", cmap="inferno", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=ax0, label="K km/s")
+    ax0.set_title(f"{title}: moment 0 ({mask_kms[0]:+.0f}…{mask_kms[1]:+.0f} km/s)")
+    ax0.set_xlabel(f"{geometry.header.get('CTYPE1', 'x')} pixel")
+    ax0.set_ylabel(f"{geometry.header.get('CTYPE2', 'y')} pixel")
+    if np.isfinite(significance).any():
+        k = int(np.nanargmax(significance))
+        iy, ix = np.unravel_index(int(hit[k]), geometry.shape)
+        ax0.plot([ix], [iy], "c+", ms=12)
+        ax1.step(velocities_kms, cube.line[k], where="mid", color="k", label="LINE")
+        ax1.fill_between(
+            velocities_kms,
+            cube.line[k] - cube.rms[k],
+            cube.line[k] + cube.rms[k],
+            step="mid",
+            color="0.7",
+            label="± RMS",
+        )
+        ax1.axvspan(*mask_kms, color="tab:orange", alpha=0.15, label="line mask")
+        ax1.set_title(f"spectrum at pixel ({ix}, {iy}), moment 0 = {significance[k]:.1f} σ")
+        ax1.legend(loc="best")
+    ax1.set_xlabel("LSRK radio velocity (km/s)")
+    ax1.set_ylabel("K (Rayleigh-Jeans)")
+    return save_figure(fig, png_path)
+
+
+__all__ = [
+    "Cube",
+    "cube_from_sums",
+    "cube_quicklook_png",
+    "destripe_channels",
+    "moment0_kkms",
+    "pixel_baselines",
+]
