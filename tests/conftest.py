@@ -138,6 +138,19 @@ DEFAULT_LEVEL2_MODULES = [
     "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
 ]
 
+# The level-2 modules up to NoiseStatsLevel2 (two binned channels), as call strings for l2.toml.
+LEVEL2_THROUGH_NOISE_STATS = [
+    "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
+    "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
+    "modules.ProcessLevel2.SystemTemperature.SystemTemperature.SystemTemperature()",
+    "modules.ProcessLevel2.FindScans.FindScans.FindScans()",
+    "modules.ProcessLevel2.NoiseStatsLevel1.NoiseStatsLevel1.NoiseStatsLevel1()",
+    "modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation.AtmosphereInObservation()",
+    "modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin.GainFilterAndBin(n_freq_bin=2)",
+    "modules.ProcessLevel2.PostBinCleaning.PostBinCleaning.PostBinCleaning()",
+    "modules.ProcessLevel2.NoiseStatsLevel2.NoiseStatsLevel2.NoiseStatsLevel2()",
+]
+
 
 class PipelineWorkspace:
     """A scratch directory with a level-1 tree, a database and configs, run through ``run.py``.

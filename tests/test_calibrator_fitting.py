@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import LEVEL2_THROUGH_NOISE_STATS
 
 from modules.pipeline_control.provenance import is_complete
 from modules.pipeline_control.streaming import ObservationContext, observation
@@ -628,15 +629,7 @@ def test_validate_config():
 # End to end through the real upstream stages (03 §4.10 truth test)
 # --------------------------------------------------------------------------------------------------
 UPSTREAM = [
-    "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
-    "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
-    "modules.ProcessLevel2.SystemTemperature.SystemTemperature.SystemTemperature()",
-    "modules.ProcessLevel2.FindScans.FindScans.FindScans()",
-    "modules.ProcessLevel2.NoiseStatsLevel1.NoiseStatsLevel1.NoiseStatsLevel1()",
-    "modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation.AtmosphereInObservation()",
-    "modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin.GainFilterAndBin(n_freq_bin=2)",
-    "modules.ProcessLevel2.PostBinCleaning.PostBinCleaning.PostBinCleaning()",
-    "modules.ProcessLevel2.NoiseStatsLevel2.NoiseStatsLevel2.NoiseStatsLevel2()",
+    *LEVEL2_THROUGH_NOISE_STATS,
     "modules.ProcessLevel2.CalibratorFitting.CalibratorFitting.CalibratorFitting()",
     "modules.ProcessLevel2.FinalizeLevel2Metadata.FinalizeLevel2Metadata.FinalizeLevel2Metadata()",
 ]

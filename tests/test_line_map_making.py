@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
-from conftest import PipelineWorkspace
+from conftest import LEVEL2_THROUGH_NOISE_STATS, PipelineWorkspace
 from scipy.optimize import curve_fit
 from scipy.special import erf
 
@@ -35,17 +35,7 @@ from utils.simulator.spec import HIIRegion, ScanSpec, SkySpec
 
 pytestmark = pytest.mark.slow
 
-LEVEL2 = [
-    "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
-    "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
-    "modules.ProcessLevel2.SystemTemperature.SystemTemperature.SystemTemperature()",
-    "modules.ProcessLevel2.FindScans.FindScans.FindScans()",
-    "modules.ProcessLevel2.NoiseStatsLevel1.NoiseStatsLevel1.NoiseStatsLevel1()",
-    "modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation.AtmosphereInObservation()",
-    "modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin.GainFilterAndBin(n_freq_bin=2)",
-    "modules.ProcessLevel2.PostBinCleaning.PostBinCleaning.PostBinCleaning()",
-    "modules.ProcessLevel2.NoiseStatsLevel2.NoiseStatsLevel2.NoiseStatsLevel2()",
-]
+LEVEL2 = LEVEL2_THROUGH_NOISE_STATS
 LINE_JOB = "modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap"
 MAP_JOB = "modules.MapMaking.MapMakingModules.CreateMap.CreateMap"
 H_ALPHA = ["H58a", "H59a", "H60a", "H61a", "H62a"]

@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from conftest import LEVEL2_THROUGH_NOISE_STATS
 
 from utils.coordinates import galactic_to_icrs, icrs_to_galactic
 from utils.simulator import PRESETS, simulate_observation
 
-LEVEL2 = [
-    "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
-    "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
-    "modules.ProcessLevel2.SystemTemperature.SystemTemperature.SystemTemperature()",
-    "modules.ProcessLevel2.FindScans.FindScans.FindScans()",
-    "modules.ProcessLevel2.NoiseStatsLevel1.NoiseStatsLevel1.NoiseStatsLevel1()",
-    "modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation.AtmosphereInObservation()",
-    "modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin.GainFilterAndBin(n_freq_bin=2)",
-    "modules.ProcessLevel2.PostBinCleaning.PostBinCleaning.PostBinCleaning()",
-    "modules.ProcessLevel2.NoiseStatsLevel2.NoiseStatsLevel2.NoiseStatsLevel2()",
-]
+LEVEL2 = LEVEL2_THROUGH_NOISE_STATS
 CREATE_MAP = "modules.MapMaking.MapMakingModules.CreateMap.CreateMap"
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import LEVEL2_THROUGH_NOISE_STATS
 
 from modules.pipeline_control.provenance import is_complete
 from modules.ProcessLevel2.NoiseStatsLevel2 import NoiseStatsLevel2
@@ -331,17 +332,7 @@ def test_failures_config_and_plot(synthetic, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Integration truth test on the real pipeline (03 §4.9)
 # --------------------------------------------------------------------------------------------------
-PIPELINE = [
-    "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
-    "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",
-    "modules.ProcessLevel2.SystemTemperature.SystemTemperature.SystemTemperature()",
-    "modules.ProcessLevel2.FindScans.FindScans.FindScans()",
-    "modules.ProcessLevel2.NoiseStatsLevel1.NoiseStatsLevel1.NoiseStatsLevel1()",
-    "modules.ProcessLevel2.AtmosphereInObservation.AtmosphereInObservation.AtmosphereInObservation()",
-    "modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin.GainFilterAndBin(n_freq_bin=2)",
-    "modules.ProcessLevel2.PostBinCleaning.PostBinCleaning.PostBinCleaning()",
-    "modules.ProcessLevel2.NoiseStatsLevel2.NoiseStatsLevel2.NoiseStatsLevel2()",
-]
+PIPELINE = LEVEL2_THROUGH_NOISE_STATS
 
 
 @pytest.fixture(scope="module")

@@ -142,46 +142,77 @@ class MapMaking(PipelineStage):
         return updated, sorted(feeds)
 
     # --- plan ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _is_line_job(job: Any) -> bool:
+        from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
+
+        return isinstance(job, CreateLineMap)
+
+    def _rejects(self, job: Any) -> str | None:
+        """Why this stage cannot run ``job`` (a line job belongs to LineMapMaking), or None."""
+        return "a CreateLineMap job: list it in LineMapMaking's config" if self._is_line_job(job) else None
+
+    def _outputs(self, job: Any, observations: list[Any]) -> list[Path]:
+        """The files a job would write for this selection (for the plan)."""
+        _updated, feeds = self._level2_facts(observations) if observations else ({}, [])
+        return [j.output_path for j in job.expand(observations, feeds)]
+
     def plan(self) -> list[str]:
         sub = self._sub_config()
         lines = [f"{type(self).__name__}: config {self.config_file}"]
         for spec in sub.entries:
             job = spec.instantiate()
+            reason = self._rejects(job)
+            if reason is not None:
+                lines.append(f"  {spec.name}: {reason} (skipped)")
+                continue
             facade, own = self._facade(job, sub.master)
             try:
                 obs, dropped = self.select(job, sub.master, facade)
             finally:
                 if own:
                     facade.disconnect()
-            _updated, feeds = self._level2_facts(obs) if obs else ({}, [])
-            jobs = job.expand(obs, feeds)
+            outputs = self._outputs(job, obs)
             lines.append(
                 f"  {spec.name}({job.map_name}): {len(obs)} observation(s) selected "
-                f"({describe_counts(dropped) if dropped else 'none dropped'}); {len(jobs)} map(s)"
+                f"({describe_counts(dropped) if dropped else 'none dropped'}); "
+                f"{len(outputs)} {self.product}(s)"
             )
-            lines.extend(f"    {j.output_path}" for j in jobs)
+            lines.extend(f"    {path}" for path in outputs)
         return lines
 
     # --- run --------------------------------------------------------------------------------------
+    @staticmethod
+    def _read_task():
+        from modules.MapMaking.ReadData import _read_task
+
+        return _read_task
+
+    def _run_job(self, job: Any, master: dict[str, Any], result: StageResult, executor) -> None:
+        self.run_map_job(job, None, master=master, result=result, executor=executor)
+
     def run(self) -> StageResult:
         result = StageResult(stage=type(self).__name__)
         sub = self._sub_config()
         nprocess = self._nprocess(sub.master)
         executor = None
-        if nprocess > 1:
+        if nprocess > 1:  # one pool for every job of the config: files are read in parallel
             import multiprocessing
 
             log_queue = None
             if self.context.logging is not None:
                 log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
             executor = LocalPoolExecutor(nprocess, log_queue=log_queue, log_level=self.context.log_level)
-            from modules.MapMaking.ReadData import _read_task
-
-            executor.start(_read_task)
+            executor.start(self._read_task())
         try:
             for spec in sub.entries:
                 job = spec.instantiate()
-                self.run_map_job(job, None, master=sub.master, result=result, executor=executor)
+                reason = self._rejects(job)
+                if reason is not None:
+                    logging.getLogger(f"comap.{type(self).__name__}").error("%s is %s", spec.name, reason)
+                    result.record_failure(spec.name, reason)
+                    continue
+                self._run_job(job, sub.master, result, executor)
         finally:
             if executor is not None:
                 executor.shutdown()
@@ -535,63 +566,20 @@ class LineMapMaking(MapMaking):
     def __init__(self, config_file: str = "parameter_files/level2_line_mapmaking.toml") -> None:
         super().__init__(config_file)
 
+    def _rejects(self, job: Any) -> str | None:
+        return None if self._is_line_job(job) else "not a CreateLineMap job; LineMapMaking makes cubes only"
+
+    def _outputs(self, job: Any, observations: list[Any]) -> list[Path]:
+        return [c.output_path for c in job.expand()]
+
     @staticmethod
-    def _is_line_job(job: Any) -> bool:
-        from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
+    def _read_task():
+        from modules.MapMaking.ReadLineData import _read_line_task
 
-        return isinstance(job, CreateLineMap)
+        return _read_line_task
 
-    def plan(self) -> list[str]:
-        sub = self._sub_config()
-        lines = [f"{type(self).__name__}: config {self.config_file}"]
-        for spec in sub.entries:
-            job = spec.instantiate()
-            if not self._is_line_job(job):
-                lines.append(f"  {spec.name}: not a CreateLineMap job (skipped)")
-                continue
-            facade, own = self._facade(job, sub.master)
-            try:
-                obs, dropped = self.select(job, sub.master, facade)
-            finally:
-                if own:
-                    facade.disconnect()
-            cubes = job.expand()
-            lines.append(
-                f"  {spec.name}({job.map_name}): {len(obs)} observation(s) selected "
-                f"({describe_counts(dropped) if dropped else 'none dropped'}); {len(cubes)} cube(s)"
-            )
-            lines.extend(f"    {c.output_path}" for c in cubes)
-        return lines
-
-    def run(self) -> StageResult:
-        result = StageResult(stage=type(self).__name__)
-        sub = self._sub_config()
-        nprocess = self._nprocess(sub.master)
-        executor = None
-        if nprocess > 1:
-            import multiprocessing
-
-            log_queue = None
-            if self.context.logging is not None:
-                log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
-            executor = LocalPoolExecutor(nprocess, log_queue=log_queue, log_level=self.context.log_level)
-            from modules.MapMaking.ReadLineData import _read_line_task
-
-            executor.start(_read_line_task)
-        try:
-            for spec in sub.entries:
-                job = spec.instantiate()
-                if not self._is_line_job(job):
-                    line_log.error("%s is not a CreateLineMap job; LineMapMaking makes cubes only", spec.name)
-                    result.record_failure(spec.name, "not a CreateLineMap job")
-                    continue
-                self.run_line_job(job, None, master=sub.master, result=result, executor=executor)
-        finally:
-            if executor is not None:
-                executor.shutdown()
-                if self.context.logging is not None:
-                    self.context.logging.stop_queue()
-        return result
+    def _run_job(self, job: Any, master: dict[str, Any], result: StageResult, executor) -> None:
+        self.run_line_job(job, None, master=master, result=result, executor=executor)
 
     def run_line_job(
         self,

@@ -396,6 +396,26 @@ def _read_task(args) -> dict[str, Any]:
     return read_file_segments(path, plans, settings, geometry)
 
 
+def run_file_tasks(task_fn, tasks: list, names: list[str], *, executor=None, progress=None) -> list:
+    """Results of ``task_fn(task)`` for every task, in order: serially, or through ``executor``
+    (``map_unordered``) when given. A task that fails raises ``RuntimeError`` naming its file."""
+    results: list = [None] * len(tasks)
+    if executor is None:
+        for k, task in enumerate(tasks):
+            results[k] = task_fn(task)
+            if progress is not None:
+                progress.update(1)
+        return results
+    for outcome in executor.map_unordered(task_fn, tasks):
+        if not outcome.ok:
+            cause = outcome.died or f"{outcome.error_type}: {outcome.error}"
+            raise RuntimeError(f"reading {names[outcome.key]} failed: {cause}")
+        results[outcome.key] = outcome.result
+        if progress is not None:
+            progress.update(1)
+    return results
+
+
 def read_segments(
     plans: list[SegmentPlan], settings: ReaderSettings, geometry: MapGeometry, *, executor=None, progress=None
 ) -> ReaderOutput:
@@ -404,22 +424,7 @@ def read_segments(
     for p in plans:
         by_file.setdefault(p.path, []).append(p)
     tasks = [(path, segs, settings, geometry) for path, segs in by_file.items()]
-    results: dict[int, dict[str, Any]] = {}
-    if executor is None:
-        for k, task in enumerate(tasks):
-            results[k] = _read_task(task)
-            if progress is not None:
-                progress.update(1)
-    else:
-        for outcome in executor.map_unordered(_read_task, tasks):
-            if not outcome.ok:
-                raise RuntimeError(
-                    f"reading {tasks[outcome.key][0]} failed: "
-                    f"{outcome.died or f'{outcome.error_type}: {outcome.error}'}"
-                )
-            results[outcome.key] = outcome.result
-            if progress is not None:
-                progress.update(1)
+    results = run_file_tasks(_read_task, tasks, [t[0] for t in tasks], executor=executor, progress=progress)
     n = sum(p.n for p in plans)
     tod = np.empty(n, dtype=np.float32)
     pix = np.empty(n, dtype=np.int64)

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from modules.MapMaking.ReadData import frame_coordinates
+from modules.MapMaking.ReadData import frame_coordinates, run_file_tasks
 from modules.pipeline_control.streaming import interpolate_vane_events
 from utils.rrl import SPEED_OF_LIGHT_KMS, lsrk_correction_kms
 from utils.wcs import MapGeometry, world_to_pixel_index
@@ -642,22 +642,9 @@ def read_line_segments(
     for p in plans:
         by_file.setdefault(p.path, []).append(p)
     tasks = [(segs, settings, geometry) for segs in by_file.values()]
-    results: list[LineFileResult | None] = [None] * len(tasks)
-    if executor is None:
-        for k, task in enumerate(tasks):
-            results[k] = _read_line_task(task)
-            if progress is not None:
-                progress.update(1)
-    else:
-        for outcome in executor.map_unordered(_read_line_task, tasks):
-            if not outcome.ok:
-                raise RuntimeError(
-                    f"reading {tasks[outcome.key][0][0].level1_path} failed: "
-                    f"{outcome.died or f'{outcome.error_type}: {outcome.error}'}"
-                )
-            results[outcome.key] = outcome.result
-            if progress is not None:
-                progress.update(1)
+    results = run_file_tasks(
+        _read_line_task, tasks, [t[0][0].level1_path for t in tasks], executor=executor, progress=progress
+    )
     done = [r for r in results if r is not None]
     hit = np.unique(np.concatenate([r.hit for r in done])) if done else np.zeros(0, np.int64)
     n_v = settings.grid.n_v

@@ -208,7 +208,7 @@ class CreateLineMap(MapJob):
     # --- validation -----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        from modules.MapMaking.geometry import wcs_def_problems
+        from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import common_job_problems
         from modules.MapMaking.ReadLineData import CONTINUUM_MODES
 
         problems: list[str] = []
@@ -255,15 +255,7 @@ class CreateLineMap(MapJob):
         order = params.get("baseline_order")
         if not (isinstance(order, int) and not isinstance(order, bool) and order >= 0):
             problems.append("baseline_order must be an integer >= 0")
-        if params.get("calibration") not in ("model", "none"):
-            problems.append("calibration must be 'model' or 'none'")
-        if params.get("missing_calibration") not in ("skip", "unity"):
-            problems.append("missing_calibration must be 'skip' or 'unity'")
-        if params.get("dynamic_frame") not in ("galactic", "icrs"):
-            problems.append("dynamic_frame must be 'galactic' or 'icrs'")
-        if int(params.get("offset_length", 1)) < 1:
-            problems.append("offset_length must be >= 1")
-        problems += wcs_def_problems(params.get("wcs_def", "dynamic"), params.get("wcs_def_file"))
+        problems += common_job_problems(params)
         return problems
 
     # --- lines and cubes ---------------------------------------------------------------------------

@@ -72,6 +72,22 @@ def feed_label(feeds: list[int]) -> str:
     return "feed" + "_".join(parts)
 
 
+def common_job_problems(params: dict[str, Any]) -> list[str]:
+    """Checks shared by the map and cube jobs: calibration, dynamic WCS, destriper offsets, wcs_def."""
+    from modules.MapMaking.geometry import wcs_def_problems
+
+    problems = []
+    if params.get("calibration") not in ("model", "none"):
+        problems.append("calibration must be 'model' or 'none'")
+    if params.get("missing_calibration") not in ("skip", "unity"):
+        problems.append("missing_calibration must be 'skip' or 'unity'")
+    if params.get("dynamic_frame") not in ("galactic", "icrs"):
+        problems.append("dynamic_frame must be 'galactic' or 'icrs'")
+    if int(params.get("offset_length", 1)) < 1:
+        problems.append("offset_length must be >= 1")
+    return problems + wcs_def_problems(params.get("wcs_def", "dynamic"), params.get("wcs_def_file"))
+
+
 @dataclass
 class MapJobSpec:
     """One concrete map: band, channel, split and the observations/segments it takes.
@@ -261,7 +277,6 @@ class CreateMap(MapJob):
     # --- validation -----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        from modules.MapMaking.geometry import wcs_def_problems
         from modules.MapMaking.ReadData import DETRENDS
 
         problems = []
@@ -279,15 +294,7 @@ class CreateMap(MapJob):
                 problems.append(f"{key} must be an integer >= 0 or a list of them, got {params.get(key)!r}")
         if params.get("detrend") not in DETRENDS:
             problems.append(f"detrend must be one of {', '.join(DETRENDS)}")
-        if params.get("calibration") not in ("model", "none"):
-            problems.append("calibration must be 'model' or 'none'")
-        if params.get("missing_calibration") not in ("skip", "unity"):
-            problems.append("missing_calibration must be 'skip' or 'unity'")
-        if params.get("dynamic_frame") not in ("galactic", "icrs"):
-            problems.append("dynamic_frame must be 'galactic' or 'icrs'")
-        if int(params.get("offset_length", 1)) < 1:
-            problems.append("offset_length must be >= 1")
-        problems += wcs_def_problems(params.get("wcs_def", "dynamic"), params.get("wcs_def_file"))
+        problems += common_job_problems(params)
         if params.get("bright_mask_map") and not Path(str(params["bright_mask_map"])).exists():
             problems.append(f"bright_mask_map {params['bright_mask_map']} does not exist")
         return problems
@@ -392,4 +399,4 @@ class CreateMap(MapJob):
         return stage.run_map_job(self, files)
 
 
-__all__ = ["CreateMap", "MapJobSpec", "feed_label"]
+__all__ = ["CreateMap", "MapJobSpec", "common_job_problems", "feed_label"]
