@@ -427,18 +427,30 @@ def test_bad_line_configs_are_reported_before_any_work(rrl):
 
 
 def test_failed_cube_does_not_stop_the_others_and_reruns_skip(rrl):
+    """Empty selection, a level-2 dataset that is not there, all channel weights zero: one line
+    each, exit status 1; the good cube is written, and a rerun remakes nothing."""
     jobs = [
         f"{LINE_JOB}(map_name='Empty', lines=['H59a'], source='NoSuchField')",
+        f"{LINE_JOB}(map_name='NoSet', lines=['H59a'], obsids=[80003], tod_data_name='level2/not_there')",
+        f"{LINE_JOB}(map_name='NoWeight', lines=['H59a'], obsids=[80003], channel_rms_cap_k=1e-6)",
         f"{LINE_JOB}(map_name='Ok', lines=['H59a'], obsids=[80003], velocity_center_kms=95.0, "
         "quicklook=False)",
     ]
     res = make_cubes(rrl, "mixed", jobs, expect=1)
-    assert "no data for cube Empty" in res.stderr
+    assert "no data for cube Empty: empty selection" in res.stderr
+    assert "no data for cube NoSet: lacks level2/not_there: 1" in res.stderr
+    assert re.search(
+        r"no data for cube NoWeight_H59a.fits: no sample with weight lands on the map .*"
+        r"line H59a: no usable channel: 1",
+        res.stderr,
+    ), res.stderr
+    assert re.search(r"LineMapMaking\s+1\s+0\s+3", res.stdout), res.stdout
     path = rrl.root / "cubes_mixed" / "Ok_H59a.fits"
     assert path.exists()
+    assert not (rrl.root / "cubes_mixed" / "NoWeight_H59a.fits").exists()
     stamp = path.stat().st_mtime_ns
     again = make_cubes(rrl, "mixed", jobs, expect=1)
-    assert re.search(r"LineMapMaking\s+0\s+1\s+1", again.stdout), again.stdout
+    assert re.search(r"LineMapMaking\s+0\s+1\s+3", again.stdout), again.stdout
     assert path.stat().st_mtime_ns == stamp
     assert not list(path.parent.glob("*.partial-*"))
 

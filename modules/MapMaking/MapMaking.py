@@ -230,11 +230,11 @@ class MapMaking(PipelineStage):
             else:
                 observations, dropped = list(files), Counter()
             if not observations:
-                log.warning(
+                logging.getLogger(f"comap.{type(self).__name__}").warning(
                     "no data for %s %s: %s",
                     self.product,
                     job.map_name,
-                    describe_counts(dropped) or "empty selection",
+                    describe_counts(dropped) if dropped else "empty selection (no observation matches)",
                 )
                 result.record_failure(job.map_name, f"no data for {self.product} {job.map_name}")
                 return None
