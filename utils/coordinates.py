@@ -118,6 +118,22 @@ def _block_astrometry(
     return astrom
 
 
+def _per_finite_sample(a: ArrayLike, b: ArrayLike, mjd: ArrayLike, convert, n_out: int = 2) -> list:
+    """Broadcast two coordinates and the times, apply ``convert(a, b, mjd) -> tuple of arrays`` to
+    the samples where all three are finite, and return float64 arrays that are NaN elsewhere."""
+    a, b, mjd = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(a, dtype=np.float64)),
+        np.atleast_1d(np.asarray(b, dtype=np.float64)),
+        np.atleast_1d(np.asarray(mjd, dtype=np.float64)),
+    )
+    outs = [np.full(a.shape, np.nan) for _ in range(n_out)]
+    good = np.isfinite(a) & np.isfinite(b) & np.isfinite(mjd)
+    if good.any():
+        for out, values in zip(outs, convert(a[good], b[good], mjd[good])):
+            out[good] = values
+    return outs
+
+
 def azel_to_icrs(
     az_deg: ArrayLike,
     el_deg: ArrayLike,
@@ -155,20 +171,15 @@ def azel_to_icrs(
     """
     import erfa
 
-    az = np.atleast_1d(np.asarray(az_deg, dtype=np.float64))
-    el = np.atleast_1d(np.asarray(el_deg, dtype=np.float64))
-    mjd = np.broadcast_to(np.asarray(mjd_utc, dtype=np.float64), az.shape)
-    ra = np.full(az.shape, np.nan)
-    dec = np.full(az.shape, np.nan)
-    good = np.isfinite(az) & np.isfinite(el) & np.isfinite(mjd)
-    if good.any():
+    def convert(az, el, mjd):
         astrom = _block_astrometry(
-            mjd[good], site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um, block_s
+            mjd, site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um, block_s
         )
-        ri, di = erfa.atoiq("A", np.radians(az[good]), np.radians(90.0 - el[good]), astrom)
+        ri, di = erfa.atoiq("A", np.radians(az), np.radians(90.0 - el), astrom)
         rc, dc = erfa.aticq(ri, di, astrom)
-        ra[good] = np.degrees(rc) % 360.0
-        dec[good] = np.degrees(dc)
+        return np.degrees(rc) % 360.0, np.degrees(dc)
+
+    ra, dec = _per_finite_sample(az_deg, el_deg, mjd_utc, convert)
     return ra, dec
 
 
@@ -191,19 +202,12 @@ def azel_to_icrs_astropy(
     from astropy import units as u
     from astropy.coordinates import ICRS, SkyCoord
 
-    az = np.atleast_1d(np.asarray(az_deg, dtype=np.float64))
-    el = np.atleast_1d(np.asarray(el_deg, dtype=np.float64))
-    mjd = np.broadcast_to(np.asarray(mjd_utc, dtype=np.float64), az.shape)
-    ra = np.full(az.shape, np.nan)
-    dec = np.full(az.shape, np.nan)
-    good = np.isfinite(az) & np.isfinite(el) & np.isfinite(mjd)
-    if good.any():
-        frame = _altaz_frame(
-            mjd[good], site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um
-        )
-        c = SkyCoord(az=az[good] * u.deg, alt=el[good] * u.deg, frame=frame).transform_to(ICRS())
-        ra[good] = c.ra.to_value(u.deg) % 360.0
-        dec[good] = c.dec.to_value(u.deg)
+    def convert(az, el, mjd):
+        frame = _altaz_frame(mjd, site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um)
+        c = SkyCoord(az=az * u.deg, alt=el * u.deg, frame=frame).transform_to(ICRS())
+        return c.ra.to_value(u.deg) % 360.0, c.dec.to_value(u.deg)
+
+    ra, dec = _per_finite_sample(az_deg, el_deg, mjd_utc, convert)
     return ra, dec
 
 
@@ -227,22 +231,15 @@ def icrs_to_azel(
     """
     import erfa
 
-    ra, dec, mjd = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(ra_deg, dtype=np.float64)),
-        np.atleast_1d(np.asarray(dec_deg, dtype=np.float64)),
-        np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64)),
-    )
-    az = np.full(ra.shape, np.nan)
-    el = np.full(ra.shape, np.nan)
-    good = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mjd)
-    if good.any():
+    def convert(ra, dec, mjd):
         astrom = _block_astrometry(
-            mjd[good], site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um, block_s
+            mjd, site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um, block_s
         )
-        ri, di = erfa.atciq(np.radians(ra[good]), np.radians(dec[good]), 0.0, 0.0, 0.0, 0.0, astrom)
+        ri, di = erfa.atciq(np.radians(ra), np.radians(dec), 0.0, 0.0, 0.0, 0.0, astrom)
         aob, zob, _hob, _dob, _rob = erfa.atioq(ri, di, astrom)
-        az[good] = np.degrees(aob) % 360.0
-        el[good] = 90.0 - np.degrees(zob)
+        return np.degrees(aob) % 360.0, 90.0 - np.degrees(zob)
+
+    az, el = _per_finite_sample(ra_deg, dec_deg, mjd_utc, convert)
     return az, el
 
 
@@ -262,21 +259,12 @@ def icrs_to_azel_astropy(
     from astropy import units as u
     from astropy.coordinates import SkyCoord
 
-    ra, dec, mjd = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(ra_deg, dtype=np.float64)),
-        np.atleast_1d(np.asarray(dec_deg, dtype=np.float64)),
-        np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64)),
-    )
-    az = np.full(ra.shape, np.nan)
-    el = np.full(ra.shape, np.nan)
-    good = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mjd)
-    if good.any():
-        frame = _altaz_frame(
-            mjd[good], site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um
-        )
-        c = SkyCoord(ra=ra[good] * u.deg, dec=dec[good] * u.deg, frame="icrs").transform_to(frame)
-        az[good] = c.az.to_value(u.deg) % 360.0
-        el[good] = c.alt.to_value(u.deg)
+    def convert(ra, dec, mjd):
+        frame = _altaz_frame(mjd, site, refraction, pressure_hpa, temperature_c, humidity, wavelength_um)
+        c = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs").transform_to(frame)
+        return c.az.to_value(u.deg) % 360.0, c.alt.to_value(u.deg)
+
+    az, el = _per_finite_sample(ra_deg, dec_deg, mjd_utc, convert)
     return az, el
 
 
@@ -321,21 +309,15 @@ def parallactic_angle(
     """
     import erfa
 
-    ra, dec, mjd = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(ra_deg, dtype=np.float64)),
-        np.atleast_1d(np.asarray(dec_deg, dtype=np.float64)),
-        np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64)),
-    )
-    q = np.full(ra.shape, np.nan)
-    good = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mjd)
-    if good.any():
-        astrom = _block_astrometry(mjd[good], site, False, None, 10.0, 0.3, 1.0e4, block_s)
-        ri, di = erfa.atciq(np.radians(ra[good]), np.radians(dec[good]), 0.0, 0.0, 0.0, 0.0, astrom)
+    def convert(ra, dec, mjd):
+        astrom = _block_astrometry(mjd, site, False, None, 10.0, 0.3, 1.0e4, block_s)
+        ri, di = erfa.atciq(np.radians(ra), np.radians(dec), 0.0, 0.0, 0.0, 0.0, astrom)
         _aob, _zob, hob, dob, _rob = erfa.atioq(ri, di, astrom)
         sin_phi, cos_phi = astrom["sphi"], astrom["cphi"]
-        q[good] = np.degrees(
-            np.arctan2(np.sin(hob) * cos_phi, sin_phi * np.cos(dob) - cos_phi * np.sin(dob) * np.cos(hob))
-        )
+        q = np.arctan2(np.sin(hob) * cos_phi, sin_phi * np.cos(dob) - cos_phi * np.sin(dob) * np.cos(hob))
+        return (np.degrees(q),)
+
+    (q,) = _per_finite_sample(ra_deg, dec_deg, mjd_utc, convert, n_out=1)
     return q
 
 

@@ -250,6 +250,30 @@ class MapMaking(PipelineStage):
                 facade.disconnect()
         return observations, updated, feeds, table, flags
 
+    def _make_output(self, job: Any, path: Path, config_sha: str, make, result: StageResult) -> bool:
+        """Make one output file unless it already carries ``config_sha``; a failure is recorded
+        and the others go on. Returns whether the file is there (made or up to date)."""
+        logger = logging.getLogger(f"comap.{type(self).__name__}")
+        name = path.name
+        if not (job.overwrite or self.context.force) and path.exists() and read_configsha(path) == config_sha:
+            logger.info("%s is up to date", name)
+            result.skipped += 1
+            return True
+        t0 = time.perf_counter()
+        try:
+            make()
+        except MapJobFailed as exc:
+            logger.warning("%s", exc)
+            result.record_failure(name, str(exc))
+            return False
+        except Exception as exc:  # one output failing does not stop the others
+            logger.error("%s %s failed: %s: %s", self.product, name, type(exc).__name__, exc, exc_info=True)
+            result.record_failure(name, f"{type(exc).__name__}: {exc}")
+            return False
+        result.done += 1
+        logger.info("wrote %s in %.1f s", path, time.perf_counter() - t0)
+        return True
+
     def run_map_job(
         self,
         job: Any,
@@ -267,33 +291,22 @@ class MapMaking(PipelineStage):
             return result
         observations, updated, feeds, table, flags = gathered
         concrete = job.expand(observations, feeds)
-        geometry = None
+        grid: list = []  # one geometry for every map of the job, made when first needed
+
+        def geometry():
+            if not grid:
+                grid.append(self._geometry(job, observations, table, flags))
+            return grid[0]
+
         made: dict[str, Path] = {}
         for spec in concrete:
-            name = spec.output_path.name
-            config_sha = job.job_config_hash(spec, observations, updated)
-            force = bool(job.overwrite or self.context.force)
-            if not force and spec.output_path.exists() and read_configsha(spec.output_path) == config_sha:
-                log.info("%s is up to date", name)
-                result.skipped += 1
+            sha = job.job_config_hash(spec, observations, updated)
+
+            def make(spec=spec, sha=sha):
+                self.make_map(job, spec, observations, table, flags, geometry(), sha, executor)
+
+            if self._make_output(job, spec.output_path, sha, make, result):
                 made[spec.suffix] = spec.output_path
-                continue
-            t0 = time.perf_counter()
-            try:
-                if geometry is None:
-                    geometry = self._geometry(job, observations, table, flags)
-                self.make_map(job, spec, observations, table, flags, geometry, config_sha, executor)
-            except MapJobFailed as exc:
-                log.warning("%s", exc)
-                result.record_failure(name, str(exc))
-                continue
-            except Exception as exc:  # one map job failing does not stop the others
-                log.error("map %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
-                result.record_failure(name, f"{type(exc).__name__}: {exc}")
-                continue
-            made[spec.suffix] = spec.output_path
-            result.done += 1
-            log.info("wrote %s in %.1f s", spec.output_path, time.perf_counter() - t0)
         if job.write_difference:
             self._write_differences(job, concrete, made, result)
         return result
@@ -598,26 +611,12 @@ class LineMapMaking(MapMaking):
             return result
         observations, updated, _feeds, table, flags = gathered
         for cube in job.expand():
-            name = cube.output_path.name
-            config_sha = job.job_config_hash(cube, observations, updated)
-            force = bool(job.overwrite or self.context.force)
-            if not force and cube.output_path.exists() and read_configsha(cube.output_path) == config_sha:
-                line_log.info("%s is up to date", name)
-                result.skipped += 1
-                continue
-            t0 = time.perf_counter()
-            try:
-                self.make_cube(job, cube, observations, table, flags, config_sha, executor)
-            except MapJobFailed as exc:
-                line_log.warning("%s", exc)
-                result.record_failure(name, str(exc))
-                continue
-            except Exception as exc:  # one cube failing does not stop the others
-                line_log.error("cube %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
-                result.record_failure(name, f"{type(exc).__name__}: {exc}")
-                continue
-            result.done += 1
-            line_log.info("wrote %s in %.1f s", cube.output_path, time.perf_counter() - t0)
+            sha = job.job_config_hash(cube, observations, updated)
+
+            def make(cube=cube, sha=sha):
+                self.make_cube(job, cube, observations, table, flags, sha, executor)
+
+            self._make_output(job, cube.output_path, sha, make, result)
         return result
 
     @staticmethod

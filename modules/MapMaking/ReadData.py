@@ -511,20 +511,23 @@ class Level2DataReader:
         self.flags = quality_flags or {}
         self.counts: Counter = Counter()
 
-    def prepass(self, observations: list[Any]) -> list[SegmentPlan]:
+    # the per-file pre-pass and the read; the cube reader (ReadLineData) plugs in its own
+    prepass_file = staticmethod(prepass_file)
+    read_segments = staticmethod(read_segments)
+
+    def prepass(self, observations: list[Any]) -> list[Any]:
         """Accepted segments of ``observations`` (COMAPData rows with a level-2 path)."""
-        plans: list[SegmentPlan] = []
+        plans: list[Any] = []
         for obs in observations:
             plans.extend(
-                prepass_file(obs, self.settings, self.table, self.flags.get(int(obs.obsid)), self.counts)
+                self.prepass_file(obs, self.settings, self.table, self.flags.get(int(obs.obsid)), self.counts)
             )
         return plans
 
-    def read(
-        self, plans: list[SegmentPlan], geometry: MapGeometry, *, executor=None, progress=None
-    ) -> ReaderOutput:
-        out = read_segments(plans, self.settings, geometry, executor=executor, progress=progress)
-        out.counts = Counter(self.counts)
+    def read(self, plans: list[Any], geometry: MapGeometry, *, executor=None, progress=None):
+        """Read the accepted segments; ``counts`` holds the pre-pass's and the read's reasons."""
+        out = self.read_segments(plans, self.settings, geometry, executor=executor, progress=progress)
+        out.counts = Counter(self.counts) + out.counts
         return out
 
 

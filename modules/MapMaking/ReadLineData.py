@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from modules.MapMaking.ReadData import frame_coordinates, run_file_tasks
+from modules.MapMaking.ReadData import Level2DataReader, frame_coordinates, run_file_tasks
 from modules.pipeline_control.streaming import interpolate_vane_events
 from utils.rrl import SPEED_OF_LIGHT_KMS, lsrk_correction_kms
 from utils.wcs import MapGeometry, world_to_pixel_index
@@ -700,7 +700,7 @@ def read_line_segments(
     )
 
 
-class LineDataReader:
+class LineDataReader(Level2DataReader):
     """The cube reader of one cube (04 §9.3): pre-pass, read and merge.
 
     Parameters
@@ -712,31 +712,8 @@ class LineDataReader:
         obsid → {(feed, band, binned channel): is_good}; a missing entry counts as good.
     """
 
-    def __init__(
-        self,
-        settings: LineReaderSettings,
-        calibration_table: Any = None,
-        quality_flags: dict[int, dict] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.table = calibration_table
-        self.flags = quality_flags or {}
-        self.counts: Counter = Counter()
-
-    def prepass(self, observations: list[Any]) -> list[LineSegmentPlan]:
-        plans: list[LineSegmentPlan] = []
-        for obs in observations:
-            plans.extend(
-                line_prepass_file(obs, self.settings, self.table, self.flags.get(int(obs.obsid)), self.counts)
-            )
-        return plans
-
-    def read(
-        self, plans: list[LineSegmentPlan], geometry: MapGeometry, *, executor=None, progress=None
-    ) -> LineAccumulation:
-        out = read_line_segments(plans, self.settings, geometry, executor=executor, progress=progress)
-        out.counts = Counter(self.counts) + out.counts
-        return out
+    prepass_file = staticmethod(line_prepass_file)
+    read_segments = staticmethod(read_line_segments)
 
 
 __all__ = [
