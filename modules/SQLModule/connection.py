@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from sqlalchemy import inspect, select
 from sqlalchemy.engine import URL, Engine
@@ -72,7 +72,7 @@ class Connection:
         read_only: bool = False,
         busy_timeout_s: float = 30.0,
         echo: bool = False,
-    ) -> Connection:
+    ) -> Self:
         """Connect to a database; the engine is created immediately.
 
         Parameters
@@ -93,8 +93,8 @@ class Connection:
 
         Returns
         -------
-        Connection
-            ``self`` (the facade), so ``db.connect(...).query_all_obsids()`` works.
+        SQLModule
+            ``self``, so ``db.connect(...).query_all_obsids()`` works.
 
         Raises
         ------

@@ -30,6 +30,7 @@ from modules.SQLModule.models import (
 from modules.SQLModule.values import _chunks, _int, _int_list, _nonempty, _pattern_condition, _str_list
 from utils.errors import ConfigError
 
+# Columns of ``calibration_model_fit`` that ``CalibrationTable.from_rows`` reads.
 _MODEL_TABLE_KEYS = (
     "feed",
     "band",
