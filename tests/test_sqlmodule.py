@@ -35,7 +35,7 @@ from modules.SQLModule.SQLModule import (
 from utils.constants import DEFAULT_SCIENCE_FEEDS, GROUND_FEED
 from utils.errors import ConfigError, DatabaseError
 
-SQLM = sys.modules["modules.SQLModule.SQLModule"]
+SQL_ENGINE = sys.modules["modules.SQLModule.engine"]
 HOST = socket.gethostname()
 REPO = Path(__file__).resolve().parents[1]
 
@@ -911,7 +911,7 @@ def test_locked_writes_retry_with_backoff(dbfile, monkeypatch):
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
         delays = []
-        monkeypatch.setattr(SQLM, "_sleep", delays.append)
+        monkeypatch.setattr(SQL_ENGINE, "_sleep", delays.append)
         with pytest.raises(DatabaseError) as err:
             facade.upsert_observation(obs(1))
         assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
@@ -923,7 +923,7 @@ def test_locked_writes_retry_with_backoff(dbfile, monkeypatch):
                 blocker.execute("COMMIT")
 
         delays.clear()
-        monkeypatch.setattr(SQLM, "_sleep", release_on_second_retry)
+        monkeypatch.setattr(SQL_ENGINE, "_sleep", release_on_second_retry)
         facade.upsert_observation(obs(1))
         assert delays == [0.5, 1.0] and facade.obsid_exists(1)
     finally:

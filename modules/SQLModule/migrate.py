@@ -67,7 +67,7 @@ import shutil
 import sqlite3
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,8 +77,8 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from modules.SQLModule.source_groups import classify
-from modules.SQLModule.SQLModule import (
+from modules.SQLModule.engine import _resolve_target, make_engine
+from modules.SQLModule.models import (
     MODEL_TYPES,
     QUALITY_STAT_COLUMNS,
     SCHEMA_VERSION,
@@ -90,12 +90,10 @@ from modules.SQLModule.SQLModule import (
     ObservationSummary,
     QualityFlag,
     SchemaInfo,
-    _clean,
-    _resolve_target,
-    make_engine,
-    mjd_from_utc_start,
-    utcnow,
+    good_flag_values,
 )
+from modules.SQLModule.source_groups import classify
+from modules.SQLModule.values import _clean, mjd_from_utc_start, utcnow
 from utils.constants import GROUND_FEED
 from utils.errors import DatabaseError
 
@@ -237,6 +235,52 @@ def _rows(conn: Connection, table: str, order_by: str) -> Iterator[Mapping[str, 
 
 def _columns(conn: Connection, table: str) -> list[str]:
     return [c["name"] for c in inspect(conn).get_columns(table)]
+
+
+def _elements(
+    conn: Connection,
+    src: str,
+    legacy_cols: list[str],
+    t: TableReport,
+    obsids: Collection[int],
+    drop: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> Iterator[tuple[Mapping[str, Any], int, tuple[int, int, int]]]:
+    """Yield the legacy per-element rows of ``src`` that map to one new (obsid, feed, band, channel).
+
+    Rows are read in obsid order and counted in ``t``; a row is dropped (with its reason counted)
+    when ``drop`` gives a reason, its obsid is not in ``obsids``, its pixel or flat band is out of
+    range, or its element was already seen for that obsid.
+
+    Yields
+    ------
+    row : mapping
+        The legacy row.
+    obsid : int
+    element : tuple of int
+        ``(feed, band, channel)``.
+    """
+    current, seen = None, set()
+    for row in _rows(conn, src, "obsid, " + ("id" if "id" in legacy_cols else "rowid")):
+        t.legacy_rows += 1
+        reason = drop(row) if drop is not None else None
+        if reason is not None:
+            t.dropped[reason] += 1
+            continue
+        obsid = _clean(row["obsid"])
+        if obsid not in obsids:
+            t.dropped["obsid not in comap_data"] += 1
+            continue
+        element = _map_element(row)
+        if element is None:
+            t.dropped["pixel or flat band out of range"] += 1
+            continue
+        if obsid != current:
+            current, seen = obsid, set()
+        if element in seen:
+            t.dropped["duplicate (obsid, pixel, frequency_band)"] += 1
+            continue
+        seen.add(element)
+        yield row, obsid, element
 
 
 class _Frequencies:
@@ -416,40 +460,14 @@ def _copy_quality_flags(conn, src: str, dry_run: bool, report: MigrationReport, 
             raise DatabaseError(f"legacy table {src} has no {needed} column")
     writer = _Writer(conn, QualityFlag.__table__, dry_run)
     now = utcnow()
-    current, seen = None, set()
     stats = [c for c in QUALITY_STAT_COLUMNS if c in legacy_cols]
-    for row in _rows(conn, src, "obsid, " + ("id" if "id" in legacy_cols else "rowid")):
-        t.legacy_rows += 1
-        if not _has_statistic(row):
-            t.dropped["no statistic (default or observer-flag row)"] += 1
-            continue
-        obsid = _clean(row["obsid"])
-        if obsid not in obsids:
-            t.dropped["obsid not in comap_data"] += 1
-            continue
-        element = _map_element(row)
-        if element is None:
-            t.dropped["pixel or flat band out of range"] += 1
-            continue
-        if obsid != current:
-            current, seen = obsid, set()
-        if element in seen:
-            t.dropped["duplicate (obsid, pixel, frequency_band)"] += 1
-            continue
-        seen.add(element)
+
+    def no_statistic(row: Mapping[str, Any]) -> str | None:
+        return None if _has_statistic(row) else "no statistic (default or observer-flag row)"
+
+    for row, obsid, (feed, band, channel) in _elements(conn, src, legacy_cols, t, obsids, no_statistic):
         values = {c: _clean(row[c]) for c in stats}
-        feed, band, channel = element
-        values.update(
-            obsid=obsid,
-            feed=feed,
-            band=band,
-            channel=channel,
-            observer_ok=True,
-            pipeline_ok=True,
-            is_good=True,
-            comment=None,
-            updated_utc=now,
-        )
+        values.update(good_flag_values(obsid, feed, band, channel, now), comment=None)
         writer.add(values)
         t.written += 1
         t.mapped += 1
@@ -470,29 +488,12 @@ def _copy_calibration_flux(
     new_cols = set(CalibrationFlux.column_names())
     writer = _Writer(conn, CalibrationFlux.__table__, dry_run)
     freqs = _Frequencies(report)
-    current, seen = None, set()
-    for row in _rows(conn, src, "obsid, " + ("id" if "id" in legacy_cols else "rowid")):
-        t.legacy_rows += 1
-        obsid = _clean(row["obsid"])
-        if obsid not in level2:
-            t.dropped["obsid not in comap_data"] += 1
-            continue
-        element = _map_element(row)
-        if element is None:
-            t.dropped["pixel or flat band out of range"] += 1
-            continue
-        if obsid != current:
-            current, seen = obsid, set()
-        if element in seen:
-            t.dropped["duplicate (obsid, pixel, frequency_band)"] += 1
-            continue
-        seen.add(element)
+    for row, obsid, (feed, band, channel) in _elements(conn, src, legacy_cols, t, level2.keys()):
         values: dict[str, Any] = {}
         for c in legacy_cols:
             name = renames.get(c, c)
             if name in new_cols and name not in ("id", "feed", "band", "channel"):
                 values[name] = _clean(row[c])
-        feed, band, channel = element
         freqs.load(obsid, level2.get(obsid))
         values.update(
             obsid=obsid,
