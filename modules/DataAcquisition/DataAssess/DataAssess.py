@@ -19,7 +19,12 @@ from modules.DataAcquisition.registration import (
 from modules.pipeline_control import jobs
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import db
-from utils.constants import LEVEL1_NAME_RE, LEVEL2_NAME_RE, SUPPORTED_LEVEL2_FORMAT_VERSIONS
+from utils.constants import (
+    LEVEL1_NAME_RE,
+    LEVEL2_NAME_RE,
+    SUPPORTED_LEVEL2_FORMAT_VERSIONS,
+    obsid_from_level1_name,
+)
 from utils.errors import BadCOMAPFile
 
 log = logging.getLogger("comap.DataAssess")
@@ -194,7 +199,7 @@ class DataAssess(PipelineStage):
         counts: dict[str, int],
         result: StageResult,
     ) -> None:
-        obsid_from_name = int(LEVEL1_NAME_RE.match(path.name).group(1))
+        obsid_from_name = obsid_from_level1_name(path.name)
         if obsid_from_name in seen:
             log.warning(
                 "obsid %d has two level-1 files: %s and %s; keeping the first",
