@@ -109,8 +109,8 @@ class DataAssess(PipelineStage):
 
     def __init__(
         self,
-        level1_data_paths: list | None = None,
-        level2_data_paths: list | None = None,
+        level1_data_paths: list[str] | None = None,
+        level2_data_paths: list[str] | None = None,
         overwrite_existing: bool = False,
         validate_level2_paths: bool = True,
         clear_quality_stats_on_missing: bool = False,
@@ -128,7 +128,7 @@ class DataAssess(PipelineStage):
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
         problems = []
-        for p in params.get("level1_data_paths") or []:
+        for p in params["level1_data_paths"] or []:
             if Path(p).is_dir() or directory_expected(p):
                 continue  # a DataAcquisition earlier in the pipeline creates its local_dir
             hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
