@@ -64,6 +64,13 @@ def level1_file_name(obsid: int, utc_start: str) -> str:
 
 
 def obsid_from_level1_name(name: str) -> int | None:
-    """Return the obsid encoded in a level-1 (or level-2) base name, or None if it does not match."""
-    m = LEVEL1_NAME_RE.match(name) or LEVEL2_NAME_RE.match(name)
+    """Return the obsid encoded in a level-1 base name, or None if ``name`` is not a level-1 name.
+
+    A level-2 name (``Level2_comap-…``) gives None: a level-1 file that was renamed so is not
+    checked against the obsid in its name.
+
+    >>> obsid_from_level1_name("comap-0060012-2026-03-01-041500.hd5")
+    60012
+    """
+    m = LEVEL1_NAME_RE.match(name)
     return int(m.group(1)) if m else None

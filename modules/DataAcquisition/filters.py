@@ -333,7 +333,7 @@ def validate_remote_stage_params(
         later DataAssess accepts it before it exists.
     """
     problems: list[str] = []
-    remote_text = params.get("remote")
+    remote_text = params["remote"]
     try:
         remote = parse_remote(remote_text)
     except ValueError as exc:
@@ -346,13 +346,13 @@ def validate_remote_stage_params(
             msg = f"{msg}; {DEMO_HINT}"
         problems.append(msg)
         remote = None
-    problems += validate_ssh_command(params.get("ssh_command", DEFAULT_SSH_COMMAND))
-    index = params.get("remote_index")
+    problems += validate_ssh_command(params["ssh_command"])
+    index = params["remote_index"]
     if index is not None:
         reason = validate_index_relpath(str(index))
         if reason is not None:
             problems.append(f"remote_index {index!r} is not a safe relative path: {reason}")
-    local_dir = params.get("local_dir")
+    local_dir = params["local_dir"]
     if not isinstance(local_dir, str) or not local_dir.strip():
         problems.append("local_dir must be a non-empty directory path")
     else:
@@ -364,19 +364,22 @@ def validate_remote_stage_params(
                 problems.append(f"local_dir {local_dir} overlaps the remote directory {remote.text}")
         if announces_local_dir:
             expect_directory(local_dir)
-    lo = params.get("min_obsid_download", 0)
-    hi = params.get("max_obsid_download")
+    lo = params["min_obsid_download"]
+    hi = params["max_obsid_download"]
+    # checked by the annotation once the loader uses parameters.check_value
     if lo is not None and int(lo) < 0:
         problems.append(f"min_obsid_download must be >= 0, got {lo}")
     if hi is not None and lo is not None and int(hi) < int(lo):
         problems.append(f"max_obsid_download {hi} is below min_obsid_download {lo}")
+    # checked by the annotation once the loader uses parameters.check_value
     for name in _PATTERN_PARAMS:
-        value = params.get(name)
+        value = params[name]
         if value is not None and not isinstance(value, str | list | tuple):
             problems.append(f"{name} must be a list of glob patterns or None")
         elif isinstance(value, list | tuple) and not all(isinstance(v, str) for v in value):
             problems.append(f"{name} must contain strings only")
-    timeout = params.get("listing_timeout_s", 600)
+    timeout = params["listing_timeout_s"]
+    # checked by the annotation once the loader uses parameters.check_value
     if timeout is not None and float(timeout) <= 0:
         problems.append(f"listing_timeout_s must be > 0, got {timeout}")
     return problems

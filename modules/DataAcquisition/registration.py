@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.SQLModule.source_groups import classify
-from utils.constants import GROUND_FEED, LEVEL1_NAME_RE
+from utils.constants import GROUND_FEED, obsid_from_level1_name
 from utils.errors import BadCOMAPFile
 from utils.level1 import Level1File
 
@@ -107,7 +107,7 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
         the one in its name (one-line message).
     """
     p = Path(path)
-    m = LEVEL1_NAME_RE.match(p.name)
+    named = obsid_from_level1_name(p.name)
     try:
         with Level1File(p) as l1:
             if validate:
@@ -115,9 +115,9 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
             attrs = l1.attrs()
             if "obsid" not in attrs:
                 raise BadCOMAPFile("missing attribute /comap.obsid")
-            if m is not None and int(attrs["obsid"]) != int(m.group(1)):
+            if named is not None and int(attrs["obsid"]) != named:
                 raise BadCOMAPFile(
-                    f"obsid mismatch: file name says {int(m.group(1))}, /comap.obsid says {attrs['obsid']}"
+                    f"obsid mismatch: file name says {named}, /comap.obsid says {attrs['obsid']}"
                 )
             n_feeds = int(sum(1 for f in l1.feeds() if int(f) != GROUND_FEED))
     except BadCOMAPFile:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.SQLModule.source_groups import classify
-from utils.constants import LEVEL1_NAME_RE
+from utils.constants import obsid_from_level1_name
 
 log = logging.getLogger("comap.rsync")
 
@@ -272,7 +272,7 @@ def validate_relpath(p: str) -> str | None:
     reason = validate_index_relpath(p)
     if reason is not None:
         return reason
-    if not LEVEL1_NAME_RE.match(p.rsplit("/", 1)[-1]):
+    if obsid_from_level1_name(p.rsplit("/", 1)[-1]) is None:
         return "not a level-1 file name"
     return None
 
@@ -332,9 +332,9 @@ def _add_entry(listing: Listing, path: str, size: int, mtime: _dt.datetime | Non
     if reason is not None:
         listing.rejected.append((path, reason))
         return
-    m = LEVEL1_NAME_RE.match(path.rsplit("/", 1)[-1])
-    assert m is not None
-    listing.files.append(RemoteFile(relpath=path, size_bytes=size, mtime_utc=mtime, obsid=int(m.group(1))))
+    obsid = obsid_from_level1_name(path.rsplit("/", 1)[-1])
+    assert obsid is not None
+    listing.files.append(RemoteFile(relpath=path, size_bytes=size, mtime_utc=mtime, obsid=obsid))
 
 
 def parse_listing(text: str) -> Listing:

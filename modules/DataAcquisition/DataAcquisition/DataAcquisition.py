@@ -32,21 +32,16 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from modules.DataAcquisition.filters import (
-    FilterSettings,
-    Selection,
-    select_remote_files,
-    validate_remote_stage_params,
-)
+from modules.DataAcquisition.filters import Selection
 from modules.DataAcquisition.registration import read_level1_row
+from modules.DataAcquisition.remote_parameters import RemoteSelectionParameters
 from modules.DataAcquisition.rsync import (
-    DEFAULT_SSH_COMMAND,
     INSTALL_HINT,
     PARTIAL_EXIT_CODES,
     ProcessRegistry,
@@ -62,6 +57,7 @@ from modules.DataAcquisition.rsync import (
     validate_index_relpath,
 )
 from modules.pipeline_control.logging_setup import Progress, obsid_context
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import DbOp, db
 from utils.errors import BadCOMAPFile
@@ -116,29 +112,16 @@ class BatchStats:
     attempts: int = 0
 
 
-class DataAcquisition(PipelineStage):
+@dataclass(eq=False, repr=False)
+class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     """Download new level-1 files with parallel rsync, verify each one and register it in the database.
 
     Parameters
     ----------
-    remote : str
-        Local directory (``demo/remote/``), ``[user@]host:path`` (ssh) or
-        ``rsync://host[:port]/module[/path]`` (06 §1).
-    local_dir : str
-        Download directory; remote relative paths are mirrored under it.
-    ssh_command : str
-        Passed to rsync as the single ``-e`` argument for ssh remotes.
-    remote_index : str or None
-        Relative path of an index CSV on the remote (e.g. ``obs_index.csv``); needed by the source
-        filters.
-    min_obsid_download, max_obsid_download : int, int or None
-        Inclusive obsid range.
-    skip_registered : bool
-        Skip files whose registered level-1 copy exists with the listed size.
-    include_sources, exclude_sources, include_source_groups, exclude_source_groups : list or None
-        Glob patterns, case-insensitive (need ``remote_index``). CO fields are excluded by default.
-    listing_timeout_s : float
-        Subprocess timeout of the listing, s.
+    remote, local_dir, ssh_command, remote_index, ... listing_timeout_s
+        The remote and its filters, first and in this order: see
+        :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`. ``local_dir`` is the
+        download directory; remote relative paths are mirrored under it.
     n_rsyncs : int
         Concurrent rsync processes (one batch each).
     max_retries : int
@@ -149,7 +132,7 @@ class DataAcquisition(PipelineStage):
     bwlimit_kbps : int or None
         ``--bwlimit`` per rsync process, KiB/s (the legacy setting was 5000).
     rsync_timeout_s : int
-        rsync ``--timeout`` (I/O inactivity), s.
+        rsync ``--timeout`` (I/O inactivity), s; 0 = no I/O timeout.
     partial_dir : str
         ``--partial-dir``, relative to each destination directory.
     file_mode : str
@@ -164,57 +147,22 @@ class DataAcquisition(PipelineStage):
         Upsert verified files into ``comap_data``.
     """
 
-    def __init__(
-        self,
-        remote: str,
-        local_dir: str,
-        ssh_command: str = DEFAULT_SSH_COMMAND,
-        remote_index: str | None = None,
-        min_obsid_download: int = 0,
-        max_obsid_download: int | None = None,
-        skip_registered: bool = True,
-        include_sources: list | tuple | None = None,
-        exclude_sources: list | tuple | None = None,
-        include_source_groups: list | tuple | None = None,
-        exclude_source_groups: list | tuple | None = ("CO",),
-        listing_timeout_s: float = 600.0,
-        n_rsyncs: int = 2,
-        max_retries: int = 3,
-        retry_delay_s: float = 10.0,
-        backoff_factor: float = 2.0,
-        bwlimit_kbps: int | None = None,
-        rsync_timeout_s: int = 300,
-        partial_dir: str = ".rsync-partial",
-        file_mode: str = "F664,D775",
-        dry_run: bool = False,
-        verify: bool = True,
-        quarantine_dir: str = ".quarantine",
-        register: bool = True,
-    ) -> None:
-        self.remote = remote
-        self.local_dir = local_dir
-        self.ssh_command = ssh_command
-        self.remote_index = remote_index
-        self.min_obsid_download = min_obsid_download
-        self.max_obsid_download = max_obsid_download
-        self.skip_registered = skip_registered
-        self.include_sources = include_sources
-        self.exclude_sources = exclude_sources
-        self.include_source_groups = include_source_groups
-        self.exclude_source_groups = exclude_source_groups
-        self.listing_timeout_s = listing_timeout_s
-        self.n_rsyncs = n_rsyncs
-        self.max_retries = max_retries
-        self.retry_delay_s = retry_delay_s
-        self.backoff_factor = backoff_factor
-        self.bwlimit_kbps = bwlimit_kbps
-        self.rsync_timeout_s = rsync_timeout_s
-        self.partial_dir = partial_dir
-        self.file_mode = file_mode
-        self.dry_run = dry_run
-        self.verify = verify
-        self.quarantine_dir = quarantine_dir
-        self.register = register
+    announces_local_dir = True
+
+    n_rsyncs: Annotated[int, Range(ge=1)] = 2
+    max_retries: Annotated[int, Range(ge=0)] = 3
+    retry_delay_s: Annotated[float, Range(ge=0)] = 10.0
+    backoff_factor: Annotated[float, Range(ge=1)] = 2.0
+    bwlimit_kbps: Annotated[int, Range(gt=0)] | None = None
+    rsync_timeout_s: Annotated[int, Range(ge=0)] = 300
+    partial_dir: str = ".rsync-partial"
+    file_mode: str = "F664,D775"
+    dry_run: bool = False
+    verify: bool = True
+    quarantine_dir: str = ".quarantine"
+    register: bool = True
+
+    def __post_init__(self) -> None:
         # Injectable for tests: the retry sleep and the jitter source.
         self.sleep: Callable[[float], Any] | None = None
         self.rng: random.Random = random.Random()
@@ -224,8 +172,9 @@ class DataAcquisition(PipelineStage):
 
     # ------------------------------------------------------------------ validation
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        problems = validate_remote_stage_params(params, announces_local_dir=True)
+    def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
+        problems = super().validate_config(params)
+        # checked by the annotation once the loader uses parameters.check_value
         checks = (
             ("n_rsyncs", 1, "must be >= 1"),
             ("max_retries", 0, "must be >= 0"),
@@ -234,21 +183,22 @@ class DataAcquisition(PipelineStage):
             ("rsync_timeout_s", 0, "must be >= 0 (0 = no I/O timeout)"),
         )
         for name, lo, text in checks:
-            value = params.get(name)
+            value = params[name]
             if value is not None and value < lo:
                 problems.append(f"{name} {text}, got {value}")
-        bw = params.get("bwlimit_kbps")
+        # checked by the annotation once the loader uses parameters.check_value
+        bw = params["bwlimit_kbps"]
         if bw is not None and bw <= 0:
             problems.append(f"bwlimit_kbps must be > 0 KiB/s or None, got {bw}")
         for name in ("partial_dir", "quarantine_dir"):
-            value = str(params.get(name) or "")
+            value = str(params[name] or "")
             reason = validate_index_relpath(value)
             if reason is not None or not value.startswith("."):
                 problems.append(
                     f"{name} {value!r} must be a hidden relative directory (starting with '.') "
                     "so that file discovery skips it"
                 )
-        mode = str(params.get("file_mode") or "")
+        mode = str(params["file_mode"] or "")
         if not mode or not set(mode) <= _FILE_MODE_CHARS:
             problems.append(f"file_mode {mode!r} is not an rsync --chmod value such as 'F664,D775'")
         return problems
@@ -256,19 +206,6 @@ class DataAcquisition(PipelineStage):
     # ------------------------------------------------------------------ selection
     def _remote(self) -> Remote:
         return parse_remote(self.remote)
-
-    def _select(self, remote: Remote, rsync: str | None) -> Selection:
-        return select_remote_files(
-            remote,
-            FilterSettings.from_object(self),
-            rsync=rsync,
-            ssh_command=self.ssh_command,
-            remote_index=self.remote_index,
-            listing_timeout_s=self.listing_timeout_s,
-            local_dir=self.local_dir,
-            cli_obsids=self.context.obsids,
-            logger=log,
-        )
 
     def _plan_lines(self, sel: Selection, files: list[RemoteFile], note: str = "") -> list[str]:
         batches = balanced_batches(files, self.n_rsyncs) if files else []

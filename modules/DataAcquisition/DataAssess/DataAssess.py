@@ -19,7 +19,12 @@ from modules.DataAcquisition.registration import (
 from modules.pipeline_control import jobs
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import db
-from utils.constants import LEVEL1_NAME_RE, LEVEL2_NAME_RE, SUPPORTED_LEVEL2_FORMAT_VERSIONS
+from utils.constants import (
+    LEVEL1_NAME_RE,
+    LEVEL2_NAME_RE,
+    SUPPORTED_LEVEL2_FORMAT_VERSIONS,
+    obsid_from_level1_name,
+)
 from utils.errors import BadCOMAPFile
 
 log = logging.getLogger("comap.DataAssess")
@@ -104,8 +109,8 @@ class DataAssess(PipelineStage):
 
     def __init__(
         self,
-        level1_data_paths: list | None = None,
-        level2_data_paths: list | None = None,
+        level1_data_paths: list[str] | None = None,
+        level2_data_paths: list[str] | None = None,
         overwrite_existing: bool = False,
         validate_level2_paths: bool = True,
         clear_quality_stats_on_missing: bool = False,
@@ -123,7 +128,7 @@ class DataAssess(PipelineStage):
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
         problems = []
-        for p in params.get("level1_data_paths") or []:
+        for p in params["level1_data_paths"] or []:
             if Path(p).is_dir() or directory_expected(p):
                 continue  # a DataAcquisition earlier in the pipeline creates its local_dir
             hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
@@ -194,7 +199,7 @@ class DataAssess(PipelineStage):
         counts: dict[str, int],
         result: StageResult,
     ) -> None:
-        obsid_from_name = int(LEVEL1_NAME_RE.match(path.name).group(1))
+        obsid_from_name = obsid_from_level1_name(path.name)
         if obsid_from_name in seen:
             log.warning(
                 "obsid %d has two level-1 files: %s and %s; keeping the first",

@@ -6,16 +6,14 @@ import datetime as _dt
 import json
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules.DataAcquisition.filters import (
-    FilterSettings,
-    Selection,
-    select_remote_files,
-    validate_remote_stage_params,
-)
-from modules.DataAcquisition.rsync import DEFAULT_SSH_COMMAND, RemoteError, find_rsync, parse_remote
+from modules.DataAcquisition.filters import Selection
+from modules.DataAcquisition.remote_parameters import RemoteSelectionParameters
+from modules.DataAcquisition.rsync import RemoteError, find_rsync, parse_remote
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 
 log = logging.getLogger("comap.DataCheckRemote")
@@ -58,90 +56,39 @@ def summary_line(remote: str, sel: Selection) -> str:
     return text
 
 
-class DataCheckRemote(PipelineStage):
+@dataclass(eq=False, repr=False)
+class DataCheckRemote(RemoteSelectionParameters, PipelineStage):
     """List the remote archive and report what is new; downloads nothing.
 
     Parameters
     ----------
-    remote : str
-        Local directory (``demo/remote/``), ``[user@]host:path`` (ssh) or
-        ``rsync://host[:port]/module[/path]`` (06 §1).
-    local_dir : str
-        Where files would be placed (used for the "already present" check).
-    ssh_command : str
-        Passed to rsync as the single ``-e`` argument for ssh remotes.
-    remote_index : str or None
-        Relative path of an index CSV on the remote (e.g. ``obs_index.csv``); needed by the source
-        filters.
-    min_obsid_download, max_obsid_download : int, int or None
-        Inclusive obsid range.
-    skip_registered : bool
-        Skip files whose registered level-1 copy exists with the listed size.
-    include_sources, exclude_sources, include_source_groups, exclude_source_groups : list or None
-        Glob patterns, case-insensitive (need ``remote_index``).
-    listing_timeout_s : float
-        Subprocess timeout of the listing, s.
+    remote, local_dir, ssh_command, remote_index, ... listing_timeout_s
+        The remote and its filters, first and in this order: see
+        :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`. Here ``local_dir`` is
+        only where files would be placed (the "already present" check).
     report_dir : str
         Directory of ``remote_check_<timestamp>.json``.
     """
 
-    def __init__(
-        self,
-        remote: str,
-        local_dir: str,
-        ssh_command: str = DEFAULT_SSH_COMMAND,
-        remote_index: str | None = None,
-        min_obsid_download: int = 0,
-        max_obsid_download: int | None = None,
-        skip_registered: bool = True,
-        include_sources: list | tuple | None = None,
-        exclude_sources: list | tuple | None = None,
-        include_source_groups: list | tuple | None = None,
-        exclude_source_groups: list | tuple | None = ("CO",),
-        listing_timeout_s: float = 600.0,
-        report_dir: str = "logs/acquisition",
-    ) -> None:
-        self.remote = remote
-        self.local_dir = local_dir
-        self.ssh_command = ssh_command
-        self.remote_index = remote_index
-        self.min_obsid_download = min_obsid_download
-        self.max_obsid_download = max_obsid_download
-        self.skip_registered = skip_registered
-        self.include_sources = include_sources
-        self.exclude_sources = exclude_sources
-        self.include_source_groups = include_source_groups
-        self.exclude_source_groups = exclude_source_groups
-        self.listing_timeout_s = listing_timeout_s
-        self.report_dir = report_dir
+    report_dir: str = "logs/acquisition"
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        problems = validate_remote_stage_params(params)
-        if not str(params.get("report_dir") or "").strip():
+    def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
+        problems = super().validate_config(params)
+        if not str(params["report_dir"] or "").strip():
             problems.append("report_dir must be a directory path")
         return problems
 
-    def _select(self) -> Selection:
+    def _list(self) -> Selection:
         remote = parse_remote(self.remote)
         rsync = find_rsync()
         if rsync is None and remote.is_local:
             log.warning("rsync not found on PATH; listing %s in Python", remote.text)
-        return select_remote_files(
-            remote,
-            FilterSettings.from_object(self),
-            rsync=rsync,
-            ssh_command=self.ssh_command,
-            remote_index=self.remote_index,
-            listing_timeout_s=self.listing_timeout_s,
-            local_dir=self.local_dir,
-            cli_obsids=self.context.obsids,
-            logger=log,
-        )
+        return self._select(remote, rsync)
 
     def plan(self) -> list[str]:
         try:
-            sel = self._select()
+            sel = self._list()
         except RemoteError as exc:
             return [f"DataCheckRemote: {exc}"]
         return [
@@ -152,7 +99,7 @@ class DataCheckRemote(PipelineStage):
     def run(self) -> StageResult:
         result = StageResult(stage="DataCheckRemote")
         try:
-            sel = self._select()
+            sel = self._list()
         except RemoteError as exc:
             log.error("%s", exc)
             result.record_failure(self.remote, str(exc))

@@ -33,8 +33,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import db
 from utils.constants import MAX_FEED, MIN_FEED
@@ -234,6 +235,10 @@ def plan_flags(rows: Sequence[FlagRow], registered: Sequence[int]) -> FlagPlan:
     return FlagPlan(per_row, unmatched)
 
 
+BinnedChannel = Annotated[int, Range(ge=0)]
+"""A binned channel number (the ``default_channels`` items)."""
+
+
 class ObserverFlags(PipelineStage):
     """Apply observer flags from a CSV file to quality_flags (reset, then flag, in one transaction).
 
@@ -245,7 +250,11 @@ class ObserverFlags(PipelineStage):
         Binned channels for rows that must be created for an observation that has none yet.
     """
 
-    def __init__(self, observer_flags_csv_file: str, default_channels: list | tuple = (0, 1)) -> None:
+    def __init__(
+        self,
+        observer_flags_csv_file: str,
+        default_channels: list[BinnedChannel] | tuple[BinnedChannel, ...] = (0, 1),
+    ) -> None:
         self.observer_flags_csv_file = observer_flags_csv_file
         self.default_channels = default_channels
         self._rows: list[FlagRow] | None = None
@@ -253,14 +262,17 @@ class ObserverFlags(PipelineStage):
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
         problems: list[str] = []
-        channels = params.get("default_channels", (0, 1))
-        if not channels or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels
-        ):
-            problems.append(
-                f"default_channels must be a non-empty list of channel numbers >= 0, got {channels!r}"
-            )
-        path = params.get("observer_flags_csv_file")
+        # The item types and bounds are checked by the annotation once the loader uses
+        # parameters.check_value; non-emptiness stays here. Skipped when a caller leaves it out.
+        if "default_channels" in params:
+            channels = params["default_channels"]
+            if not channels or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels
+            ):
+                problems.append(
+                    f"default_channels must be a non-empty list of channel numbers >= 0, got {channels!r}"
+                )
+        path = params["observer_flags_csv_file"]
         if not isinstance(path, str) or not path:
             return [*problems, "observer_flags_csv_file must be the path of the observer-flag CSV"]
         _, csv_problems = parse_flags_csv(path)

@@ -1,0 +1,87 @@
+"""The parameters and the remote selection shared by DataCheckRemote and DataAcquisition (06 §1–§3).
+
+Deliberately without ``from __future__ import annotations``: the dataclass fields keep their
+annotation objects, so that the config loader reads them through a subclass defined in another
+module (``typing.get_type_hints`` evaluates string annotations in the subclass's module).
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from modules.DataAcquisition.filters import (
+    FilterSettings,
+    Selection,
+    select_remote_files,
+    validate_remote_stage_params,
+)
+from modules.DataAcquisition.rsync import DEFAULT_SSH_COMMAND, Remote
+from modules.pipeline_control.parameters import Range
+
+__all__ = ["RemoteSelectionParameters"]
+
+
+@dataclass(eq=False, repr=False)
+class RemoteSelectionParameters:
+    """Mixin of the stages that list the remote archive and select files with the filters of 06 §3.
+
+    Put it before :class:`~modules.pipeline_control.Pipeline.PipelineStage` in the bases of a
+    dataclass: the stage's own parameters follow these in the generated ``__init__``, and
+    :meth:`_select` uses the stage's ``context`` and ``logger``.
+
+    Parameters
+    ----------
+    remote : str
+        Local directory (``demo/remote/``), ``[user@]host:path`` (ssh) or
+        ``rsync://host[:port]/module[/path]`` (06 §1).
+    local_dir : str
+        Download directory; remote relative paths are mirrored under it (also used for the
+        "already present" check).
+    ssh_command : str
+        Passed to rsync as the single ``-e`` argument for ssh remotes.
+    remote_index : str or None
+        Relative path of an index CSV on the remote (e.g. ``obs_index.csv``); needed by the source
+        filters.
+    min_obsid_download, max_obsid_download : int, int or None
+        Inclusive obsid range.
+    skip_registered : bool
+        Skip files whose registered level-1 copy exists with the listed size.
+    include_sources, exclude_sources, include_source_groups, exclude_source_groups : list or None
+        Glob patterns, case-insensitive (need ``remote_index``). CO fields are excluded by default.
+    listing_timeout_s : float
+        Subprocess timeout of the listing, s.
+    """
+
+    announces_local_dir: ClassVar[bool] = False
+    """Whether this stage creates ``local_dir`` (a later DataAssess then accepts it before it exists)."""
+
+    remote: str
+    local_dir: str
+    ssh_command: str = DEFAULT_SSH_COMMAND
+    remote_index: str | None = None
+    min_obsid_download: Annotated[int, Range(ge=0)] = 0
+    max_obsid_download: int | None = None
+    skip_registered: bool = True
+    include_sources: list[str] | tuple[str, ...] | None = None
+    exclude_sources: list[str] | tuple[str, ...] | None = None
+    include_source_groups: list[str] | tuple[str, ...] | None = None
+    exclude_source_groups: list[str] | tuple[str, ...] | None = ("CO",)
+    listing_timeout_s: Annotated[float, Range(gt=0)] = 600.0
+
+    @classmethod
+    def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
+        return validate_remote_stage_params(params, announces_local_dir=cls.announces_local_dir)
+
+    def _select(self, remote: Remote, rsync: str | None) -> Selection:
+        """List ``remote`` (with ``rsync``, or in Python when None) and apply the filters."""
+        return select_remote_files(
+            remote,
+            FilterSettings.from_object(self),
+            rsync=rsync,
+            ssh_command=self.ssh_command,
+            remote_index=self.remote_index,
+            listing_timeout_s=self.listing_timeout_s,
+            local_dir=self.local_dir,
+            cli_obsids=self.context.obsids,
+            logger=self.logger,
+        )
