@@ -10,25 +10,42 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from utils.constants import FEATURE_CES, FEATURE_LISSAJOUS, FEATURE_RASTER, FEATURE_STARE
+from utils.layout import Layout
 
-TOD = "spectrometer/tod"
-MJD = "spectrometer/MJD"
-FEEDS = "spectrometer/feeds"
-BANDS = "spectrometer/bands"
-FREQUENCY = "spectrometer/frequency"
-FEATURES = "spectrometer/features"
-POINTING = "spectrometer/pixel_pointing"
-PIXEL_AZ = f"{POINTING}/pixel_az"
-PIXEL_EL = f"{POINTING}/pixel_el"
+LEVEL1 = Layout("level1", "Level-1 file layout")
+_r = LEVEL1.register
+
+COMAP_ATTRIBUTES = _r("comap", kind="attributes", description="observation metadata (obsid, ...)")
+TOD = _r(
+    "spectrometer/tod",
+    axes=("F1", "B", "C", "N"),
+    dtype="float32",
+    unit="counts",
+    description="raw spectrometer power",
+)
+MJD = _r("spectrometer/MJD", axes=("N",), dtype="float64", unit="MJD (UTC)", description="sample times")
+FEEDS = _r("spectrometer/feeds", axes=("F1",), dtype="int32", description="feed numbers incl. ground feed")
+BANDS = _r("spectrometer/bands", axes=("B",), dtype="S8", description="band names")
+FREQUENCY = _r(
+    "spectrometer/frequency", axes=("B", "C"), dtype="float64", unit="GHz", description="channel centres"
+)
+FEATURES = _r("spectrometer/features", axes=("N",), dtype="uint32", description="observing-mode feature bits")
+POINTING = _r("spectrometer/pixel_pointing", kind="group", description="per-feed pointing")
+PIXEL_AZ = _r(f"{POINTING}/pixel_az", axes=("F1", "N"), dtype="float64", unit="deg", description="azimuth")
+PIXEL_EL = _r(f"{POINTING}/pixel_el", axes=("F1", "N"), dtype="float64", unit="deg", description="elevation")
 POINTING_DATASETS: tuple[str, ...] = tuple(
     f"{POINTING}/{n}"
     for n in ("pixel_az", "pixel_el", "pixel_ra", "pixel_dec", "pixel_xoffset", "pixel_yoffset")
 )
 
-VANE_GROUP = "hk/antenna0/vane"
-FRAME_GROUP = "hk/array/frame"
-WEATHER_GROUP = "hk/array/weather"
-TRACKER_GROUP = "hk/antenna0/deTracker"
+VANE_GROUP = _r(
+    "hk/antenna0/vane",
+    kind="group",
+    description="vane angle, Tshroud, Tvane, Tambient (integer, scaled by HK_SCALES) and utc (MJD)",
+)
+FRAME_GROUP = _r("hk/array/frame", kind="group", description="frame features and utc (MJD)")
+WEATHER_GROUP = _r("hk/array/weather", kind="group", optional=True, description="weather station")
+TRACKER_GROUP = _r("hk/antenna0/deTracker", kind="group", optional=True, description="lissajous_status, utc")
 
 REQUIRED_HK: dict[str, tuple[str, ...]] = {
     VANE_GROUP: ("angle", "Tshroud", "Tvane", "Tambient", "utc"),
