@@ -1,4 +1,4 @@
-# comap-reduce developer targets (07 §5.2). `make demo` and `make test` create .venv themselves.
+# comap-reduce developer targets (docs/install.md#make-targets). `make demo` and `make test` create .venv themselves.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python

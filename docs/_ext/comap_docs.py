@@ -25,7 +25,7 @@ from docutils.parsers.rst import Directive
 from sphinx.util import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comap_tables  # noqa: E402
+import comap_tables
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +101,29 @@ def _section(document: nodes.document, title: str, ident: str) -> nodes.section:
 
 
 class ModulesDirective(Directive):
-    """``{comap-modules}``: the generated module reference."""
+    """``{comap-modules} KIND``: the generated reference of every module of one kind.
 
+    KIND is ``stage``, ``per_observation``, ``streaming`` or ``map_job``. The page gives each kind
+    its own Markdown heading, so the headings (and their anchors) are written, not generated.
+    """
+
+    required_arguments = 1
     has_content = False
 
     def run(self) -> list[nodes.Node]:
+        kind = self.arguments[0].strip()
+        if kind not in comap_tables.KIND_TITLES:
+            raise self.error(
+                f"comap-modules: unknown kind {kind!r}; known: {', '.join(comap_tables.KIND_TITLES)}"
+            )
         docs, errors = _modules()
         for err in errors:
             log.warning("comap-modules: import error: %s", err, location=self.state.document.current_source)
         document = self.state.document
-        out: list[nodes.Node] = []
-        for kind, title in comap_tables.KIND_TITLES.items():
-            members = [d for d in docs if d.kind == kind]
-            if not members:
-                continue
-            kind_section = _section(document, title, f"kind-{kind.replace('_', '-')}")
-            for d in members:
-                kind_section += self._module_section(document, d)
-            out.append(kind_section)
-        return out
+        members = [d for d in docs if d.kind == kind]
+        if not members:
+            return [_paragraph("None at present.")]
+        return [self._module_section(document, d) for d in members]
 
     def _module_section(self, document: nodes.document, d: comap_tables.ModuleDoc) -> nodes.section:
         name = d.path.rsplit(".", 1)[-1]
