@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from docutils import nodes
-from docutils.parsers.rst import Directive
+from docutils.parsers.rst import Directive, directives
 from sphinx.util import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -147,10 +147,15 @@ class ModulesDirective(Directive):
 
 
 class LayoutDirective(Directive):
-    """``{comap-layout} level2``: the generated table of a layout registry."""
+    """``{comap-layout} level2``: the generated table of a layout registry.
+
+    With the ``:axes:`` flag the axis-letter table is put before it. For a file kind whose registry
+    does not exist (yet), the directive produces nothing.
+    """
 
     required_arguments = 1
     has_content = False
+    option_spec = {"axes": directives.flag}
 
     def run(self) -> list[nodes.Node]:
         file = self.arguments[0].strip()
@@ -160,8 +165,22 @@ class LayoutDirective(Directive):
         layout = comap_tables.load_layout(file)
         if layout is None:
             return []
+        modname, attr = comap_tables.LAYOUT_REGISTRIES[file]
+        lead = _paragraph(
+            "Generated from the registry ",
+            nodes.literal(f"{modname}.{attr}", f"{modname}.{attr}"),
+            f" ({len(layout)} entries):",
+        )
+        out: list[nodes.Node] = []
+        if "axes" in self.options:
+            out.append(_axes_table())
         rows = comap_tables.layout_rows(layout)
-        return [_table(comap_tables.LAYOUT_COLUMNS, rows, {0, 3}, [30, 8, 10, 8, 10, 34])]
+        out += [lead, _table(comap_tables.LAYOUT_COLUMNS, rows, {0, 3}, [30, 8, 10, 8, 10, 34])]
+        return out
+
+
+def _axes_table() -> nodes.table:
+    return _table(("Axis", "Meaning"), comap_tables.axis_rows(), {0}, [10, 90])
 
 
 class AxesDirective(Directive):
@@ -170,7 +189,7 @@ class AxesDirective(Directive):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        return [_table(("Axis", "Meaning"), comap_tables.axis_rows(), {0}, [10, 90])]
+        return [_axes_table()]
 
 
 def setup(app):
