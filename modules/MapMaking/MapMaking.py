@@ -19,7 +19,7 @@ import numpy as np
 
 from modules.MapMaking.fits_output import MapInfo, read_configsha, write_map_fits
 from modules.MapMaking.geometry import job_geometry
-from modules.MapMaking.ReadData import Level2DataReader, compress_pixels, describe_counts, sample_pointing
+from modules.MapMaking.read_data import Level2DataReader, compress_pixels, describe_counts, sample_pointing
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
 from modules.pipeline_control.executors import LocalPoolExecutor
 from modules.pipeline_control.logging_setup import Progress
@@ -184,7 +184,7 @@ class MapMaking(PipelineStage):
     # --- run --------------------------------------------------------------------------------------
     @staticmethod
     def _read_task():
-        from modules.MapMaking.ReadData import _read_task
+        from modules.MapMaking.read_data import _read_task
 
         return _read_task
 
@@ -361,7 +361,7 @@ class MapMaking(PipelineStage):
         executor=None,
     ) -> Path:
         """Read, destripe and write one concrete map (04 §3–§5)."""
-        from modules.MapMaking.Destriper import destripe
+        from modules.MapMaking.destriper import destripe
 
         name = spec.output_path.name
         selected = [o for o in observations if spec.obsids is None or o.obsid in spec.obsids]
@@ -587,7 +587,7 @@ class LineMapMaking(MapMaking):
 
     @staticmethod
     def _read_task():
-        from modules.MapMaking.ReadLineData import _read_line_task
+        from modules.MapMaking.read_line_data import _read_line_task
 
         return _read_line_task
 
@@ -648,7 +648,7 @@ class LineMapMaking(MapMaking):
             destripe_channels,
             pixel_baselines,
         )
-        from modules.MapMaking.ReadLineData import LineDataReader
+        from modules.MapMaking.read_line_data import LineDataReader
 
         name = cube.output_path.name
         reader = LineDataReader(job.reader_settings(cube, 1.0), table, flags)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from modules.MapMaking.ReadLineData import LineAccumulation, LineReaderSettings, line_free_channels
+from modules.MapMaking.read_line_data import LineAccumulation, LineReaderSettings, line_free_channels
 
 log = logging.getLogger("comap.LineMapMaking")
 
@@ -69,7 +69,7 @@ def destripe_channels(
     """Destripe every velocity channel on the regridded TOD ``y_out,j`` with weights ``w_out,j``
     (04 §9.5); pixels, segments and offsets are shared across channels. Returns the cube (n_hit,
     n_v) and destriper facts for the header."""
-    from modules.MapMaking.Destriper import destripe
+    from modules.MapMaking.destriper import destripe
 
     assert acc.samples is not None and acc.segment_starts is not None
     pixels = np.concatenate([s["pixels"] for s in acc.samples])

@@ -209,7 +209,7 @@ class CreateLineMap(MapJob):
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
         from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import common_job_problems
-        from modules.MapMaking.ReadLineData import CONTINUUM_MODES
+        from modules.MapMaking.read_line_data import CONTINUUM_MODES
 
         problems: list[str] = []
         try:
@@ -261,7 +261,7 @@ class CreateLineMap(MapJob):
     # --- lines and cubes ---------------------------------------------------------------------------
     @staticmethod
     def _line_specs(lines: Any, line_frequency: Any) -> list[Any]:
-        from modules.MapMaking.ReadLineData import LineSpec
+        from modules.MapMaking.read_line_data import LineSpec
         from utils.rrl import line_frequency_ghz, line_name, parse_line_name
 
         specs = []
@@ -291,7 +291,7 @@ class CreateLineMap(MapJob):
 
     def reader_settings(self, cube: CubeSpec, step_kms: float):
         """The reader settings of one cube on a grid of ``step_kms`` channels."""
-        from modules.MapMaking.ReadLineData import LineReaderSettings, VelocityGrid
+        from modules.MapMaking.read_line_data import LineReaderSettings, VelocityGrid
 
         grid = VelocityGrid.build(
             float(self.velocity_center_kms), float(self.velocity_halfwidth_kms), float(step_kms)

@@ -277,7 +277,7 @@ class CreateMap(MapJob):
     # --- validation -----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        from modules.MapMaking.ReadData import DETRENDS
+        from modules.MapMaking.read_data import DETRENDS
 
         problems = []
         mode = params.get("split_mode") or cls.default_split_mode
@@ -309,7 +309,7 @@ class CreateMap(MapJob):
         return list(self.channel) if isinstance(self.channel, list | tuple) else [int(self.channel)]
 
     def reader_settings(self, band: int, channel: int, feeds: list[int] | None = None):
-        from modules.MapMaking.ReadData import ReaderSettings
+        from modules.MapMaking.read_data import ReaderSettings
 
         kwargs = {k: getattr(self, k) for k in READER_KEYS}
         if feeds is not None:

@@ -511,7 +511,7 @@ class Level2DataReader:
         self.flags = quality_flags or {}
         self.counts: Counter = Counter()
 
-    # the per-file pre-pass and the read; the cube reader (ReadLineData) plugs in its own
+    # the per-file pre-pass and the read; the cube reader (read_line_data) plugs in its own
     prepass_file = staticmethod(prepass_file)
     read_segments = staticmethod(read_segments)
 

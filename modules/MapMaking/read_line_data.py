@@ -1,4 +1,4 @@
-"""ReadLineData: the RRL cube reader (04 §9.3–§9.5).
+"""The RRL cube reader (04 §9.3–§9.5).
 
 Level 2 holds only binned data, so the cube reader goes back to level 1 for the **native channels
 around each line**. A **pre-pass** reads small level-2 datasets (frequencies, scan edges, noise
@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from modules.MapMaking.ReadData import Level2DataReader, frame_coordinates, run_file_tasks
+from modules.MapMaking.read_data import Level2DataReader, frame_coordinates, run_file_tasks
 from modules.pipeline_control.streaming import interpolate_vane_events
 from utils.rrl import SPEED_OF_LIGHT_KMS, lsrk_correction_kms
 from utils.wcs import MapGeometry, world_to_pixel_index
