@@ -34,7 +34,7 @@ class SegmentSelection:
     Parameters
     ----------
     tod_data_name : str
-        Level-2 dataset read; its noise statistics are ``level2_noise_stats/<basename>``.
+        Level-2 dataset read; its noise statistics are the ``NOISE_STATS`` group of its basename.
     feeds : list of int or None
         Feeds used (None: all).
     use_quality_flags : bool
