@@ -29,7 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from benchmarks import Result, median, peak_rss_during, time_interleaved
-from modules.MapMaking.Destriper import _offset_starts, _Operator, _SerialComm, destripe
+from modules.MapMaking.destriper import _offset_starts, _Operator, _SerialComm, destripe
 from utils.kernels import destriper_ops
 
 ID = "B4"

@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks import Result, median
 from benchmarks.bench_destriper import FS_HZ, OFFSET_LENGTH, SIGMA_K, simulate
-from modules.MapMaking.Destriper import destripe
+from modules.MapMaking.destriper import destripe
 
 ID = "B4t"
 TITLE = "destriper vs TOAST MapMaker + Offset template (same TOD, L = 100, tol 1e-6)"

@@ -22,7 +22,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from modules.MapMaking.Destriper import (
+from modules.MapMaking.destriper import (
     CG,
     STATUSES,
     DestriperResult,
@@ -32,7 +32,7 @@ from modules.MapMaking.Destriper import (
     _solve,
     destripe,
 )
-from modules.MapMaking.Destriper import _SerialComm as SerialComm
+from modules.MapMaking.destriper import _SerialComm as SerialComm
 
 REPO = Path(__file__).resolve().parents[1]
 L = 100
@@ -433,7 +433,7 @@ from mpi4py import MPI
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 from test_destriper import make_problem, L
-from modules.MapMaking.Destriper import destripe
+from modules.MapMaking.destriper import destripe
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -461,7 +461,7 @@ def test_missing_level1_file_is_counted(rrl, tmp_path):
     from types import SimpleNamespace
 
     from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
-    from modules.MapMaking.ReadLineData import line_prepass_file
+    from modules.MapMaking.read_line_data import line_prepass_file
 
     level2 = next(p for p in rrl.level2_files() if "0080003" in p.name)
     job = CreateLineMap(lines=["H59a"], calibration="none")

@@ -204,7 +204,7 @@ def test_feed_labels():
 def test_day_night_split_by_sun_altitude():
     from types import SimpleNamespace
 
-    from modules.MapMaking.MapMaking import MapMaking
+    from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import CreateMap as MapMaking
     from utils.coordinates import sun_altitude_deg
 
     mjds = np.array([61100 + 8 / 24, 61100 + 20 / 24, 61100 + 14 / 24])

@@ -387,6 +387,34 @@ def write_cube_fits(
     return path
 
 
+def write_difference_map(a_path: Path, b_path: Path, out_path: Path) -> Path:
+    """Jackknife difference ``(A − B)/2`` of two maps on the same grid (RMS ½√(RMS_A²+RMS_B²))."""
+    from astropy.io import fits
+
+    with fits.open(a_path, memmap=False) as a, fits.open(b_path, memmap=False) as b:
+        if a[0].data.shape != b[0].data.shape:
+            raise ValueError(f"{a_path.name} and {b_path.name} are on different grids")
+        diff = 0.5 * (a["DESTRIPED"].data - b["DESTRIPED"].data)
+        rms = 0.5 * np.sqrt(a["RMS"].data.astype(np.float64) ** 2 + b["RMS"].data.astype(np.float64) ** 2)
+        hdr = a[0].header.copy()
+        hdr["OBJECT"] = f"{hdr.get('OBJECT', '')} (A-B)/2"
+        hdr["HIERARCH COMAP DIFFA"] = a_path.name
+        hdr["HIERARCH COMAP DIFFB"] = b_path.name
+        primary = fits.PrimaryHDU(diff.astype(np.float32), header=hdr)
+        hits = np.minimum(a["HITS"].data, b["HITS"].data)
+        mask = (a["MASK"].data | b["MASK"].data).astype(np.uint8)
+        hdus = [
+            primary,
+            fits.ImageHDU(
+                np.full_like(diff, np.nan, dtype=np.float32), header=a["NAIVE"].header, name="NAIVE"
+            ),
+            fits.ImageHDU(hits.astype(np.int32), header=a["HITS"].header, name="HITS"),
+            fits.ImageHDU(rms.astype(np.float32), header=a["RMS"].header, name="RMS"),
+            fits.ImageHDU(mask, header=a["MASK"].header, name="MASK"),
+        ]
+    return write_atomic_fits(out_path, hdus)
+
+
 def read_configsha(path: str | Path) -> str | None:
     """``HIERARCH COMAP CONFIGSHA`` of an existing FITS file (None if missing or unreadable)."""
     from astropy.io import fits

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from modules.MapMaking.read_data import sample_pointing
 from utils.wcs import MapGeometry, dynamic_geometry, load_wcs_definitions, named_geometry
 
 HERE = Path(__file__).resolve().parent
@@ -52,3 +55,20 @@ def job_geometry(
     if path is None:
         raise FileNotFoundError(f"wcs_def_file {wcs_def_file} not found")
     return named_geometry(wcs_def, load_wcs_definitions(path))
+
+
+def geometry_for(job: Any, plans: Callable[[], list[Any]]) -> MapGeometry:
+    """The geometry of a job (its ``wcs_def`` and ``dynamic_*`` parameters): the named one, or the
+    dynamic one covering the accepted segments ``plans()`` (asked for only then)."""
+    if job.wcs_def != "dynamic":
+        return job_geometry(job.wcs_def, job.wcs_def_file)
+    lon, lat = sample_pointing(plans(), job.dynamic_frame)
+    return job_geometry(
+        "dynamic",
+        job.wcs_def_file,
+        lon,
+        lat,
+        frame=job.dynamic_frame,
+        cdelt_deg=job.dynamic_wcs_cdelt,
+        padding_deg=job.dynamic_wcs_padding,
+    )

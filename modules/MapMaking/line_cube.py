@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from modules.MapMaking.ReadLineData import LineAccumulation, LineReaderSettings, line_free_channels
+from modules.MapMaking.read_line_data import (
+    LineAccumulation,
+    LineReaderSettings,
+    LineSpec,
+    line_free_channels,
+)
 
 log = logging.getLogger("comap.LineMapMaking")
 
@@ -69,7 +74,7 @@ def destripe_channels(
     """Destripe every velocity channel on the regridded TOD ``y_out,j`` with weights ``w_out,j``
     (04 §9.5); pixels, segments and offsets are shared across channels. Returns the cube (n_hit,
     n_v) and destriper facts for the header."""
-    from modules.MapMaking.Destriper import destripe
+    from modules.MapMaking.destriper import destripe
 
     assert acc.samples is not None and acc.segment_starts is not None
     pixels = np.concatenate([s["pixels"] for s in acc.samples])
@@ -110,6 +115,34 @@ def destripe_channels(
         else ",".join(sorted(set(status))),
     }
     return cube, facts
+
+
+def line_cards(
+    lines: tuple[LineSpec, ...], settings: LineReaderSettings, acc: LineAccumulation
+) -> dict[str, Any]:
+    """The cube header's line keywords: the lines and their shares of the weights, the continuum
+    subtraction, the velocity grid and the level-1 bytes read."""
+    grid = settings.grid
+    cards: dict[str, Any] = {"STACKED": len(lines) > 1}
+    total_weight = float(acc.line_weight.sum()) if acc.line_weight is not None else 0.0
+    for k, spec in enumerate(lines, start=1):
+        cards[f"LINE{k}"] = spec.label
+        cards[f"RFREQ{k}"] = (spec.rest_freq_ghz * 1e9, "Hz")
+        if total_weight > 0:
+            share = float(acc.line_weight[k - 1]) / total_weight
+            cards[f"HIERARCH LINE W{k}"] = (share, f"share of {spec.label} in the weights")
+    cards.update(
+        {
+            "HIERARCH LINE CONTSUB": settings.continuum_subtraction,
+            "HIERARCH LINE BASEORD": int(settings.baseline_order),
+            "HIERARCH LINE MASKLO": (settings.mask_kms[0], "km/s LSRK"),
+            "HIERARCH LINE MASKHI": (settings.mask_kms[1], "km/s LSRK"),
+            "HIERARCH LINE VCENTER": (grid.center_kms, "km/s LSRK"),
+            "HIERARCH LINE DV": (grid.step_kms, "km/s"),
+            "HIERARCH LINE L1BYTES": (int(acc.bytes_read), "level-1 TOD bytes read"),
+        }
+    )
+    return cards
 
 
 def moment0_kkms(line: NDArray, velocities_kms: NDArray, window_kms: tuple[float, float]) -> NDArray:
@@ -178,6 +211,7 @@ __all__ = [
     "cube_from_sums",
     "cube_quicklook_png",
     "destripe_channels",
+    "line_cards",
     "moment0_kkms",
     "pixel_baselines",
 ]

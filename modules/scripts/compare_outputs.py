@@ -53,6 +53,7 @@ PROVENANCE_KEYS = frozenset(
         "code_version",
         "snapshot_utc",
         "COMAP CONFIGSHA",
+        "COMAP VERSION",
         "CONFIGSHA",
     }
 )

@@ -1,21 +1,53 @@
-"""CreateLineMap: radio-recombination-line cubes of a selection of observations (04 §9)."""
+"""CreateLineMap: radio-recombination-line cubes of a selection of observations (04 §9).
 
-from __future__ import annotations
+The product's steps: :meth:`CreateLineMap.expand` (one stacked cube, or one per line), then per
+cube the pre-pass and read of :mod:`modules.MapMaking.read_line_data` (level-1 channel windows,
+files in parallel through its picklable ``_read_line_task``), the cube assembled from the merged
+accumulators (:mod:`modules.MapMaking.line_cube`) on the cube's geometry, and the FITS writer.
+"""
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import h5py
 import numpy as np
 
-from modules.pipeline_control.Pipeline import MapJob
-from modules.pipeline_control.provenance import sha256_of
+from modules.MapMaking.dispatch import JobInputs, MapJobFailed
+from modules.MapMaking.fits_output import MapInfo, SpectralAxis, hit_mask, write_cube_fits
+from modules.MapMaking.geometry import geometry_for
+from modules.MapMaking.job_parameters import (
+    CalibrationParameters,
+    DestriperParameters,
+    GeometryParameters,
+    MaskingParameters,
+    OutputParameters,
+    SelectionParameters,
+)
+from modules.MapMaking.line_cube import (
+    Cube,
+    cube_from_sums,
+    cube_quicklook_png,
+    destripe_channels,
+    line_cards,
+    pixel_baselines,
+)
+from modules.MapMaking.product import MapProduct
+from modules.MapMaking.read_data import describe_counts
+from modules.MapMaking.read_line_data import (
+    CONTINUUM_MODES,
+    ContinuumMode,
+    LineDataReader,
+    LineReaderSettings,
+    LineSpec,
+    VelocityGrid,
+)
+from modules.pipeline_control.parameters import Range
 from utils.constants import BAND_EDGES_GHZ
+from utils.level2 import FREQUENCY
+from utils.rrl import SPEED_OF_LIGHT_KMS
 
-log = logging.getLogger("comap.CreateLineMap")
-
-SPECTRAL_AXES = ("VRAD", "FREQ")
+SpectralAxisName = Literal["VRAD", "FREQ"]
 # Line names tried when a cube is given by frequency only (labels such as H59a instead of a number).
 _KNOWN_SPECIES = ("H", "He", "C")
 _LABEL_TOLERANCE_GHZ = 5e-4
@@ -26,7 +58,7 @@ class CubeSpec:
     """One concrete cube: its label, lines and output file."""
 
     label: str
-    lines: tuple[Any, ...]  # LineSpec
+    lines: tuple[LineSpec, ...]
     output_path: Path
 
 
@@ -50,7 +82,16 @@ def identify_line(rest_freq_ghz: float) -> str:
     return f"{rest_freq_ghz:.5f}GHz"
 
 
-class CreateLineMap(MapJob):
+@dataclass(kw_only=True, eq=False)
+class CreateLineMap(
+    MapProduct,
+    OutputParameters,
+    SelectionParameters,
+    CalibrationParameters,
+    GeometryParameters,
+    DestriperParameters,
+    MaskingParameters,
+):
     """Radio-recombination-line (RRL) cubes of a selection: one per line, or a stack of several (04 §9).
 
     Each cube is a FITS file ``{output_dir}/{map_name}_{linelabel}.fits`` with LINE, RMS, HITS,
@@ -111,109 +152,32 @@ class CreateLineMap(MapJob):
         Remake cubes even when their configuration hash matches.
     """
 
-    def __init__(
-        self,
-        line_frequency: float | list = 31.223315,
-        lines: list | None = None,
-        stack_lines: bool = True,
-        map_name: str = "Unknown",
-        output_dir: str = "outputs/line_maps",
-        source: str | list | None = None,
-        source_group: str | list | None = None,
-        feeds: list | None = None,
-        database_file: str | None = None,
-        obsids: list | None = None,
-        obsid_list_file: str | None = None,
-        min_obsid: int | None = None,
-        max_obsid: int | None = None,
-        wcs_def: str = "dynamic",
-        wcs_def_file: str = "map_making_configs/wcs_definitions.toml",
-        dynamic_wcs_cdelt: float = 0.0166667,
-        dynamic_wcs_padding: float = 0.5,
-        dynamic_frame: str = "galactic",
-        velocity_center_kms: float = 0.0,
-        velocity_halfwidth_kms: float = 400.0,
-        velocity_resolution_kms: float | None = None,
-        line_mask_kms: list | tuple = (-150.0, 150.0),
-        baseline_order: int = 1,
-        continuum_subtraction: str = "spectrum",
-        level_stride: int = 1,
-        quiet_fraction: float | None = None,
-        spectral_axis: str = "VRAD",
-        destripe_channels: bool = False,
-        offset_length: int = 100,
-        tol: float = 1e-6,
-        max_iter: int = 1000,
-        channel_rms_cap_k: float = 1.0,
-        sigma_red_cutoff_k: float = 0.5,
-        alpha_min: float | None = None,
-        tod_data_name: str = "level2/binned_cleaned_data",
-        use_quality_flags: bool = True,
-        calibration: str = "model",
-        calib_source: str = "TauA",
-        calib_min_factor: float = 0.3,
-        calib_max_factor: float = 3.0,
-        missing_calibration: str = "skip",
-        hit_percentile: float = 5.0,
-        min_hits: int = 1,
-        quicklook: bool = True,
-        overwrite: bool = False,
-    ) -> None:
-        self.line_frequency = line_frequency
-        self.lines = lines
-        self.stack_lines = stack_lines
-        self.map_name = map_name
-        self.output_dir = output_dir
-        self.source = source
-        self.source_group = source_group
-        self.feeds = feeds
-        self.database_file = database_file
-        self.obsids = obsids
-        self.obsid_list_file = obsid_list_file
-        self.min_obsid = min_obsid
-        self.max_obsid = max_obsid
-        self.wcs_def = wcs_def
-        self.wcs_def_file = wcs_def_file
-        self.dynamic_wcs_cdelt = dynamic_wcs_cdelt
-        self.dynamic_wcs_padding = dynamic_wcs_padding
-        self.dynamic_frame = dynamic_frame
-        self.velocity_center_kms = velocity_center_kms
-        self.velocity_halfwidth_kms = velocity_halfwidth_kms
-        self.velocity_resolution_kms = velocity_resolution_kms
-        self.line_mask_kms = line_mask_kms
-        self.baseline_order = baseline_order
-        self.continuum_subtraction = continuum_subtraction
-        self.level_stride = level_stride
-        self.quiet_fraction = quiet_fraction
-        self.spectral_axis = spectral_axis
-        self.destripe_channels = destripe_channels
-        self.offset_length = offset_length
-        self.tol = tol
-        self.max_iter = max_iter
-        self.channel_rms_cap_k = channel_rms_cap_k
-        self.sigma_red_cutoff_k = sigma_red_cutoff_k
-        self.alpha_min = alpha_min
-        self.tod_data_name = tod_data_name
-        self.use_quality_flags = use_quality_flags
-        self.calibration = calibration
-        self.calib_source = calib_source
-        self.calib_min_factor = calib_min_factor
-        self.calib_max_factor = calib_max_factor
-        self.missing_calibration = missing_calibration
-        self.hit_percentile = hit_percentile
-        self.min_hits = min_hits
-        self.quicklook = quicklook
-        self.overwrite = overwrite
+    product = "cube"
+
+    line_frequency: float | list = 31.223315
+    lines: list | None = None
+    stack_lines: bool = True
+    output_dir: str = "outputs/line_maps"
+    velocity_center_kms: float = 0.0
+    velocity_halfwidth_kms: Annotated[float, Range(gt=0)] = 400.0
+    velocity_resolution_kms: Annotated[float, Range(gt=0)] | None = None
+    line_mask_kms: tuple[float, float] = (-150.0, 150.0)
+    baseline_order: Annotated[int, Range(ge=0)] = 1
+    continuum_subtraction: ContinuumMode = "spectrum"
+    level_stride: Annotated[int, Range(ge=1)] = 1
+    quiet_fraction: Annotated[float, Range(gt=0, le=1)] | None = None
+    spectral_axis: SpectralAxisName = "VRAD"
+    destripe_channels: bool = False
+    channel_rms_cap_k: float = 1.0
+    sigma_red_cutoff_k: float = 0.5
+    alpha_min: float | None = None
 
     # --- validation -----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import common_job_problems
-        from modules.MapMaking.ReadLineData import CONTINUUM_MODES
-
         problems: list[str] = []
         try:
-            specs = cls._line_specs(params.get("lines"), params.get("line_frequency"))
+            specs = cls._line_specs(params["lines"], params["line_frequency"])
         except ValueError as exc:
             return [str(exc)]
         if not specs:
@@ -225,14 +189,16 @@ class CreateLineMap(MapJob):
                     f"line {spec.label} at {spec.rest_freq_ghz:.5f} GHz is outside every band "
                     f"({lo:g}–{hi:g} GHz)"
                 )
-        if params.get("continuum_subtraction") not in CONTINUUM_MODES:
+        # checked by the annotation once the loader uses parameters.check_value
+        if params["continuum_subtraction"] not in CONTINUUM_MODES:
             problems.append(f"continuum_subtraction must be one of {', '.join(CONTINUUM_MODES)}")
-        axis = params.get("spectral_axis")
-        if axis not in SPECTRAL_AXES:
+        axis = params["spectral_axis"]
+        # checked by the annotation once the loader uses parameters.check_value
+        if axis not in ("VRAD", "FREQ"):
             problems.append("spectral_axis must be 'VRAD' or 'FREQ'")
-        elif axis == "FREQ" and len(specs) > 1 and params.get("stack_lines", True):
+        elif axis == "FREQ" and len(specs) > 1 and params["stack_lines"]:
             problems.append("spectral_axis='FREQ' is not allowed when stacking lines (use 'VRAD')")
-        mask = params.get("line_mask_kms")
+        mask = params["line_mask_kms"]
         if not (
             isinstance(mask, list | tuple)
             and len(mask) == 2
@@ -240,28 +206,32 @@ class CreateLineMap(MapJob):
             and mask[0] < mask[1]
         ):
             problems.append(f"line_mask_kms must be [lo, hi] with lo < hi (km/s), got {mask!r}")
-        halfwidth = params.get("velocity_halfwidth_kms")
+        halfwidth = params["velocity_halfwidth_kms"]
+        # checked by the annotation once the loader uses parameters.check_value
         if not (isinstance(halfwidth, int | float) and halfwidth > 0):
             problems.append("velocity_halfwidth_kms must be > 0")
-        res = params.get("velocity_resolution_kms")
+        res = params["velocity_resolution_kms"]
+        # checked by the annotation once the loader uses parameters.check_value
         if res is not None and not (isinstance(res, int | float) and res > 0):
             problems.append("velocity_resolution_kms must be > 0 or None")
-        q = params.get("quiet_fraction")
+        q = params["quiet_fraction"]
+        # checked by the annotation once the loader uses parameters.check_value
         if q is not None and not (isinstance(q, int | float) and 0 < q <= 1):
             problems.append("quiet_fraction must be in (0, 1] or None")
-        stride = params.get("level_stride")
+        stride = params["level_stride"]
+        # checked by the annotation once the loader uses parameters.check_value
         if not (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1):
             problems.append("level_stride must be an integer >= 1")
-        order = params.get("baseline_order")
+        order = params["baseline_order"]
+        # checked by the annotation once the loader uses parameters.check_value
         if not (isinstance(order, int) and not isinstance(order, bool) and order >= 0):
             problems.append("baseline_order must be an integer >= 0")
-        problems += common_job_problems(params)
+        problems += super().validate_config(params)
         return problems
 
     # --- lines and cubes ---------------------------------------------------------------------------
     @staticmethod
     def _line_specs(lines: Any, line_frequency: Any) -> list[Any]:
-        from modules.MapMaking.ReadLineData import LineSpec
         from utils.rrl import line_frequency_ghz, line_name, parse_line_name
 
         specs = []
@@ -291,8 +261,6 @@ class CreateLineMap(MapJob):
 
     def reader_settings(self, cube: CubeSpec, step_kms: float):
         """The reader settings of one cube on a grid of ``step_kms`` channels."""
-        from modules.MapMaking.ReadLineData import LineReaderSettings, VelocityGrid
-
         grid = VelocityGrid.build(
             float(self.velocity_center_kms), float(self.velocity_halfwidth_kms), float(step_kms)
         )
@@ -318,25 +286,133 @@ class CreateLineMap(MapJob):
             quiet_fraction=None if self.quiet_fraction is None else float(self.quiet_fraction),
         )
 
-    def job_config_hash(self, cube: CubeSpec, observations: list[Any], updated: dict[int, str]) -> str:
-        """Hash of the resolved parameters, the cube's lines, the obsids and each level-2 file's
-        ``updated_utc``: a new or reprocessed observation remakes the cube."""
-        ids = sorted(o.obsid for o in observations)
-        return sha256_of(
-            {
-                "params": self.parameters,
-                "cube": {"label": cube.label, "lines": [(s.label, s.rest_freq_ghz) for s in cube.lines]},
-                "obsids": ids,
-                "level2_updated_utc": [updated.get(i, "") for i in ids],
-            }
+    def output_identity(self, output: CubeSpec) -> dict[str, Any]:
+        return {"cube": {"label": output.label, "lines": [(s.label, s.rest_freq_ghz) for s in output.lines]}}
+
+    # --- making one cube -------------------------------------------------------------------------
+    @staticmethod
+    def _native_step_kms(cube: CubeSpec, path: str) -> float:
+        """Native channel width ``c |Δν| / ν0`` (km/s) of the widest of the cube's lines."""
+        with h5py.File(path, "r", locking=False) as l2:
+            freq = np.asarray(l2[FREQUENCY][...], dtype=np.float64)
+        width_ghz = float(np.median(np.abs(np.diff(freq, axis=1))))
+        return max(SPEED_OF_LIGHT_KMS * width_ghz / s.rest_freq_ghz for s in cube.lines)
+
+    def make(self, output: CubeSpec, inputs: JobInputs, config_sha: str, executor=None) -> Path:
+        """Pre-pass, read, assemble and write one cube (04 §9.3–§9.6)."""
+        cube, log = output, inputs.log
+        name = cube.output_path.name
+        reader = LineDataReader(self.reader_settings(cube, 1.0), inputs.table, inputs.flags)
+        plans = reader.prepass(inputs.observations)
+        if not plans:
+            raise MapJobFailed(f"no data for cube {name}: {describe_counts(reader.counts)}")
+        step = self.velocity_resolution_kms or self._native_step_kms(cube, plans[0].path)
+        settings = self.reader_settings(cube, float(step))
+        reader.settings = settings
+        grid = settings.grid
+        geometry = geometry_for(self, lambda: plans)
+        log.info(
+            "%s: %d segment(s) from %d observation(s), %d velocity channels of %.2f km/s; %s",
+            name,
+            len(plans),
+            len({p.obsid for p in plans}),
+            grid.n_v,
+            grid.step_kms,
+            describe_counts(reader.counts),
         )
+        with inputs.read_progress(len({p.path for p in plans}), name) as bar:
+            acc = reader.read(plans, geometry, executor=executor, progress=bar)
+        for note in acc.notes:
+            log.info("%s: %s", name, note)
+        if acc.hit.size == 0 or not (acc.acc_w > 0).any():
+            raise MapJobFailed(
+                f"no data for cube {name}: no sample with weight lands on the map "
+                f"({describe_counts(acc.counts)})"
+            )
+        line, rms = cube_from_sums(acc)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            continuum = np.where(acc.cont_w > 0, acc.cont_sum / acc.cont_w, np.nan)
+        destriper_cards: dict[str, Any] = {}
+        if settings.per_sample:
+            line, destriper_cards = destripe_channels(
+                acc, settings, offset_length=self.offset_length, tol=self.tol, max_iter=self.max_iter
+            )
+        if settings.continuum_subtraction == "pixel":
+            line, continuum = pixel_baselines(line, acc.acc_w, settings)
+        path = self._write(
+            cube, geometry, settings, acc, plans, Cube(line, rms, continuum), destriper_cards, config_sha
+        )
+        log.info("%s: %d samples, %.1f MB of level-1 TOD read", name, acc.n_samples, acc.bytes_read / 1e6)
+        if self.quicklook:
+            hits_full = np.zeros(geometry.n_pixels, dtype=np.int64)
+            hits_full[acc.hit] = acc.hits
+            mask, _thr = hit_mask(
+                hits_full.reshape(geometry.shape), hit_percentile=self.hit_percentile, min_hits=self.min_hits
+            )
+            cube_quicklook_png(
+                path.with_suffix(".png"),
+                geometry,
+                acc.hit,
+                Cube(line, rms, continuum),
+                grid.velocities_kms,
+                settings.mask_kms,
+                mask.ravel()[acc.hit] != 0,
+                f"{self.map_name} {cube.label}",
+            )
+        return path
 
-    def run(self, files: list[Any]) -> Any:
-        """Make every cube of this job from ``files`` (COMAPData rows) — used standalone; inside a run
-        the LineMapMaking stage drives the jobs."""
-        from modules.MapMaking.MapMaking import LineMapMaking
-
-        return LineMapMaking().run_line_job(self, files)
+    def _write(
+        self, cube: CubeSpec, geometry, settings, acc, plans, result: Cube, destriper_cards, config_sha: str
+    ) -> Path:
+        """The FITS file of one cube."""
+        grid = settings.grid
+        first = cube.lines[0]
+        info = MapInfo(
+            object_name=self.map_name,
+            band=int(plans[0].uses[0].band) if len(cube.lines) == 1 else -1,
+            channel=-1,
+            feeds=sorted({f for _o, f, _s in acc.used}),
+            obsids=sorted({o for o, _f, _s in acc.used}),
+            mjd_min=acc.mjd_range[0],
+            mjd_max=acc.mjd_range[1],
+            freq_hz=first.rest_freq_ghz * 1e9,
+            bandwidth_hz=first.rest_freq_ghz * 1e9 * grid.step_kms / SPEED_OF_LIGHT_KMS,
+            n_segment=len(acc.used),
+            n_sample=int(acc.n_samples),
+            calibration={
+                "MODE": self.calibration,
+                "SOURCE": self.calib_source,
+                "MEDFACT": float(np.median([u.factor for p in plans for u in p.uses])),
+            },
+        )
+        spectral = SpectralAxis(
+            self.spectral_axis, grid.center_kms, grid.step_kms, grid.n_v, first.rest_freq_ghz * 1e9
+        )
+        params = dict(self.parameters)
+        params.update(cube=cube.label)
+        return write_cube_fits(
+            cube.output_path,
+            geometry,
+            spectral,
+            hit=acc.hit,
+            line=result.line,
+            rms=result.rms,
+            hits=acc.hits,
+            continuum=result.continuum,
+            info=info,
+            params=params,
+            config_sha=config_sha,
+            line_cards={**line_cards(cube.lines, settings, acc), **destriper_cards},
+            hit_percentile=float(self.hit_percentile),
+            min_hits=int(self.min_hits),
+            resolved_config={
+                "class": self.module_path,
+                "params": params,
+                "config_sha256": config_sha,
+                "obsids": info.obsids,
+                "lines": {s.label: s.rest_freq_ghz for s in cube.lines},
+            },
+        )
 
 
 __all__ = ["CreateLineMap", "CubeSpec", "identify_line"]

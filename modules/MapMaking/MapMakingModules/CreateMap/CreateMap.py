@@ -1,20 +1,40 @@
-"""CreateMap: one destriped continuum map per (band, channel, split) of a selection (04 §7)."""
+"""CreateMap: one destriped continuum map per (band, channel, split) of a selection (04 §7).
 
-from __future__ import annotations
+The product's steps: :meth:`CreateMap.expand` (band × channel × split), then per map the pre-pass
+and read of :mod:`modules.MapMaking.read_data` (files in parallel through its picklable
+``_read_task``), the destriper on the job's one geometry, and the FITS writer.
+"""
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from modules.pipeline_control.Pipeline import MapJob
-from modules.pipeline_control.provenance import sha256_of
+from modules.MapMaking.destriper import destripe
+from modules.MapMaking.dispatch import JobInputs, MapJobFailed
+from modules.MapMaking.fits_output import MapInfo, write_map_fits
+from modules.MapMaking.geometry import geometry_for
+from modules.MapMaking.job_parameters import (
+    CalibrationParameters,
+    ChannelParameters,
+    DestriperParameters,
+    GeometryParameters,
+    MaskingParameters,
+    OutputParameters,
+    SelectionParameters,
+)
+from modules.MapMaking.product import MapProduct, feed_label
+from modules.MapMaking.read_data import (
+    DETRENDS,
+    Detrend,
+    Level2DataReader,
+    ReaderSettings,
+    compress_pixels,
+    describe_counts,
+)
 
-log = logging.getLogger("comap.CreateMap")
-
-SPLIT_MODES = (
+SplitMode = Literal[
     "none",
     "per_feed",
     "day_night",
@@ -22,70 +42,14 @@ SPLIT_MODES = (
     "first_second_half",
     "alternate_obs",
     "custom",
-)
+]
+SPLIT_MODES = get_args(SplitMode)
 TWO_WAY = {
     "day_night": ("_day", "_night"),
     "odd_even_scans": ("_jkA", "_jkB"),
     "first_second_half": ("_jkA", "_jkB"),
     "alternate_obs": ("_jkA", "_jkB"),
 }
-
-READER_KEYS = (
-    "feeds",
-    "use_quality_flags",
-    "auto_rms_cap_k",
-    "sigma_red_cutoff_k",
-    "fknee_max_hz",
-    "calibration",
-    "calib_source",
-    "calib_min_factor",
-    "calib_max_factor",
-    "missing_calibration",
-    "detrend",
-    "detrend_order",
-    "detrend_mask_abs_b_deg",
-    "spike_sigma",
-    "spike_medfilt_length",
-    "spike_dilate",
-    "bright_mask_map",
-    "bright_cut_k",
-    "bright_downweight",
-    "write_mean_azel",
-    "tod_data_name",
-)
-
-
-def feed_label(feeds: list[int]) -> str:
-    """Compress a feed list into ranges: ``feed01to19``, ``feed01to03_07``, ``feed05``."""
-    feeds = sorted({int(f) for f in feeds})
-    if not feeds:
-        return "feednone"
-    parts = []
-    start = prev = feeds[0]
-    for f in feeds[1:] + [None]:
-        if f is not None and f == prev + 1:
-            prev = f
-            continue
-        parts.append(f"{start:02d}" if start == prev else f"{start:02d}to{prev:02d}")
-        if f is not None:
-            start = prev = f
-    return "feed" + "_".join(parts)
-
-
-def common_job_problems(params: dict[str, Any]) -> list[str]:
-    """Checks shared by the map and cube jobs: calibration, dynamic WCS, destriper offsets, wcs_def."""
-    from modules.MapMaking.geometry import wcs_def_problems
-
-    problems = []
-    if params.get("calibration") not in ("model", "none"):
-        problems.append("calibration must be 'model' or 'none'")
-    if params.get("missing_calibration") not in ("skip", "unity"):
-        problems.append("missing_calibration must be 'skip' or 'unity'")
-    if params.get("dynamic_frame") not in ("galactic", "icrs"):
-        problems.append("dynamic_frame must be 'galactic' or 'icrs'")
-    if int(params.get("offset_length", 1)) < 1:
-        problems.append("offset_length must be >= 1")
-    return problems + wcs_def_problems(params.get("wcs_def", "dynamic"), params.get("wcs_def_file"))
 
 
 @dataclass
@@ -107,7 +71,17 @@ class MapJobSpec:
     pair: tuple[str, str] | None = None
 
 
-class CreateMap(MapJob):
+@dataclass(kw_only=True, eq=False)
+class CreateMap(
+    MapProduct,
+    OutputParameters,
+    SelectionParameters,
+    ChannelParameters,
+    CalibrationParameters,
+    GeometryParameters,
+    DestriperParameters,
+    MaskingParameters,
+):
     """Destriped continuum maps of a selection of observations, one per band, channel and split.
 
     Each map is a FITS file with DESTRIPED, NAIVE, HITS, RMS and MASK HDUs.
@@ -162,159 +136,60 @@ class CreateMap(MapJob):
         Remake maps even when their configuration hash matches.
     """
 
+    product = "map"
     default_split_mode = "none"
 
-    def __init__(
-        self,
-        map_name: str = "Unknown",
-        band: int | list = 0,
-        channel: int | list = 0,
-        output_dir: str = "outputs/maps",
-        source: str | list | None = None,
-        source_group: str | list | None = None,
-        obsids: list | None = None,
-        obsid_list_file: str | None = None,
-        min_obsid: int | None = None,
-        max_obsid: int | None = None,
-        tod_data_name: str = "level2/binned_cleaned_data",
-        database_file: str | None = None,
-        wcs_def: str = "dynamic",
-        wcs_def_file: str = "map_making_configs/wcs_definitions.toml",
-        dynamic_wcs_cdelt: float = 0.0166667,
-        dynamic_wcs_padding: float = 0.5,
-        dynamic_frame: str = "galactic",
-        offset_length: int = 100,
-        lambda_ridge: float = 0.0,
-        good_fraction: float = 0.5,
-        tol: float = 1e-6,
-        max_iter: int = 1000,
-        split_mode: str | None = None,
-        sun_elevation_threshold_deg: float = 0.0,
-        split_groups: dict | None = None,
-        write_difference: bool = False,
-        write_mean_azel: bool = False,
-        feeds: list | None = None,
-        use_quality_flags: bool = True,
-        auto_rms_cap_k: float = 0.1,
-        sigma_red_cutoff_k: float = 0.4,
-        fknee_max_hz: float | None = None,
-        calibration: str = "model",
-        calib_source: str = "TauA",
-        calib_min_factor: float = 0.3,
-        calib_max_factor: float = 3.0,
-        missing_calibration: str = "skip",
-        detrend: str = "median",
-        detrend_order: int = 3,
-        detrend_mask_abs_b_deg: float = 0.75,
-        spike_sigma: float | None = None,
-        spike_medfilt_length: int = 100,
-        spike_dilate: int = 201,
-        bright_mask_map: str | None = None,
-        bright_cut_k: float = 0.045,
-        bright_downweight: float = 0.1,
-        hit_percentile: float = 5.0,
-        min_hits: int = 1,
-        edge_clip: bool = False,
-        edge_clip_width: int = 2,
-        clip_percentiles: list | None = None,
-        quicklook: bool = True,
-        overwrite: bool = False,
-    ) -> None:
-        self.map_name = map_name
-        self.band = band
-        self.channel = channel
-        self.output_dir = output_dir
-        self.source = source
-        self.source_group = source_group
-        self.obsids = obsids
-        self.obsid_list_file = obsid_list_file
-        self.min_obsid = min_obsid
-        self.max_obsid = max_obsid
-        self.tod_data_name = tod_data_name
-        self.database_file = database_file
-        self.wcs_def = wcs_def
-        self.wcs_def_file = wcs_def_file
-        self.dynamic_wcs_cdelt = dynamic_wcs_cdelt
-        self.dynamic_wcs_padding = dynamic_wcs_padding
-        self.dynamic_frame = dynamic_frame
-        self.offset_length = offset_length
-        self.lambda_ridge = lambda_ridge
-        self.good_fraction = good_fraction
-        self.tol = tol
-        self.max_iter = max_iter
-        self.split_mode = self.default_split_mode if split_mode is None else split_mode
-        self.sun_elevation_threshold_deg = sun_elevation_threshold_deg
-        self.split_groups = split_groups
-        self.write_difference = write_difference
-        self.write_mean_azel = write_mean_azel
-        self.feeds = feeds
-        self.use_quality_flags = use_quality_flags
-        self.auto_rms_cap_k = auto_rms_cap_k
-        self.sigma_red_cutoff_k = sigma_red_cutoff_k
-        self.fknee_max_hz = fknee_max_hz
-        self.calibration = calibration
-        self.calib_source = calib_source
-        self.calib_min_factor = calib_min_factor
-        self.calib_max_factor = calib_max_factor
-        self.missing_calibration = missing_calibration
-        self.detrend = detrend
-        self.detrend_order = detrend_order
-        self.detrend_mask_abs_b_deg = detrend_mask_abs_b_deg
-        self.spike_sigma = spike_sigma
-        self.spike_medfilt_length = spike_medfilt_length
-        self.spike_dilate = spike_dilate
-        self.bright_mask_map = bright_mask_map
-        self.bright_cut_k = bright_cut_k
-        self.bright_downweight = bright_downweight
-        self.hit_percentile = hit_percentile
-        self.min_hits = min_hits
-        self.edge_clip = edge_clip
-        self.edge_clip_width = edge_clip_width
-        self.clip_percentiles = [0.5, 99.5] if clip_percentiles is None else clip_percentiles
-        self.quicklook = quicklook
-        self.overwrite = overwrite
+    lambda_ridge: float = 0.0
+    good_fraction: float = 0.5
+    split_mode: SplitMode | None = None
+    sun_elevation_threshold_deg: float = 0.0
+    split_groups: dict | None = None
+    write_difference: bool = False
+    write_mean_azel: bool = False
+    detrend: Detrend = "median"
+    detrend_order: int = 3
+    detrend_mask_abs_b_deg: float = 0.75
+    spike_sigma: float | None = None
+    spike_medfilt_length: int = 100
+    spike_dilate: int = 201
+    bright_mask_map: str | None = None
+    bright_cut_k: float = 0.045
+    bright_downweight: float = 0.1
+    edge_clip: bool = False
+    edge_clip_width: int = 2
+    clip_percentiles: list | None = None
+
+    def __post_init__(self) -> None:
+        if self.split_mode is None:
+            self.split_mode = self.default_split_mode
+        if self.clip_percentiles is None:
+            self.clip_percentiles = [0.5, 99.5]
 
     # --- validation -----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        from modules.MapMaking.ReadData import DETRENDS
-
         problems = []
-        mode = params.get("split_mode") or cls.default_split_mode
+        mode = params["split_mode"] or cls.default_split_mode
+        # checked by the annotation once the loader uses parameters.check_value
         if mode not in SPLIT_MODES:
             problems.append(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {mode!r}")
-        if mode == "custom" and not isinstance(params.get("split_groups"), dict):
+        if mode == "custom" and not isinstance(params["split_groups"], dict):
             problems.append("split_mode='custom' needs split_groups = {label: [obsids]}")
-        for key in ("band", "channel"):
-            values = params.get(key)
-            values = values if isinstance(values, list | tuple) else [values]
-            if not values or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-            ):
-                problems.append(f"{key} must be an integer >= 0 or a list of them, got {params.get(key)!r}")
-        if params.get("detrend") not in DETRENDS:
+        # checked by the annotation once the loader uses parameters.check_value
+        if params["detrend"] not in DETRENDS:
             problems.append(f"detrend must be one of {', '.join(DETRENDS)}")
-        problems += common_job_problems(params)
-        if params.get("bright_mask_map") and not Path(str(params["bright_mask_map"])).exists():
+        problems += super().validate_config(params)
+        if params["bright_mask_map"] and not Path(str(params["bright_mask_map"])).exists():
             problems.append(f"bright_mask_map {params['bright_mask_map']} does not exist")
         return problems
 
-    # --- jobs ------------------------------------------------------------------------------------
-    @property
-    def bands(self) -> list[int]:
-        return list(self.band) if isinstance(self.band, list | tuple) else [int(self.band)]
-
-    @property
-    def channels(self) -> list[int]:
-        return list(self.channel) if isinstance(self.channel, list | tuple) else [int(self.channel)]
-
-    def reader_settings(self, band: int, channel: int, feeds: list[int] | None = None):
-        from modules.MapMaking.ReadData import ReaderSettings
-
-        kwargs = {k: getattr(self, k) for k in READER_KEYS}
+    # --- outputs ---------------------------------------------------------------------------------
+    def reader_settings(self, band: int, channel: int, feeds: list[int] | None = None) -> ReaderSettings:
+        """The continuum reader's settings for one (band, channel), optionally restricted to ``feeds``."""
+        given: dict[str, Any] = {"band": band, "channel": channel}
         if feeds is not None:
-            kwargs["feeds"] = list(feeds)
-        return ReaderSettings(band=band, channel=channel, **kwargs)
+            given["feeds"] = list(feeds)
+        return self.settings(ReaderSettings, **given)
 
     def expand(self, observations: list[Any], selection_feeds: list[int]) -> list[MapJobSpec]:
         """Concrete maps for this selection: band × channel × split (04 §1 step 1, §7)."""
@@ -371,32 +246,184 @@ class CreateMap(MapJob):
                     )
         return jobs
 
-    def job_config_hash(self, job: MapJobSpec, observations: list[Any], updated: dict[int, str]) -> str:
-        """Hash of the resolved parameters, the concrete job, the sorted obsids it selects and each
-        level-2 file's ``updated_utc`` (04 §1 step 2): a new or reprocessed observation remakes the map."""
-        ids = sorted(o.obsid for o in observations if job.obsids is None or o.obsid in job.obsids)
-        return sha256_of(
-            {
-                "params": self.parameters,
-                "job": {
-                    "band": job.band,
-                    "channel": job.channel,
-                    "suffix": job.suffix,
-                    "feeds": job.feeds,
-                    "segment_filter": job.segment_filter,
-                },
-                "obsids": ids,
-                "level2_updated_utc": [updated.get(i, "") for i in ids],
+    def output_identity(self, output: MapJobSpec) -> dict[str, Any]:
+        return {
+            "job": {
+                "band": output.band,
+                "channel": output.channel,
+                "suffix": output.suffix,
+                "feeds": output.feeds,
+                "segment_filter": output.segment_filter,
             }
+        }
+
+    # --- making one map --------------------------------------------------------------------------
+    def _geometry(self, inputs: JobInputs):
+        """One grid for all maps of the job (so that split maps can be differenced)."""
+
+        def plans():
+            reader = Level2DataReader(
+                self.reader_settings(self.bands[0], self.channels[0]), inputs.table, inputs.flags
+            )
+            accepted = reader.prepass(inputs.observations)
+            if not accepted:
+                raise MapJobFailed(f"no data for map {self.map_name}: {describe_counts(reader.counts)}")
+            return accepted
+
+        return geometry_for(self, plans)
+
+    @staticmethod
+    def _filter_segments(plans: list[Any], spec: Any, threshold_deg: float) -> list[Any]:
+        if spec.segment_filter is None:
+            return plans
+        if spec.segment_filter in ("day", "night"):
+            from utils.coordinates import sun_altitude_deg
+
+            if not plans:
+                return plans
+            alt = sun_altitude_deg(np.array([p.mjd_mid for p in plans]))
+            day = alt >= threshold_deg
+            want = spec.segment_filter == "day"
+            return [p for p, d in zip(plans, day) if d == want]
+        # odd/even: scans numbered in time order across the selection
+        scans = sorted({(p.mjd_mid, p.obsid, p.scan) for p in plans})
+        number = {(o, s): k for k, (_m, o, s) in enumerate(scans)}
+        parity = 0 if spec.segment_filter == "even" else 1
+        return [p for p in plans if number[(p.obsid, p.scan)] % 2 == parity]
+
+    def make(self, output: MapJobSpec, inputs: JobInputs, config_sha: str, executor=None) -> Path:
+        """Read, destripe and write one concrete map (04 §3–§5)."""
+        spec, log = output, inputs.log
+        geometry = inputs.shared("geometry", lambda: self._geometry(inputs))
+        name = spec.output_path.name
+        selected = [o for o in inputs.observations if spec.obsids is None or o.obsid in spec.obsids]
+        reader = Level2DataReader(
+            self.reader_settings(spec.band, spec.channel, spec.feeds), inputs.table, inputs.flags
         )
+        plans = self._filter_segments(reader.prepass(selected), spec, self.sun_elevation_threshold_deg)
+        if not plans:
+            raise MapJobFailed(f"no data for map {name}: {describe_counts(reader.counts)}")
+        log.info(
+            "%s: %d segment(s) from %d observation(s); %s",
+            name,
+            len(plans),
+            len({p.obsid for p in plans}),
+            describe_counts(reader.counts),
+        )
+        with inputs.read_progress(len({p.path for p in plans}), name) as bar:
+            out = reader.read(plans, geometry, executor=executor, progress=bar)
+        hit, comp = compress_pixels(out.pixels, out.weights, out.map_weights)
+        if hit.size == 0:
+            raise MapJobFailed(f"no data for map {name}: no sample lands on the map with non-zero weight")
+        res = destripe(
+            out.tod,
+            comp,
+            out.weights,
+            int(self.offset_length),
+            int(hit.size),
+            tol=float(self.tol),
+            max_iter=int(self.max_iter),
+            segment_starts=out.segment_starts,
+            map_weights=out.map_weights,
+            lambda_ridge=float(self.lambda_ridge),
+            good_fraction=float(self.good_fraction),
+        )
+        if res.status != "converged":
+            log.warning(
+                "%s: destriper %s after %d iterations (residual %.3g); map written with DSTATUS",
+                name,
+                res.status,
+                res.n_iter,
+                float(np.min(res.residuals)),
+            )
+        return self._write(spec, geometry, hit, out, res, plans, config_sha)
 
-    def run(self, files: list[Any]) -> Any:
-        """Make every map of this job from ``files`` (COMAPData rows) — used standalone; inside a run
-        the MapMaking stage drives the jobs (selection, skip checks, parallel reading)."""
-        from modules.MapMaking.MapMaking import MapMaking
+    def _write(self, spec: MapJobSpec, geometry, hit, out, res, plans, config_sha: str) -> Path:
+        """The FITS file of one destriped map (and its quicklook)."""
 
-        stage = MapMaking()
-        return stage.run_map_job(self, files)
+        def grid(values, fill=np.nan, dtype=np.float64):
+            full = np.full(geometry.n_pixels, fill, dtype=dtype)
+            full[hit] = values
+            return full.reshape(geometry.shape)
+
+        info = MapInfo(
+            object_name=self.map_name,
+            band=spec.band,
+            channel=spec.channel,
+            feeds=out.feeds,
+            obsids=out.obsids,
+            mjd_min=out.mjd_range[0],
+            mjd_max=out.mjd_range[1],
+            freq_hz=out.freq_ghz * 1e9,
+            bandwidth_hz=out.bandwidth_ghz * 1e9,
+            n_segment=out.n_segments,
+            n_sample=int(out.tod.size),
+            destriper={
+                "OFFLEN": int(self.offset_length),
+                "LAMBDA": float(self.lambda_ridge),
+                "GOODFRAC": float(self.good_fraction),
+                "TOL": float(self.tol),
+                "NITER": int(res.n_iter),
+                "RESID": float(np.min(res.residuals)),
+                "DSTATUS": str(res.status),
+            },
+            calibration={
+                "MODE": self.calibration,
+                "SOURCE": self.calib_source,
+                "MEDFACT": float(np.median([p.factor for p in plans])),
+            },
+            mean_azel_mjd=out.mean_azel_mjd,
+        )
+        params = dict(self.parameters)
+        params.update(band=spec.band, channel=spec.channel, split=spec.suffix or "none")
+        path = write_map_fits(
+            spec.output_path,
+            geometry,
+            destriped=grid(res.map),
+            naive=grid(res.naive_map),
+            hits=grid(res.hits, 0, np.int64),
+            weights=grid(res.weights, 0.0),
+            info=info,
+            params=params,
+            config_sha=config_sha,
+            hit_percentile=float(self.hit_percentile),
+            min_hits=int(self.min_hits),
+            edge_clip_enabled=bool(self.edge_clip),
+            edge_clip_width=int(self.edge_clip_width),
+            clip_percentiles=tuple(self.clip_percentiles),
+            resolved_config={
+                "class": self.module_path,
+                "params": params,
+                "config_sha256": config_sha,
+                "obsids": out.obsids,
+            },
+        )
+        if self.quicklook:
+            quicklook_png(path)
+        return path
 
 
-__all__ = ["CreateMap", "MapJobSpec", "common_job_problems", "feed_label"]
+def quicklook_png(fits_path: Path) -> Path:
+    """A PNG of the DESTRIPED map beside the FITS file (same stem)."""
+    from astropy.io import fits
+
+    from utils.plotting import new_figure, save_figure
+
+    with fits.open(fits_path, memmap=False) as hdul:
+        data = hdul[0].data
+        header = hdul[0].header
+    fig, ax = new_figure(figsize=(7.0, 6.0))
+    finite = data[np.isfinite(data)]
+    vmin, vmax = np.percentile(finite, [1, 99]) if finite.size else (0, 1)
+    im = ax.imshow(data, origin="lower", cmap="inferno", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=ax, label="K (Rayleigh-Jeans)")
+    ax.set_title(
+        f"{header.get('OBJECT', '')} band {header.get('BAND')} ch {header.get('CHANNEL')} "
+        f"({header.get('FREQ', 0) / 1e9:.2f} GHz)"
+    )
+    ax.set_xlabel(f"{header.get('CTYPE1', 'x')} pixel")
+    ax.set_ylabel(f"{header.get('CTYPE2', 'y')} pixel")
+    return save_figure(fig, fits_path.with_suffix(".png"))
+
+
+__all__ = ["CreateMap", "MapJobSpec", "feed_label", "quicklook_png"]

@@ -13,50 +13,58 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import h5py
 import numpy as np
 
+from modules.MapMaking.segments import ELEVATION_REASON, SegmentSelection, elevation_ok, scan_table
 from utils.coordinates import icrs_to_galactic
+from utils.level2 import BANDWIDTHS, CENTRAL_FREQS, PIXEL_AZ, PIXEL_DEC, PIXEL_EL, PIXEL_RA
 from utils.wcs import MapGeometry, world_to_pixel_index
 
 log = logging.getLogger("comap.ReadData")
 
-DETRENDS = ("median", "linear", "legendre", "none")
+Detrend = Literal["median", "linear", "legendre", "none"]
+DETRENDS = get_args(Detrend)
 
 
-@dataclass
-class ReaderSettings:
-    """Everything the reader needs to know about one map job (picklable)."""
+@dataclass(kw_only=True)
+class ChannelSelection(SegmentSelection):
+    """The segment cuts of one binned channel (picklable): the shared cuts, the white-noise cap
+    and the 1/f knee limit (04 §3.1).
+
+    Parameters
+    ----------
+    band, channel : int
+        Band and binned channel.
+    auto_rms_cap_k : float
+        Segments whose white-noise rms (K) is not finite, <= 0 or above this are dropped.
+    fknee_max_hz : float or None
+        Segments whose knee frequency (Hz) exceeds this are dropped (None: no limit).
+    """
 
     band: int
     channel: int
-    tod_data_name: str = "level2/binned_cleaned_data"
-    feeds: list[int] | None = None
-    use_quality_flags: bool = True
-    auto_rms_cap_k: float = 0.1
-    sigma_red_cutoff_k: float = 0.4
-    fknee_max_hz: float | None = None
-    calibration: str = "model"
-    calib_source: str = "TauA"
-    calib_min_factor: float = 0.3
-    calib_max_factor: float = 3.0
-    missing_calibration: str = "skip"
-    detrend: str = "median"
-    detrend_order: int = 3
-    detrend_mask_abs_b_deg: float = 0.75
-    spike_sigma: float | None = None
-    spike_medfilt_length: int = 100
-    spike_dilate: int = 201
-    bright_mask_map: str | None = None
-    bright_cut_k: float = 0.045
-    bright_downweight: float = 0.1
-    write_mean_azel: bool = False
+    auto_rms_cap_k: float
+    fknee_max_hz: float | None
 
-    @property
-    def noise_group(self) -> str:
-        return f"level2_noise_stats/{self.tod_data_name.rstrip('/').rsplit('/', 1)[-1]}"
+
+@dataclass(kw_only=True)
+class ReaderSettings(ChannelSelection):
+    """Everything the continuum reader needs to know about one map (picklable): the segment cuts,
+    detrending, spike flagging and the bright-source map (see CreateMap for the meanings)."""
+
+    detrend: str
+    detrend_order: int
+    detrend_mask_abs_b_deg: float
+    spike_sigma: float | None
+    spike_medfilt_length: int
+    spike_dilate: int
+    bright_mask_map: str | None
+    bright_cut_k: float
+    bright_downweight: float
+    write_mean_azel: bool
 
 
 @dataclass
@@ -100,80 +108,51 @@ class ReaderOutput:
     counts: Counter = field(default_factory=Counter)
 
 
-def _decode(v: Any) -> Any:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def prepass_file(
-    obs: Any, settings: ReaderSettings, table: Any, flags: dict | None, counts: Counter
+    obs: Any, settings: ChannelSelection, table: Any, flags: dict | None, counts: Counter
 ) -> list[SegmentPlan]:
     """Accept or reject every (feed, scan) segment of one level-2 file (04 §3.1); count reasons."""
     band, chan = settings.band, settings.channel
     plans: list[SegmentPlan] = []
     with h5py.File(obs.level2_path, "r", locking=False) as l2:
-        feeds = np.asarray(l2["spectrometer/feeds"][...], dtype=int)
-        edges = np.asarray(l2["level2/scan_edges"][...], dtype=np.int64)
-        if edges.size == 0:
+        scans = scan_table(l2)
+        if scans is None:
             counts["no scans"] += 1
             return plans
-        mjd = l2["spectrometer/MJD"]
-        starts_mjd = mjd[list(edges[:, 0])] if len(edges) else []
-        stops_mjd = mjd[list(edges[:, 1] - 1)] if len(edges) else []
-        mjd_mid = 0.5 * (np.asarray(starts_mjd) + np.asarray(stops_mjd))
-        cf = l2["level2/central_freqs"][:, band, chan]
-        bw = (
-            l2["level2/bandwidths"][:, band, chan]
-            if "level2/bandwidths" in l2
-            else np.full(len(feeds), np.nan)
-        )
+        n_scan = len(scans.edges)
+        cf = l2[CENTRAL_FREQS][:, band, chan]
+        bw = l2[BANDWIDTHS][:, band, chan] if BANDWIDTHS in l2 else np.full(len(scans.feeds), np.nan)
         ns = l2[settings.noise_group]
         auto_rms = ns["auto_rms"][:, band, chan, :]
         sigma_red = ns["sigma_red"][:, band, chan, :]
         fknee = ns["fknee_hz"][:, band, chan, :]
-        el = l2["spectrometer/pixel_pointing/pixel_el"]
-        for ifeed, feed in enumerate(feeds):
-            if settings.feeds is not None and int(feed) not in settings.feeds:
-                counts["feed not selected"] += len(edges)
+        for ifeed, feed in enumerate(scans.feeds):
+            if not settings.feed_selected(feed):
+                counts["feed not selected"] += n_scan
                 continue
-            if (
-                settings.use_quality_flags
-                and flags is not None
-                and flags.get((int(feed), band, chan)) is False
-            ):
-                counts["quality flag bad"] += len(edges)
+            if settings.flagged_bad(flags, feed, band, chan):
+                counts["quality flag bad"] += n_scan
                 continue
-            for s, (a, b) in enumerate(edges):
+            for s, (a, b) in enumerate(scans.edges):
                 rms = float(auto_rms[ifeed, s])
                 if not (math.isfinite(rms) and 0 < rms <= settings.auto_rms_cap_k):
                     counts["auto_rms not finite, <= 0 or above cap"] += 1
                     continue
-                sr = float(sigma_red[ifeed, s])
-                if math.isfinite(sr) and sr > settings.sigma_red_cutoff_k:
-                    counts["sigma_red above cutoff"] += 1
+                factor, reason = settings.verdict(
+                    table,
+                    feed,
+                    band,
+                    chan,
+                    scans.mjd_mid[s],
+                    sigma_red=float(sigma_red[ifeed, s]),
+                    fknee_hz=float(fknee[ifeed, s]),
+                    fknee_max_hz=settings.fknee_max_hz,
+                )
+                if factor is None:
+                    counts[reason] += 1
                     continue
-                fk = float(fknee[ifeed, s])
-                if settings.fknee_max_hz is not None and math.isfinite(fk) and fk > settings.fknee_max_hz:
-                    counts["fknee above limit"] += 1
-                    continue
-                factor = 1.0
-                if settings.calibration != "none":
-                    factor = (
-                        float(table.factor(int(feed), band, chan, float(mjd_mid[s])))
-                        if table is not None
-                        else float("nan")
-                    )
-                    if not math.isfinite(factor):
-                        if settings.missing_calibration == "unity":
-                            factor = 1.0
-                        else:
-                            counts["no calibration factor"] += 1
-                            continue
-                    elif not settings.calib_min_factor <= factor <= settings.calib_max_factor:
-                        counts["calibration factor out of range"] += 1
-                        continue
-                elev = el[ifeed, a:b]
-                if not (np.all(np.isfinite(elev)) and np.all((elev > 0) & (elev < 90))):
-                    counts["pointing not finite or elevation out of (0, 90)"] += 1
+                if not elevation_ok(scans, ifeed, s):
+                    counts[ELEVATION_REASON] += 1
                     continue
                 counts["accepted"] += 1
                 plans.append(
@@ -185,7 +164,7 @@ def prepass_file(
                         s,
                         int(a),
                         int(b),
-                        float(mjd_mid[s]),
+                        float(scans.mjd_mid[s]),
                         rms,
                         factor,
                         float(cf[ifeed]),
@@ -210,10 +189,9 @@ def sample_pointing(plans: list[SegmentPlan], frame: str, stride: int = 10) -> t
         by_file.setdefault(p.path, []).append(p)
     for path, segs in by_file.items():
         with h5py.File(path, "r", locking=False) as l2:
-            pp = l2["spectrometer/pixel_pointing"]
             for p in segs:
-                ra = pp["pixel_ra"][p.ifeed, p.start : p.stop : stride]
-                dec = pp["pixel_dec"][p.ifeed, p.start : p.stop : stride]
+                ra = l2[PIXEL_RA][p.ifeed, p.start : p.stop : stride]
+                dec = l2[PIXEL_DEC][p.ifeed, p.start : p.stop : stride]
                 a, b = frame_coordinates(ra, dec, frame)
                 lon.append(a)
                 lat.append(b)
@@ -339,7 +317,6 @@ def read_file_segments(
     band, chan = settings.band, settings.channel
     with h5py.File(path, "r", locking=False) as l2:
         data = l2[settings.tod_data_name]
-        pp = l2["spectrometer/pixel_pointing"]
         for p in plans:
             sl = slice(p.start, p.stop)
             x = np.asarray(data[p.ifeed, band, chan, sl], dtype=np.float32) / np.float32(p.factor)
@@ -348,8 +325,8 @@ def read_file_segments(
             bad = ~np.isfinite(x)
             w[bad] = 0.0
             x[bad] = 0.0
-            ra = pp["pixel_ra"][p.ifeed, sl]
-            dec = pp["pixel_dec"][p.ifeed, sl]
+            ra = l2[PIXEL_RA][p.ifeed, sl]
+            dec = l2[PIXEL_DEC][p.ifeed, sl]
             lon, lat = frame_coordinates(ra, dec, geometry.frame)
             quiet = None
             bright_vals = None
@@ -357,8 +334,8 @@ def read_file_segments(
                 bright_vals = bright.sample(ra, dec)
                 quiet = ~(bright_vals >= settings.bright_cut_k)
             need_azel = settings.detrend == "legendre" or settings.write_mean_azel
-            el = pp["pixel_el"][p.ifeed, sl] if need_azel else None
-            az = pp["pixel_az"][p.ifeed, sl] if need_azel else None
+            el = l2[PIXEL_EL][p.ifeed, sl] if need_azel else None
+            az = l2[PIXEL_AZ][p.ifeed, sl] if need_azel else None
             gal_lat = lat if geometry.frame == "galactic" else icrs_to_galactic(ra, dec)[1]
             detrend_segment(x, w, settings, lat_deg=gal_lat, el_deg=el, az_deg=az, quiet=quiet)
             if settings.spike_sigma is not None:
@@ -511,7 +488,7 @@ class Level2DataReader:
         self.flags = quality_flags or {}
         self.counts: Counter = Counter()
 
-    # the per-file pre-pass and the read; the cube reader (ReadLineData) plugs in its own
+    # the per-file pre-pass and the read; the cube reader (read_line_data) plugs in its own
     prepass_file = staticmethod(prepass_file)
     read_segments = staticmethod(read_segments)
 
@@ -533,9 +510,11 @@ class Level2DataReader:
 
 __all__ = [
     "DETRENDS",
+    "Detrend",
     "Level2DataReader",
     "ReaderOutput",
     "ReaderSettings",
+    "ChannelSelection",
     "SegmentPlan",
     "compress_pixels",
     "prepass_file",

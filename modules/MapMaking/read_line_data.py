@@ -1,4 +1,4 @@
-"""ReadLineData: the RRL cube reader (04 §9.3–§9.5).
+"""The RRL cube reader (04 §9.3–§9.5).
 
 Level 2 holds only binned data, so the cube reader goes back to level 1 for the **native channels
 around each line**. A **pre-pass** reads small level-2 datasets (frequencies, scan edges, noise
@@ -7,7 +7,7 @@ counting the reasons. The **read** then, per accepted segment and line:
 
 1. reads the channel window ``tod[feed, band, i_lo:i_hi, start:stop]`` from level 1 (one
    hyperslab), divides by the vane gain interpolated to the scan (03 §2.4) and by the calibration
-   factor, and weights each channel by ``1/σ_k²`` from ``level1_noise_stats/auto_rms``;
+   factor, and weights each channel by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
 2. subtracts each channel's median over the scan;
 3. subtracts a polynomial baseline in velocity fitted to the line-free channels of every sample
    (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image;
@@ -27,22 +27,34 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from modules.MapMaking.ReadData import Level2DataReader, frame_coordinates, run_file_tasks
+from modules.MapMaking.read_data import Level2DataReader, frame_coordinates, run_file_tasks
+from modules.MapMaking.segments import ELEVATION_REASON, SegmentSelection, elevation_ok, scan_table
 from modules.pipeline_control.streaming import interpolate_vane_events
+from utils.level1 import TOD, Level1File
+from utils.level2 import (
+    AUTO_RMS,
+    CHANNEL_MASK,
+    FREQUENCY,
+    LEVEL1_FEED_INDEX,
+    PIXEL_DEC,
+    PIXEL_RA,
+    SCAN_EDGES,
+    VANE_GAIN,
+    VANE_MJD,
+)
 from utils.rrl import SPEED_OF_LIGHT_KMS, lsrk_correction_kms
 from utils.wcs import MapGeometry, world_to_pixel_index
 
 log = logging.getLogger("comap.ReadLineData")
 
-CONTINUUM_MODES = ("spectrum", "pixel", "none")
-NOISE_DATASET = "level1_noise_stats/auto_rms"
-VANE_GAIN = "level2/vane/gain"
+ContinuumMode = Literal["spectrum", "pixel", "none"]
+CONTINUUM_MODES = get_args(ContinuumMode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,33 +104,22 @@ class VelocityGrid:
 # --------------------------------------------------------------------------------------------------
 # Settings and plans
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class LineReaderSettings:
-    """Everything the cube reader needs to know about one cube (picklable)."""
+@dataclass(kw_only=True)
+class LineReaderSettings(SegmentSelection):
+    """Everything the cube reader needs to know about one cube (picklable): the shared segment
+    cuts, the lines, the velocity grid and the spectral processing (see CreateLineMap)."""
 
     lines: tuple[LineSpec, ...]
     grid: VelocityGrid
     halfwidth_kms: float
-    line_mask_kms: tuple[float, float] = (-150.0, 150.0)
-    baseline_order: int = 1
-    continuum_subtraction: str = "spectrum"
-    channel_rms_cap_k: float = 1.0
-    sigma_red_cutoff_k: float = 0.5
-    alpha_min: float | None = None
-    feeds: list[int] | None = None
-    use_quality_flags: bool = True
-    calibration: str = "model"
-    calib_min_factor: float = 0.3
-    calib_max_factor: float = 3.0
-    missing_calibration: str = "skip"
-    tod_data_name: str = "level2/binned_cleaned_data"
-    per_sample: bool = False
-    level_stride: int = 1
-    quiet_fraction: float | None = None
-
-    @property
-    def noise_group(self) -> str:
-        return f"level2_noise_stats/{self.tod_data_name.rstrip('/').rsplit('/', 1)[-1]}"
+    line_mask_kms: tuple[float, float]
+    baseline_order: int
+    continuum_subtraction: str
+    channel_rms_cap_k: float
+    alpha_min: float | None
+    per_sample: bool
+    level_stride: int
+    quiet_fraction: float | None
 
     @property
     def mask_kms(self) -> tuple[float, float]:
@@ -191,17 +192,16 @@ def line_prepass_file(
         counts["level-1 file missing"] += 1
         return plans
     with h5py.File(obs.level2_path, "r", locking=False) as l2:
-        for name in (NOISE_DATASET, VANE_GAIN, settings.noise_group, "level2/scan_edges"):
+        for name in (AUTO_RMS, VANE_GAIN, settings.noise_group, SCAN_EDGES):
             if name not in l2:
                 counts[f"level-2 file lacks {name}"] += 1
                 return plans
-        feeds = np.asarray(l2["spectrometer/feeds"][...], dtype=int)
-        l1_index = np.asarray(l2["spectrometer/level1_feed_index"][...], dtype=int)
-        edges = np.asarray(l2["level2/scan_edges"][...], dtype=np.int64)
-        if edges.size == 0:
+        l1_index = np.asarray(l2[LEVEL1_FEED_INDEX][...], dtype=int)
+        scans = scan_table(l2)
+        if scans is None:
             counts["no scans"] += 1
             return plans
-        freq = np.asarray(l2["spectrometer/frequency"][...], dtype=np.float64)
+        freq = np.asarray(l2[FREQUENCY][...], dtype=np.float64)
         n_chan = freq.shape[1]
         ns = l2[settings.noise_group]
         n_bin = int(ns["sigma_red"].shape[2])
@@ -215,66 +215,47 @@ def line_prepass_file(
             line_bands.append((i, b, min(k0 // max(1, n_chan // n_bin), n_bin - 1)))
         if not line_bands:
             return plans
-        mjd = l2["spectrometer/MJD"]
-        mjd_mid = 0.5 * (np.asarray(mjd[list(edges[:, 0])]) + np.asarray(mjd[list(edges[:, 1] - 1)]))
+        mjd_mid = scans.mjd_mid
         sigma_red = ns["sigma_red"][...]
         alpha = ns["alpha"][...] if "alpha" in ns else None
-        pp = l2["spectrometer/pixel_pointing"]
-        el_all = pp["pixel_el"]
         # LSRK correction per scan at its mid-time and median pointing (all feeds), as the simulator
         ra_med, dec_med = [], []
-        for a, b in edges:
+        for a, b in scans.edges:
             step = max(1, int((b - a) // 2000))
-            r, d = _median_radec(pp["pixel_ra"][:, a:b:step].ravel(), pp["pixel_dec"][:, a:b:step].ravel())
+            r, d = _median_radec(l2[PIXEL_RA][:, a:b:step].ravel(), l2[PIXEL_DEC][:, a:b:step].ravel())
             ra_med.append(r)
             dec_med.append(d)
         v_corr = np.atleast_1d(lsrk_correction_kms(np.array(ra_med), np.array(dec_med), mjd_mid))
-        for ifeed, feed in enumerate(feeds):
-            if settings.feeds is not None and int(feed) not in settings.feeds:
-                counts["feed not selected"] += len(edges)
+        for ifeed, feed in enumerate(scans.feeds):
+            if not settings.feed_selected(feed):
+                counts["feed not selected"] += len(scans.edges)
                 continue
-            for s, (a, b) in enumerate(edges):
+            for s, (a, b) in enumerate(scans.edges):
                 if not np.isfinite(v_corr[s]):
                     counts["pointing not finite"] += 1
                     continue
-                elev = el_all[ifeed, a:b]
-                if not (np.all(np.isfinite(elev)) and np.all((elev > 0) & (elev < 90))):
-                    counts["pointing not finite or elevation out of (0, 90)"] += 1
+                if not elevation_ok(scans, ifeed, s):
+                    counts[ELEVATION_REASON] += 1
                     continue
                 uses: list[LineUse] = []
                 reasons: list[str] = []
                 for i, band, chan in line_bands:
-                    if (
-                        settings.use_quality_flags
-                        and flags is not None
-                        and flags.get((int(feed), band, chan)) is False
-                    ):
+                    if settings.flagged_bad(flags, feed, band, chan):
                         reasons.append("quality flag bad")
                         continue
-                    sr = float(sigma_red[ifeed, band, chan, s])
-                    if math.isfinite(sr) and sr > settings.sigma_red_cutoff_k:
-                        reasons.append("sigma_red above cutoff")
+                    factor, reason = settings.verdict(
+                        table,
+                        feed,
+                        band,
+                        chan,
+                        mjd_mid[s],
+                        sigma_red=float(sigma_red[ifeed, band, chan, s]),
+                        alpha=float(alpha[ifeed, band, chan, s]) if alpha is not None else math.nan,
+                        alpha_min=settings.alpha_min,
+                    )
+                    if factor is None:
+                        reasons.append(reason)
                         continue
-                    if settings.alpha_min is not None and alpha is not None:
-                        al = float(alpha[ifeed, band, chan, s])
-                        if math.isfinite(al) and al < settings.alpha_min:
-                            reasons.append("alpha below alpha_min")
-                            continue
-                    factor = 1.0
-                    if settings.calibration != "none":
-                        factor = (
-                            float(table.factor(int(feed), band, chan, float(mjd_mid[s])))
-                            if table is not None
-                            else float("nan")
-                        )
-                        if not math.isfinite(factor):
-                            if settings.missing_calibration != "unity":
-                                reasons.append("no calibration factor")
-                                continue
-                            factor = 1.0
-                        elif not settings.calib_min_factor <= factor <= settings.calib_max_factor:
-                            reasons.append("calibration factor out of range")
-                            continue
                     uses.append(LineUse(i, band, chan, factor))
                 if not uses:
                     counts[reasons[0] if reasons else "no line in any band"] += 1
@@ -411,27 +392,24 @@ def read_line_file(
     """Read, calibrate, baseline-subtract and regrid every accepted segment of one file."""
     from utils.kernels.cube_ops import bin_cube, regrid_samples
 
-    from utils.level1 import Level1File
-
     path = plans[0].path
     grid = settings.grid
     n_v = grid.n_v
     counts: Counter = Counter()
     notes: list[str] = []
     with h5py.File(path, "r", locking=False) as l2, Level1File(plans[0].level1_path, count_bytes=True) as l1:
-        freq = np.asarray(l2["spectrometer/frequency"][...], dtype=np.float64)
+        freq = np.asarray(l2[FREQUENCY][...], dtype=np.float64)
         chan_width = np.abs(np.gradient(freq, axis=1)) if freq.shape[1] > 1 else np.full(freq.shape, np.nan)
-        channel_mask = l2["level2/channel_mask"] if "level2/channel_mask" in l2 else None
-        vane_mjd = np.asarray(l2["level2/vane/mjd"][...], dtype=np.float64)
+        channel_mask = l2[CHANNEL_MASK] if CHANNEL_MASK in l2 else None
+        vane_mjd = np.asarray(l2[VANE_MJD][...], dtype=np.float64)
         vane_gain = l2[VANE_GAIN]
-        auto_rms = l2[NOISE_DATASET]
-        pp = l2["spectrometer/pixel_pointing"]
-        tod_chunks = l1.file["spectrometer/tod"].chunks
+        auto_rms = l2[AUTO_RMS]
+        tod_chunks = l1.file[TOD].chunks
         chunk_channels = int(tod_chunks[2]) if tod_chunks else 1
         pix_full = []
         for p in plans:
-            ra = pp["pixel_ra"][p.ifeed, p.start : p.stop]
-            dec = pp["pixel_dec"][p.ifeed, p.start : p.stop]
+            ra = l2[PIXEL_RA][p.ifeed, p.start : p.stop]
+            dec = l2[PIXEL_DEC][p.ifeed, p.start : p.stop]
             lon, lat = frame_coordinates(ra, dec, geometry.frame)
             pix_full.append(world_to_pixel_index(geometry, lon, lat))
         allpix = np.concatenate(pix_full) if pix_full else np.zeros(0, np.int64)
@@ -718,6 +696,7 @@ class LineDataReader(Level2DataReader):
 
 __all__ = [
     "CONTINUUM_MODES",
+    "ContinuumMode",
     "LineAccumulation",
     "LineDataReader",
     "LineReaderSettings",

@@ -1,0 +1,3 @@
+from modules.MapMaking.MapMakingModules.CreateHitMap.CreateHitMap import CreateHitMap
+
+__all__ = ["CreateHitMap"]

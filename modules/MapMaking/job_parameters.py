@@ -1,0 +1,255 @@
+"""Parameter groups shared by the map products (04 §1, §3.1, §5.1, §7, §9).
+
+Each group is a keyword-only dataclass: a product class lists the groups it takes among its
+bases and is itself a dataclass, so its generated ``__init__`` carries every parameter with its
+annotation and default in one plain signature (what the config loader reads). A product whose
+default differs from the group's redeclares the field with its own default
+(``sigma_red_cutoff_k: float = 0.5`` in CreateLineMap); the field keeps its place and meaning.
+
+Single-parameter bounds and choices are in the annotations (``Annotated[..., Range(...)]``,
+``Literal[...]``); :func:`group_problems` holds the rules that tie parameters together and, until
+the loader checks annotations, the single-parameter checks it will take over.
+
+This module deliberately does not use ``from __future__ import annotations``: the dataclass
+``__init__`` then carries the annotation objects themselves, which the loader resolves without
+the defining module's namespace.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
+
+from modules.MapMaking.geometry import wcs_def_problems
+from modules.pipeline_control.parameters import Range
+from utils.level2 import BINNED_CLEANED_DATA
+
+Calibration = Literal["model", "none"]
+MissingCalibration = Literal["skip", "unity"]
+Frame = Literal["galactic", "icrs"]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+
+
+def not_one_of(params: dict[str, Any], name: str, choices: Any) -> list[str]:
+    """``["<name> must be 'a' or 'b'"]`` if ``params[name]`` is not one of the ``Literal`` ``choices``."""
+    # checked by the annotation once the loader uses parameters.check_value
+    allowed = get_args(choices)
+    if params[name] in allowed:
+        return []
+    return [f"{name} must be {' or '.join(repr(c) for c in allowed)}"]
+
+
+@dataclass(kw_only=True, eq=False)
+class OutputParameters:
+    """Where and how a product is written.
+
+    Parameters
+    ----------
+    map_name : str
+        Prefix of every output file of the job.
+    output_dir : str
+        Directory of the output files.
+    quicklook : bool
+        Write a PNG quicklook beside each FITS file.
+    overwrite : bool
+        Remake outputs even when their configuration hash matches.
+    """
+
+    map_name: str = "Unknown"
+    output_dir: str = "outputs/maps"
+    quicklook: bool = True
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True, eq=False)
+class SelectionParameters:
+    """Which observations and segments a product takes (04 §2, §3.1).
+
+    Parameters
+    ----------
+    source, source_group : str or list, optional
+        Selection by source name / group (``*`` and ``?`` wildcards, case-insensitive).
+    obsids, obsid_list_file, min_obsid, max_obsid
+        Selection by obsid list or range (override the ``[Master]`` values).
+    database_file : str, optional
+        Another database (opened read-only) for this job's selection, flags and calibration.
+    tod_data_name : str
+        Level-2 dataset mapped.
+    feeds : list of int, optional
+        Feeds used (default all).
+    use_quality_flags : bool
+        Drop (feed, band, channel) flagged bad in the database.
+    sigma_red_cutoff_k : float
+        Segments whose red-noise amplitude (K) exceeds this are dropped.
+    """
+
+    source: str | list | None = None
+    source_group: str | list | None = None
+    obsids: list | None = None
+    obsid_list_file: str | None = None
+    min_obsid: int | None = None
+    max_obsid: int | None = None
+    database_file: str | None = None
+    tod_data_name: str = str(BINNED_CLEANED_DATA)
+    feeds: list | None = None
+    use_quality_flags: bool = True
+    sigma_red_cutoff_k: float = 0.4
+
+
+@dataclass(kw_only=True, eq=False)
+class CalibrationParameters:
+    """Calibration factors from CalibrationModel (``'model'``) or none.
+
+    Parameters
+    ----------
+    calibration : {'model', 'none'}
+    calib_source : str
+        Calibrator whose model gives the factors.
+    calib_min_factor, calib_max_factor : float
+        Accepted range of a factor.
+    missing_calibration : {'skip', 'unity'}
+        A segment without a factor is dropped, or taken with factor 1.
+    """
+
+    calibration: Calibration = "model"
+    calib_source: str = "TauA"
+    calib_min_factor: float = 0.3
+    calib_max_factor: float = 3.0
+    missing_calibration: MissingCalibration = "skip"
+
+    @staticmethod
+    def group_problems(params: dict[str, Any]) -> list[str]:
+        return not_one_of(params, "calibration", Calibration) + not_one_of(
+            params, "missing_calibration", MissingCalibration
+        )
+
+
+@dataclass(kw_only=True, eq=False)
+class GeometryParameters:
+    """The 2-D map geometry: a named WCS or one fitted to the pointing (04 §6).
+
+    Parameters
+    ----------
+    wcs_def, wcs_def_file : str
+        Named geometry (``wcs_definitions.toml``) or ``'dynamic'``.
+    dynamic_wcs_cdelt, dynamic_wcs_padding : float
+        Pixel size and padding (deg) of the dynamic WCS.
+    dynamic_frame : {'galactic', 'icrs'}
+        Frame of the dynamic WCS.
+    """
+
+    wcs_def: str = "dynamic"
+    wcs_def_file: str = "map_making_configs/wcs_definitions.toml"
+    dynamic_wcs_cdelt: float = 0.0166667
+    dynamic_wcs_padding: float = 0.5
+    dynamic_frame: Frame = "galactic"
+
+    @staticmethod
+    def group_problems(params: dict[str, Any]) -> list[str]:
+        return not_one_of(params, "dynamic_frame", Frame) + wcs_def_problems(
+            params["wcs_def"], params["wcs_def_file"]
+        )
+
+
+@dataclass(kw_only=True, eq=False)
+class DestriperParameters:
+    """Destriper settings shared by maps and per-channel cube destriping (04 §4).
+
+    Parameters
+    ----------
+    offset_length : int
+        Samples per baseline offset.
+    tol : float
+        Relative residual at which the conjugate gradients stop.
+    max_iter : int
+        Iteration limit.
+    """
+
+    offset_length: Annotated[int, Range(ge=1)] = 100
+    tol: float = 1e-6
+    max_iter: int = 1000
+
+    @staticmethod
+    def group_problems(params: dict[str, Any]) -> list[str]:
+        # checked by the annotation once the loader uses parameters.check_value
+        if int(params["offset_length"]) < 1:
+            return ["offset_length must be >= 1"]
+        return []
+
+
+@dataclass(kw_only=True, eq=False)
+class MaskingParameters:
+    """Which pixels are masked (04 §5.1).
+
+    Parameters
+    ----------
+    hit_percentile : float
+        Pixels below this percentile of the hit counts are masked.
+    min_hits : int
+        Pixels with fewer hits are masked.
+    """
+
+    hit_percentile: float = 5.0
+    min_hits: int = 1
+
+
+@dataclass(kw_only=True, eq=False)
+class ChannelParameters:
+    """Binned channels of a continuum product and their segment cuts (04 §3.1).
+
+    Parameters
+    ----------
+    band, channel : int or list of int
+        Band(s) 0–3 and binned channel(s); a list makes one output per combination.
+    auto_rms_cap_k : float
+        Segments whose white-noise rms (K) is not finite, <= 0 or above this are dropped.
+    fknee_max_hz : float, optional
+        Segments whose 1/f knee (Hz) is above this are dropped.
+    """
+
+    band: NonNegativeInt | list[NonNegativeInt] = 0
+    channel: NonNegativeInt | list[NonNegativeInt] = 0
+    auto_rms_cap_k: float = 0.1
+    fknee_max_hz: float | None = None
+
+    @property
+    def bands(self) -> list[int]:
+        return list(self.band) if isinstance(self.band, list | tuple) else [int(self.band)]
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.channel) if isinstance(self.channel, list | tuple) else [int(self.channel)]
+
+    @staticmethod
+    def group_problems(params: dict[str, Any]) -> list[str]:
+        problems = []
+        for key in ("band", "channel"):
+            values = params[key]
+            values = values if isinstance(values, list | tuple) else [values]
+            # checked by the annotation once the loader uses parameters.check_value
+            if not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+            ):
+                problems.append(f"{key} must be an integer >= 0 or a list of them, got {params[key]!r}")
+        return problems
+
+
+def group_problems(cls: type, params: dict[str, Any]) -> list[str]:
+    """The checks of every parameter group among the bases of ``cls``, base groups first."""
+    problems: list[str] = []
+    for group in reversed(cls.__mro__):
+        check = vars(group).get("group_problems")
+        if isinstance(check, staticmethod):
+            problems += check(params)
+    return problems
+
+
+__all__ = [
+    "CalibrationParameters",
+    "ChannelParameters",
+    "DestriperParameters",
+    "GeometryParameters",
+    "MaskingParameters",
+    "OutputParameters",
+    "SelectionParameters",
+    "group_problems",
+    "not_one_of",
+]
