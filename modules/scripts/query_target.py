@@ -23,6 +23,7 @@ import numpy as np
 
 from modules.scripts._common import add_common_arguments, emit, open_db, run_main
 from utils.constants import UTC_START_FORMAT
+from utils.level2 import PIXEL_DEC, PIXEL_RA
 
 PROG = "python -m modules.scripts.query_target"
 
@@ -33,8 +34,8 @@ def mean_radec(level2_path: str, stride: int = 50) -> tuple[float, float]:
     RA is averaged as a direction on the circle, so fields across RA = 0 come out right.
     """
     with h5py.File(level2_path, "r", locking=False) as l2:
-        ra = np.asarray(l2["spectrometer/pixel_pointing/pixel_ra"][:, ::stride], dtype=np.float64)
-        dec = np.asarray(l2["spectrometer/pixel_pointing/pixel_dec"][:, ::stride], dtype=np.float64)
+        ra = np.asarray(l2[PIXEL_RA][:, ::stride], dtype=np.float64)
+        dec = np.asarray(l2[PIXEL_DEC][:, ::stride], dtype=np.float64)
     good = np.isfinite(ra) & np.isfinite(dec)
     if not good.any():
         return math.nan, math.nan

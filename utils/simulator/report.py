@@ -17,6 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from utils import level1_layout as L1
+from utils import level2 as L2
 from utils.constants import LEVEL1_NAME_RE, LEVEL2_NAME_RE
 
 
@@ -64,7 +66,7 @@ def row_truth(obs: ObservationFiles) -> dict[str, object]:
             return {"obsid": obs.obsid, "source": source, "note": "no /truth group (not a simulated file)"}
         truth = l1["truth"]
         tsys = truth["vane/tsys_expected_k"][...] if "vane/tsys_expected_k" in truth else np.array([])
-        feeds = l1["spectrometer/feeds"][...]
+        feeds = l1[L1.FEEDS][...]
         kind = str(truth["sky"].attrs.get("kind", "")) if "sky" in truth else ""
         return {
             "obsid": obs.obsid,
@@ -85,15 +87,13 @@ def row_tsys(obs: ObservationFiles) -> dict[str, object]:
     with h5py.File(obs.level1, "r", locking=False) as l1, h5py.File(obs.level2, "r", locking=False) as l2:
         if "truth/vane/tsys_expected_k" not in l1:
             return {**base, "note": "no truth vane expectation"}
-        if "level2/vane/system_temperature" not in l2:
-            return {**base, "note": "level2/vane/system_temperature absent"}
+        if L2.VANE_TSYS not in l2:
+            return {**base, "note": f"{L2.VANE_TSYS} absent"}
         truth = l1["truth/vane/tsys_expected_k"][...]
         t_edges = l1["truth/vane/event_edges"][...]
-        rec = l2["level2/vane/system_temperature"][...]
-        r_edges = (
-            l2["level2/vane/event_edges"][...] if "level2/vane/event_edges" in l2 else t_edges[: rec.shape[0]]
-        )
-        pairs_feed = _feed_positions(l1["spectrometer/feeds"][...], l2["spectrometer/feeds"][...])
+        rec = l2[L2.VANE_TSYS][...]
+        r_edges = l2[L2.VANE_EVENT_EDGES][...] if L2.VANE_EVENT_EDGES in l2 else t_edges[: rec.shape[0]]
+        pairs_feed = _feed_positions(l1[L1.FEEDS][...], l2[L2.FEEDS][...])
         t_index = {int(s): k for k, (s, _) in enumerate(t_edges)}
         ratios = []
         for e, (start, _) in enumerate(r_edges):
@@ -141,12 +141,12 @@ def row_calibrator(obs: ObservationFiles) -> dict[str, object] | None:
         if obs.level2 is None:
             return {"obsid": obs.obsid, "note": "level-2 file absent"}
         with h5py.File(obs.level2, "r", locking=False) as l2:
-            if "level2/calibrator_fit/flux" not in l2:
-                return {"obsid": obs.obsid, "note": "level2/calibrator_fit absent"}
-            idx = l2["spectrometer/level1_feed_index"][...]
-            flux = l2["level2/calibrator_fit/flux"][...].astype(np.float64)
-            ok = l2["level2/calibrator_fit/fit_ok"][...]
-            used = l2["level2/channel_mask"][...].astype(np.float64)
+            if L2.CALIBRATOR_FIT.child("flux") not in l2:
+                return {"obsid": obs.obsid, "note": f"{L2.CALIBRATOR_FIT} absent"}
+            idx = l2[L2.LEVEL1_FEED_INDEX][...]
+            flux = l2[L2.CALIBRATOR_FIT.child("flux")][...].astype(np.float64)
+            ok = l2[L2.CALIBRATOR_FIT.child("fit_ok")][...]
+            used = l2[L2.CHANNEL_MASK][...].astype(np.float64)
             n_bin = flux.shape[-1]
             truth = np.broadcast_to(l1["truth/calibrator/flux_jy"][...], used.shape)
             truth_bin = _bin_mean(truth, used, n_bin)
@@ -166,18 +166,18 @@ def row_calibrator(obs: ObservationFiles) -> dict[str, object] | None:
 def _noise_truth(l1, l2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Truth white-noise rms (K, vane K), σ_red at f_ref and knee frequency of binned_data per
     (feed, band, bin, scan), for the binning weights actually used (03 §4.9 integration test)."""
-    idx = l2["spectrometer/level1_feed_index"][...]
+    idx = l2[L2.LEVEL1_FEED_INDEX][...]
     sigma_chan = l1["truth/noise/radiometer_sigma_k"][...][idx] * _gain_ratio(l1, idx)  # vane K
-    w = l2["level2/binning_weights"][...].astype(np.float64)  # (F, B, C, S)
-    m = l2["level2/atmosphere/median_k"][...].astype(np.float64)
-    n_bin = l2["level2/binned_data"].shape[2]
+    w = l2[L2.BINNING_WEIGHTS][...].astype(np.float64)  # (F, B, C, S)
+    m = l2[L2.ATM_MEDIAN][...].astype(np.float64)
+    n_bin = l2[L2.BINNED_DATA].shape[2]
     f, b, c, s = w.shape
     wr = w.reshape(f, b, n_bin, c // n_bin, s)
     sig = np.broadcast_to(sigma_chan[..., None], w.shape).reshape(f, b, n_bin, c // n_bin, s)
     with np.errstate(invalid="ignore", divide="ignore"):
         white = np.sqrt((wr**2 * sig**2).sum(axis=3)) / wr.sum(axis=3)
         m_bin = (wr * m.reshape(f, b, n_bin, c // n_bin, s)).sum(axis=3) / wr.sum(axis=3)
-    fs = 1.0 / (86400.0 * np.median(np.diff(l2["spectrometer/MJD"][...])))
+    fs = 1.0 / (86400.0 * np.median(np.diff(l2[L2.MJD][...])))
     sigma_g = l1["truth/noise/sigma_g"][...][idx][:, None, None, None]
     alpha = l1["truth/noise/alpha"][...][idx][:, None, None, None]
     f0 = l1["truth/noise/f0_hz"][...][idx][:, None, None, None]
@@ -193,7 +193,7 @@ def row_noise(obs: ObservationFiles) -> dict[str, object] | None:
     if obs.level2 is None:
         return {"obsid": obs.obsid, "note": "level-2 file absent"}
     with h5py.File(obs.level1, "r", locking=False) as l1, h5py.File(obs.level2, "r", locking=False) as l2:
-        group = "level2_noise_stats/binned_data"
+        group = L2.NOISE_STATS.resolve(dataset="binned_data")
         if group not in l2 or "truth/noise/radiometer_sigma_k" not in l1:
             return {"obsid": obs.obsid, "note": f"{group} absent"}
         ok = l2[f"{group}/fit_ok"][...]
