@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Velocity regridding and accumulation of RRL spectra (04 §9.5), one segment at a time.
 
-Do not call this module directly: use :mod:`modules.MapMaking.ReadLineData`.
+Do not call this module directly: use :mod:`modules.MapMaking.read_line_data`.
 
 Every input channel k of a segment deposits its sample ``y[t, k]`` (weight ``w_k``) into output
 velocity channels ``j_lo[k]`` (fraction ``f_lo[k]``) and ``j_lo[k] + 1`` (fraction
