@@ -38,6 +38,7 @@ from modules.ProcessLevel2.observation import (
     process_observation,
 )
 from modules.SQLModule.SQLModule import COMAPData, db
+from utils import level1_layout as L1
 from utils.errors import BadCOMAPFile, ConfigError
 
 log = logging.getLogger("comap.Level2Pipeline")
@@ -253,7 +254,7 @@ class Level2Pipeline(PipelineStage):
             lines.append(f"  {e.class_path}({params})")
         groups = self._stream_groups(sub)
         if len(groups) > 1:
-            lines.append(f"  WARNING: pipeline order forces {len(groups)} passes over spectrometer/tod")
+            lines.append(f"  WARNING: pipeline order forces {len(groups)} passes over {L1.TOD}")
         modules = instantiate_modules(sub.entries, self.on_parameter_change)
         cls_out = self._classify(sub, modules)
         n_retry = 0

@@ -216,8 +216,8 @@ class BaseCOMAPModule(_ModuleMixin):
     @classmethod
     def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
         """Concrete paths of one declared entry under ``params`` (see the class docstring)."""
-        if not entry.is_template:
-            return (str(entry),)
+        if not isinstance(entry, DatasetPath) or not entry.is_template:
+            return (str(entry),)  # a plain string is a fixed level-2 path
         choices: list[list[Any]] = []
         for name in entry.fields:
             value = params.get(name)

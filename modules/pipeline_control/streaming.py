@@ -194,6 +194,12 @@ class ObservationContext:
         """Channel centre frequencies ``(B, C)`` in storage order, GHz."""
         return self.cached("freq", lambda fh: self.require(fh, FREQUENCY))
 
+    def channel_scan_shape(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """Shape ``(F, B, C, S)`` of a per-channel, per-scan level-2 array and its chunks (one feed)."""
+        n_feeds, n_scans = len(self.feeds), len(self.scans)
+        n_bands, n_chan = self.frequency_ghz.shape
+        return (n_feeds, n_bands, n_chan, n_scans), (1, n_bands, n_chan, max(n_scans, 1))
+
     @property
     def channel_width_hz(self) -> np.ndarray:
         """Channel widths ``(B, C)`` in Hz, from the spacing of the stored frequencies."""

@@ -70,13 +70,10 @@ class AtmosphereInObservation(StreamingStage):
         self.overwrite = overwrite
 
     def begin(self, ctx) -> None:
-        n_feeds = len(ctx.feeds)
-        n_bands, n_chan = ctx.frequency_ghz.shape
-        n_scans = len(ctx.scans)
+        shape, chunks = ctx.channel_scan_shape()
+        n_feeds, n_bands, n_chan, n_scans = shape
         grp = ctx.l2.require_group(GROUP)
         provenance.mark_incomplete(grp)
-        shape = (n_feeds, n_bands, n_chan, n_scans)
-        chunks = (1, n_bands, n_chan, max(n_scans, 1))
         for name in ("offsets", "tau", "median_k"):
             ds = l2layout.replace_dataset(grp, name, shape, np.float32, fillvalue=np.nan, chunks=chunks)
             ds.attrs["unit"] = "K"

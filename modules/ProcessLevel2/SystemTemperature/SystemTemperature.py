@@ -287,7 +287,7 @@ class SystemTemperature(BaseCOMAPModule):
             if is_skydip and self.skydip_borrow == "next":
                 result = self._borrow(ctx, feeds)
             else:
-                raise BadCOMAPFile("no vane event (feature 13) in spectrometer/features")
+                raise BadCOMAPFile(f"no vane event (feature 13) in {L1.FEATURES}")
         else:
             result = self._measure(ctx, feeds, events)
 
@@ -351,7 +351,7 @@ class SystemTemperature(BaseCOMAPModule):
             states.append((hot, cold))
             traces.append(((t_ev - t_ev[0]) * SECONDS_PER_DAY, angle, hot, cold))
         if not kept:
-            raise BadCOMAPFile(first_problem or "no vane event (feature 13) in spectrometer/features")
+            raise BadCOMAPFile(first_problem or f"no vane event (feature 13) in {L1.FEATURES}")
 
         n_ev, n_feeds = len(kept), len(feeds)
         tsys = np.full((n_ev, n_feeds, n_bands, n_channels), np.nan, dtype=np.float32)
@@ -463,7 +463,7 @@ class SystemTemperature(BaseCOMAPModule):
                 del parent["vane"]
             grp = parent.create_group("vane")
             mark_incomplete(grp)
-            axes = "event, feed (spectrometer/feeds), band, channel"
+            axes = f"event, feed ({l2layout.FEEDS}), band, channel"
             edges = result.event_edges.astype(np.int64).reshape(-1, 2)
             items = [
                 ("system_temperature", result.system_temperature.astype(np.float32), "K", axes),
