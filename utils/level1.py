@@ -46,12 +46,12 @@ from utils.level1_layout import (
     FEEDS,
     FREQUENCY,
     HK_SCALES,
+    HK_VANE,
     MJD,
     PIXEL_AZ,
     PIXEL_EL,
     SECONDS_PER_DAY,
     TOD,
-    VANE_GROUP,
     decode_features,
 )
 
@@ -639,12 +639,12 @@ class Level1File(Level1Checks):
 
     def vane_mjd(self) -> NDArray[np.float64]:
         """Vane hk sample times on the spectrometer clock (MJD); shape (n_vane_hk,)."""
-        return self.hk_mjd(VANE_GROUP)
+        return self.hk_mjd(HK_VANE)
 
     def vane_angle_deg(self) -> NDArray[np.float64]:
         """Vane angle in degrees on the vane hk clock; shape (n_vane_hk,)."""
-        return self.hk_dataset(f"{VANE_GROUP}/angle", HK_SCALES[f"{VANE_GROUP}/angle"])
+        return self.hk_dataset(f"{HK_VANE}/angle", HK_SCALES[f"{HK_VANE}/angle"])
 
     def tshroud_c(self) -> NDArray[np.float64]:
         """Shroud (hot-load) temperature in °C on the vane hk clock; shape (n_vane_hk,)."""
-        return self.hk_dataset(f"{VANE_GROUP}/Tshroud", HK_SCALES[f"{VANE_GROUP}/Tshroud"])
+        return self.hk_dataset(f"{HK_VANE}/Tshroud", HK_SCALES[f"{HK_VANE}/Tshroud"])

@@ -1,7 +1,9 @@
 """The level-1 file layout (01 §3): dataset and group paths, required attributes, hk scales.
 
-The only place that spells the raw level-1 paths; :class:`utils.level1.Level1File` reads them and
-:class:`utils.level1_checks.Level1Checks` validates them.
+The only place that spells the raw level-1 paths (the ``LEVEL1`` registry):
+:class:`utils.level1.Level1File` reads them, :class:`utils.level1_checks.Level1Checks` validates
+them, and stages name them in their ``reads`` (a level-1 entry is always provided by the level-1
+file, so the config loader's chain check follows only level-2 entries).
 """
 
 from __future__ import annotations
@@ -15,45 +17,102 @@ from utils.layout import Layout
 LEVEL1 = Layout("level1", "Level-1 file layout")
 _r = LEVEL1.register
 
-COMAP_ATTRIBUTES = _r("comap", kind="attributes", description="observation metadata (obsid, ...)")
+COMAP_ATTRIBUTES = _r(
+    "comap", kind="attributes", description="observation attributes (obsid, source, utc_start, ...)"
+)
+
+# spectrometer/
 TOD = _r(
     "spectrometer/tod",
     axes=("F1", "B", "C", "N"),
     dtype="float32",
     unit="counts",
-    description="raw spectrometer power",
+    description="raw total power per feed, band, channel and sample; NaN marks a dropped value",
 )
 MJD = _r("spectrometer/MJD", axes=("N",), dtype="float64", unit="MJD (UTC)", description="sample times")
-FEEDS = _r("spectrometer/feeds", axes=("F1",), dtype="int32", description="feed numbers incl. ground feed")
+FEEDS = _r(
+    "spectrometer/feeds", axes=("F1",), dtype="int32", description="feed number at each feed-axis position"
+)
 BANDS = _r("spectrometer/bands", axes=("B",), dtype="S8", description="band names")
 FREQUENCY = _r(
-    "spectrometer/frequency", axes=("B", "C"), dtype="float64", unit="GHz", description="channel centres"
+    "spectrometer/frequency",
+    axes=("B", "C"),
+    dtype="float64",
+    unit="GHz",
+    description="channel centres, storage order (bands 0 and 2 descending)",
 )
 FEATURES = _r("spectrometer/features", axes=("N",), dtype="uint32", description="observing-mode feature bits")
-POINTING = _r("spectrometer/pixel_pointing", kind="group", description="per-feed pointing")
-PIXEL_AZ = _r(f"{POINTING}/pixel_az", axes=("F1", "N"), dtype="float64", unit="deg", description="azimuth")
-PIXEL_EL = _r(f"{POINTING}/pixel_el", axes=("F1", "N"), dtype="float64", unit="deg", description="elevation")
+PIXEL_POINTING = _r("spectrometer/pixel_pointing", kind="group", description="per-feed pointing")
+PIXEL_AZ = _r(
+    f"{PIXEL_POINTING}/pixel_az",
+    axes=("F1", "N"),
+    dtype="float64",
+    unit="deg",
+    description="azimuth of each feed's beam centre",
+)
+PIXEL_EL = _r(
+    f"{PIXEL_POINTING}/pixel_el",
+    axes=("F1", "N"),
+    dtype="float64",
+    unit="deg",
+    description="elevation of each feed's beam centre, no refraction correction",
+)
+PIXEL_RA = _r(
+    f"{PIXEL_POINTING}/pixel_ra",
+    axes=("F1", "N"),
+    dtype="float64",
+    unit="deg",
+    description="ICRS right ascension (informational; recomputed by the pipeline)",
+)
+PIXEL_DEC = _r(
+    f"{PIXEL_POINTING}/pixel_dec",
+    axes=("F1", "N"),
+    dtype="float64",
+    unit="deg",
+    description="ICRS declination (informational)",
+)
 POINTING_DATASETS: tuple[str, ...] = tuple(
-    f"{POINTING}/{n}"
+    f"{PIXEL_POINTING}/{n}"
     for n in ("pixel_az", "pixel_el", "pixel_ra", "pixel_dec", "pixel_xoffset", "pixel_yoffset")
 )
 
-VANE_GROUP = _r(
+# hk/ — housekeeping, each group on its own clock
+HK_VANE = _r(
     "hk/antenna0/vane",
     kind="group",
-    description="vane angle, Tshroud, Tvane, Tambient (integer, scaled by HK_SCALES) and utc (MJD)",
+    description="vane angle (0.01 deg), Tshroud, Tvane, Tambient (0.01 degC) and utc (MJD)",
 )
-FRAME_GROUP = _r("hk/array/frame", kind="group", description="frame features and utc (MJD)")
-WEATHER_GROUP = _r("hk/array/weather", kind="group", optional=True, description="weather station")
-TRACKER_GROUP = _r("hk/antenna0/deTracker", kind="group", optional=True, description="lissajous_status, utc")
+HK_VANE_ANGLE = _r(f"{HK_VANE}/angle", axes=("H",), dtype="int32", unit="0.01 deg", description="vane angle")
+HK_VANE_TSHROUD = _r(
+    f"{HK_VANE}/Tshroud",
+    axes=("H",),
+    dtype="int32",
+    unit="0.01 degC",
+    description="temperature of the vane absorber (the hot load)",
+)
+HK_FRAME = _r("hk/array/frame", kind="group", description="feature word and utc on the housekeeping clock")
+HK_WEATHER = _r("hk/array/weather", kind="group", optional=True, description="weather station housekeeping")
+HK_TRACKER = _r(
+    "hk/antenna0/deTracker",
+    kind="group",
+    optional=True,
+    description="tracker housekeeping; absent if the observation is not a Lissajous",
+)
+HK_TRACKER_STATUS = _r(
+    f"{HK_TRACKER}/lissajous_status",
+    axes=("H",),
+    dtype="int32",
+    optional=True,
+    description="1 while a Lissajous pattern is executing",
+)
 
 REQUIRED_HK: dict[str, tuple[str, ...]] = {
-    VANE_GROUP: ("angle", "Tshroud", "Tvane", "Tambient", "utc"),
-    FRAME_GROUP: ("features", "utc"),
+    HK_VANE: ("angle", "Tshroud", "Tvane", "Tambient", "utc"),
+    HK_FRAME: ("features", "utc"),
 }
 OPTIONAL_HK: dict[str, tuple[str, ...]] = {
-    WEATHER_GROUP: ("airTemperature", "dewPointTemp", "pressure", "windSpeed", "windDirection", "utc"),
-    TRACKER_GROUP: ("lissajous_status", "utc"),
+    HK_WEATHER: ("airTemperature", "dewPointTemp", "pressure", "windSpeed", "windDirection", "utc"),
+    HK_TRACKER: ("lissajous_status", "utc"),
 }
 """Optional hk groups; when a group is present, all of its datasets are required."""
 
@@ -65,15 +124,15 @@ REQUIRED_DATASETS: tuple[str, ...] = (
 """Datasets checked by C4, in the order they are checked."""
 
 HK_SCALES: dict[str, float] = {
-    f"{VANE_GROUP}/angle": 0.01,
-    f"{VANE_GROUP}/Tshroud": 0.01,
-    f"{VANE_GROUP}/Tvane": 0.01,
-    f"{VANE_GROUP}/Tambient": 0.01,
-    f"{WEATHER_GROUP}/airTemperature": 0.01,
-    f"{WEATHER_GROUP}/dewPointTemp": 0.01,
-    f"{WEATHER_GROUP}/pressure": 0.01,
-    f"{WEATHER_GROUP}/windSpeed": 0.01,
-    f"{WEATHER_GROUP}/windDirection": 0.01,
+    f"{HK_VANE}/angle": 0.01,
+    f"{HK_VANE}/Tshroud": 0.01,
+    f"{HK_VANE}/Tvane": 0.01,
+    f"{HK_VANE}/Tambient": 0.01,
+    f"{HK_WEATHER}/airTemperature": 0.01,
+    f"{HK_WEATHER}/dewPointTemp": 0.01,
+    f"{HK_WEATHER}/pressure": 0.01,
+    f"{HK_WEATHER}/windSpeed": 0.01,
+    f"{HK_WEATHER}/windDirection": 0.01,
 }
 """Raw-to-physical scale of the integer hk datasets (01 §3.3): deg, °C, hPa, m/s."""
 

@@ -242,6 +242,7 @@ HK_TRACKER = _r(
 )
 
 # level2/ — results of the per-observation stages
+LEVEL2_GROUP = _r("level2", kind="group", description="results of the per-observation stages")
 SAMPLE_FLAGS = _r(
     "level2/sample_flags",
     axes=("F", "N"),

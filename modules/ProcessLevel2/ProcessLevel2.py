@@ -16,14 +16,16 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
 from modules.pipeline_control import jobs
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
+from modules.pipeline_control.config_dump import tomlable
 from modules.pipeline_control.executors import LocalPoolExecutor, PoolInitError, make_executor
 from modules.pipeline_control.logging_setup import Progress, obsid_context
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult, StreamingStage
 from modules.pipeline_control.provenance import canonical_json
 from modules.pipeline_control.streaming import check_products
@@ -36,6 +38,7 @@ from modules.ProcessLevel2.observation import (
     process_observation,
 )
 from modules.SQLModule.SQLModule import COMAPData, db
+from utils import level1_layout as L1
 from utils.errors import BadCOMAPFile, ConfigError
 
 log = logging.getLogger("comap.Level2Pipeline")
@@ -81,9 +84,9 @@ class Level2Pipeline(PipelineStage):
         self,
         config_file: str = "parameter_files/level2_processing.toml",
         hk_time_offset_s: float = 0.6,
-        on_parameter_change: str = "warn",
-        stale_job_timeout_s: float = 21600.0,
-        max_consecutive_failures: int = 20,
+        on_parameter_change: Literal["warn", "recompute"] = "warn",
+        stale_job_timeout_s: Annotated[float, Range(gt=0)] = 21600.0,
+        max_consecutive_failures: Annotated[int, Range(ge=1)] = 20,
     ) -> None:
         self.config_file = config_file
         self.hk_time_offset_s = float(hk_time_offset_s)
@@ -92,17 +95,6 @@ class Level2Pipeline(PipelineStage):
         self.max_consecutive_failures = int(max_consecutive_failures)
 
     # --- validation ----------------------------------------------------------------------------
-    @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        problems = []
-        if params.get("on_parameter_change") not in ("warn", "recompute"):
-            problems.append("on_parameter_change must be 'warn' or 'recompute'")
-        if float(params.get("stale_job_timeout_s", 1)) <= 0:
-            problems.append("stale_job_timeout_s must be > 0")
-        if int(params.get("max_consecutive_failures", 1)) < 1:
-            problems.append("max_consecutive_failures must be >= 1")
-        return problems
-
     @classmethod
     def validate_sub_config(cls, sub: LoadedConfig) -> list[Any]:
         problems: list[Any] = []
@@ -262,7 +254,7 @@ class Level2Pipeline(PipelineStage):
             lines.append(f"  {e.class_path}({params})")
         groups = self._stream_groups(sub)
         if len(groups) > 1:
-            lines.append(f"  WARNING: pipeline order forces {len(groups)} passes over spectrometer/tod")
+            lines.append(f"  WARNING: pipeline order forces {len(groups)} passes over {L1.TOD}")
         modules = instantiate_modules(sub.entries, self.on_parameter_change)
         cls_out = self._classify(sub, modules)
         n_retry = 0
@@ -562,10 +554,8 @@ class Level2Pipeline(PipelineStage):
 def _config_toml(sub: LoadedConfig) -> str:
     import tomli_w
 
-    from modules.pipeline_control.config import _tomlable
-
     try:
-        return tomli_w.dumps(_tomlable(sub.resolved_dict()))
+        return tomli_w.dumps(tomlable(sub.resolved_dict()))
     except (TypeError, ValueError):
         return canonical_json(sub.resolved_dict())
 

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from modules.pipeline_control.config import KIND_TEXT, class_parameters, module_kind
+from modules.pipeline_control.parameters import class_parameters
 from modules.pipeline_control.provenance import code_version
+from modules.pipeline_control.resolve import KIND_TEXT, module_kind
 
 
 class _UsageError(Exception):

@@ -27,11 +27,6 @@ CONSOLE_FORMAT = "%(levelname)s [%(obsid)s] %(shortname)s: %(message)s"
 T = TypeVar("T")
 
 
-def current_obsid() -> int | None:
-    """The obsid of the observation being processed in this context, or None."""
-    return _OBSID.get()
-
-
 @contextlib.contextmanager
 def obsid_context(obsid: int | None) -> Iterator[None]:
     """Attach ``obsid`` to every log record emitted inside the block."""

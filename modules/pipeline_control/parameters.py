@@ -26,10 +26,20 @@ import collections.abc as cabc
 import inspect
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Range", "annotation_text", "check_value"]
+__all__ = [
+    "ParamInfo",
+    "Range",
+    "annotation_text",
+    "check_type",
+    "check_value",
+    "class_parameters",
+    "parameter_problems",
+    "resolve_defaults",
+]
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,8 @@ def _is_instance(value: Any, tp: type) -> bool:
         return isinstance(value, _NUMBER) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (list, tuple):  # TOML has no tuples; call strings may give either
+        return isinstance(value, list | tuple)
     return isinstance(value, tp)
 
 
@@ -188,3 +200,97 @@ def annotation_text(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+def _without_constraints(annotation: Any) -> Any:
+    """``annotation`` with ``Range`` metadata dropped and each ``Literal`` replaced by its types."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _without_constraints(args[0])
+    if origin is typing.Literal:
+        types = tuple(dict.fromkeys(type(a) for a in args))
+        return typing.Union[types] if len(types) > 1 else types[0]  # noqa: UP007
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return typing.Union[tuple(_without_constraints(a) for a in args)]  # noqa: UP007
+    if origin is not None and args:
+        inner = tuple(a if a is Ellipsis else _without_constraints(a) for a in args)
+        try:
+            return origin[inner]
+        except TypeError:
+            return annotation
+    return annotation
+
+
+def check_type(value: Any, annotation: Any) -> str | None:
+    """Like :func:`check_value`, but only the types: bounds and ``Literal`` choices are not checked."""
+    return check_value(value, _without_constraints(annotation))
+
+
+# ------------------------------------------------------------------------------------------------
+# A class's parameters
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One keyword of a module's ``__init__``: its default (None if required) and annotation."""
+
+    name: str
+    default: Any
+    required: bool
+    annotation: Any
+
+
+def class_parameters(cls: type) -> tuple[dict[str, ParamInfo], bool]:
+    """Parameters of ``cls.__init__`` (without ``self``) and whether it accepts ``**kwargs``."""
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return {}, True
+    try:
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    except Exception:
+        hints = {}
+    params: dict[str, ParamInfo] = {}
+    var_kw = False
+    for i, (name, p) in enumerate(sig.parameters.items()):
+        if i == 0 and name == "self":
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+            continue
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        required = p.default is inspect.Parameter.empty
+        params[name] = ParamInfo(
+            name, None if required else p.default, required, hints.get(name, p.annotation)
+        )
+    return params, var_kw
+
+
+def resolve_defaults(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` completed with the ``__init__`` defaults (the only place defaults live).
+
+    The defaults of every ``__init__`` in the class hierarchy are used, the nearest class
+    winning, so that a subclass with a narrower signature still has its parent's parameters.
+    """
+    resolved: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            info, _ = class_parameters(klass)
+            resolved.update({name: p.default for name, p in info.items() if not p.required})
+    resolved.update(params)
+    return resolved
+
+
+def parameter_problems(cls: type, params: Mapping[str, Any]) -> list[str]:
+    """``'<name> <reason>'`` for every parameter whose value does not fit its annotation."""
+    info, _ = class_parameters(cls)
+    problems = []
+    for name, value in params.items():
+        if name in info:
+            reason = check_value(value, info[name].annotation)
+            if reason is not None:
+                problems.append(f"{name} {reason}")
+    return problems

@@ -17,14 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from modules.pipeline_control.config import (
-    LoadedConfig,
-    RunConfig,
-    dump_toml,
-    load_run_config,
-)
+from modules.pipeline_control.base import PipelineStage, RunContext, StageResult
+from modules.pipeline_control.config import RunConfig, dump_toml, load_run_config
 from modules.pipeline_control.logging_setup import RunLogging, setup_logging
-from modules.pipeline_control.Pipeline import PipelineStage, RunContext, StageResult
 from modules.pipeline_control.provenance import code_version
 from utils.errors import ConfigError, ConfigErrors, DatabaseError
 
@@ -50,10 +45,6 @@ def print_config_errors(exc: ConfigErrors | ConfigError) -> None:
     errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
     for err in errors:
         print(err.line(), file=sys.stderr)
-
-
-def _sql_target(main: LoadedConfig) -> str:
-    return str(main.master.get("sql_database") or "databases/COMAP_manchester.db")
 
 
 def _connect_db(target: str, *, dry_run: bool) -> None:

@@ -1,10 +1,11 @@
 """One read of the level-1 TOD shared by several stages (03 §2.3).
 
 ``ObservationContext`` is built once per observation: it holds the open ``Level1File``, the staging
-level-2 file during a streaming pass, the observation summary and cached level-2 metadata (feeds,
-scans, calibration). ``run_streaming_group`` is the driver: for every science feed and every scan it
-reads the block ``tod[l1_index(feed), :, :, start:stop]`` exactly once and hands it to every stage
-of the group, in list order. Out-of-scan samples are never read here.
+level-2 file during a streaming pass, the observation summary and a per-observation cache of
+level-2 metadata (feeds, scans; stages add their own through :meth:`ObservationContext.cached`).
+``run_streaming_group`` is the driver: for every science feed and every scan it reads the block
+``tod[l1_index(feed), :, :, start:stop]`` exactly once and hands it to every stage of the group,
+in list order. Out-of-scan samples are never read here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,10 +23,27 @@ import numpy as np
 
 from utils.errors import BadCOMAPFile
 from utils.h5io import RetryH5PY
+from utils.level2 import FEEDS, FREQUENCY, LEVEL1_FEED_INDEX, MJD, PIXEL_AZ, PIXEL_EL, SCAN_EDGES
+from utils.vane import interpolate_vane_events
 
 if TYPE_CHECKING:  # pragma: no cover
-    from modules.pipeline_control.Pipeline import StreamingStage
+    from modules.pipeline_control.base import StreamingStage
     from utils.level1 import Level1File
+
+#: ``calibration(ctx, feed, scan) -> (gain, tsys)``, each ``(B, C)`` float64 (StreamingStage.calibration).
+Calibration = Callable[["ObservationContext", int, int], tuple[np.ndarray, np.ndarray]]
+
+__all__ = [
+    "Calibration",
+    "FeedScanBlock",
+    "ObservationContext",
+    "check_products",
+    "context_for",
+    "interpolate_vane_events",
+    "observation",
+    "read_block",
+    "run_streaming_group",
+]
 
 log = logging.getLogger("comap.streaming")
 
@@ -50,6 +68,9 @@ class ObservationContext:
     scratch : dict
         Per-observation working state of streaming stages (accumulators between blocks), keyed by
         stage; modules never keep per-observation state on ``self``.
+    calibration_source : callable or None
+        How blocks are calibrated (:data:`Calibration`); set by :func:`run_streaming_group` from
+        the stages of the pass.
     """
 
     def __init__(self, file_info: Any, *, hk_time_offset_s: float = 0.6, count_bytes: bool = False) -> None:
@@ -65,6 +86,7 @@ class ObservationContext:
         self.bytes_read_tod = 0
         self.bytes_read_total = 0
         self.tod_storage_size: int | None = None
+        self.calibration_source: Calibration | None = None
         self._cache: dict[str, Any] = {}
 
     # --- files ------------------------------------------------------------------------------
@@ -114,7 +136,8 @@ class ObservationContext:
             self._l1 = None
 
     # --- level-2 metadata ---------------------------------------------------------------------
-    def _read(self, key: str, reader) -> Any:
+    def cached(self, key: str, reader: Callable[[Any], Any]) -> Any:
+        """``reader(open level-2 file)``, computed once per observation (until :meth:`invalidate`)."""
         if key not in self._cache:
             if self.l2 is not None:
                 self._cache[key] = reader(self.l2)
@@ -124,7 +147,8 @@ class ObservationContext:
         return self._cache[key]
 
     @staticmethod
-    def _require(fh, path: str) -> Any:
+    def require(fh, path: str) -> Any:
+        """The contents of ``fh[path]``; BadCOMAPFile naming the path if it is missing."""
         if path not in fh:
             raise BadCOMAPFile(f"level-2 file has no {path} (is the module that writes it in the list?)")
         return fh[path][...]
@@ -132,13 +156,11 @@ class ObservationContext:
     @property
     def feeds(self) -> np.ndarray:
         """Science feed numbers on the level-2 feed axis, int array ``(F,)``."""
-        return self._read("feeds", lambda fh: np.asarray(self._require(fh, "spectrometer/feeds"), dtype=int))
+        return self.cached("feeds", lambda fh: np.asarray(self.require(fh, FEEDS), dtype=int))
 
     @property
     def level1_feed_index(self) -> np.ndarray:
-        return self._read(
-            "l1idx", lambda fh: np.asarray(self._require(fh, "spectrometer/level1_feed_index"), dtype=int)
-        )
+        return self.cached("l1idx", lambda fh: np.asarray(self.require(fh, LEVEL1_FEED_INDEX), dtype=int))
 
     def ifeed(self, feed: int) -> int:
         """Position of ``feed`` on the level-2 feed axis."""
@@ -154,25 +176,29 @@ class ObservationContext:
     @property
     def scans(self) -> np.ndarray:
         """Scan edges ``(n_scans, 2)`` int64 ``[start, stop)``."""
-        return self._read(
-            "scans", lambda fh: np.asarray(self._require(fh, "level2/scan_edges"), dtype=np.int64)
-        )
+        return self.cached("scans", lambda fh: np.asarray(self.require(fh, SCAN_EDGES), dtype=np.int64))
 
     @property
     def mjd(self) -> np.ndarray:
-        return self._read("mjd", lambda fh: self._require(fh, "spectrometer/MJD"))
+        return self.cached("mjd", lambda fh: self.require(fh, MJD))
 
     @property
     def sample_rate_hz(self) -> float:
         """Sample rate (Hz) from ``spectrometer/MJD`` (``utils.level1.sample_rate_from_mjd``)."""
         from utils.level1 import sample_rate_from_mjd
 
-        return self._read("fs", lambda fh: sample_rate_from_mjd(self.mjd))
+        return self.cached("fs", lambda fh: sample_rate_from_mjd(self.mjd))
 
     @property
     def frequency_ghz(self) -> np.ndarray:
         """Channel centre frequencies ``(B, C)`` in storage order, GHz."""
-        return self._read("freq", lambda fh: self._require(fh, "spectrometer/frequency"))
+        return self.cached("freq", lambda fh: self.require(fh, FREQUENCY))
+
+    def channel_scan_shape(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """Shape ``(F, B, C, S)`` of a per-channel, per-scan level-2 array and its chunks (one feed)."""
+        n_feeds, n_scans = len(self.feeds), len(self.scans)
+        n_bands, n_chan = self.frequency_ghz.shape
+        return (n_feeds, n_bands, n_chan, n_scans), (1, n_bands, n_chan, max(n_scans, 1))
 
     @property
     def channel_width_hz(self) -> np.ndarray:
@@ -185,62 +211,24 @@ class ObservationContext:
             d = np.abs(np.gradient(freq, axis=1)) * 1e9
             return d
 
-        return self._read("chanwidth", width)
-
-    @property
-    def vane(self) -> dict[str, np.ndarray]:
-        """``level2/vane`` contents: ``mjd (E,)``, ``gain``/``tsys (E, F, B, C)``."""
-
-        def reader(fh):
-            if "level2/vane/gain" not in fh:
-                raise BadCOMAPFile("level-2 file has no level2/vane/gain (run SystemTemperature first)")
-            return {
-                "mjd": fh["level2/vane/mjd"][...],
-                "gain": fh["level2/vane/gain"][...],
-                "tsys": fh["level2/vane/system_temperature"][...],
-            }
-
-        return self._read("vane", reader)
+        return self.cached("chanwidth", width)
 
     def calibration(self, feed: int, scan: int) -> tuple[np.ndarray, np.ndarray]:
-        """Vane gain (counts/K) and Tsys (K) for ``feed`` during ``scan``, each ``(B, C)`` float64.
+        """Gain (counts/K) and Tsys (K) of ``feed`` during ``scan``, each ``(B, C)`` float64.
 
-        Interpolated linearly in time between the vane events that bracket the scan's mid-time;
-        the nearest event outside them (03 §2.4).
+        Computed by :attr:`calibration_source`, the calibration function of the streaming stages.
         """
-        vane = self.vane
-        ifeed = self.ifeed(feed)
-        start, stop = self.scans[scan]
-        t = 0.5 * (self.mjd[start] + self.mjd[stop - 1])
-        return (
-            interpolate_vane_events(vane["mjd"], vane["gain"][:, ifeed], t),
-            interpolate_vane_events(vane["mjd"], vane["tsys"][:, ifeed], t),
-        )
+        if self.calibration_source is None:
+            raise BadCOMAPFile("no calibration for the pass: no streaming stage declares a calibration")
+        return self.calibration_source(self, feed, scan)
 
     def pointing(self, feed: int, sl: slice) -> tuple[np.ndarray, np.ndarray]:
         """Azimuth and elevation (deg) of ``feed`` over samples ``sl``, from level 2."""
         ifeed = self.ifeed(feed)
         if self.l2 is not None:
-            pp = self.l2["spectrometer/pixel_pointing"]
-            return pp["pixel_az"][ifeed, sl], pp["pixel_el"][ifeed, sl]
+            return self.l2[PIXEL_AZ][ifeed, sl], self.l2[PIXEL_EL][ifeed, sl]
         with RetryH5PY(self.file_info.level2_path, "r") as fh:
-            pp = fh["spectrometer/pixel_pointing"]
-            return pp["pixel_az"][ifeed, sl], pp["pixel_el"][ifeed, sl]
-
-
-def interpolate_vane_events(event_mjd: np.ndarray, values: np.ndarray, t: float) -> np.ndarray:
-    """Linear interpolation in time of per-event arrays ``values (E, ...)`` at ``t``."""
-    values = np.asarray(values, dtype=np.float64)
-    n = len(event_mjd)
-    if n == 0:
-        raise BadCOMAPFile("no vane events to calibrate with")
-    if n == 1 or t <= event_mjd[0]:
-        return values[0].copy()
-    if t >= event_mjd[-1]:
-        return values[-1].copy()
-    k = int(np.searchsorted(event_mjd, t)) - 1
-    w = (t - event_mjd[k]) / (event_mjd[k + 1] - event_mjd[k])
-    return (1.0 - w) * values[k] + w * values[k + 1]
+            return fh[PIXEL_AZ][ifeed, sl], fh[PIXEL_EL][ifeed, sl]
 
 
 @dataclass
@@ -330,6 +318,7 @@ def run_streaming_group(
     """
     if not any(active):
         return
+    ctx.calibration_source = next((s.calibration for s in stages if s.calibration is not None), None)
     required = {name for s, a in zip(stages, active) if a for name in s.requires}
     replaying = [not a and bool(set(s.provides) & required) for s, a in zip(stages, active)]
     users = [i for i in range(len(stages)) if active[i] or replaying[i]]
@@ -404,43 +393,6 @@ def check_products(stages: Sequence[Any]) -> list[str]:
                 )
         provided.update(getattr(s, "provides", ()))
     return problems
-
-
-def _providers_for(stage: StreamingStage) -> list[StreamingStage]:
-    """Default-constructed stages that provide ``stage.requires`` (for standalone runs)."""
-    from modules.pipeline_control.Pipeline import StreamingStage as _SS
-
-    def all_subclasses(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from all_subclasses(sub)
-
-    needed = list(stage.requires)
-    chosen: list[StreamingStage] = []
-    for name in needed:
-        if any(name in p.provides for p in chosen):
-            continue
-        for cls in all_subclasses(_SS):
-            if name in cls.provides and cls is not type(stage):
-                chosen.append(cls())
-                break
-        else:
-            raise BadCOMAPFile(
-                f"{type(stage).__name__} needs block product '{name}' but no stage provides it"
-            )
-    return chosen
-
-
-def run_standalone(stage: StreamingStage, file_info: Any) -> None:
-    """Run one streaming stage on its own, replaying required products from level 2."""
-    ctx = context_for(file_info)
-    providers = _providers_for(stage)
-    for p in providers:
-        if not p.already_processed(file_info):
-            raise BadCOMAPFile(
-                f"{type(stage).__name__} needs the stored results of {type(p).__name__}; run it first"
-            )
-    run_streaming_group(ctx, [*providers, stage], [False] * len(providers) + [True])
 
 
 def context_for(file_info: Any) -> ObservationContext:

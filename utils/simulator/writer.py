@@ -183,10 +183,10 @@ def _write_header(h5: h5py.File, spec: ObservationSpec, tl: Timeline, freq, feed
 
 def _write_hk(h5: h5py.File, tl: Timeline) -> None:
     paths = {
-        "vane": L1.VANE_GROUP,
-        "frame": L1.FRAME_GROUP,
-        "deTracker": L1.TRACKER_GROUP,
-        "weather": L1.WEATHER_GROUP,
+        "vane": L1.HK_VANE,
+        "frame": L1.HK_FRAME,
+        "deTracker": L1.HK_TRACKER,
+        "weather": L1.HK_WEATHER,
     }
     for key, group_path in paths.items():
         if key not in tl.hk:
@@ -201,7 +201,7 @@ def _write_hk(h5: h5py.File, tl: Timeline) -> None:
 def _write_pointing(h5, spec: ObservationSpec, tl: Timeline, feeds, want_boresight: bool):
     """Feed az/el (exact inverse gnomonic) and RA/Dec (astropy per sample), written per time block."""
     n_feeds, n_tod = len(feeds), tl.n_tod
-    pp = h5.require_group(L1.POINTING)
+    pp = h5.require_group(L1.PIXEL_POINTING)
     dsets = {
         name: _ds(pp, name, shape=(n_feeds, n_tod), dtype=np.float64)
         for name in ("pixel_az", "pixel_el", "pixel_ra", "pixel_dec")
@@ -290,7 +290,7 @@ def _simulate_tod(
     truth_noise = h5.require_group("truth/noise")
     dg_ds = _ds(truth_noise, "dg", shape=(n_feeds, n_tod), dtype=np.float64)
     params = {name: spec.per_feed(name) for name in ("sigma_g", "alpha", "f0_hz")}
-    pp = h5[L1.POINTING]
+    pp = h5[L1.PIXEL_POINTING]
     in_scan = tl.in_scan()
     map_l, map_b = [], []
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
 import numpy as np
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import StreamingStage
 from utils import level2 as l2layout
 from utils.block_ops import airmass_fit, decimated_nanmedian, inverse_gain
+from utils.vane import BLOCK_READS, vane_calibration
 
-GROUP = "level2/atmosphere"
+GROUP = l2layout.ATMOSPHERE
 
 
 def _stored_parameter(grp, name: str):
@@ -49,12 +51,14 @@ class AtmosphereInObservation(StreamingStage):
     """
 
     provides = ("atmosphere", "median_k", "median_stride")
+    reads = BLOCK_READS
     writes = (GROUP,)
+    calibration = staticmethod(vane_calibration)
 
     def __init__(
         self,
-        min_elevation_range_deg: float = 2.0,
-        median_stride: int = 10,
+        min_elevation_range_deg: Annotated[float, Range(ge=0)] = 2.0,
+        median_stride: Annotated[int, Range(ge=1)] = 10,
         plot: bool = False,
         plot_dir: str = "outputs/AtmosphereInObservation",
         overwrite: bool = False,
@@ -65,23 +69,11 @@ class AtmosphereInObservation(StreamingStage):
         self.plot_dir = plot_dir
         self.overwrite = overwrite
 
-    @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        problems = []
-        if int(params.get("median_stride", 1)) < 1:
-            problems.append("median_stride must be >= 1")
-        if float(params.get("min_elevation_range_deg", 0.0)) < 0:
-            problems.append("min_elevation_range_deg must be >= 0")
-        return problems
-
     def begin(self, ctx) -> None:
-        n_feeds = len(ctx.feeds)
-        n_bands, n_chan = ctx.frequency_ghz.shape
-        n_scans = len(ctx.scans)
+        shape, chunks = ctx.channel_scan_shape()
+        n_feeds, n_bands, n_chan, n_scans = shape
         grp = ctx.l2.require_group(GROUP)
         provenance.mark_incomplete(grp)
-        shape = (n_feeds, n_bands, n_chan, n_scans)
-        chunks = (1, n_bands, n_chan, max(n_scans, 1))
         for name in ("offsets", "tau", "median_k"):
             ds = l2layout.replace_dataset(grp, name, shape, np.float32, fillvalue=np.nan, chunks=chunks)
             ds.attrs["unit"] = "K"

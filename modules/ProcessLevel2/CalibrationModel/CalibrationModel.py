@@ -9,13 +9,14 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.polynomial import polynomial as P
 from numpy.typing import NDArray
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import db
 from utils.calibrators import DAYS_PER_YEAR, MODEL_TYPES, canonical_name, flux_jy
@@ -269,13 +270,13 @@ class CalibrationModel(PipelineStage):
         source: str = "TauA",
         min_obsid: int = 0,
         max_obsid: int | None = None,
-        model_type: str = "polynomial",
-        poly_degree: int = 2,
+        model_type: Literal[MODEL_TYPES] = "polynomial",
+        poly_degree: Annotated[int, Range(ge=0)] = 2,
         mjd_ref: float = 59000.0,
-        chi2_max: float = 10.0,
+        chi2_max: Annotated[float, Range(gt=0)] = 10.0,
         gain_min: float = 0.3,
         gain_max: float = 3.0,
-        min_observations: int = 10,
+        min_observations: Annotated[int, Range(ge=1)] = 10,
         output_path: str | None = "calibration/calibration_model.json",
         plot: bool = False,
         plot_dir: str = "outputs/CalibrationModel",
@@ -295,30 +296,20 @@ class CalibrationModel(PipelineStage):
         self.plot_dir = plot_dir
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
         try:
-            canonical_name(str(params.get("source", "TauA")))
+            canonical_name(str(params["source"]))
         except KeyError as exc:
             problems.append(f"source: {exc.args[0]}")
-        if params.get("model_type", "polynomial") not in MODEL_TYPES:
-            problems.append(
-                f"model_type must be one of {list(MODEL_TYPES)}, got {params.get('model_type')!r}"
-            )
-        if int(params.get("poly_degree", 2)) < 0:
-            problems.append(f"poly_degree must be >= 0, got {params.get('poly_degree')!r}")
-        lo, hi = float(params.get("gain_min", 0.3)), float(params.get("gain_max", 3.0))
+        lo, hi = float(params["gain_min"]), float(params["gain_max"])
         if not 0 < lo < hi:
             problems.append(f"need 0 < gain_min < gain_max, got {lo} and {hi}")
-        if not float(params.get("chi2_max", 10.0)) > 0:
-            problems.append(f"chi2_max must be > 0, got {params.get('chi2_max')!r}")
-        if int(params.get("min_observations", 10)) < 1:
-            problems.append(f"min_observations must be >= 1, got {params.get('min_observations')!r}")
-        if not math.isfinite(float(params.get("mjd_ref", 59000.0))):
+        if not math.isfinite(float(params["mjd_ref"])):
             problems.append("mjd_ref must be a finite MJD")
-        mx = params.get("max_obsid")
-        if mx is not None and int(mx) < int(params.get("min_obsid", 0) or 0):
-            problems.append(f"max_obsid {mx} is below min_obsid {params.get('min_obsid')}")
+        mx = params["max_obsid"]
+        if mx is not None and int(mx) < int(params["min_obsid"] or 0):
+            problems.append(f"max_obsid {mx} is below min_obsid {params['min_obsid']}")
         return problems
 
     # ------------------------------------------------------------------------------------------

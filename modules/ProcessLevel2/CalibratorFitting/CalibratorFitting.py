@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
 from modules.ProcessLevel2.CalibratorFitting._helpers import (
     inverse_variance_mean,
@@ -19,6 +21,7 @@ from modules.ProcessLevel2.CalibratorFitting._helpers import (
     raster_az_corrected_radec,
     source_track,
 )
+from utils import level2 as l2layout
 from utils.calibrators import (
     BACKGROUND_MODELS,
     FWHM_TO_SIGMA,
@@ -32,6 +35,7 @@ from utils.calibrators import (
 )
 from utils.coordinates import icrs_to_azel
 from utils.errors import BadCOMAPFile
+from utils.layout import DatasetPath
 
 CALIBRATOR_GROUP = "Calibrator"
 AZEL_STEP_DEG = 1.0e-3
@@ -147,18 +151,26 @@ class CalibratorFitting(BaseCOMAPModule):
         Refit even if the output group is complete.
     """
 
-    writes = ("level2/calibrator_fit",)
+    reads = (
+        l2layout.FEEDS,
+        l2layout.MJD,
+        l2layout.SCAN_EDGES,
+        l2layout.PIXEL_POINTING,
+        l2layout.CENTRAL_FREQS,
+        l2layout.BINNED_FILTERED_DATA,
+    )
+    writes = (l2layout.CALIBRATOR_FIT,)
 
     def __init__(
         self,
         calibrator_fit_group_name: str = "calibrator_fit",
-        tod_dataset: str = "level2/binned_filtered_data",
-        fit_radius_deg: float = 0.25,
-        beam_fwhm_arcmin_30ghz: float = 4.5,
+        tod_dataset: str = str(l2layout.BINNED_FILTERED_DATA),
+        fit_radius_deg: Annotated[float, Range(gt=0)] = 0.25,
+        beam_fwhm_arcmin_30ghz: Annotated[float, Range(gt=0)] = 4.5,
         min_width_factor: float = 0.3,
         max_width_factor: float = 3.0,
-        min_samples: int = 50,
-        background: str = "plane",
+        min_samples: Annotated[int, Range(ge=10)] = 50,
+        background: Literal[BACKGROUND_MODELS] = "plane",
         fit_rotation: bool = False,
         raster_az_correction_arcsec: float = 100.0,
         raster_correction_max_obsid: int = 28852,
@@ -180,33 +192,31 @@ class CalibratorFitting(BaseCOMAPModule):
         self.plot = bool(plot)
         self.plot_dir = plot_dir
         self.overwrite = bool(overwrite)
-        self.writes = (self.group_path,)
 
     # ------------------------------------------------------------------------------------------
     @property
     def group_path(self) -> str:
         """Level-2 path of the output group, ``level2/<calibrator_fit_group_name>``."""
-        return f"level2/{getattr(self, 'calibrator_fit_group_name', 'calibrator_fit')}"
+        return l2layout.LEVEL2_GROUP.child(getattr(self, "calibrator_fit_group_name", "calibrator_fit"))
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The fit goes to ``level2/<calibrator_fit_group_name>``; ``tod_dataset`` is the TOD fitted."""
+        if entry == l2layout.CALIBRATOR_FIT:
+            return (l2layout.LEVEL2_GROUP.child(params["calibrator_fit_group_name"]),)
+        if entry == l2layout.BINNED_FILTERED_DATA:
+            return (str(params["tod_dataset"]),)
+        return super().entry_paths(entry, params)
+
+    @classmethod
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
-        name = str(params.get("calibrator_fit_group_name", "calibrator_fit"))
+        name = str(params["calibrator_fit_group_name"])
         if not name or "/" in name:
             problems.append(f"calibrator_fit_group_name must be a plain group name, got {name!r}")
-        for key in ("fit_radius_deg", "beam_fwhm_arcmin_30ghz"):
-            if not float(params.get(key, 1.0)) > 0:
-                problems.append(f"{key} must be > 0, got {params.get(key)!r}")
-        lo = float(params.get("min_width_factor", 0.3))
-        hi = float(params.get("max_width_factor", 3.0))
+        lo, hi = float(params["min_width_factor"]), float(params["max_width_factor"])
         if not 0 < lo < 1 < hi:
             problems.append(f"need 0 < min_width_factor < 1 < max_width_factor, got {lo} and {hi}")
-        if int(params.get("min_samples", 50)) < 10:
-            problems.append(f"min_samples must be >= 10, got {params.get('min_samples')!r}")
-        if params.get("background", "plane") not in BACKGROUND_MODELS:
-            problems.append(
-                f"background must be one of {list(BACKGROUND_MODELS)}, got {params.get('background')!r}"
-            )
         return problems
 
     @staticmethod
@@ -218,7 +228,6 @@ class CalibratorFitting(BaseCOMAPModule):
         """True for non-calibrator observations; otherwise the default done-check on the group."""
         if not self.applies_to(file_info):
             return True
-        self.writes = (self.group_path,)
         return super().already_processed(file_info, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------------
@@ -273,32 +282,32 @@ class CalibratorFitting(BaseCOMAPModule):
                 raise BadCOMAPFile(f"level-2 file has no {path} ({hint})")
             return l2[path]
 
-        feeds = np.asarray(need("spectrometer/feeds", "run CreateLevel2File first")[...], dtype=int)
-        mjd = np.asarray(need("spectrometer/MJD", "run CreateLevel2File first")[...], dtype=np.float64)
-        scans = np.asarray(need("level2/scan_edges", "run FindScans first")[...], dtype=np.int64).reshape(
+        feeds = np.asarray(need(l2layout.FEEDS, "run CreateLevel2File first")[...], dtype=int)
+        mjd = np.asarray(need(l2layout.MJD, "run CreateLevel2File first")[...], dtype=np.float64)
+        scans = np.asarray(need(l2layout.SCAN_EDGES, "run FindScans first")[...], dtype=np.int64).reshape(
             -1, 2
         )
         if len(scans) == 0:
             raise BadCOMAPFile("calibrator observation has no scans")
         tod = need(self.tod_dataset, "run GainFilterAndBin first")
-        cf = np.asarray(need("level2/central_freqs", "run GainFilterAndBin first")[...], dtype=np.float64)
-        pp = "spectrometer/pixel_pointing"
-        ra = need(f"{pp}/pixel_ra", "run CreateLevel2File first")
-        dec = need(f"{pp}/pixel_dec", "run CreateLevel2File first")
+        cf = np.asarray(need(l2layout.CENTRAL_FREQS, "run GainFilterAndBin first")[...], dtype=np.float64)
+        pp = l2layout.PIXEL_POINTING
+        ra = need(l2layout.PIXEL_RA, "run CreateLevel2File first")
+        dec = need(l2layout.PIXEL_DEC, "run CreateLevel2File first")
         n_feed, n_tod = len(feeds), len(mjd)
         if tod.ndim != 4 or tod.shape[0] != n_feed or tod.shape[3] != n_tod:
             raise BadCOMAPFile(
-                f"{self.tod_dataset} has shape {tod.shape} but spectrometer/feeds has {n_feed} entries "
-                f"and spectrometer/MJD {n_tod} samples"
+                f"{self.tod_dataset} has shape {tod.shape} but {l2layout.FEEDS} has {n_feed} entries "
+                f"and {l2layout.MJD} {n_tod} samples"
             )
         if cf.shape != tod.shape[:3]:
             raise BadCOMAPFile(
-                f"level2/central_freqs has shape {cf.shape} but {self.tod_dataset} has {tod.shape}"
+                f"{l2layout.CENTRAL_FREQS} has shape {cf.shape} but {self.tod_dataset} has {tod.shape}"
             )
         if ra.shape != (n_feed, n_tod) or dec.shape != (n_feed, n_tod):
             raise BadCOMAPFile(f"{pp}/pixel_ra has shape {ra.shape}, expected {(n_feed, n_tod)}")
         if np.any(scans[:, 0] < 0) or np.any(scans[:, 1] > n_tod) or np.any(scans[:, 1] <= scans[:, 0]):
-            raise BadCOMAPFile(f"level2/scan_edges has invalid [start, stop) entries for {n_tod} samples")
+            raise BadCOMAPFile(f"{l2layout.SCAN_EDGES} has invalid [start, stop) entries for {n_tod} samples")
         return {
             "feeds": feeds,
             "mjd": mjd,
@@ -327,9 +336,11 @@ class CalibratorFitting(BaseCOMAPModule):
         sl = slice(start, stop)
         mjd = inputs["mjd"][sl]
         if self._legacy_correction(inputs["obsid"]):
-            pp = l2["spectrometer/pixel_pointing"]
             ra, dec = raster_az_corrected_radec(
-                pp["pixel_az"][ifeed, sl], pp["pixel_el"][ifeed, sl], mjd, self.raster_az_correction_arcsec
+                l2[l2layout.PIXEL_AZ][ifeed, sl],
+                l2[l2layout.PIXEL_EL][ifeed, sl],
+                mjd,
+                self.raster_az_correction_arcsec,
             )
         else:
             ra = np.asarray(inputs["ra"][ifeed, sl], dtype=np.float64)
@@ -455,7 +466,7 @@ class CalibratorFitting(BaseCOMAPModule):
         if path in l2:
             provenance.mark_incomplete(l2[path])
             del l2[path]
-        return l2.require_group("level2").create_group(path.split("/", 1)[1])
+        return l2.require_group(l2layout.LEVEL2_GROUP).create_group(path.split("/", 1)[1])
 
     def _write_skipped(self, level2_path: str, source: str, reason: str) -> None:
         with RetryH5PY(level2_path, "a") as l2:

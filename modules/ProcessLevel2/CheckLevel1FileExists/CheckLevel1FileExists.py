@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from modules.pipeline_control.Pipeline import BaseCOMAPModule
+from utils import level1_layout as L1
 
 
 class CheckLevel1FileExists(BaseCOMAPModule):
@@ -26,6 +27,8 @@ class CheckLevel1FileExists(BaseCOMAPModule):
     """
 
     runs_with_others = True
+    reads = (L1.COMAP_ATTRIBUTES, L1.TOD)
+    writes = ()
 
     def __init__(
         self,

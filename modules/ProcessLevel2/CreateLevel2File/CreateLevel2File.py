@@ -4,39 +4,42 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from modules.pipeline_control import provenance
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
+from utils import level1_layout as L1
 from utils import level2 as l2layout
 from utils.constants import GROUND_FEED, OVRO_HEIGHT_M, OVRO_LAT_DEG, OVRO_LON_DEG
 from utils.coordinates import azel_to_icrs
 from utils.errors import BadCOMAPFile
+from utils.layout import DatasetPath
 
 OPTIONAL = "optional"
 
 DEFAULT_LEVEL1_DATASETS: list[list[Any]] = [
-    ["spectrometer/MJD", 1.0],
-    ["spectrometer/bands", 1.0],
-    ["spectrometer/frequency", 1.0],
-    ["spectrometer/features", 1.0],
-    ["hk/antenna0/vane/angle", 0.01],
-    ["hk/antenna0/vane/Tshroud", 0.01],
-    ["hk/antenna0/vane/Tvane", 0.01],
-    ["hk/antenna0/vane/Tambient", 0.01],
-    ["hk/antenna0/vane/utc", 1.0],
-    ["hk/array/frame/features", 1.0],
-    ["hk/array/frame/utc", 1.0],
-    ["hk/array/weather/airTemperature", 0.01, OPTIONAL],
-    ["hk/array/weather/dewPointTemp", 0.01, OPTIONAL],
-    ["hk/array/weather/pressure", 0.01, OPTIONAL],
-    ["hk/array/weather/windSpeed", 0.01, OPTIONAL],
-    ["hk/array/weather/windDirection", 0.01, OPTIONAL],
-    ["hk/array/weather/utc", 1.0, OPTIONAL],
-    ["hk/antenna0/deTracker/lissajous_status", 1.0, OPTIONAL],
-    ["hk/antenna0/deTracker/utc", 1.0, OPTIONAL],
+    [str(L1.MJD), 1.0],
+    [str(L1.BANDS), 1.0],
+    [str(L1.FREQUENCY), 1.0],
+    [str(L1.FEATURES), 1.0],
+    [str(L1.HK_VANE_ANGLE), 0.01],
+    [str(L1.HK_VANE_TSHROUD), 0.01],
+    [L1.HK_VANE.child("Tvane"), 0.01],
+    [L1.HK_VANE.child("Tambient"), 0.01],
+    [L1.HK_VANE.child("utc"), 1.0],
+    [L1.HK_FRAME.child("features"), 1.0],
+    [L1.HK_FRAME.child("utc"), 1.0],
+    [L1.HK_WEATHER.child("airTemperature"), 0.01, OPTIONAL],
+    [L1.HK_WEATHER.child("dewPointTemp"), 0.01, OPTIONAL],
+    [L1.HK_WEATHER.child("pressure"), 0.01, OPTIONAL],
+    [L1.HK_WEATHER.child("windSpeed"), 0.01, OPTIONAL],
+    [L1.HK_WEATHER.child("windDirection"), 0.01, OPTIONAL],
+    [L1.HK_WEATHER.child("utc"), 1.0, OPTIONAL],
+    [str(L1.HK_TRACKER_STATUS), 1.0, OPTIONAL],
+    [L1.HK_TRACKER.child("utc"), 1.0, OPTIONAL],
 ]
 
 # Units of the scaled copies (01 §3.3).
@@ -78,7 +81,30 @@ class CreateLevel2File(BaseCOMAPModule):
         Accepted for uniformity; nothing is plotted.
     """
 
-    writes = ("spectrometer/pixel_pointing/pixel_dec",)
+    reads = (
+        L1.COMAP_ATTRIBUTES,
+        L1.FEEDS,
+        L1.MJD,
+        L1.BANDS,
+        L1.FREQUENCY,
+        L1.FEATURES,
+        L1.PIXEL_POINTING,
+        L1.HK_VANE,
+        L1.HK_FRAME,
+        L1.HK_WEATHER,
+        L1.HK_TRACKER,
+    )
+    writes = (
+        l2layout.FEEDS,
+        l2layout.LEVEL1_FEED_INDEX,
+        l2layout.SAMPLE_FLAGS,
+        l2layout.PIXEL_POINTING,
+        l2layout.MJD,
+        l2layout.BANDS,
+        l2layout.FREQUENCY,
+        l2layout.FEATURES,
+    )
+    _COPIED = (l2layout.MJD, l2layout.BANDS, l2layout.FREQUENCY, l2layout.FEATURES)
 
     def __init__(
         self,
@@ -101,12 +127,22 @@ class CreateLevel2File(BaseCOMAPModule):
         self.plot_dir = plot_dir
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The spectrometer axes are written only when ``level1_datasets`` copies them."""
+        if entry in cls._COPIED:
+            copied = (
+                DEFAULT_LEVEL1_DATASETS if params["level1_datasets"] is None else params["level1_datasets"]
+            )
+            return (str(entry),) if any(e[0] == entry for e in copied if len(e) == 2) else ()
+        return super().entry_paths(entry, params)
+
+    @classmethod
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems = []
-        msg = l2layout.validate_save_dir(str(params.get("save_dir_structure", "")))
+        msg = l2layout.validate_save_dir(str(params["save_dir_structure"]))
         if msg:
             problems.append(f"save_dir_structure: {msg}")
-        for i, entry in enumerate(params.get("level1_datasets") or []):
+        for i, entry in enumerate(params["level1_datasets"] or []):
             ok = (
                 isinstance(entry, list | tuple)
                 and len(entry) in (2, 3)
@@ -169,7 +205,7 @@ class CreateLevel2File(BaseCOMAPModule):
                 for key, value in l1.file[group].attrs.items():
                     dst.attrs[key] = value
 
-            spec = l2.require_group("spectrometer")
+            spec = l2.require_group(l2layout.SPECTROMETER)
             self._replace(spec, "feeds", sci_feeds.astype(np.int32))
             self._replace(spec, "level1_feed_index", np.asarray(positions, dtype=np.int32))
 
@@ -185,13 +221,13 @@ class CreateLevel2File(BaseCOMAPModule):
                 grp = l2.require_group(os.path.dirname(src))
                 ds = self._replace(grp, os.path.basename(src), data)
                 unit = _UNITS.get(os.path.basename(src))
-                if unit and (scale != 1.0 or src.startswith("spectrometer/")):
+                if unit and (scale != 1.0 or l2layout.SPECTROMETER.covers(src)):
                     ds.attrs["unit"] = unit
                 if scale != 1.0:
                     ds.attrs["scale_applied"] = scale
                 self.mark_complete(ds)
 
-            pp = l2.require_group("spectrometer/pixel_pointing")
+            pp = l2.require_group(l2layout.PIXEL_POINTING)
             for name in ("pixel_ra", "pixel_dec"):  # recomputed below; never left stale
                 if name in pp:
                     provenance.mark_incomplete(pp[name])
@@ -201,7 +237,11 @@ class CreateLevel2File(BaseCOMAPModule):
             ra_ds = self._create(pp, "pixel_ra", (len(positions), n_tod), np.float64, chunks)
             dec_ds = self._create(pp, "pixel_dec", (len(positions), n_tod), np.float64, chunks)
             flags = self._create(
-                l2.require_group("level2"), "sample_flags", (len(positions), n_tod), np.uint8, chunks
+                l2.require_group(l2layout.LEVEL2_GROUP),
+                "sample_flags",
+                (len(positions), n_tod),
+                np.uint8,
+                chunks,
             )
             mjd = l1.mjd()
             for ifeed, pos in enumerate(positions):
@@ -213,8 +253,8 @@ class CreateLevel2File(BaseCOMAPModule):
                 if self.compute_radec:
                     ra, dec = azel_to_icrs(az, el, mjd)
                 else:
-                    ra = np.asarray(l1.file["spectrometer/pixel_pointing/pixel_ra"][pos], dtype=np.float64)
-                    dec = np.asarray(l1.file["spectrometer/pixel_pointing/pixel_dec"][pos], dtype=np.float64)
+                    ra = np.asarray(l1.file[L1.PIXEL_RA][pos], dtype=np.float64)
+                    dec = np.asarray(l1.file[L1.PIXEL_DEC][pos], dtype=np.float64)
                 ra_ds[ifeed] = ra
                 dec_ds[ifeed] = dec
                 bad = ~(np.isfinite(az) & np.isfinite(el) & np.isfinite(ra) & np.isfinite(dec))
@@ -231,8 +271,8 @@ class CreateLevel2File(BaseCOMAPModule):
                 ds.attrs["unit"] = "deg"
             az_ds.attrs["unit"] = "deg"
             el_ds.attrs["unit"] = "deg"
-            self.mark_complete(l2["spectrometer/feeds"])
-            self.mark_complete(l2["spectrometer/level1_feed_index"])
+            self.mark_complete(l2[l2layout.FEEDS])
+            self.mark_complete(l2[l2layout.LEVEL1_FEED_INDEX])
             self.mark_complete(flags)
             for ds in (az_ds, el_ds, ra_ds):
                 self.mark_complete(ds)

@@ -7,7 +7,7 @@ import datetime as _dt
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import h5py
@@ -23,7 +23,9 @@ from modules.SQLModule.SQLModule import (
     QualityFlag,
     SQLModule,
 )
+from utils import level2 as l2layout
 from utils.errors import DatabaseError
+from utils.layout import DatasetPath
 
 INTEGER_STATS: tuple[str, ...] = ("n_spikes", "n_nan_values")
 """Integer statistics: stored as int32 with −1 for "no value"."""
@@ -80,11 +82,12 @@ class FinalizeLevel2Metadata(BaseCOMAPModule):
     """
 
     runs_with_others = True
-    writes = ("level2/sql_snapshot",)
+    reads = ()
+    writes = (l2layout.SQL_SNAPSHOT,)
 
     def __init__(
         self,
-        group_name: str = "level2/sql_snapshot",
+        group_name: str = str(l2layout.SQL_SNAPSHOT),
         overwrite: bool = False,
         plot: bool = False,
         plot_dir: str = "outputs/FinalizeLevel2Metadata",
@@ -93,13 +96,18 @@ class FinalizeLevel2Metadata(BaseCOMAPModule):
         self.overwrite = bool(overwrite)
         self.plot = bool(plot)
         self.plot_dir = plot_dir
-        self.writes = (group_name,)
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        name = str(params.get("group_name", "level2/sql_snapshot")).strip("/")
-        if not name:
-            return ["group_name must name a level-2 group, e.g. 'level2/sql_snapshot'"]
+    def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The snapshot goes to ``group_name``."""
+        if entry == l2layout.SQL_SNAPSHOT:
+            return (str(params["group_name"]),)
+        return super().entry_paths(entry, params)
+
+    @classmethod
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
+        if not str(params["group_name"]).strip("/"):
+            return [f"group_name must name a level-2 group, e.g. {l2layout.SQL_SNAPSHOT!r}"]
         return []
 
     # ------------------------------------------------------------------------------------------

@@ -14,24 +14,28 @@ are split into equal parts, and short ones dropped.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
 from modules.pipeline_control.provenance import mark_incomplete
+from utils import level1_layout as L1
+from utils import level2 as l2layout
 from utils.constants import FEATURE_CES, FEATURE_LISSAJOUS, FEATURE_RASTER, FEATURE_STARE, FEATURE_VANE
 from utils.errors import BadCOMAPFile
 from utils.level1 import runs, sample_rate_from_mjd
 from utils.level2 import FLAG_OUTSIDE_SCAN, FLAG_VANE
 
-TRACKER_STATUS = "hk/antenna0/deTracker/lissajous_status"
-SCAN_EDGES_PATH = "level2/scan_edges"
-SAMPLE_FLAGS_PATH = "level2/sample_flags"
+TRACKER_STATUS = L1.HK_TRACKER_STATUS
+SCAN_EDGES_PATH = l2layout.SCAN_EDGES
+SAMPLE_FLAGS_PATH = l2layout.SAMPLE_FLAGS
+Seconds = Annotated[float, Range(ge=0)]
 SECONDS_PER_DAY = 86400.0
 MODE_NAMES: dict[int, str] = {
     FEATURE_CES: "ces",
@@ -53,7 +57,7 @@ __all__ = ["FindScans", "sample_rate_hz", "scan_edges_from_mask", "scan_mode_nam
 def sample_rate_hz(mjd: NDArray[np.float64]) -> float:
     """Sample rate from the spectrometer clock (``utils.level1.sample_rate_from_mjd``)."""
     if np.asarray(mjd).size < 2:
-        raise BadCOMAPFile("spectrometer/MJD has fewer than 2 samples")
+        raise BadCOMAPFile(f"{L1.MJD} has fewer than 2 samples")
     return sample_rate_from_mjd(mjd)
 
 
@@ -163,20 +167,21 @@ class FindScans(BaseCOMAPModule):
         Recompute even if ``level2/scan_edges`` is complete.
     """
 
+    reads = (L1.FEATURES, L1.MJD, L1.HK_TRACKER, l2layout.FEEDS, SAMPLE_FLAGS_PATH)
     writes = (SCAN_EDGES_PATH,)
 
     def __init__(
         self,
         scan_feature_priority: list[int] | tuple[int, ...] = DEFAULT_SCAN_FEATURE_PRIORITY,
         lissajous_status_code: int = 1,
-        lissajous_trim_start_s: float = 20.0,
-        lissajous_trim_end_s: float = 2.0,
-        trim_start_s: float = 0.0,
-        trim_end_s: float = 0.0,
+        lissajous_trim_start_s: Seconds = 20.0,
+        lissajous_trim_end_s: Seconds = 2.0,
+        trim_start_s: Seconds = 0.0,
+        trim_end_s: Seconds = 0.0,
         skydip_feature: int = FEATURE_CES,
-        min_scan_length_s: float = 2.0,
-        max_scan_length_s: float = 600.0,
-        max_gap_s: float = 0.1,
+        min_scan_length_s: Seconds = 2.0,
+        max_scan_length_s: Annotated[float, Range(gt=0)] = 600.0,
+        max_gap_s: Annotated[float, Range(gt=0)] = 0.1,
         plot: bool = False,
         plot_dir: str = "outputs/FindScans",
         overwrite: bool = False,
@@ -196,48 +201,18 @@ class FindScans(BaseCOMAPModule):
         self.overwrite = bool(overwrite)
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        defaults = {
-            k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"
-        }
-        p = {**defaults, **params}
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-        prio = p["scan_feature_priority"]
-        if not isinstance(prio, list | tuple) or not prio or not all(is_int(c) for c in prio):
+        prio = params["scan_feature_priority"]
+        if not prio:
             problems.append(f"scan_feature_priority must be a non-empty list of integers, got {prio!r}")
         elif FEATURE_VANE in prio:
             problems.append(f"scan_feature_priority must not contain the vane feature {FEATURE_VANE}")
-        for name in ("lissajous_status_code", "skydip_feature"):
-            if not is_int(p[name]):
-                problems.append(f"{name} must be an integer, got {p[name]!r}")
-        if is_int(p["skydip_feature"]) and p["skydip_feature"] == FEATURE_VANE:
+        if params["skydip_feature"] == FEATURE_VANE:
             problems.append(f"skydip_feature must not be the vane feature {FEATURE_VANE}")
-        values: dict[str, float] = {}
-        for name in (
-            "lissajous_trim_start_s", "lissajous_trim_end_s", "trim_start_s", "trim_end_s",
-            "min_scan_length_s", "max_scan_length_s", "max_gap_s",
-        ):  # fmt: skip
-            v = p[name]
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                problems.append(f"{name} must be a finite number >= 0, got {v!r}")
-            else:
-                values[name] = float(v)
-        for name in ("max_scan_length_s", "max_gap_s"):
-            if values.get(name) == 0.0:
-                problems.append(f"{name} must be > 0")
-        if (
-            "max_scan_length_s" in values
-            and "min_scan_length_s" in values
-            and values["max_scan_length_s"] < values["min_scan_length_s"]
-        ):
-            problems.append(
-                f"max_scan_length_s ({values['max_scan_length_s']}) must be >= min_scan_length_s "
-                f"({values['min_scan_length_s']})"
-            )
+        lo, hi = params["min_scan_length_s"], params["max_scan_length_s"]
+        if hi < lo:
+            problems.append(f"max_scan_length_s ({float(hi)}) must be >= min_scan_length_s ({float(lo)})")
         return problems
 
     # ------------------------------------------------------------------------------------------
@@ -252,7 +227,7 @@ class FindScans(BaseCOMAPModule):
         vane = decoded == FEATURE_VANE
 
         status_on = None
-        if l1.has_group("hk/antenna0/deTracker") and l1.has_dataset(TRACKER_STATUS):
+        if l1.has_group(L1.HK_TRACKER) and l1.has_dataset(TRACKER_STATUS):
             status = l1.hk_on_spectrometer(TRACKER_STATUS, kind="previous")
             status_on = status == self.lissajous_status_code
         lissajous_present = bool(status_on is not None and status_on.any())
@@ -298,7 +273,7 @@ class FindScans(BaseCOMAPModule):
         with RetryH5PY(file_info.level2_path, "a") as l2:
             if SAMPLE_FLAGS_PATH not in l2:
                 raise BadCOMAPFile(f"level-2 file has no {SAMPLE_FLAGS_PATH} (run CreateLevel2File first)")
-            parent = l2.require_group("level2")
+            parent = l2.require_group(l2layout.LEVEL2_GROUP)
             if "scan_edges" in parent:
                 mark_incomplete(parent["scan_edges"])
                 del parent["scan_edges"]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import numpy as np
 
 from modules.pipeline_control import provenance
-from modules.pipeline_control.config import check_allowed, resolve_callee
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import StreamingStage
-from modules.ProcessLevel2.GainFilterAndBin.GainFilters import BUILTIN_FILTERS, GainFilter
+from modules.pipeline_control.resolve import check_allowed, resolve_callee
 from utils import level2 as l2layout
 from utils.block_ops import decimated_nanmedian, filter_and_bin, inverse_gain
 from utils.errors import BadCOMAPFile
+from utils.gain_filters import BUILTIN_FILTERS, GainFilter
+from utils.layout import DatasetPath
+from utils.vane import BLOCK_READS, vane_calibration
 
 NAN_SAMPLE_FRACTION = 0.1
 """A sample with more than this fraction of NaN channels (all bands) gets sample flag 4."""
@@ -109,17 +113,28 @@ class GainFilterAndBin(StreamingStage):
     """
 
     requires = ("auto_rms_k", "nan_count", "atmosphere", "median_k")
+    reads = (*BLOCK_READS, l2layout.SAMPLE_FLAGS)
+    writes = (
+        l2layout.BINNED_DATA,
+        l2layout.CENTRAL_FREQS,
+        l2layout.BANDWIDTHS,
+        l2layout.CHANNEL_MASK,
+        l2layout.BINNING_WEIGHTS,
+        l2layout.GAIN_FILTER,
+        l2layout.BINNED_FILTERED_DATA,
+    )
+    calibration = staticmethod(vane_calibration)
 
     def __init__(
         self,
-        n_freq_bin: int = 2,
+        n_freq_bin: Annotated[int, Range(ge=1)] = 2,
         gain_filter_name: str = "GainFilterWithPrior",
         gain_filter_kwargs: dict | None = None,
-        edge_fraction: float = 0.05,
-        centre_fraction: float = 0.05,
+        edge_fraction: Annotated[float, Range(ge=0.0, lt=0.5)] = 0.05,
+        centre_fraction: Annotated[float, Range(ge=0.0, lt=0.5)] = 0.05,
         max_rms_ratio: float = 2.0,
         max_nan_fraction: float = 0.1,
-        median_stride: int = 10,
+        median_stride: Annotated[int, Range(ge=1)] = 10,
         filtered_binned_data_name: str = "binned_filtered_data",
         plot: bool = False,
         plot_dir: str = "outputs/GainFilterAndBin",
@@ -139,28 +154,22 @@ class GainFilterAndBin(StreamingStage):
         self.overwrite = overwrite
         self.gain_filter: GainFilter = resolve_gain_filter(gain_filter_name)(**self.gain_filter_kwargs)
 
-    @property
-    def writes(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (f"level2/{self.filtered_binned_data_name}",)
+    @classmethod
+    def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """``binned_filtered_data`` is stored under ``level2/<filtered_binned_data_name>``."""
+        if entry == l2layout.BINNED_FILTERED_DATA:
+            return (l2layout.LEVEL2_GROUP.child(params["filtered_binned_data_name"]),)
+        return super().entry_paths(entry, params)
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems = []
-        if not (isinstance(params.get("n_freq_bin"), int) and params["n_freq_bin"] >= 1):
-            problems.append(f"n_freq_bin must be an integer >= 1, got {params.get('n_freq_bin')!r}")
-        for key in ("edge_fraction", "centre_fraction"):
-            if not 0.0 <= float(params.get(key, 0.0)) < 0.5:
-                problems.append(f"{key} must be in [0, 0.5)")
-        if int(params.get("median_stride", 1)) < 1:
-            problems.append("median_stride must be >= 1")
-        if not str(params.get("filtered_binned_data_name", "x")).replace("_", "").isalnum():
+        if not str(params["filtered_binned_data_name"]).replace("_", "").isalnum():
             problems.append("filtered_binned_data_name must be a plain dataset name")
         try:
-            resolve_gain_filter(str(params.get("gain_filter_name")))(
-                **dict(params.get("gain_filter_kwargs") or {})
-            )
+            resolve_gain_filter(str(params["gain_filter_name"]))(**dict(params["gain_filter_kwargs"] or {}))
         except Exception as exc:
-            problems.append(f"gain filter {params.get('gain_filter_name')!r}: {exc}")
+            problems.append(f"gain filter {params['gain_filter_name']!r}: {exc}")
         return problems
 
     # --- pass hooks -----------------------------------------------------------------------------
@@ -172,7 +181,7 @@ class GainFilterAndBin(StreamingStage):
             raise BadCOMAPFile(f"n_channels={n_chan} is not divisible by n_freq_bin={n_bin}")
         n_scans = len(ctx.scans)
         n_tod = len(ctx.mjd)
-        l2 = ctx.l2.require_group("level2")
+        l2 = ctx.l2.require_group(l2layout.LEVEL2_GROUP)
         tod_chunks = (1, 1, n_bin, min(max(n_tod, 1), 8192))
         for name in ("binned_data", self.filtered_binned_data_name):
             if name in l2:
@@ -281,7 +290,7 @@ class GainFilterAndBin(StreamingStage):
         binned = sums.binned().reshape(n_bands, n_bin, n)
         filtered = sums.binned_residual(np.nan_to_num(gain_t)).reshape(n_bands, n_bin, n)
 
-        l2 = ctx.l2["level2"]
+        l2 = ctx.l2[l2layout.LEVEL2_GROUP]
         sl = slice(block.start, block.stop)
         l2["binned_data"][block.ifeed, :, :, sl] = binned.astype(np.float32)
         l2[self.filtered_binned_data_name][block.ifeed, :, :, sl] = filtered.astype(np.float32)
@@ -322,7 +331,7 @@ class GainFilterAndBin(StreamingStage):
         with np.errstate(invalid="ignore", divide="ignore"):
             central = np.where(w.sum(-1) > 0, (w * freq).sum(-1) / w.sum(-1), np.nan)
         bandwidth = np.where(w.sum(-1) > 0, np.where(w > 0, width_ghz, 0.0).sum(-1), np.nan)
-        l2 = ctx.l2["level2"]
+        l2 = ctx.l2[l2layout.LEVEL2_GROUP]
         l2["central_freqs"][ifeed] = central
         l2["bandwidths"][ifeed] = bandwidth
         l2["channel_mask"][ifeed] = fs["w_sum"] > 0
@@ -361,7 +370,7 @@ class GainFilterAndBin(StreamingStage):
         if state["usable_feeds"] == 0:
             raise BadCOMAPFile("no usable channels in any feed")
         ctx.db.bulk_update_quality_statistics(state["stats"])
-        l2 = ctx.l2["level2"]
+        l2 = ctx.l2[l2layout.LEVEL2_GROUP]
         for name in ("central_freqs", "bandwidths", "channel_mask", "binning_weights", "binned_data"):
             self.mark_complete(l2[name])
         self.mark_complete(l2["gain_filter/gain"])
@@ -375,7 +384,7 @@ class GainFilterAndBin(StreamingStage):
     def _plot(self, ctx) -> None:
         from utils.plotting import new_figure, save_figure
 
-        l2 = ctx.l2["level2"]
+        l2 = ctx.l2[l2layout.LEVEL2_GROUP]
         mjd = ctx.mjd
         for ifeed, feed in enumerate(ctx.feeds):
             gain = l2["gain_filter/gain"][ifeed]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import StreamingStage
 from utils import level2 as l2layout
 from utils.block_ops import pair_difference_rms_and_nans
+from utils.vane import BLOCK_READS, vane_calibration
 
-ESTIMATORS = ("std", "clipped_std", "mad")
-GROUP = "level1_noise_stats"
+Estimator = Literal["std", "clipped_std", "mad"]
+ESTIMATORS = get_args(Estimator)
+GROUP = l2layout.LEVEL1_NOISE_STATS
 
 
 class NoiseStatsLevel1(StreamingStage):
@@ -38,12 +41,14 @@ class NoiseStatsLevel1(StreamingStage):
     """
 
     provides = ("auto_rms_k", "nan_count")
+    reads = BLOCK_READS
     writes = (GROUP,)
+    calibration = staticmethod(vane_calibration)
 
     def __init__(
         self,
-        estimator: str = "clipped_std",
-        clip_sigma: float = 5.0,
+        estimator: Estimator = "clipped_std",
+        clip_sigma: Annotated[float, Range(gt=0)] = 5.0,
         plot: bool = False,
         plot_dir: str = "outputs/NoiseStatsLevel1",
         output_dir: str | None = None,
@@ -56,25 +61,11 @@ class NoiseStatsLevel1(StreamingStage):
         self.output_dir = output_dir
         self.overwrite = overwrite
 
-    @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        problems = []
-        if params.get("estimator") not in ESTIMATORS:
-            problems.append(
-                f"estimator must be one of {', '.join(ESTIMATORS)}, got {params.get('estimator')!r}"
-            )
-        if not float(params.get("clip_sigma", 1.0)) > 0:
-            problems.append("clip_sigma must be > 0")
-        return problems
-
     def begin(self, ctx) -> None:
-        n_feeds = len(ctx.feeds)
-        n_bands, n_chan = ctx.frequency_ghz.shape
-        n_scans = len(ctx.scans)
+        shape, chunks = ctx.channel_scan_shape()
+        n_feeds, n_bands, n_chan, n_scans = shape
         grp = ctx.l2.require_group(GROUP)
         provenance.mark_incomplete(grp)
-        shape = (n_feeds, n_bands, n_chan, n_scans)
-        chunks = (1, n_bands, n_chan, max(n_scans, 1))
         for name, unit in (("auto_rms", "K"), ("auto_rms_raw", "counts")):
             ds = l2layout.replace_dataset(grp, name, shape, np.float32, fillvalue=np.nan, chunks=chunks)
             ds.attrs["unit"] = unit

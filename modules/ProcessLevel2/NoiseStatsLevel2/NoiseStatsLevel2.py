@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 import os
 import posixpath
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule
+from utils import level2 as l2layout
 from utils.bright_map import BrightMap, load_bright_map
 from utils.errors import BadCOMAPFile
+from utils.layout import DatasetPath
 from utils.noise import one_over_f_model, segment_noise_stats
 
 FLOAT_OUTPUTS: tuple[tuple[str, str], ...] = (
@@ -34,6 +38,26 @@ DB_COLUMNS: tuple[tuple[str, str], ...] = (
     ("auto_rms", "auto_rms"),
 )
 """Output name → ``quality_flags`` column suffix (prefix ``filtered_`` or ``unfiltered_``)."""
+
+
+def _targets(filtered: str | None, unfiltered: str | None, extra: Any) -> list[tuple[str, str | None]]:
+    """``(dataset path, DB column prefix or None)`` per distinct dataset, in order."""
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    for path, prefix in ((filtered, "filtered_"), (unfiltered, "unfiltered_"), *((p, None) for p in extra)):
+        if not path:
+            continue
+        path = str(path).strip("/")
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append((path, prefix))
+    return out
+
+
+def _group_path(output_group_name: str, dataset: str) -> str:
+    """``<output_group_name>/<basename of dataset>``."""
+    return f"{output_group_name.strip('/')}/{posixpath.basename(dataset)}"
 
 
 # ==================================================================================================
@@ -97,22 +121,32 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         Recompute even if the outputs are complete.
     """
 
+    reads = (
+        l2layout.FEEDS,
+        l2layout.MJD,
+        l2layout.SCAN_EDGES,
+        l2layout.PIXEL_POINTING,
+        l2layout.BINNED_CLEANED_DATA,
+        l2layout.BINNED_DATA,
+    )
+    writes = (l2layout.NOISE_STATS,)
+
     def __init__(
         self,
-        filtered_dataset: str | None = "level2/binned_cleaned_data",
-        unfiltered_dataset: str | None = "level2/binned_data",
-        extra_datasets: list | tuple = (),
-        f_ref_hz: float = 0.1,
-        n_psd_bins: int = 100,
-        medfilt_length: int = 50,
-        outlier_sigma: float = 3.0,
-        min_good_fraction: float = 0.95,
-        min_samples: int = 512,
-        alpha_bounds: list | tuple = (-4.0, 4.0),
+        filtered_dataset: str | None = str(l2layout.BINNED_CLEANED_DATA),
+        unfiltered_dataset: str | None = str(l2layout.BINNED_DATA),
+        extra_datasets: list[str] | tuple[str, ...] = (),
+        f_ref_hz: Annotated[float, Range(gt=0)] = 0.1,
+        n_psd_bins: Annotated[int, Range(ge=4)] = 100,
+        medfilt_length: Annotated[int, Range(ge=1)] = 50,
+        outlier_sigma: Annotated[float, Range(gt=0)] = 3.0,
+        min_good_fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 0.95,
+        min_samples: Annotated[int, Range(ge=8)] = 512,
+        alpha_bounds: tuple[float, float] = (-4.0, 4.0),
         alpha_init: float = -1.5,
         bright_mask_map: str | None = None,
         bright_cut_k: float = 0.07,
-        output_group_name: str = "level2_noise_stats",
+        output_group_name: str = l2layout.NOISE_STATS.split("/", 1)[0],
         plot: bool = False,
         plot_dir: str = "outputs/NoiseStatsLevel2",
         output_dir: str | None = None,
@@ -136,53 +170,34 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         self.plot_dir = output_dir if output_dir is not None else plot_dir
         self.output_dir = output_dir
         self.overwrite = overwrite
-        self.writes = tuple(self._group_path(path) for path, _ in self.targets)
         self._bright_cache: dict[str, BrightMap] = {}
 
     # ------------------------------------------------------------------------------------------
     @property
     def targets(self) -> list[tuple[str, str | None]]:
         """``(dataset path, DB column prefix or None)`` for every dataset analysed, in order."""
-        out: list[tuple[str, str | None]] = []
-        seen: set[str] = set()
-        for path, prefix in (
-            (self.filtered_dataset, "filtered_"),
-            (self.unfiltered_dataset, "unfiltered_"),
-            *((p, None) for p in self.extra_datasets),
-        ):
-            if not path:
-                continue
-            path = str(path).strip("/")
-            if path in seen:
-                continue
-            seen.add(path)
-            out.append((path, prefix))
-        return out
+        return _targets(self.filtered_dataset, self.unfiltered_dataset, self.extra_datasets)
 
     def _group_path(self, dataset: str) -> str:
-        return f"{self.output_group_name.strip('/')}/{posixpath.basename(dataset)}"
+        return _group_path(self.output_group_name, dataset)
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The datasets analysed (``filtered_dataset`` in place of ``binned_cleaned_data``, the
+        others in place of ``binned_data``) and one output group per dataset."""
+        targets = _targets(params["filtered_dataset"], params["unfiltered_dataset"], params["extra_datasets"])
+        if entry == l2layout.NOISE_STATS:
+            return tuple(_group_path(params["output_group_name"], path) for path, _ in targets)
+        if entry == l2layout.BINNED_CLEANED_DATA:
+            return tuple(path for path, prefix in targets if prefix == "filtered_")
+        if entry == l2layout.BINNED_DATA:
+            return tuple(path for path, prefix in targets if prefix != "filtered_")
+        return super().entry_paths(entry, params)
+
+    @classmethod
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
-
-        def number(name: str, default: float) -> Any:
-            value = params.get(name, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                problems.append(f"{name} must be a finite number, got {value!r}")
-                return None
-            return value
-
-        def integer(name: str, default: int, minimum: int) -> None:
-            value = params.get(name, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                problems.append(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-        datasets = [
-            params.get("filtered_dataset", "level2/binned_cleaned_data"),
-            params.get("unfiltered_dataset", "level2/binned_data"),
-            *list(params.get("extra_datasets", []) or []),
-        ]
+        datasets = [params["filtered_dataset"], params["unfiltered_dataset"], *list(params["extra_datasets"])]
         names: dict[str, str] = {}
         for d in datasets:
             if d is None or d == "":
@@ -194,42 +209,20 @@ class NoiseStatsLevel2(BaseCOMAPModule):
             if base in names and names[base] != d.strip("/"):
                 problems.append(f"datasets {names[base]!r} and {d!r} would share output group {base!r}")
             names[base] = d.strip("/")
-        f_ref = number("f_ref_hz", 0.1)
-        if f_ref is not None and not f_ref > 0:
-            problems.append(f"f_ref_hz must be > 0, got {f_ref!r}")
-        integer("n_psd_bins", 100, 4)
-        integer("medfilt_length", 50, 1)
-        integer("min_samples", 512, 8)
-        sig = number("outlier_sigma", 3.0)
-        if sig is not None and not sig > 0:
-            problems.append(f"outlier_sigma must be > 0, got {sig!r}")
-        frac = number("min_good_fraction", 0.95)
-        if frac is not None and not 0.0 <= frac <= 1.0:
-            problems.append(f"min_good_fraction must lie in [0, 1], got {frac!r}")
-        bounds = params.get("alpha_bounds", (-4.0, 4.0))
-        init = number("alpha_init", -1.5)
-        if (
-            not isinstance(bounds, list | tuple)
-            or len(bounds) != 2
-            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-            or not bounds[0] < bounds[1]
-        ):
+        bounds, init = params["alpha_bounds"], params["alpha_init"]
+        if len(bounds) == 2 and not bounds[0] < bounds[1]:
             problems.append(f"alpha_bounds must be [low, high] with low < high, got {bounds!r}")
-        elif init is not None and not bounds[0] <= init <= bounds[1]:
+        elif len(bounds) == 2 and not bounds[0] <= init <= bounds[1]:
             problems.append(f"alpha_init {init!r} lies outside alpha_bounds {list(bounds)}")
-        number("bright_cut_k", 0.07)
-        group = params.get("output_group_name", "level2_noise_stats")
-        if not isinstance(group, str) or not group.strip("/"):
+        group = params["output_group_name"]
+        if not group.strip("/"):
             problems.append(f"output_group_name must be a non-empty string, got {group!r}")
-        bright = params.get("bright_mask_map")
+        bright = params["bright_mask_map"]
         if bright is not None:
-            if not isinstance(bright, str):
-                problems.append(f"bright_mask_map must be a path, got {bright!r}")
-            else:
-                try:
-                    load_bright_map(bright)
-                except ValueError as exc:
-                    problems.append(str(exc))
+            try:
+                load_bright_map(bright)
+            except ValueError as exc:
+                problems.append(str(exc))
         return problems
 
     def bright_map(self) -> BrightMap | None:
@@ -303,7 +296,7 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         plot_scan = int(np.argmax(lengths)) if n_scans else -1
         rows_per_scan = n_bands * n_bins
         band_idx, bin_idx = np.divmod(np.arange(rows_per_scan), n_bins)
-        pointing = l2["spectrometer/pixel_pointing"] if bright_map is not None else None
+        pointing = l2[l2layout.PIXEL_POINTING] if bright_map is not None else None
         for ifeed in range(n_feeds):
             feed = int(feeds[ifeed])
             x = np.asarray(src[ifeed], dtype=np.float32)  # (B, K, N)

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule
+from utils import level2 as l2layout
 from utils.errors import BadCOMAPFile
 from utils.filters import running_median_nan
+from utils.layout import DatasetPath
 from utils.noise import nanmedian_rows, pair_difference_rms
 
-STATS_GROUP = "level2/post_bin_cleaning"
+STATS_GROUP = l2layout.POST_BIN_CLEANING
 """Group of the per-segment bookkeeping (``n_outliers``, ``atmosphere_k``)."""
 
 NOT_EVALUATED = -1
@@ -198,13 +202,22 @@ class PostBinCleaning(BaseCOMAPModule):
         Redo even if ``output_dataset`` is complete.
     """
 
+    reads = (
+        l2layout.FEEDS,
+        l2layout.MJD,
+        l2layout.SCAN_EDGES,
+        l2layout.PIXEL_EL,
+        l2layout.BINNED_FILTERED_DATA,
+    )
+    writes = (l2layout.BINNED_CLEANED_DATA,)
+
     def __init__(
         self,
-        input_dataset: str = "level2/binned_filtered_data",
-        output_dataset: str = "level2/binned_cleaned_data",
-        medfilt_length: int = 3000,
-        outlier_sigma: float = 5.0,
-        min_elevation_range_deg: float = 2.0,
+        input_dataset: str = str(l2layout.BINNED_FILTERED_DATA),
+        output_dataset: str = str(l2layout.BINNED_CLEANED_DATA),
+        medfilt_length: Annotated[int, Range(ge=1)] = 3000,
+        outlier_sigma: Annotated[float, Range(gt=0)] = 5.0,
+        min_elevation_range_deg: Annotated[float, Range(ge=0)] = 2.0,
         subtract_running_median: bool = True,
         plot: bool = False,
         plot_dir: str = "outputs/PostBinCleaning",
@@ -219,13 +232,20 @@ class PostBinCleaning(BaseCOMAPModule):
         self.plot = plot
         self.plot_dir = plot_dir
         self.overwrite = overwrite
-        self.writes = (str(output_dataset).strip("/"),)
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def entry_paths(cls, entry: DatasetPath, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """``input_dataset`` and ``output_dataset`` name the datasets read and written."""
+        if entry == l2layout.BINNED_FILTERED_DATA:
+            return (str(params["input_dataset"]).strip("/"),)
+        if entry == l2layout.BINNED_CLEANED_DATA:
+            return (str(params["output_dataset"]).strip("/"),)
+        return super().entry_paths(entry, params)
+
+    @classmethod
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
-        src = params.get("input_dataset", "level2/binned_filtered_data")
-        dst = params.get("output_dataset", "level2/binned_cleaned_data")
+        src, dst = params["input_dataset"], params["output_dataset"]
         for name, value in (("input_dataset", src), ("output_dataset", dst)):
             if not isinstance(value, str) or not value.strip("/"):
                 problems.append(f"{name} must be a non-empty HDF5 path, got {value!r}")
@@ -233,15 +253,6 @@ class PostBinCleaning(BaseCOMAPModule):
             problems.append(
                 f"output_dataset must differ from input_dataset ({src!r}); the input is never modified"
             )
-        length = params.get("medfilt_length", 3000)
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            problems.append(f"medfilt_length must be an integer >= 1, got {length!r}")
-        sig = params.get("outlier_sigma", 5.0)
-        if isinstance(sig, bool) or not isinstance(sig, int | float) or not sig > 0:
-            problems.append(f"outlier_sigma must be > 0, got {sig!r}")
-        rng = params.get("min_elevation_range_deg", 2.0)
-        if isinstance(rng, bool) or not isinstance(rng, int | float) or not rng >= 0:
-            problems.append(f"min_elevation_range_deg must be >= 0, got {rng!r}")
         return problems
 
     # ------------------------------------------------------------------------------------------
@@ -269,7 +280,7 @@ class PostBinCleaning(BaseCOMAPModule):
                 raise BadCOMAPFile(
                     f"{src_path} has shape {src.shape}, expected (F={feeds.size}, B, K, N={n_tod})"
                 )
-            el_path = "spectrometer/pixel_pointing/pixel_el"
+            el_path = l2layout.PIXEL_EL
             if el_path not in l2:
                 raise BadCOMAPFile(f"level-2 file has no {el_path}")
             el_ds = l2[el_path]

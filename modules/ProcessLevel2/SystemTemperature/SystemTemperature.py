@@ -15,24 +15,27 @@ A sky dip without a vane borrows the published ``level2/vane`` of obsid + 1.
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
 
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
 from modules.pipeline_control.provenance import is_complete, mark_incomplete
+from utils import level1_layout as L1
+from utils import level2 as l2layout
 from utils.constants import FEATURE_VANE, ZERO_CELSIUS_K
 from utils.errors import BadCOMAPFile
 from utils.level1 import HK_SCALES, Level1File, runs
 
-VANE_GROUP = "hk/antenna0/vane"
-VANE_PATH = "level2/vane"
+VANE_GROUP = L1.HK_VANE
+VANE_PATH = l2layout.VANE
 SECONDS_PER_DAY = 86400.0
-BORROW_CHOICES = ("next", "none")
+SkydipBorrow = Literal["next", "none"]
+BORROW_CHOICES = get_args(SkydipBorrow)
 
 __all__ = [
     "SystemTemperature",
@@ -236,16 +239,25 @@ class SystemTemperature(BaseCOMAPModule):
         Recompute even if ``level2/vane`` is complete.
     """
 
+    reads = (
+        L1.FEATURES,
+        L1.MJD,
+        L1.HK_VANE,
+        L1.TOD,
+        l2layout.FEEDS,
+        l2layout.LEVEL1_FEED_INDEX,
+        l2layout.FREQUENCY,
+    )
     writes = (VANE_PATH,)
 
     def __init__(
         self,
-        t_cold_k: float = 2.73,
-        hot_angle_margin_deg: float = 4.0,
-        cold_angle_min_deg: float = 180.0,
-        min_state_samples: int = 25,
-        min_event_samples: int = 100,
-        skydip_borrow: str = "next",
+        t_cold_k: Annotated[float, Range(ge=0)] = 2.73,
+        hot_angle_margin_deg: Annotated[float, Range(gt=0)] = 4.0,
+        cold_angle_min_deg: Annotated[float, Range(ge=0, lt=360)] = 180.0,
+        min_state_samples: Annotated[int, Range(ge=1)] = 25,
+        min_event_samples: Annotated[int, Range(ge=1)] = 100,
+        skydip_borrow: SkydipBorrow = "next",
         plot: bool = False,
         plot_vane: bool = False,
         plot_tsys: bool = False,
@@ -264,40 +276,6 @@ class SystemTemperature(BaseCOMAPModule):
         self.plot_dir = plot_dir
         self.overwrite = bool(overwrite)
 
-    @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        defaults = {
-            k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"
-        }
-        p = {**defaults, **params}
-        problems = []
-
-        def number(name: str) -> float | None:
-            v = p[name]
-            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
-                problems.append(f"{name} must be a finite number, got {v!r}")
-                return None
-            return float(v)
-
-        t_c = number("t_cold_k")
-        if t_c is not None and t_c < 0:
-            problems.append(f"t_cold_k must be >= 0 K, got {t_c}")
-        margin = number("hot_angle_margin_deg")
-        if margin is not None and margin <= 0:
-            problems.append(f"hot_angle_margin_deg must be > 0, got {margin}")
-        cold = number("cold_angle_min_deg")
-        if cold is not None and not 0 <= cold < 360:
-            problems.append(f"cold_angle_min_deg must be in [0, 360), got {cold}")
-        for name in ("min_state_samples", "min_event_samples"):
-            v = p[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be an integer >= 1, got {v!r}")
-        if p["skydip_borrow"] not in BORROW_CHOICES:
-            problems.append(
-                f"skydip_borrow must be one of {list(BORROW_CHOICES)}, got {p['skydip_borrow']!r}"
-            )
-        return problems
-
     # ------------------------------------------------------------------------------------------
     def run(self, file_info: Any) -> None:
         """Measure (or borrow) the vane calibration of one observation and write ``level2/vane``."""
@@ -309,7 +287,7 @@ class SystemTemperature(BaseCOMAPModule):
             if is_skydip and self.skydip_borrow == "next":
                 result = self._borrow(ctx, feeds)
             else:
-                raise BadCOMAPFile("no vane event (feature 13) in spectrometer/features")
+                raise BadCOMAPFile(f"no vane event (feature 13) in {L1.FEATURES}")
         else:
             result = self._measure(ctx, feeds, events)
 
@@ -373,7 +351,7 @@ class SystemTemperature(BaseCOMAPModule):
             states.append((hot, cold))
             traces.append(((t_ev - t_ev[0]) * SECONDS_PER_DAY, angle, hot, cold))
         if not kept:
-            raise BadCOMAPFile(first_problem or "no vane event (feature 13) in spectrometer/features")
+            raise BadCOMAPFile(first_problem or f"no vane event (feature 13) in {L1.FEATURES}")
 
         n_ev, n_feeds = len(kept), len(feeds)
         tsys = np.full((n_ev, n_feeds, n_bands, n_channels), np.nan, dtype=np.float32)
@@ -436,7 +414,7 @@ class SystemTemperature(BaseCOMAPModule):
                     f"{prefix} has vane data for {their_tsys.shape[2]} bands x {their_tsys.shape[3]} "
                     f"channels, this file has {n_bands} x {n_channels}"
                 )
-            their_feeds = np.asarray(nl2["spectrometer/feeds"][...], dtype=int)
+            their_feeds = np.asarray(nl2[l2layout.FEEDS][...], dtype=int)
             n_ev = their_tsys.shape[0]
             tsys = np.full((n_ev, len(feeds), n_bands, n_channels), np.nan, dtype=np.float32)
             gain = np.full_like(tsys, np.nan)
@@ -479,13 +457,13 @@ class SystemTemperature(BaseCOMAPModule):
     # ------------------------------------------------------------------------------------------
     def _write(self, level2_path: str, feeds: NDArray, result: VaneResult) -> None:
         with RetryH5PY(level2_path, "a") as l2:
-            parent = l2.require_group("level2")
+            parent = l2.require_group(l2layout.LEVEL2_GROUP)
             if "vane" in parent:
                 mark_incomplete(parent["vane"])
                 del parent["vane"]
             grp = parent.create_group("vane")
             mark_incomplete(grp)
-            axes = "event, feed (spectrometer/feeds), band, channel"
+            axes = f"event, feed ({l2layout.FEEDS}), band, channel"
             edges = result.event_edges.astype(np.int64).reshape(-1, 2)
             items = [
                 ("system_temperature", result.system_temperature.astype(np.float32), "K", axes),

@@ -1,0 +1,82 @@
+"""Vane calibration of the TOD: the vane results of SystemTemperature (``level2/vane``),
+interpolated in time between vane events (03 §2.4). The streaming stages calibrate every
+feed × scan block with :func:`vane_calibration`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from utils import level1_layout as L1
+from utils.errors import BadCOMAPFile
+from utils.level2 import (
+    FEEDS,
+    FREQUENCY,
+    LEVEL1_FEED_INDEX,
+    MJD,
+    PIXEL_AZ,
+    PIXEL_EL,
+    SCAN_EDGES,
+    VANE,
+    VANE_GAIN,
+    VANE_MJD,
+    VANE_TSYS,
+)
+
+#: What a vane-calibrated streaming pass reads for every block (``streaming.read_block``).
+BLOCK_READS = (FEEDS, LEVEL1_FEED_INDEX, MJD, FREQUENCY, PIXEL_AZ, PIXEL_EL, SCAN_EDGES, VANE, L1.TOD)
+
+
+def interpolate_vane_events(event_mjd: np.ndarray, values: np.ndarray, t: float) -> np.ndarray:
+    """Linear interpolation in time of per-event arrays at ``t``; the nearest event outside them.
+
+    Parameters
+    ----------
+    event_mjd : ndarray, shape (E,)
+        Mid-time of each vane event, MJD, increasing.
+    values : ndarray, shape (E, ...)
+        Per-event values (gain in counts/K, Tsys in K, ...).
+    t : float
+        Time, MJD.
+
+    Returns
+    -------
+    ndarray, shape (...)
+        float64.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(event_mjd)
+    if n == 0:
+        raise BadCOMAPFile("no vane events to calibrate with")
+    if n == 1 or t <= event_mjd[0]:
+        return values[0].copy()
+    if t >= event_mjd[-1]:
+        return values[-1].copy()
+    k = int(np.searchsorted(event_mjd, t)) - 1
+    w = (t - event_mjd[k]) / (event_mjd[k + 1] - event_mjd[k])
+    return (1.0 - w) * values[k] + w * values[k + 1]
+
+
+def read_vane(l2: Any) -> dict[str, np.ndarray]:
+    """``level2/vane`` contents of an open level-2 file: ``mjd (E,)``, ``gain``/``tsys (E, F, B, C)``."""
+    if VANE_GAIN not in l2:
+        raise BadCOMAPFile(f"level-2 file has no {VANE_GAIN} (run SystemTemperature first)")
+    return {"mjd": l2[VANE_MJD][...], "gain": l2[VANE_GAIN][...], "tsys": l2[VANE_TSYS][...]}
+
+
+def vane_calibration(ctx: Any, feed: int, scan: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vane gain (counts/K) and Tsys (K) for ``feed`` during ``scan``, each ``(B, C)`` float64.
+
+    Interpolated linearly in time between the vane events that bracket the scan's mid-time;
+    the nearest event outside them (03 §2.4). The vane results are read once per observation.
+    """
+    vane = ctx.cached("vane", read_vane)
+    ifeed = ctx.ifeed(feed)
+    start, stop = ctx.scans[scan]
+    t = 0.5 * (ctx.mjd[start] + ctx.mjd[stop - 1])
+    return (
+        interpolate_vane_events(vane["mjd"], vane["gain"][:, ifeed], t),
+        interpolate_vane_events(vane["mjd"], vane["tsys"][:, ifeed], t),
+    )
