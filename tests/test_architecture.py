@@ -16,9 +16,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(path: Path, name: str | None = None) -> set[str]:
-    """Absolute names of every module imported by ``path`` (relative imports resolved)."""
+def imports_of(path: Path, name: str | None = None, *, runtime_only: bool = False) -> set[str]:
+    """Absolute names of every module imported by ``path`` (relative imports resolved).
+
+    ``runtime_only`` leaves out ``if TYPE_CHECKING:`` blocks, which never execute.
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
+    if runtime_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = [ast.Pass()]
     name = name or module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out: set[str] = set()
@@ -116,3 +123,97 @@ def test_checker_catches_violations(tmp_path):
         path = tmp_path / (name.replace(".", "_") + ".py")
         path.write_text(text)
         assert violations([(name, path)]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# File size and import cycles (docs/developer.md#dependency-direction)
+# ------------------------------------------------------------------------------------------------
+
+MAX_LINES = 1000
+
+
+def oversized(files=None) -> list[str]:
+    """Shipped source files with more than MAX_LINES lines."""
+    paths = files if files is not None else [*shipped_files(), *sorted((REPO / "utils").rglob("*.pyx"))]
+    out = []
+    for p in paths:
+        n = len(p.read_text().splitlines())
+        if n > MAX_LINES:
+            out.append(f"{p.relative_to(REPO) if p.is_relative_to(REPO) else p}: {n} lines")
+    return out
+
+
+def import_cycles(pairs=None) -> list[list[str]]:
+    """Groups of shipped modules that import each other in a loop, counting imports inside functions.
+
+    An import of ``pkg.mod.Name`` counts as an import of the file module ``pkg.mod``; a package's
+    ``__init__`` counts only when it is imported by its own name.
+    """
+    pairs = pairs if pairs is not None else [(module_name(p), p) for p in shipped_files()]
+    names = {n for n, _ in pairs}
+    graph: dict[str, set[str]] = {}
+    for name, path in pairs:
+        deps = set()
+        for imp in imports_of(path, name, runtime_only=True):
+            parts = imp.split(".")
+            for k in range(len(parts), 0, -1):
+                cand = ".".join(parts[:k])
+                if cand in names:
+                    if cand != name:
+                        deps.add(cand)
+                    break
+        graph[name] = deps
+    # Tarjan's strongly connected components.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_file_over_the_line_limit():
+    assert oversized() == []
+
+
+def test_no_import_cycles():
+    assert import_cycles() == []
+
+
+def test_size_and_cycle_checkers_can_fail(tmp_path):
+    big = tmp_path / "big.py"
+    big.write_text("x = 1\n" * (MAX_LINES + 1))
+    assert oversized([big])
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text("def f():\n    from modules.b import g\n")
+    b.write_text("import modules.a\n")
+    c.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import modules.a\n")
+    assert import_cycles([("modules.a", a), ("modules.b", b)]) == [["modules.a", "modules.b"]]
+    assert import_cycles([("modules.a", a), ("modules.c", c)]) == []
