@@ -44,8 +44,8 @@ __all__ = [
     "Selection",
     "apply_filters",
     "registered_copies",
+    "remote_parameter_rules",
     "select_remote_files",
-    "validate_remote_stage_params",
 ]
 
 REASON_DUPLICATE = "duplicate obsid"
@@ -319,10 +319,10 @@ def select_remote_files(
 # ------------------------------------------------------------------------------------------------
 
 
-def validate_remote_stage_params(
-    params: Mapping[str, Any], *, announces_local_dir: bool = False
-) -> list[str]:
-    """Config-load checks of the remote, ``ssh_command``, ``remote_index``, ``local_dir`` and filters.
+def remote_parameter_rules(params: Mapping[str, Any], *, announces_local_dir: bool = False) -> list[str]:
+    """Config-load rules of the remote, ``ssh_command``, ``remote_index``, ``local_dir`` and the
+    obsid range: what the annotations cannot express (a remote that must exist, a safe relative
+    path, directories that must not overlap, ``max_obsid_download >= min_obsid_download``).
 
     Parameters
     ----------
@@ -366,22 +366,8 @@ def validate_remote_stage_params(
             expect_directory(local_dir)
     lo = params["min_obsid_download"]
     hi = params["max_obsid_download"]
-    # checked by the annotation once the loader uses parameters.check_value
-    if lo is not None and int(lo) < 0:
-        problems.append(f"min_obsid_download must be >= 0, got {lo}")
     if hi is not None and lo is not None and int(hi) < int(lo):
         problems.append(f"max_obsid_download {hi} is below min_obsid_download {lo}")
-    # checked by the annotation once the loader uses parameters.check_value
-    for name in _PATTERN_PARAMS:
-        value = params[name]
-        if value is not None and not isinstance(value, str | list | tuple):
-            problems.append(f"{name} must be a list of glob patterns or None")
-        elif isinstance(value, list | tuple) and not all(isinstance(v, str) for v in value):
-            problems.append(f"{name} must contain strings only")
-    timeout = params["listing_timeout_s"]
-    # checked by the annotation once the loader uses parameters.check_value
-    if timeout is not None and float(timeout) <= 0:
-        problems.append(f"listing_timeout_s must be > 0, got {timeout}")
     return problems
 
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, ClassVar
 from modules.DataAcquisition.filters import (
     FilterSettings,
     Selection,
+    remote_parameter_rules,
     select_remote_files,
-    validate_remote_stage_params,
 )
 from modules.DataAcquisition.rsync import DEFAULT_SSH_COMMAND, Remote
 from modules.pipeline_control.parameters import Range
@@ -69,8 +69,13 @@ class RemoteSelectionParameters:
     listing_timeout_s: Annotated[float, Range(gt=0)] = 600.0
 
     @classmethod
-    def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
-        return validate_remote_stage_params(params, announces_local_dir=cls.announces_local_dir)
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
+        """The remote and filter rules of :func:`~modules.DataAcquisition.filters.remote_parameter_rules`;
+        a stage adds its own after ``super().parameter_rules(params)``."""
+        return [
+            *super().parameter_rules(params),
+            *remote_parameter_rules(params, announces_local_dir=cls.announces_local_dir),
+        ]
 
     def _select(self, remote: Remote, rsync: str | None) -> Selection:
         """List ``remote`` (with ``rsync``, or in Python when None) and apply the filters."""

@@ -7,16 +7,20 @@ default differs from the group's redeclares the field with its own default
 (``sigma_red_cutoff_k: float = 0.5`` in CreateLineMap); the field keeps its place and meaning.
 
 Single-parameter bounds and choices are in the annotations (``Annotated[..., Range(...)]``,
-``Literal[...]``); :func:`group_problems` holds the rules that tie parameters together and, until
-the loader checks annotations, the single-parameter checks it will take over.
+``Literal[...]``), checked by the config loader. A group with rules an annotation cannot express
+(a named geometry that must exist, a list that must not be empty) gives them in a static
+``group_rules(params)``; :func:`group_rules` collects those of every group a product takes, and
+:meth:`MapProduct.parameter_rules <modules.MapMaking.product.MapProduct.parameter_rules>` returns
+them.
 
 This module deliberately does not use ``from __future__ import annotations``: the dataclass
 ``__init__`` then carries the annotation objects themselves, which the loader resolves without
 the defining module's namespace.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from modules.MapMaking.geometry import wcs_def_problems
 from modules.pipeline_control.parameters import Range
@@ -26,15 +30,6 @@ Calibration = Literal["model", "none"]
 MissingCalibration = Literal["skip", "unity"]
 Frame = Literal["galactic", "icrs"]
 NonNegativeInt = Annotated[int, Range(ge=0)]
-
-
-def not_one_of(params: dict[str, Any], name: str, choices: Any) -> list[str]:
-    """``["<name> must be 'a' or 'b'"]`` if ``params[name]`` is not one of the ``Literal`` ``choices``."""
-    # checked by the annotation once the loader uses parameters.check_value
-    allowed = get_args(choices)
-    if params[name] in allowed:
-        return []
-    return [f"{name} must be {' or '.join(repr(c) for c in allowed)}"]
 
 
 @dataclass(kw_only=True, eq=False)
@@ -115,12 +110,6 @@ class CalibrationParameters:
     calib_max_factor: float = 3.0
     missing_calibration: MissingCalibration = "skip"
 
-    @staticmethod
-    def group_problems(params: dict[str, Any]) -> list[str]:
-        return not_one_of(params, "calibration", Calibration) + not_one_of(
-            params, "missing_calibration", MissingCalibration
-        )
-
 
 @dataclass(kw_only=True, eq=False)
 class GeometryParameters:
@@ -143,10 +132,8 @@ class GeometryParameters:
     dynamic_frame: Frame = "galactic"
 
     @staticmethod
-    def group_problems(params: dict[str, Any]) -> list[str]:
-        return not_one_of(params, "dynamic_frame", Frame) + wcs_def_problems(
-            params["wcs_def"], params["wcs_def_file"]
-        )
+    def group_rules(params: Mapping[str, Any]) -> list[str]:
+        return wcs_def_problems(params["wcs_def"], params["wcs_def_file"])
 
 
 @dataclass(kw_only=True, eq=False)
@@ -166,13 +153,6 @@ class DestriperParameters:
     offset_length: Annotated[int, Range(ge=1)] = 100
     tol: float = 1e-6
     max_iter: int = 1000
-
-    @staticmethod
-    def group_problems(params: dict[str, Any]) -> list[str]:
-        # checked by the annotation once the loader uses parameters.check_value
-        if int(params["offset_length"]) < 1:
-            return ["offset_length must be >= 1"]
-        return []
 
 
 @dataclass(kw_only=True, eq=False)
@@ -219,26 +199,22 @@ class ChannelParameters:
         return list(self.channel) if isinstance(self.channel, list | tuple) else [int(self.channel)]
 
     @staticmethod
-    def group_problems(params: dict[str, Any]) -> list[str]:
-        problems = []
-        for key in ("band", "channel"):
-            values = params[key]
-            values = values if isinstance(values, list | tuple) else [values]
-            # checked by the annotation once the loader uses parameters.check_value
-            if not values or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-            ):
-                problems.append(f"{key} must be an integer >= 0 or a list of them, got {params[key]!r}")
-        return problems
+    def group_rules(params: Mapping[str, Any]) -> list[str]:
+        # The annotation checks each item; an empty list would make no output.
+        return [
+            f"{key} must be an integer >= 0 or a non-empty list of them, got {params[key]!r}"
+            for key in ("band", "channel")
+            if isinstance(params[key], list | tuple) and not params[key]
+        ]
 
 
-def group_problems(cls: type, params: dict[str, Any]) -> list[str]:
-    """The checks of every parameter group among the bases of ``cls``, base groups first."""
+def group_rules(cls: type, params: Mapping[str, Any]) -> list[str]:
+    """The rules of every parameter group among the bases of ``cls``, base groups first."""
     problems: list[str] = []
     for group in reversed(cls.__mro__):
-        check = vars(group).get("group_problems")
-        if isinstance(check, staticmethod):
-            problems += check(params)
+        rules = vars(group).get("group_rules")
+        if isinstance(rules, staticmethod):
+            problems += rules(params)
     return problems
 
 
@@ -250,6 +226,5 @@ __all__ = [
     "MaskingParameters",
     "OutputParameters",
     "SelectionParameters",
-    "group_problems",
-    "not_one_of",
+    "group_rules",
 ]

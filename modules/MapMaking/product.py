@@ -18,12 +18,13 @@ difference maps. It never imports a product.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from modules.MapMaking.dispatch import Dispatcher, JobInputs
-from modules.MapMaking.job_parameters import group_problems
+from modules.MapMaking.job_parameters import group_rules
 from modules.pipeline_control.Pipeline import MapJob
 from modules.pipeline_control.provenance import sha256_of
 
@@ -61,9 +62,10 @@ class MapProduct(MapJob):
         cls.__abstract_module__ = vars(cls).get("__abstract_module__", False)
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
-        """The checks of the product's parameter groups; products add their own."""
-        return group_problems(cls, params)
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
+        """The rules of the product's parameter groups; a product adds its own and calls
+        ``super().parameter_rules(params)``."""
+        return [*super().parameter_rules(params), *group_rules(cls, params)]
 
     def expand(self, observations: list[Any], selection_feeds: list[int]) -> list[Any]:
         """The concrete outputs of this job for the selected observations and their feeds."""

@@ -13,7 +13,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -26,7 +26,6 @@ from utils.wcs import MapGeometry, world_to_pixel_index
 log = logging.getLogger("comap.ReadData")
 
 Detrend = Literal["median", "linear", "legendre", "none"]
-DETRENDS = get_args(Detrend)
 
 
 @dataclass(kw_only=True)
@@ -509,7 +508,6 @@ class Level2DataReader:
 
 
 __all__ = [
-    "DETRENDS",
     "Detrend",
     "Level2DataReader",
     "ReaderOutput",

@@ -27,7 +27,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -54,7 +54,6 @@ from utils.wcs import MapGeometry, world_to_pixel_index
 log = logging.getLogger("comap.ReadLineData")
 
 ContinuumMode = Literal["spectrum", "pixel", "none"]
-CONTINUUM_MODES = get_args(ContinuumMode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -695,7 +694,6 @@ class LineDataReader(Level2DataReader):
 
 
 __all__ = [
-    "CONTINUUM_MODES",
     "ContinuumMode",
     "LineAccumulation",
     "LineDataReader",

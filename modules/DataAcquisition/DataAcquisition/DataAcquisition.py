@@ -172,24 +172,8 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
 
     # ------------------------------------------------------------------ validation
     @classmethod
-    def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(params)
-        # checked by the annotation once the loader uses parameters.check_value
-        checks = (
-            ("n_rsyncs", 1, "must be >= 1"),
-            ("max_retries", 0, "must be >= 0"),
-            ("retry_delay_s", 0, "must be >= 0"),
-            ("backoff_factor", 1, "must be >= 1"),
-            ("rsync_timeout_s", 0, "must be >= 0 (0 = no I/O timeout)"),
-        )
-        for name, lo, text in checks:
-            value = params[name]
-            if value is not None and value < lo:
-                problems.append(f"{name} {text}, got {value}")
-        # checked by the annotation once the loader uses parameters.check_value
-        bw = params["bwlimit_kbps"]
-        if bw is not None and bw <= 0:
-            problems.append(f"bwlimit_kbps must be > 0 KiB/s or None, got {bw}")
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
+        problems = super().parameter_rules(params)
         for name in ("partial_dir", "quarantine_dir"):
             value = str(params[name] or "")
             reason = validate_index_relpath(value)

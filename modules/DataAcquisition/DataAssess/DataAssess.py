@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ class DataAssess(PipelineStage):
         self.follow_symlinks = follow_symlinks
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems = []
         for p in params["level1_data_paths"] or []:
             if Path(p).is_dir() or directory_expected(p):

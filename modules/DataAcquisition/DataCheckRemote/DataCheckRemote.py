@@ -73,8 +73,8 @@ class DataCheckRemote(RemoteSelectionParameters, PipelineStage):
     report_dir: str = "logs/acquisition"
 
     @classmethod
-    def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(params)
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
+        problems = super().parameter_rules(params)
         if not str(params["report_dir"] or "").strip():
             problems.append("report_dir must be a directory path")
         return problems

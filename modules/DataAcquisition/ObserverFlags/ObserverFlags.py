@@ -30,7 +30,7 @@ import csv
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -260,18 +260,13 @@ class ObserverFlags(PipelineStage):
         self._rows: list[FlagRow] | None = None
 
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
-        # The item types and bounds are checked by the annotation once the loader uses
-        # parameters.check_value; non-emptiness stays here. Skipped when a caller leaves it out.
-        if "default_channels" in params:
-            channels = params["default_channels"]
-            if not channels or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels
-            ):
-                problems.append(
-                    f"default_channels must be a non-empty list of channel numbers >= 0, got {channels!r}"
-                )
+        channels = params["default_channels"]
+        if isinstance(channels, list | tuple) and not channels:
+            problems.append(
+                f"default_channels must be a non-empty list of channel numbers >= 0, got {channels!r}"
+            )
         path = params["observer_flags_csv_file"]
         if not isinstance(path, str) or not path:
             return [*problems, "observer_flags_csv_file must be the path of the observer-flag CSV"]

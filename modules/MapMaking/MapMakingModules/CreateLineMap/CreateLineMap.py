@@ -6,6 +6,7 @@ files in parallel through its picklable ``_read_line_task``), the cube assembled
 accumulators (:mod:`modules.MapMaking.line_cube`) on the cube's geometry, and the FITS writer.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,7 +36,6 @@ from modules.MapMaking.line_cube import (
 from modules.MapMaking.product import MapProduct
 from modules.MapMaking.read_data import describe_counts
 from modules.MapMaking.read_line_data import (
-    CONTINUUM_MODES,
     ContinuumMode,
     LineDataReader,
     LineReaderSettings,
@@ -174,7 +174,7 @@ class CreateLineMap(
 
     # --- validation -----------------------------------------------------------------------------
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems: list[str] = []
         try:
             specs = cls._line_specs(params["lines"], params["line_frequency"])
@@ -189,14 +189,7 @@ class CreateLineMap(
                     f"line {spec.label} at {spec.rest_freq_ghz:.5f} GHz is outside every band "
                     f"({lo:g}–{hi:g} GHz)"
                 )
-        # checked by the annotation once the loader uses parameters.check_value
-        if params["continuum_subtraction"] not in CONTINUUM_MODES:
-            problems.append(f"continuum_subtraction must be one of {', '.join(CONTINUUM_MODES)}")
-        axis = params["spectral_axis"]
-        # checked by the annotation once the loader uses parameters.check_value
-        if axis not in ("VRAD", "FREQ"):
-            problems.append("spectral_axis must be 'VRAD' or 'FREQ'")
-        elif axis == "FREQ" and len(specs) > 1 and params["stack_lines"]:
+        if params["spectral_axis"] == "FREQ" and len(specs) > 1 and params["stack_lines"]:
             problems.append("spectral_axis='FREQ' is not allowed when stacking lines (use 'VRAD')")
         mask = params["line_mask_kms"]
         if not (
@@ -206,27 +199,7 @@ class CreateLineMap(
             and mask[0] < mask[1]
         ):
             problems.append(f"line_mask_kms must be [lo, hi] with lo < hi (km/s), got {mask!r}")
-        halfwidth = params["velocity_halfwidth_kms"]
-        # checked by the annotation once the loader uses parameters.check_value
-        if not (isinstance(halfwidth, int | float) and halfwidth > 0):
-            problems.append("velocity_halfwidth_kms must be > 0")
-        res = params["velocity_resolution_kms"]
-        # checked by the annotation once the loader uses parameters.check_value
-        if res is not None and not (isinstance(res, int | float) and res > 0):
-            problems.append("velocity_resolution_kms must be > 0 or None")
-        q = params["quiet_fraction"]
-        # checked by the annotation once the loader uses parameters.check_value
-        if q is not None and not (isinstance(q, int | float) and 0 < q <= 1):
-            problems.append("quiet_fraction must be in (0, 1] or None")
-        stride = params["level_stride"]
-        # checked by the annotation once the loader uses parameters.check_value
-        if not (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1):
-            problems.append("level_stride must be an integer >= 1")
-        order = params["baseline_order"]
-        # checked by the annotation once the loader uses parameters.check_value
-        if not (isinstance(order, int) and not isinstance(order, bool) and order >= 0):
-            problems.append("baseline_order must be an integer >= 0")
-        problems += super().validate_config(params)
+        problems += super().parameter_rules(params)
         return problems
 
     # --- lines and cubes ---------------------------------------------------------------------------

@@ -5,9 +5,10 @@ and read of :mod:`modules.MapMaking.read_data` (files in parallel through its pi
 ``_read_task``), the destriper on the job's one geometry, and the FITS writer.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,7 +27,6 @@ from modules.MapMaking.job_parameters import (
 )
 from modules.MapMaking.product import MapProduct, feed_label
 from modules.MapMaking.read_data import (
-    DETRENDS,
     Detrend,
     Level2DataReader,
     ReaderSettings,
@@ -43,7 +43,6 @@ SplitMode = Literal[
     "alternate_obs",
     "custom",
 ]
-SPLIT_MODES = get_args(SplitMode)
 TWO_WAY = {
     "day_night": ("_day", "_night"),
     "odd_even_scans": ("_jkA", "_jkB"),
@@ -167,18 +166,12 @@ class CreateMap(
 
     # --- validation -----------------------------------------------------------------------------
     @classmethod
-    def validate_config(cls, params: dict[str, Any]) -> list[str]:
+    def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems = []
         mode = params["split_mode"] or cls.default_split_mode
-        # checked by the annotation once the loader uses parameters.check_value
-        if mode not in SPLIT_MODES:
-            problems.append(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {mode!r}")
         if mode == "custom" and not isinstance(params["split_groups"], dict):
             problems.append("split_mode='custom' needs split_groups = {label: [obsids]}")
-        # checked by the annotation once the loader uses parameters.check_value
-        if params["detrend"] not in DETRENDS:
-            problems.append(f"detrend must be one of {', '.join(DETRENDS)}")
-        problems += super().validate_config(params)
+        problems += super().parameter_rules(params)
         if params["bright_mask_map"] and not Path(str(params["bright_mask_map"])).exists():
             problems.append(f"bright_mask_map {params['bright_mask_map']} does not exist")
         return problems
