@@ -1,8 +1,9 @@
-"""Benchmark harness of comap-reduce (07 §4): shared types and measurement helpers.
+"""Benchmark harness of comap-reduce (docs/operations.md#performance-targets): shared types and measurement
+helpers.
 
 ``python -m benchmarks.run`` imports every ``benchmarks/bench_*.py`` module. A module declares
 
-* ``ID``: the benchmark number of 07 §4, e.g. ``"B1"``;
+* ``ID``: the benchmark number of docs/operations.md#performance-targets, e.g. ``"B1"``;
 * ``TITLE``: one line;
 * ``run(args) -> list[Result]``: builds its inputs under ``args.workdir`` (a temporary directory
   the runner deletes unless ``--keep``), measures our code and its baseline **in the same run**,

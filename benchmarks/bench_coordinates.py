@@ -1,4 +1,5 @@
-"""B5 — coordinates: ``azel_to_icrs`` on 10⁶ CES + Lissajous samples against astropy (07 §4, §4.1).
+"""B5 — coordinates: ``azel_to_icrs`` on 10⁶ CES + Lissajous samples against astropy
+(docs/operations.md#performance-targets, docs/operations.md#measurement-details).
 
 Input: boresight pointing from the simulator's timeline builder (``utils.simulator.scans.build_timeline``,
 no TOD is simulated): a GField30 CES observation (20 segments of 500 s at HA ≈ 0, elevation

@@ -1,4 +1,5 @@
-"""B9 — RRL cube accumulation: the Cython ``bin_cube`` kernel against NumPy (04 §9.5).
+"""B9 — RRL cube accumulation: the Cython ``bin_cube`` kernel against NumPy
+(docs/mapmaking.md#velocity-regridding-and-accumulation).
 
 Input: one segment as the cube reader sees it at full resolution: n = 30 000 samples (600 s at
 50 Hz) of a 45-channel window (``rrl-fullres``: ±420 km/s at 18.75 km/s), 2 % NaN samples, channel

@@ -1,7 +1,8 @@
-"""B8 — ``make demo``: wall time and disk use (07 §4; target < 5 min and < 2 GB on 2 cores).
+"""B8 — ``make demo``: wall time and disk use (docs/operations.md#performance-targets; target < 5 min and < 2
+GB on 2 cores).
 
-The three steps of ``make demo`` (Makefile, 00 §11) run as subprocesses in a fresh directory under
-the benchmark's work directory, exactly as a user runs them from a checkout:
+The three steps of ``make demo`` (Makefile, docs/install.md#the-demo) run as subprocesses in a fresh directory
+under the benchmark's work directory, exactly as a user runs them from a checkout:
 
 1. ``python -m utils.simulator archive --preset demo --out demo/remote --seed 1``
 2. ``python run.py parameter_files/main_run.toml`` — whatever the working tree's
@@ -15,8 +16,8 @@ from the repository through ``PYTHONPATH``, as ``tests/conftest.py``'s ``Pipelin
 
 Rows: the wall time of each step and their total (target < 300 s), the disk use of ``demo/``
 (target < 2 GB; the acquisition step copies the archive, so the level-1 data are on disk twice), and
-an informative rerun of step 2, which must find nothing to do (07 §2.3). Each step's peak memory is
-reported as the largest single-process ``ru_maxrss`` among its processes and as the peak of the
+an informative rerun of step 2, which must find nothing to do (docs/operations.md#idempotence). Each step's
+peak memory is reported as the largest single-process ``ru_maxrss`` among its processes and as the peak of the
 summed RSS of its process tree (sampled every 0.2 s). The demo is run once per invocation whatever
 ``--repeat`` says (it takes minutes); run the benchmark several times for a median.
 """

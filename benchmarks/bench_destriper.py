@@ -1,4 +1,4 @@
-"""B4 — destriper cost per iteration (07 §4).
+"""B4 — destriper cost per iteration (docs/operations.md#performance-targets).
 
 Input (synthetic, made here): a fixed 200 × 200-pixel map (40 000 pixels, the compressed hit set)
 scanned by cross-linked raster sweeps, alternately along x and y, in segments of 10 000 samples

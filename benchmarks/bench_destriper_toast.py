@@ -1,4 +1,5 @@
-"""B4t — our destriper against TOAST's MapMaker with an Offset template (informative, 04 §4).
+"""B4t — our destriper against TOAST's MapMaker with an Offset template (informative,
+docs/mapmaking.md#destriper).
 
 Runs only where ``import toast`` works (TOAST 3.x from PyPI); never install TOAST into the
 project venv. To measure it, use a separate environment::

@@ -1,6 +1,7 @@
 """B2, B3, B6 and B7 — level-2 processing of ``bench-full`` (19 feeds × 1024 channels, 300 s scan).
 
-* **B7** simulator: peak RSS of generating ``bench-full`` (target < 1.5 GB, 02 §10).
+* **B7** simulator: peak RSS of generating ``bench-full`` (target < 1.5 GB,
+  docs/simulator.md#determinism-and-bounded-memory).
 * **B2** bytes read from ``spectrometer/tod`` by the full default level-2 pipeline (``--force``,
   one process), counted through h5py's ``fileobj`` driver, against the dataset's storage size.
   Target ≤ 1.3×.

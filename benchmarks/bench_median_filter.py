@@ -1,4 +1,5 @@
-"""B1 — running median, NaN-aware running median and running mean (07 §4 and §4.1).
+"""B1 — running median, NaN-aware running median and running mean (docs/operations.md#performance-targets,
+docs/operations.md#measurement-details).
 
 Inputs: float64 Gaussian samples of shape (8, 10^6) (seed 1) and a copy with 2 % NaN, written to
 the run's temporary directory and read back.

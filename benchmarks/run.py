@@ -1,4 +1,4 @@
-"""Run the benchmarks of 07 §4 and print our figures against their baselines.
+"""Run the benchmarks of docs/operations.md#performance-targets and print our figures against their baselines.
 
 Usage::
 

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-* No network: sockets may only connect to loopback (07 §5.4). Jupiter, IERS and coordinate tests
-  must pass with this guard on.
+* No network: sockets may only connect to loopback (docs/developer.md#tests). Jupiter, IERS and coordinate
+  tests must pass with this guard on.
 * Simulated archives (``test-tiny``, ``test-small``) are made once per session (section below).
 """
 

@@ -1,4 +1,5 @@
-"""A loopback ``rsync --daemon`` for the acquisition tests (06 §9), and wrapper-``rsync`` helpers.
+"""A loopback ``rsync --daemon`` for the acquisition tests (docs/acquisition.md#tests), and wrapper-``rsync``
+helpers.
 
 ``start_rsync_daemon(path, work_dir)`` writes an ``rsyncd.conf`` with module ``[comap]``
 (``path = <path>``, ``read only = yes``, ``use chroot = no``, ``uid``/``gid`` = the current user —

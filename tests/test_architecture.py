@@ -1,4 +1,5 @@
-"""The dependency direction of 00 §4.1: imports point downwards only (checked on the source)."""
+"""The dependency direction of docs/developer.md#dependency-direction: imports point downwards only (checked
+on the source)."""
 
 from __future__ import annotations
 

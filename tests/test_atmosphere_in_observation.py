@@ -1,4 +1,5 @@
-"""AtmosphereInObservation (03 §4.6): the zenith atmosphere from a sky dip, against the truth."""
+"""AtmosphereInObservation (docs/level2.md#atmosphereinobservation): the zenith atmosphere from a sky dip,
+against the truth."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def clean_skydip(tmp_path_factory):
 
 def tau_against_truth(level1, level2):
     """tau × gain_expected/gain / T_atm − 1 per (feed, band, channel), with the expected vane gain
-    interpolated to the scan mid-time exactly as ObservationContext.calibration does (03 §2.4)."""
+    interpolated to the scan mid-time exactly as ObservationContext.calibration does
+    (docs/level2.md#calibration-per-scan)."""
     with h5py.File(level1, "r") as l1, h5py.File(level2, "r") as l2:
         idx = l2["spectrometer/level1_feed_index"][...]
         gain_true = l1["truth/instrument/gain"][...][idx]

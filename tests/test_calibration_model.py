@@ -1,4 +1,5 @@
-"""CalibrationModel (03 §6): calibration factors against time from calibration_flux rows.
+"""CalibrationModel (docs/level2.md#calibrationmodel): calibration factors against time from calibration_flux
+rows.
 
 Flux rows are simulated here: ``measured = S_model(ν, mjd) · g(t) · (1 + noise)`` with a known
 calibration factor g(t) per (feed, band, channel) and a 1 % Gaussian error, so every expectation

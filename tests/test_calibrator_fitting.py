@@ -1,4 +1,4 @@
-"""CalibratorFitting (03 §4.10) and its fitting core in utils.calibrators.
+"""CalibratorFitting (docs/level2.md#calibratorfitting) and its fitting core in utils.calibrators.
 
 Truth tests run the module on level-2 files whose pointing comes from simulated calibrator
 observations (CreateLevel2File on a simulator level-1 file) and whose binned TOD is synthesised in
@@ -94,7 +94,8 @@ def _file_info(obs: dict, path: Path, **changes) -> COMAPData:
 
 
 def _jupiter_azel_interpolator(mjd: np.ndarray):
-    """Jupiter's topocentric az/el from a 60 s ephemeris grid and cubic splines (as 02 §6)."""
+    """Jupiter's topocentric az/el from a 60 s ephemeris grid and cubic splines (as
+    docs/simulator.md#pointing)."""
     from scipy.interpolate import CubicSpline
 
     grid = np.arange(mjd.min() - 120 / 86400, mjd.max() + 180 / 86400, 60 / 86400)
@@ -626,7 +627,7 @@ def test_validate_config():
 
 
 # --------------------------------------------------------------------------------------------------
-# End to end through the real upstream stages (03 §4.10 truth test)
+# End to end through the real upstream stages (docs/level2.md#calibratorfitting truth test)
 # --------------------------------------------------------------------------------------------------
 UPSTREAM = [
     *LEVEL2_THROUGH_NOISE_STATS,
@@ -647,7 +648,7 @@ def _upstream_available() -> bool:
 @pytest.mark.skipif(not _upstream_available(), reason="the upstream level-2 stages have not landed yet")
 @pytest.mark.parametrize("atmosphere", [False, True], ids=["atm0", "atm10"])
 def test_end_to_end_taua(workspace_factory, tmp_path, atmosphere):
-    """test-small Tau A through the real level-2 chain (03 §4.10 truth tests).
+    """test-small Tau A through the real level-2 chain (docs/level2.md#calibratorfitting truth tests).
 
     ``atm_zenith_k = 0``: the vane gain is unbiased (the vane is taken off-source), so every feed
     and bin is within 3 % of ``truth/calibrator/flux_jy`` averaged over the bin's channels and the

@@ -1,6 +1,7 @@
 """Tests of utils.calibrators: flux models, positions, Jy↔K and the calibration-factor table.
 
-Expected values are written out from the formulas of 02 §5.2 and 03 §6 with literal constants.
+Expected values are written out from the formulas of docs/simulator.md#calibrators and
+docs/level2.md#calibrationmodel with literal constants.
 """
 
 from __future__ import annotations

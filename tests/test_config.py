@@ -1,4 +1,5 @@
-"""Config parsing, allow-list, precedence and validation (00 §6), through the real CLI."""
+"""Config parsing, allow-list, precedence and validation (docs/configuration.md#configuration-files), through
+the real CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""utils.coordinates (04 §3.3): the fast az/el → ICRS path against astropy's full transform."""
+"""utils.coordinates (docs/mapmaking.md#coordinates): the fast az/el → ICRS path against astropy's full
+transform."""
 
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ def test_sun_altitude_day_and_night():
 # Parallactic angle
 # --------------------------------------------------------------------------------------------------
 POSITION_ERROR_ARCSEC = 0.1
-"""Our apparent positions agree with astropy's per-sample transform to 0.1″ (04 §3.3 requirement,
-checked above); that is the only error source of q besides rounding."""
+"""Our apparent positions agree with astropy's per-sample transform to 0.1″ (docs/mapmaking.md#coordinates
+requirement, checked above); that is the only error source of q besides rounding."""
 
 
 def _q_tolerance_deg(dec_deg, el_deg):
@@ -224,8 +225,9 @@ def test_parallactic_angle_is_the_bearing_of_the_pole_in_astropy_altaz():
 )
 def test_parallactic_angle_convention_at_given_hour_angles(ha_h, dec_deg, expected):
     """Sources placed at a chosen apparent hour angle with astropy (HADec → ICRS). On the meridian
-    q is exactly 0 (south of the zenith) or 180° (north of it); elsewhere q equals 04 §3.3's formula
-    evaluated with astropy's H, δ and the site latitude, with the sign of H. Tolerance as above."""
+    q is exactly 0 (south of the zenith) or 180° (north of it); elsewhere q equals
+    docs/mapmaking.md#coordinates's formula evaluated with astropy's H, δ and the site latitude, with the sign
+    of H. Tolerance as above."""
     from astropy import units as u
     from astropy.coordinates import HADec, SkyCoord
 

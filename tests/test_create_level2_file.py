@@ -1,4 +1,5 @@
-"""CreateLevel2File (03 §4.2): hk copies and scaling, the level-2 feed axis, recomputed RA/Dec."""
+"""CreateLevel2File (docs/level2.md#createlevel2file): hk copies and scaling, the level-2 feed axis,
+recomputed RA/Dec."""
 
 from __future__ import annotations
 

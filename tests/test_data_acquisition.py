@@ -1,4 +1,5 @@
-"""DataAcquisition (06 §5, §9): download with parallel rsync, verify, quarantine, register.
+"""DataAcquisition (docs/acquisition.md#dataacquisition, docs/acquisition.md#tests): download with parallel
+rsync, verify, quarantine, register.
 
 Remotes are a local directory filled by the simulator, or a real ``rsync --daemon`` on 127.0.0.1
 (``rsync_daemon.py``). Wrapper ``rsync`` scripts on a private ``PATH`` inject failures and

@@ -1,4 +1,5 @@
-"""DataAssess (06 §6): discover level-1 and level-2 files on disk and register them."""
+"""DataAssess (docs/acquisition.md#dataassess): discover level-1 and level-2 files on disk and register
+them."""
 
 from __future__ import annotations
 

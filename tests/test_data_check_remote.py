@@ -1,4 +1,5 @@
-"""DataCheckRemote (06 §4): list the remote, apply the filters, write a JSON report, never write the DB."""
+"""DataCheckRemote (docs/acquisition.md#datacheckremote): list the remote, apply the filters, write a JSON
+report, never write the DB."""
 
 from __future__ import annotations
 

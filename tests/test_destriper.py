@@ -1,8 +1,9 @@
-"""Destriper (04 §4): exact solve, sky recovery, stopping rules, linearity, MPI, map weights, inputs.
+"""Destriper (docs/mapmaking.md#destriper): exact solve, sky recovery, stopping rules, linearity, MPI, map
+weights, inputs.
 
-The numbered tests are the validation list of 04 §4.7. Every test compares against an independent
-computation (a dense direct solve, a simulated truth, ``numpy.bincount`` binning) so that each
-can fail.
+The numbered tests are the validation list of docs/mapmaking.md#validation. Every test compares against an
+independent computation (a dense direct solve, a simulated truth, ``numpy.bincount`` binning) so that each can
+fail.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def make_problem(seed: int = 1, partial_flags: bool = True) -> dict:
 
 
 def reference_solve(prob: dict, lam: float, good_fraction: float = 0.5) -> dict:
-    """Dense direct solve of (FᵀWF − B M⁻¹ Bᵀ + λI) a = FᵀWZd with scipy.sparse, B = FᵀWP (04 §4.7)."""
+    """Dense direct solve of (FᵀWF − B M⁻¹ Bᵀ + λI) a = FᵀWZd with scipy.sparse, B = FᵀWP
+    (docs/mapmaking.md#validation)."""
     d, pix, w, j = prob["tod"], prob["pixels"], prob["weights"], prob["offset_index"]
     npix = prob["n_pixels"]
     n_off = prob["offset_starts"].size - 1

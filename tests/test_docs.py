@@ -1,4 +1,5 @@
-"""Docs registry (00 §12 item 6): every loadable module appears in the README with its parameters."""
+"""Docs registry (docs/developer.md#quality-bar item 6): every loadable module appears in the README with its
+parameters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Executors: dynamic queue, exact attribution of a worker that dies, initialisation once (07 §1)."""
+"""Executors: dynamic queue, exact attribution of a worker that dies, initialisation once
+(docs/operations.md#parallel-and-distributed-execution)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of utils.filters: running median / NaN-aware median / running mean (07 §4.1).
+"""Tests of utils.filters: running median / NaN-aware median / running mean
+(docs/operations.md#measurement-details).
 
 References are independent of the code under test:
 * plain median: ``scipy.ndimage.median_filter(row, size=W, mode='nearest')`` per 1-D row, compared

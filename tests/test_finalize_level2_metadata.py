@@ -1,4 +1,5 @@
-"""FinalizeLevel2Metadata (03 §4.11): the level-2 file carries the observation's database rows.
+"""FinalizeLevel2Metadata (docs/level2.md#finalizelevel2metadata): the level-2 file carries the observation's
+database rows.
 
 The snapshot must equal what the database holds once the observation has been recorded: the rows
 already in the database, merged with the operations the modules recorded during the run (still

@@ -1,4 +1,5 @@
-"""FindScans (03 §4.4): scan edges against the simulator truth, sample flags, regression cases.
+"""FindScans (docs/level2.md#findscans): scan edges against the simulator truth, sample flags, regression
+cases.
 
 Truth: ``truth/scans/edges`` holds the nominal feature runs (for Lissajous the status-1 runs), so
 feature-, stare- and sky-dip-defined scans must equal it exactly (trims are 0 by default). Lissajous
@@ -394,7 +395,8 @@ def test_through_run_py_with_system_temperature(workspace_factory, small_archive
         db.disconnect()
     for obsid, n in n_scans.items():
         assert rows[obsid]["n_scans"] == n
-        assert 30.0 < rows[obsid]["median_tsys"] < 70.0  # simulated Tsys is 35–60 K (02 §3.1)
+        # simulated Tsys is 35–60 K (docs/simulator.md#receiver-temperature)
+        assert 30.0 < rows[obsid]["median_tsys"] < 70.0
 
 
 def test_bad_parameters_stop_the_run_before_any_work(workspace_factory, small_archive):

@@ -1,4 +1,4 @@
-"""GainFilterAndBin and the gain filters (03 §4.7) against the simulator's truth."""
+"""GainFilterAndBin and the gain filters (docs/level2.md#gainfilterandbin) against the simulator's truth."""
 
 from __future__ import annotations
 
@@ -55,10 +55,10 @@ def scans_of(l2):
 def test_gain_recovery(strong_gain, reduced_strong_gain, name):
     """ĝ follows the injected common-mode gain δg (σ_g × 10), relative to each scan's median.
 
-    Base filter: ĝ − δg is white noise of rms sqrt(1/z) (within 20 %, 03 §4.7 test 1), and the
-    per-sample correlation is what that noise allows, sd/sqrt(sd² + 1/z) (within 0.05). Both
-    filters: the 1-s means of ĝ and δg correlate ≥ 0.98, and the Wiener filter's per-sample
-    correlation beats the base filter's.
+    Base filter: ĝ − δg is white noise of rms sqrt(1/z) (within 20 %, docs/level2.md#gainfilterandbin test 1),
+    and the per-sample correlation is what that noise allows, sd/sqrt(sd² + 1/z) (within 0.05). Both filters:
+    the 1-s means of ĝ and δg correlate ≥ 0.98, and the Wiener filter's per-sample correlation beats the base
+    filter's.
 
     Not asserted: the spec's per-sample corr ≥ 0.99. The gain is partly degenerate with the sky
     level and slope templates (a gain change mimics a sky change with the spectrum of Tsys, which is
@@ -126,8 +126,9 @@ def predicted_inflation(f, ifeed, scan):
 
 @pytest.mark.parametrize("name", FILTERS)
 def test_gain_removed(reduced_strong_gain, name):
-    """Power below 0.1 Hz of binned_filtered_data is ≥ 10× below that of binned_data (03 §4.7
-    test 3); the Wiener filter adds at most 10 % of white noise (pair-difference rms)."""
+    """Power below 0.1 Hz of binned_filtered_data is ≥ 10× below that of binned_data
+    (docs/level2.md#gainfilterandbin test 3); the Wiener filter adds at most 10 % of white noise
+    (pair-difference rms)."""
     l2 = reduced_strong_gain[name]
     with h5py.File(l2, "r") as f:
         fs = 50.0
@@ -197,7 +198,8 @@ def source_amplitude(tod, ra, dec, src_ra, src_dec, fwhm_arcmin):
 @pytest.mark.parametrize("name", FILTERS)
 def test_sky_signal_is_preserved(taua_no_dg, tmp_path, name):
     """The Tau A amplitude in binned_filtered_data equals that in binned_data within 2 % for every
-    feed, band and bin (03 §4.7 test 2): the sky templates are fitted jointly, not removed."""
+    feed, band and bin (docs/level2.md#gainfilterandbin test 2): the sky templates are fitted jointly, not
+    removed."""
     mods = default_level2_modules(GainFilterAndBin={"gain_filter_name": name})
     l2, _, _ = reduce_in_process(taua_no_dg, tmp_path, mods)
     with h5py.File(taua_no_dg, "r") as l1, h5py.File(l2, "r") as f:

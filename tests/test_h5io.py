@@ -1,4 +1,5 @@
-"""Tests of ``utils.h5io``: RetryH5PY (01 §10) and the small HDF5 helpers."""
+"""Tests of ``utils.h5io``: RetryH5PY (docs/formats/level1.md#opening-files-robustly) and the small HDF5
+helpers."""
 
 from __future__ import annotations
 

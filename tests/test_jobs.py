@@ -1,4 +1,5 @@
-"""Staging files and atomic publish (03 §2.2, 00 §9 rule 5)."""
+"""Staging files and atomic publish (docs/level2.md#processing-one-observation, docs/operations.md#error-model
+rule 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of ``utils.level1`` (01): validation C1–C13, warnings, accessors, hk alignment, byte counting.
+"""Tests of ``utils.level1`` (docs/formats/level1.md): validation C1–C13, warnings, accessors, hk alignment,
+byte counting.
 
 Every file is built here by an independent level-1 writer (``write_level1``); bad files are mutated
 copies of a valid one.
@@ -61,7 +62,7 @@ SPEC_REQUIRED = [
 
 
 # --------------------------------------------------------------------------------------------------
-# An independent level-1 writer (01 §3)
+# An independent level-1 writer (docs/formats/level1.md#layout)
 # --------------------------------------------------------------------------------------------------
 def tod_values(feeds, n_bands, n_channels, n_tod) -> np.ndarray:
     """Deterministic TOD: every element distinct, so any mis-indexing shows."""
@@ -918,7 +919,7 @@ def test_tod_block_out_buffer(base_file):
 
 
 # --------------------------------------------------------------------------------------------------
-# Byte counting (07 §4.1 B2)
+# Byte counting (docs/operations.md#measurement-details B2)
 # --------------------------------------------------------------------------------------------------
 def test_byte_counting(tmp_path):
     n_tod = 1024

@@ -417,10 +417,11 @@ class DiskFull(BaseCOMAPModule):
 def test_max_consecutive_failures_stops_the_run_with_status_3(
     workspace_factory, small_archive, tmp_path, fault
 ):
-    """00 §9 item 3 and 07 §3 (disk full row): with max_consecutive_failures=2 and every observation
-    failing with the same cause, the stage stops after the 2nd failure, the run exits 3, the message
-    names the streak, both failures are recorded as failed jobs, and the observation that was never
-    attempted stays pending (it is processed by the next run once the fault is gone)."""
+    """docs/operations.md#error-model item 3 and docs/operations.md#failure-handling-matrix (disk full row):
+    with max_consecutive_failures=2 and every observation failing with the same cause, the stage stops after
+    the 2nd failure, the run exits 3, the message names the streak, both failures are recorded as failed jobs,
+    and the observation that was never attempted stays pending (it is processed by the next run once the fault
+    is gone)."""
     pkg = tmp_path / "pkgs" / "mylab_diskfull"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")

@@ -1,5 +1,5 @@
-"""RRL cubes (04 §9): truth recovery on the full-resolution preset, stacking, axes, hits, continuum,
-Doppler, the demo-like unresolved case, the cube's FITS layout and bad input.
+"""RRL cubes (docs/mapmaking.md#rrl-cubes): truth recovery on the full-resolution preset, stacking, axes,
+hits, continuum, Doppler, the demo-like unresolved case, the cube's FITS layout and bad input.
 
 One module-scoped workspace holds four simulated observations reduced to level 2 once:
 
@@ -10,7 +10,7 @@ One module-scoped workspace holds four simulated observations reduced to level 2
 
 Tolerances: each test derives the measurement noise from the cube's RMS (scaled by the fit's
 sqrt(χ²/dof) where channels or pixels are correlated) and asserts that the stated tolerance is at
-least 3σ, so no assertion can pass or fail by noise alone (04 §9.8).
+least 3σ, so no assertion can pass or fail by noise alone (docs/mapmaking.md#truth-tests).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ LEVEL2 = LEVEL2_THROUGH_NOISE_STATS
 LINE_JOB = "modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap"
 MAP_JOB = "modules.MapMaking.MapMakingModules.CreateMap.CreateMap"
 H_ALPHA = ["H58a", "H59a", "H60a", "H61a", "H62a"]
-V1 = 95.0  # LSRK velocity of HII region 1 (02 §5.3)
+V1 = 95.0  # LSRK velocity of HII region 1 (docs/simulator.md#galactic-field)
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +456,7 @@ def test_failed_cube_does_not_stop_the_others_and_reruns_skip(rrl):
 
 
 def test_missing_level1_file_is_counted(rrl, tmp_path):
-    """A level-1 file that has gone away is a counted rejection, not a crash (04 §9.3)."""
+    """A level-1 file that has gone away is a counted rejection, not a crash (docs/mapmaking.md#reading)."""
     from collections import Counter
     from types import SimpleNamespace
 

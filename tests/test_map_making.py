@@ -1,4 +1,4 @@
-"""MapMaking (04 §1–§8): selection, FITS output, point-source position, splits and jackknifes."""
+"""MapMaking (docs/mapmaking.md): selection, FITS output, point-source position, splits and jackknifes."""
 
 from __future__ import annotations
 
@@ -149,14 +149,14 @@ def two_fields(tmp_path_factory):
 @pytest.mark.parametrize("kind, limit, offset_length", [("white", 0.10, 1000), ("red", 0.5, 100)])
 def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind, limit, offset_length):
     """(A − B)/2 of odd/even scans with RMS_diff = ½√(RMS_A² + RMS_B²) has χ²/N within 10 % of 1 for
-    white noise and ≤ 1.5 with 1/f noise (04 §7). With ~400 pixels the χ²/N of pure noise scatters by
-    sqrt(2/400) ≈ 7 %.
+    white noise and ≤ 1.5 with 1/f noise (docs/mapmaking.md#createmap-and-its-variants). With ~400 pixels the
+    χ²/N of pure noise scatters by sqrt(2/400) ≈ 7 %.
 
-    The RMS HDU is 1/sqrt(Σ w) (04 §4.1): it leaves out the noise of the fitted offsets, which with
-    these short halves (~13 crossings per 3′ pixel) adds 10–20 % to the variance at L = 100
-    (measured: naive χ²/N 1.02–1.12, destriped 1.21–1.28 with two observations). The white-noise case
-    therefore uses four observations and L = 1000 samples, where that term is negligible; the 1/f case
-    uses the default L = 100.
+    The RMS HDU is 1/sqrt(Σ w) (docs/mapmaking.md#model-and-equations): it leaves out the noise of the fitted
+    offsets, which with these short halves (~13 crossings per 3′ pixel) adds 10–20 % to the variance at L =
+    100 (measured: naive χ²/N 1.02–1.12, destriped 1.21–1.28 with two observations). The white-noise case
+    therefore uses four observations and L = 1000 samples, where that term is negligible; the 1/f case uses
+    the default L = 100.
 
     The 1/f case runs the gain filter without a prior (GainFilterBase), whose added estimator noise is
     white and so part of auto_rms and of the RMS map. The Wiener filter's estimator noise is

@@ -1,4 +1,4 @@
-"""Tests of the legacy → version-1 migration (05 §4)."""
+"""Tests of the legacy → version-1 migration (docs/database.md#migration)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""utils.noise: pair-difference estimators, log-binned periodogram and the 1/f fit (03 §4.5, §4.9).
+"""utils.noise: pair-difference estimators, log-binned periodogram and the 1/f fit
+(docs/level2.md#noisestatslevel1, docs/level2.md#noisestatslevel2).
 
 Every tolerance is derived from the statistical error of the estimator on the simulated noise
 (stated next to each assertion); where the spec's tolerance is tighter than the noise allows for a
@@ -36,7 +37,7 @@ def one_over_f_series(
 ) -> np.ndarray:
     """White noise plus a Gaussian process whose periodogram expectation is σ_red²(f/f_ref)^α.
 
-    FFT recipe of 02 §3.3 written for the periodogram ``P_k = |rfft|²/N``:
+    FFT recipe of docs/simulator.md#gain-fluctuations written for the periodogram ``P_k = |rfft|²/N``:
     ``X_k = sqrt(N S_k / 2)(a + i b)`` for 0 < k < N/2 (E|X_k|² = N S_k), ``sqrt(N S_k) a`` at
     Nyquist, ``X_0 = 0``; then ``irfft``. So ``E[P_k] = S_k + σ_white²`` exactly.
     """
@@ -210,7 +211,7 @@ def test_log_mean_bias_is_the_mean_log_of_exponential_averages():
 
 
 # ==================================================================================================
-# 1/f fit (03 §4.9 unit truth test)
+# 1/f fit (docs/level2.md#noisestatslevel2 unit truth test)
 # ==================================================================================================
 def fisher_errors(f, counts, sigma_white, sigma_red, alpha, f_ref):
     """Standard errors of (ln σ_white, ln σ_red, α, ln f_knee) of the sqrt(n_b)-weighted fit.
@@ -236,7 +237,7 @@ CASES = [(fk, a) for fk in (0.05, 0.2, 1.0, 2.0) for a in (-1.0, -1.5, -2.0)]
 def test_fit_one_over_f_truth():
     """30 000 samples at 50 Hz, f_knee ∈ {0.05, 0.2, 1, 2} Hz, α ∈ {−1, −1.5, −2}, 20 seeds each.
 
-    Tolerances (spec 03 §4.9: σ_white 5 %, α ±0.2, f_knee ×1.3, mean ln σ_red bias 5 %):
+    Tolerances (docs/level2.md#noisestatslevel2: σ_white 5 %, α ±0.2, f_knee ×1.3, mean ln σ_red bias 5 %):
     * σ_white: the Fisher error of ln σ_white is ≤ 1 %, so 5 % (≥ 5σ) applies to every fit.
     * α and f_knee: for low knees few periodogram points lie below the knee and the Fisher error
       of α reaches 0.24 (f_knee 0.05 Hz, α −2), so a single realisation cannot meet ±0.2. Each fit
@@ -336,7 +337,7 @@ def test_fit_one_over_f_edge_cases():
 
 
 # ==================================================================================================
-# segment_noise_stats (03 §4.9 steps 1–8)
+# segment_noise_stats (docs/level2.md#noisestatslevel2 steps 1–8)
 # ==================================================================================================
 def test_segment_noise_stats_recovers_truth_with_gaps_and_spikes():
     rng = np.random.default_rng(21)
@@ -419,8 +420,8 @@ def test_fill_bad_samples_keeps_the_white_level():
 
 
 def test_detrend_reduces_leakage_of_steep_spectra():
-    """Segments cut from a longer α = −2 stream: the median-only periodogram (03 §4.9) leaks the
-    segment's end-to-end step into the lowest bins and biases σ_red high; removing a line does not.
+    """Segments cut from a longer α = −2 stream: the median-only periodogram (docs/level2.md#noisestatslevel2)
+    leaks the segment's end-to-end step into the lowest bins and biases σ_red high; removing a line does not.
 
     40 segments of 6000 samples (f_knee 1 Hz) cut from 30 000-sample streams. Measured over 100
     seeds: mean ln(σ_red/truth) = +0.25 ± 0.03 with the median, +0.03 ± 0.014 with the line

@@ -1,4 +1,5 @@
-"""NoiseStatsLevel1 (03 §4.5): white-noise rms of every native channel against the radiometer truth."""
+"""NoiseStatsLevel1 (docs/level2.md#noisestatslevel1): white-noise rms of every native channel against the
+radiometer truth."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_white_noise_matches_radiometer_truth(blank_ces, tmp_path):
     """Each scan has ~1500 pair differences per channel: the relative error of one rms estimate is
     sqrt(1/(2·1500)) ≈ 1.8 %, so 95 % of channels lie within 2σ ≈ 3.7 % (< 5 %), and the median over
     ~750 channel-scans is good to ~0.1 % (tolerance 1 %). Gain fluctuations are far below the noise
-    per sample at 50 Hz (02 §3.3)."""
+    per sample at 50 Hz (docs/simulator.md#gain-fluctuations)."""
     l2, ctx, _ = reduce_in_process(blank_ces, tmp_path, default_level2_modules(**UPTO_NOISE))
     ratio = noise_ratio(blank_ces, l2)
     assert abs(np.nanmedian(ratio) - 1.0) < 0.01
@@ -57,10 +58,10 @@ def test_white_noise_matches_radiometer_truth(blank_ces, tmp_path):
 
 
 def test_clipped_estimator_resists_a_calibrator_crossing(small_archive, tmp_path):
-    """Regression of the default (clipped, not plain std; 03 §4.5). Every feed of the test-small Tau A
-    Lissajous crosses the 6.5 K source, whose sample-to-sample gradient enters the pair differences.
-    Plain std is visibly inflated (> 5 % on the worst feed); the clipped estimator removes most of that
-    excess on every feed (at least half of it where std is inflated by more than 5 %).
+    """Regression of the default (clipped, not plain std; docs/level2.md#noisestatslevel1). Every feed of the
+    test-small Tau A Lissajous crosses the 6.5 K source, whose sample-to-sample gradient enters the pair
+    differences. Plain std is visibly inflated (> 5 % on the worst feed); the clipped estimator removes most
+    of that excess on every feed (at least half of it where std is inflated by more than 5 %).
 
     Not asserted: the spec's "within 2 % of the radiometer truth" on this file. Gradients below the
     5σ clip cannot be told from noise by any pair-difference estimator; with 32 channels (0.04 K noise

@@ -1,7 +1,9 @@
-"""NoiseStatsLevel2 (03 §4.9): per-segment white-noise and 1/f statistics of binned datasets.
+"""NoiseStatsLevel2 (docs/level2.md#noisestatslevel2): per-segment white-noise and 1/f statistics of binned
+datasets.
 
-* Synthetic level-2 files with the 03 §3 layout and injected 1/f noise of known parameters test
-  the algorithm, the outputs, the database rows, the bright-source mask and reproducibility.
+* Synthetic level-2 files with the docs/formats/level2.md#level-2-file-layout layout and injected 1/f noise of
+  known parameters test the algorithm, the outputs, the database rows, the bright-source mask and
+  reproducibility.
 * The integration truth test runs the real pipeline on a simulation with known σ_g and compares
   the fits on ``level2/binned_data`` with the simulator's truth.
 """
@@ -39,8 +41,8 @@ NS_MODULE = _cls.__module__
 def one_over_f_rows(rng, n: int, sigma_white, sigma_red, alpha) -> np.ndarray:
     """Rows of white + 1/f noise whose periodogram expectation is σ_red²(f/f_ref)^α + σ_white².
 
-    FFT recipe of 02 §3.3 for ``P_k = |rfft|²/N``: X_k = sqrt(N S_k/2)(a + ib), Nyquist
-    sqrt(N S_k) a, X_0 = 0.
+    FFT recipe of docs/simulator.md#gain-fluctuations for ``P_k = |rfft|²/N``: X_k = sqrt(N S_k/2)(a + ib),
+    Nyquist sqrt(N S_k) a, X_0 = 0.
     """
     sigma_white = np.atleast_1d(sigma_white).astype(float)
     sigma_red = np.atleast_1d(sigma_red).astype(float)
@@ -330,7 +332,7 @@ def test_failures_config_and_plot(synthetic, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Integration truth test on the real pipeline (03 §4.9)
+# Integration truth test on the real pipeline (docs/level2.md#noisestatslevel2)
 # --------------------------------------------------------------------------------------------------
 PIPELINE = LEVEL2_THROUGH_NOISE_STATS
 
@@ -360,7 +362,8 @@ def blank_field_observation(tmp_path_factory):
 
 
 def test_integration_truth_on_binned_data(workspace_factory, blank_field_observation):
-    """σ_white, σ_red and α fitted on level2/binned_data against the simulator truth (03 §4.9).
+    """σ_white, σ_red and α fitted on level2/binned_data against the simulator truth
+    (docs/level2.md#noisestatslevel2).
 
     Truth:
     * σ_white: the inverse-variance (binning-weight) combination of the bin's channel noise,
@@ -374,10 +377,10 @@ def test_integration_truth_on_binned_data(workspace_factory, blank_field_observa
     per scan (0.043 for the two-scan mean the DB records), of ln σ_red ≈ 0.055 (0.04); the
     segment is cut from a longer stream, which biases σ_red up by ~5 % and α by ~−0.04 (see
     ``test_detrend_reduces_leakage_of_steep_spectra``). Flagging 3σ noise peaks as outliers
-    biases σ_white low by 1.3 %; its Fisher error is < 1 %. Tolerances (03 §4.9): σ_white 5 %
-    per segment; α ±0.2 and σ_red 20 % on the scan means (≥ 3.7σ after the biases); α ±0.3 per
-    segment. Measured on seeds 3, 4, 5: σ_white/truth 0.965–1.006, scan-mean σ_red/truth
-    0.97–1.10, scan-mean α − truth −0.12…+0.03.
+    biases σ_white low by 1.3 %; its Fisher error is < 1 %. Tolerances (docs/level2.md#noisestatslevel2):
+    σ_white 5 % per segment; α ±0.2 and σ_red 20 % on the scan means (≥ 3.7σ after the biases); α ±0.3 per
+    segment. Measured on seeds 3, 4, 5: σ_white/truth 0.965–1.006, scan-mean σ_red/truth 0.97–1.10, scan-mean
+    α − truth −0.12…+0.03.
     """
     ws = workspace_factory([blank_field_observation])
     ws.write_configs(PIPELINE, nprocess=1)

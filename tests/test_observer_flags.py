@@ -1,5 +1,5 @@
-"""ObserverFlags (06 §7): CSV parsing and validation at config load, reset + flag in one transaction,
-idempotence, pipeline flags untouched, and the command line."""
+"""ObserverFlags (docs/acquisition.md#observerflags): CSV parsing and validation at config load, reset + flag
+in one transaction, idempotence, pipeline flags untouched, and the command line."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""PostBinCleaning (03 §4.8): idempotence, drift and airmass removal, source amplitudes, outliers.
+"""PostBinCleaning (docs/level2.md#postbincleaning): idempotence, drift and airmass removal, source
+amplitudes, outliers.
 
-The stage runs in-process on synthetic level-2 files with the exact 03 §3 layout
-(``spectrometer/feeds``, ``spectrometer/MJD``, ``spectrometer/pixel_pointing/pixel_el``,
-``level2/scan_edges``, ``level2/binned_filtered_data``; NaN outside scans). Truth is injected
-directly, so every tolerance follows from the injected white noise σ.
+The stage runs in-process on synthetic level-2 files with the exact docs/formats/level2.md#level-2-file-layout
+layout (``spectrometer/feeds``, ``spectrometer/MJD``, ``spectrometer/pixel_pointing/pixel_el``,
+``level2/scan_edges``, ``level2/binned_filtered_data``; NaN outside scans). Truth is injected directly, so
+every tolerance follows from the injected white noise σ.
 """
 
 from __future__ import annotations
@@ -171,9 +172,9 @@ def test_drift_and_airmass_removed_to_within_the_white_noise(tmp_path):
     * Away from the scan ends (≥ L/2 = 1500 samples) the running median of L = 3000 samples
       carries noise of ≈ 1.25 σ/√L; the remainder must be below that: rms < 2 σ/√L (0.37 mK for
       σ = 10 mK), i.e. 270× below the injected 0.1 K.
-    * Within L/2 of the ends the "nearest" padding of the running median (07 §4.1) repeats the
-      end sample, so the median follows a drift less closely there; the remainder must still be
-      below the white noise of one sample: max |residual| < σ.
+    * Within L/2 of the ends the "nearest" padding of the running median
+      (docs/operations.md#measurement-details) repeats the end sample, so the median follows a drift less
+      closely there; the remainder must still be below the white noise of one sample: max |residual| < σ.
     * The refitted airmass coefficient equals the truth within 4.5 × its statistical error
       σ/√Σ(u − ū)² (u = 1/sin el); the linear drift is orthogonal to the symmetric sky-dip u.
     """

@@ -1,4 +1,5 @@
-"""Tests of utils.rrl: line frequencies (04 §9.1), names, radio velocities and the LSRK correction."""
+"""Tests of utils.rrl: line frequencies (docs/mapmaking.md#line-frequencies), names, radio velocities and the
+LSRK correction."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_hydrogen_alpha_lines_in_band():
     r_h = R_INF_C / (1 + ME_MP)
     for ln in lines:
         assert ln.rest_freq_ghz == pytest.approx(r_h * (1 / ln.n**2 - 1 / (ln.n + 1) ** 2) / 1e9, rel=1e-15)
-    # orientation values quoted in 04 §9.1 (to the 1 MHz they are given to)
+    # orientation values quoted in docs/mapmaking.md#line-frequencies (to the 1 MHz they are given to)
     for ln, quoted in zip(lines, [32.852, 31.223, 29.700, 28.275, 26.939]):
         assert ln.rest_freq_ghz == pytest.approx(quoted, abs=1e-3)
     # the legacy configs' 31.22332 GHz is H59α

@@ -1,5 +1,6 @@
-"""rsync plumbing (06 §1, §2, §5.1, §8): remote validation, listing parser, path validation, argument
-builders, the remote index, and the Python copy used when rsync is absent."""
+"""rsync plumbing (docs/acquisition.md#remote-specification, docs/acquisition.md#remote-listing,
+docs/acquisition.md#download, docs/acquisition.md#security-rules): remote validation, listing parser, path
+validation, argument builders, the remote index, and the Python copy used when rsync is absent."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Query scripts of 05 §5 on a small database built by the test (direct ``db`` calls).
+"""Query scripts of docs/database.md#query-scripts on a small database built by the test (direct ``db``
+calls).
 
 Each script is checked for its output rows, and its dry-run / read-only modes for leaving the
 database byte-identical. Exit codes: 0 success, 2 usage, 3 database unreachable.

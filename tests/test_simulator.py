@@ -1,4 +1,4 @@
-"""Tests of the level-1 simulator (02 §11).
+"""Tests of the level-1 simulator (docs/simulator.md#tests-of-the-simulator-itself).
 
 Expectations are derived from the specification and from ``/truth`` (inputs, and noise levels
 derived from the radiometer equation), never from numbers produced by running the simulator.
@@ -49,7 +49,7 @@ def decode(words: np.ndarray) -> np.ndarray:
 
 
 def layout_arcmin(feed: int, s: float = 12.0) -> tuple[float, float]:
-    """Focal-plane layout of 02 §6, written out independently."""
+    """Focal-plane layout of docs/simulator.md#pointing, written out independently."""
     if feed == 1:
         return 0.0, 0.0
     if feed == 20:

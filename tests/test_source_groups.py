@@ -1,4 +1,4 @@
-"""Tests of the source → source-group rules (05 §3)."""
+"""Tests of the source → source-group rules (docs/database.md#source-group-classification)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from modules.SQLModule.source_groups import SOURCE_GROUPS, classify, source_name
 
-# The test table of 05 §3, verbatim.
+# The test table of docs/database.md#source-group-classification, verbatim.
 SPEC_TABLE = [
     ("TauA", "", "Calibrator"),
     ("GField10", "", "Galactic"),

@@ -1,4 +1,5 @@
-"""Tests of the database facade and ORM models (05 §1–§2, 07 §1.5, §2)."""
+"""Tests of the database facade and ORM models (docs/database.md, docs/operations.md#single-db-writer,
+docs/operations.md#resumability)."""
 
 from __future__ import annotations
 
@@ -681,7 +682,7 @@ def test_delete_observation(fdb, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# jobs (07 §2.1)
+# jobs (docs/operations.md#job-states)
 # --------------------------------------------------------------------------------------------------
 def _job(facade, obsid, stage="level2") -> ProcessingJob:
     (job,) = facade.job_table(stage, obsids=[obsid])
@@ -800,7 +801,7 @@ def test_claim_jobs_not_deferrable(fdb):
 
 
 # --------------------------------------------------------------------------------------------------
-# deferred writes and apply (05 §2.4)
+# deferred writes and apply (docs/database.md#single-writer-and-deferred-writes)
 # --------------------------------------------------------------------------------------------------
 def test_deferred_round_trip_through_pickle(fdb):
     register(fdb, 1)

@@ -1,4 +1,4 @@
-"""The shared pass over the level-1 TOD (03 §2.3): one read, replay, product validation."""
+"""The shared pass over the level-1 TOD (docs/level2.md#streaming): one read, replay, product validation."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ CHAIN = [
 
 def test_level1_tod_is_read_once(small_archive, tmp_path, monkeypatch):
     """Bytes read from spectrometer/tod — validation probe, vane events and the pass — stay ≤ 1.3 ×
-    its storage size (03 §2.3 rule 3, benchmark B2), counted through h5py's fileobj driver."""
+    its storage size (docs/level2.md#streaming rule 3, benchmark B2), counted through h5py's fileobj
+    driver."""
     counted = {}
     original = ObservationContext.__init__
 
@@ -89,8 +90,8 @@ def test_two_passes_are_announced(tmp_path, small_archive):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_calibration_interpolates_between_vane_events(small_archive, tmp_path, n):
-    """03 §2.4: the gain used for a scan is interpolated linearly in time between the bracketing
-    vane events (nearest outside)."""
+    """docs/level2.md#calibration-per-scan: the gain used for a scan is interpolated linearly in time between
+    the bracketing vane events (nearest outside)."""
     path = small_archive["GField30"]
     l2, ctx, _ = reduce_in_process(path, tmp_path, default_level2_modules(GainFilterAndBin=None))
     with h5py.File(l2, "r") as f:

@@ -1,10 +1,11 @@
-"""SystemTemperature (03 §4.3): Y-factor Tsys and gain against the simulator truth, failures, borrowing.
+"""SystemTemperature (docs/level2.md#systemtemperature): Y-factor Tsys and gain against the simulator truth,
+failures, borrowing.
 
 Tolerances (derived, not measured)
 ----------------------------------
 ``truth/vane/tsys_expected_k`` and ``gain_expected`` are the Y-factor applied to noise-free, δg-free
-power averaged over exactly the hot/cold samples the pipeline selects (02 §9). Two things move the
-measurement away from them:
+power averaged over exactly the hot/cold samples the pipeline selects (docs/simulator.md#truth). Two things
+move the measurement away from them:
 
 * **Radiometer noise.** Each sample has σ = V·w with w = ``truth/noise/white_fraction`` =
   1/sqrt(|Δν| τ) (8.9e-4 at 32 channels, 1.8e-3 at 128). The means over n_hot ≈ 260 and n_cold ≈ 525
@@ -100,7 +101,8 @@ def copy_level1(src, tmp_path: Path, tag: str) -> Path:
 
 
 def compare_with_truth(level1_path, level2_path) -> dict:
-    """Assert the 03 §4.3 truth criteria and the noise-derived bounds; return the error figures."""
+    """Assert the docs/level2.md#systemtemperature truth criteria and the noise-derived bounds; return the
+    error figures."""
     vane = vane_of(level2_path)
     with h5py.File(level1_path, "r") as f:
         t = f["truth"]
@@ -148,7 +150,7 @@ def compare_with_truth(level1_path, level2_path) -> dict:
             # every channel within 5σ of the δg-aware prediction (+ float32 storage)
             assert np.all(np.abs(tsys[e, i] - tsys_p) <= 5 * sig_t + 1e-6 * tsys_p)
             assert np.all(np.abs(gain[e, i] - gain_p) <= 5 * sig_g + 1e-6 * gain_p)
-            # 03 §4.3 truth criteria
+            # docs/level2.md#systemtemperature truth criteria
             rel_t = np.abs(tsys[e, i] - tsys_e) / tsys_e
             rel_g = np.abs(gain[e, i] - gain_e) / gain_e
             assert np.median(rel_t) <= 0.01 and np.percentile(rel_t, 99) <= 0.03
@@ -473,7 +475,7 @@ def test_skydip_borrows_the_next_vane_and_reports_each_failure(workspace_factory
     assert rows[93001]["median_tsys"] == pytest.approx(float(np.median(field["system_temperature"])))
     assert vane_of(rows[93032]["level2_path"])["attrs"]["borrowed_from_obsid"] == 93033
 
-    # --retry-failed succeeds once the neighbour has a vane (07 §3)
+    # --retry-failed succeeds once the neighbour has a vane (docs/operations.md#failure-handling-matrix)
     shutil.copyfile(skydip_archive[93022], ws.level1 / Path(skydip_archive[93022]).name)
     res = ws.run("--retry-failed")
     db = ws.db()

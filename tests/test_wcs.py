@@ -1,4 +1,5 @@
-"""Map geometry (04 §6): named definitions, the dynamic WCS across l = 0/360, rounding to pixels."""
+"""Map geometry (docs/mapmaking.md#map-geometry): named definitions, the dynamic WCS across l = 0/360,
+rounding to pixels."""
 
 from __future__ import annotations
 

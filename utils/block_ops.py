@@ -1,4 +1,4 @@
-"""Fused per-block operations of the streaming level-2 stages (03 §4.5–§4.7).
+"""Fused per-block operations of the streaming level-2 stages (docs/level2.md).
 
 These wrap the Cython kernels ``utils.kernels.block_stats`` and ``utils.kernels.binning``. They take
 the raw float32 block ``(n_bands, n_channels, n)`` of one feed and scan and a per-channel scale
@@ -26,7 +26,8 @@ def _threads(n_threads: int | None) -> int:
 
 
 def inverse_gain(gain: ArrayLike) -> NDArray[np.float64]:
-    """``1/gain`` (K per count), NaN where the gain is not finite or ≤ 0 (03 §2.4)."""
+    """``1/gain`` (K per count), NaN where the gain is not finite or ≤ 0
+    (docs/level2.md#calibration-per-scan)."""
     g = np.asarray(gain, dtype=np.float64)
     good = np.isfinite(g) & (g > 0)
     return np.where(good, 1.0 / np.where(good, g, 1.0), np.nan)
@@ -97,7 +98,8 @@ class AirmassFit:
 def airmass_fit(
     raw: ArrayLike, scale: ArrayLike, airmass: ArrayLike, *, n_threads: int | None = None
 ) -> AirmassFit:
-    """Closed-form least squares of ``y = raw·scale`` against ``airmass`` per channel (03 §4.6).
+    """Closed-form least squares of ``y = raw·scale`` against ``airmass`` per channel
+    (docs/level2.md#atmosphereinobservation).
 
     Parameters
     ----------

@@ -1,6 +1,7 @@
 """Calibrator flux models, positions, beam helpers and the calibration-factor table.
 
-Shared by the simulator (02 §5.2) and the pipeline (03 §4.10, 03 §6).
+Shared by the simulator (docs/simulator.md#calibrators) and the pipeline (docs/level2.md#calibratorfitting,
+docs/level2.md#calibrationmodel).
 
 Flux models (frequency ν in GHz, ``x = log10(ν / 40 GHz)``):
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -185,7 +186,7 @@ def gaussian_flux_jy(
 ) -> NDArray[np.float64]:
     """Flux (Jy) of an elliptical Gaussian of peak ``amplitude_k`` (K_RJ) and widths σx, σy (deg).
 
-    ``S = 2π A σx σy · 2 k ν² / c² · 1e26`` (03 §4.10 step 6), σ in radians, ν in Hz.
+    ``S = 2π A σx σy · 2 k ν² / c² · 1e26`` (docs/level2.md#calibratorfitting step 6), σ in radians, ν in Hz.
     """
     nu_hz = np.asarray(freq_ghz, dtype=np.float64) * 1.0e9
     sx = np.radians(np.asarray(sigma_x_deg, dtype=np.float64))
@@ -332,12 +333,13 @@ def calibrator_position(name: str, mjd: ArrayLike | None = None) -> tuple[NDArra
 
 
 # --------------------------------------------------------------------------------------------------
-# Tangent plane and Gaussian source fitting (03 §4.10)
+# Tangent plane and Gaussian source fitting (docs/level2.md#calibratorfitting)
 # --------------------------------------------------------------------------------------------------
 def tangent_plane_offsets_deg(
     ra_deg: ArrayLike, dec_deg: ArrayLike, ra0_deg: ArrayLike, dec0_deg: ArrayLike
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Gnomonic (tangent-plane) offsets of (α, δ) from the centre (α0, δ0), 03 §4.10 step 1.
+    """Gnomonic (tangent-plane) offsets of (α, δ) from the centre (α0, δ0), docs/level2.md#calibratorfitting
+    step 1.
 
     ``cos c = sin δ0 sin δ + cos δ0 cos δ cos(α − α0)``,
     ``x = cos δ sin(α − α0) / cos c``,
@@ -394,7 +396,7 @@ BACKGROUND_MODELS: tuple[str, ...] = ("constant", "plane")
 
 @dataclass
 class GaussianSourceFit:
-    """Result of :func:`fit_gaussian_source` (03 §4.10 steps 4–7).
+    """Result of :func:`fit_gaussian_source` (docs/level2.md#calibratorfitting steps 4–7).
 
     Failed or rejected fits have ``fit_ok = False``, NaN parameters and a ``reason``.
 
@@ -451,7 +453,7 @@ class GaussianSourceFit:
     median_k: float = math.nan
 
     def flux_jy(self, freq_ghz: float) -> tuple[float, float]:
-        """Flux density and its 1σ error (Jy) at ``freq_ghz`` (03 §4.10 step 6).
+        """Flux density and its 1σ error (Jy) at ``freq_ghz`` (docs/level2.md#calibratorfitting step 6).
 
         ``S = 2π A σx σy · 2kν²/c² · 1e26``. The relative error is propagated with the full
         parameter covariance, ``(δS/S)² = gᵀ C g`` with ``g = ∂ln S/∂p = (1/A, 1/σx, 1/σy)`` on
@@ -482,7 +484,7 @@ def gaussian_source_model(
     background: str = "plane",
     fit_rotation: bool = False,
 ) -> NDArray[np.float64]:
-    """Elliptical Gaussian plus background at tangent-plane offsets (03 §4.10 step 5).
+    """Elliptical Gaussian plus background at tangent-plane offsets (docs/level2.md#calibratorfitting step 5).
 
     ``A·exp(−½[(x′/σx)² + (y′/σy)²]) + c0 [+ c1 x + c2 y]`` with
     ``x′ = (x − x0) cos θ + (y − y0) sin θ`` and ``y′ = −(x − x0) sin θ + (y − y0) cos θ``.
@@ -562,13 +564,12 @@ def fit_gaussian_source(
 ) -> GaussianSourceFit:
     """Fit an elliptical Gaussian source plus background to samples around a calibrator.
 
-    Implements steps 4–7 of 03 §4.10: the region is ``r = hypot(x, y) < fit_radius_deg`` with
-    finite data (at least ``min_samples`` samples); its median is subtracted; the model of
-    :func:`gaussian_source_model` is fitted with ``scipy.optimize.least_squares(method='trf')``
-    on residuals weighted by ``1/noise_k``, with ``A > 0``, ``σ ∈ [min, max]·σ_b`` and
-    ``|x0|, |y0| < fit_radius``. Errors are ``sqrt(diag((JᵀJ)⁻¹))·sqrt(max(χ²_red, 1))``. A fit
-    that did not converge, has a non-finite value or an active bound is rejected
-    (``fit_ok = False``, NaN values).
+    Implements steps 4–7 of docs/level2.md#calibratorfitting: the region is ``r = hypot(x, y) <
+    fit_radius_deg`` with finite data (at least ``min_samples`` samples); its median is subtracted; the model
+    of :func:`gaussian_source_model` is fitted with ``scipy.optimize.least_squares(method='trf')`` on
+    residuals weighted by ``1/noise_k``, with ``A > 0``, ``σ ∈ [min, max]·σ_b`` and ``|x0|, |y0| <
+    fit_radius``. Errors are ``sqrt(diag((JᵀJ)⁻¹))·sqrt(max(χ²_red, 1))``. A fit that did not converge, has a
+    non-finite value or an active bound is rejected (``fit_ok = False``, NaN values).
 
     Parameters
     ----------
@@ -702,7 +703,7 @@ def fit_gaussian_source(
 
 
 # --------------------------------------------------------------------------------------------------
-# Calibration-factor table (03 §6 "Evaluation")
+# Calibration-factor table (docs/level2.md#calibrationmodel "Evaluation")
 # --------------------------------------------------------------------------------------------------
 MODEL_TYPES: tuple[str, ...] = ("polynomial", "mean", "nearest")
 Element = tuple[int, int, int]
@@ -718,7 +719,8 @@ def _as_list(value) -> list[float]:
 
 @dataclass(frozen=True)
 class CalibrationModelRow:
-    """One fitted calibration model for a (feed, band, channel) element (05 §1.5)."""
+    """One fitted calibration model for a (feed, band, channel) element
+    (docs/database.md#calibration_model_fit)."""
 
     feed: int
     band: int
@@ -761,10 +763,11 @@ class CalibrationModelRow:
 class CalibrationTable:
     """Calibration factors (measured / model calibrator flux) per (feed, band, channel) and time.
 
-    Build it with :meth:`from_rows` from ``calibration_model_fit`` rows (05 §1.5). Data in vane
-    kelvin divided by :meth:`factor` are in K_RJ (04 §3).
+    Build it with :meth:`from_rows` from ``calibration_model_fit`` rows
+    (docs/database.md#calibration_model_fit). Data in vane kelvin divided by :meth:`factor` are in K_RJ
+    (docs/mapmaking.md#level2datareader).
 
-    Evaluation (03 §6):
+    Evaluation (docs/level2.md#calibrationmodel):
 
     * ``polynomial``: ``Σ c_k t^k`` with ``t = (mjd − mjd_ref)/365.25``; outside
       ``[mjd_min, mjd_max]`` the polynomial is evaluated at the nearest end (never extrapolated);
@@ -785,20 +788,7 @@ class CalibrationTable:
         empty/None. An unknown ``model_type`` raises ``ValueError``.
         """
         models: dict[Element, CalibrationModelRow] = {}
-        known = {
-            "feed",
-            "band",
-            "channel",
-            "model_type",
-            "poly_coeffs",
-            "mjd_ref",
-            "nearest_mjds",
-            "nearest_gains",
-            "mjd_min",
-            "mjd_max",
-            "fit_rms",
-            "n_observations",
-        }
+        known = {f.name for f in fields(CalibrationModelRow)} - {"extra"}
         for row in rows:
             model_type = str(row["model_type"]).lower()
             if model_type not in MODEL_TYPES:

@@ -1,8 +1,8 @@
 """Physical constants, the OVRO site, feature codes and format constants.
 
 Nothing here is a dimension of a particular file: the number of feeds, bands, channels and the
-sample rate always come from the file being read (01 §2). The values below are conventions that
-every file shares.
+sample rate always come from the file being read (docs/formats/level1.md#dimensions). The values below are
+conventions that every file shares.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ OVRO_HEIGHT_M: float = 1222.0
 GROUND_FEED: int = 20
 """The capped ground feed: present in real files, never carries sky signal, always skipped."""
 DEFAULT_SCIENCE_FEEDS: tuple[int, ...] = tuple(range(1, 20))
-"""Fallback only, when a file or DB row does not say which feeds it has (06 §7)."""
+"""Fallback only, when a file or DB row does not say which feeds it has
+(docs/acquisition.md#observerflags)."""
 MIN_FEED: int = 1
 MAX_FEED: int = 20
 BAND_EDGES_GHZ: tuple[tuple[float, float], ...] = ((26.0, 28.0), (28.0, 30.0), (30.0, 32.0), (32.0, 34.0))
@@ -35,9 +36,11 @@ BAND_WIDTH_GHZ: float = 2.0
 
 # --- housekeeping ---------------------------------------------------------------------------------
 HK_TIME_OFFSET_S: float = 0.6
-"""Housekeeping time stamps run this late relative to spectrometer time (01 §6)."""
+"""Housekeeping time stamps run this late relative to spectrometer time
+(docs/formats/level1.md#housekeeping-time-alignment)."""
 
-# --- decoded feature codes (01 §4) ----------------------------------------------------------------
+# --- decoded feature codes (docs/formats/level1.md#the-features-bit-word)
+# ----------------------------------------------------------------
 FEATURE_NONE: int = -1
 FEATURE_CES: int = 8
 FEATURE_RASTER: int = 9
@@ -45,7 +48,8 @@ FEATURE_LISSAJOUS: int = 10
 FEATURE_VANE: int = 13
 FEATURE_STARE: int = 16
 
-# --- file naming (01 §1, 03 §3) -------------------------------------------------------------------
+# --- file naming (docs/formats/level1.md#file-naming, docs/formats/level2.md#level-2-file-layout)
+# -------------------------------------------------------------------
 LEVEL1_NAME_RE = re.compile(r"^comap-(\d{7})-(\d{4}-\d{2}-\d{2})-(\d{6})\.hd5$")
 LEVEL2_NAME_RE = re.compile(r"^Level2_comap-(\d{7})-(\d{4}-\d{2}-\d{2})-(\d{6})\.hd5$")
 UTC_START_FORMAT: str = "%Y-%m-%d-%H:%M:%S"

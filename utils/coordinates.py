@@ -1,19 +1,19 @@
-"""Observed az/el ↔ ICRS ↔ Galactic, per sample, at the OVRO site (04 §3.3).
+"""Observed az/el ↔ ICRS ↔ Galactic, per sample, at the OVRO site (docs/mapmaking.md#coordinates).
 
 IERS policy (shared with the simulator): the bundled ``astropy-iers-data`` tables are used, never
 downloaded (``configure_iers``). UT1−UTC comes from ``Time.delta_ut1_utc`` and polar motion from
 astropy's ``ErfaAstrom.apco``, as in astropy's own AltAz transform, so simulator and pipeline agree
 inside and outside the tables. Only public astropy API is used.
 
-Fast path (04 §3.3 item 3): time is split into blocks of at most ``block_s`` (60 s). For each
-block the star-independent astrometry (``erfa.apco`` through astropy's ``ErfaAstrom.apco``, so
-precession–nutation, aberration, polar motion and UT1−UTC are exactly astropy's) is computed
-once at the block mid-time, as one ERFA record shared by the block's samples; per sample only the
-local Earth rotation angle is updated from UT1 (added to the CIRS right ascension). The conversion
-is ``erfa.atoiq`` (observed → CIRS) then CIRS → ICRS (``erfa.aticq``'s steps in NumPy), vectorised
-over the block. Freezing aberration and precession–nutation over 60 s costs < 0.001″; the test
-and benchmark B5 compare with astropy's full per-sample transform (≤ 0.01″). ``icrs_to_azel`` and
-``parallactic_angle`` use the same block astrometry (``erfa.atciq`` then ``erfa.atioq``).
+Fast path (docs/mapmaking.md#coordinates item 3): time is split into blocks of at most ``block_s`` (60 s). For
+each block the star-independent astrometry (``erfa.apco`` through astropy's ``ErfaAstrom.apco``, so
+precession–nutation, aberration, polar motion and UT1−UTC are exactly astropy's) is computed once at the block
+mid-time, as one ERFA record shared by the block's samples; per sample only the local Earth rotation angle is
+updated from UT1 (added to the CIRS right ascension). The conversion is ``erfa.atoiq`` (observed → CIRS) then
+CIRS → ICRS (``erfa.aticq``'s steps in NumPy), vectorised over the block. Freezing aberration and
+precession–nutation over 60 s costs < 0.001″; the test and benchmark B5 compare with astropy's full per-sample
+transform (≤ 0.01″). ``icrs_to_azel`` and ``parallactic_angle`` use the same block astrometry (``erfa.atciq``
+then ``erfa.atioq``).
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def parallactic_angle(
     site: Site = OVRO,
     block_s: float = DEFAULT_BLOCK_S,
 ) -> NDArray[np.float64]:
-    """Parallactic angle of an ICRS position at each time, seen from ``site`` (04 §3.3).
+    """Parallactic angle of an ICRS position at each time, seen from ``site`` (docs/mapmaking.md#coordinates).
 
     ``q = atan2(sin H cos φ, sin φ cos δ − cos φ sin δ cos H)`` with H the apparent (local, true)
     hour angle, δ the apparent declination and φ the geodetic latitude of the site. The ICRS

@@ -1,4 +1,4 @@
-"""Exception types shared by every layer (00 §9).
+"""Exception types shared by every layer (docs/operations.md#error-model).
 
 They live in ``utils`` because the level-1 reader and the database facade raise them and must not
 import ``modules``; ``modules.pipeline_control.Pipeline`` re-exports them for user modules.
@@ -50,12 +50,12 @@ def _rebuild_bad_file(cls, message, obsid):
 
 
 class Level1FormatError(BadCOMAPFile):
-    """A level-1 file fails one of the validation checks C1–C13 (01 §9)."""
+    """A level-1 file fails one of the validation checks C1–C13 (docs/formats/level1.md#validity-checks)."""
 
 
 class ConfigError(COMAPError):
     """A configuration problem, reported before any work as
-    ``ConfigError: <file>: <where>: <message>: <text>`` (00 §6.4).
+    ``ConfigError: <file>: <where>: <message>: <text>`` (docs/configuration.md#validation).
 
     Parts that are None are left out of the line.
     """
@@ -106,5 +106,6 @@ class SimulatorError(COMAPError):
 
 
 def _one_line(text: str) -> str:
-    """Collapse a message to one line: messages are one line by contract (00 §9 rule 1)."""
+    """Collapse a message to one line: messages are one line by contract (docs/operations.md#error-model rule
+    1)."""
     return " ".join(text.split()) if ("\n" in text or "\r" in text) else text

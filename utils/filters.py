@@ -1,4 +1,5 @@
-"""Running median and running mean filters along one axis of N-D arrays (07 §4.1).
+"""Running median and running mean filters along one axis of N-D arrays
+(docs/operations.md#measurement-details).
 
 Public API
 ----------

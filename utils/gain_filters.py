@@ -1,5 +1,6 @@
-"""Gain filters (03 §4.7), used by GainFilterAndBin: estimate the common-mode gain fluctuation ĝ(t) of a
-feed from all its channels, jointly with a sky level and slope across the 26–34 GHz band.
+"""Gain filters (docs/level2.md#gainfilterandbin), used by GainFilterAndBin: estimate the common-mode gain
+fluctuation ĝ(t) of a feed from all its channels, jointly with a sky level and slope across the 26–34 GHz
+band.
 
 Model, per sample t and channel i of one feed (all bands), with ``n_i(t) = d_i(t)/m_i``::
 

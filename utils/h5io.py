@@ -1,4 +1,4 @@
-"""Robust HDF5 opening (01 §10) and small shared HDF5 helpers.
+"""Robust HDF5 opening (docs/formats/level1.md#opening-files-robustly) and small shared HDF5 helpers.
 
 ``RetryH5PY`` is the only way comap-reduce opens an HDF5 file. It retries *transient* errors
 (a file briefly locked or busy, a stale NFS handle, a timeout) with jittered exponential back-off and
@@ -26,7 +26,8 @@ from utils.errors import BadCOMAPFile
 log = logging.getLogger("comap.h5io")
 
 TRANSIENT_ERRNOS: frozenset[int] = frozenset({errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ETIMEDOUT})
-"""``errno`` values of an ``OSError`` that are worth retrying (01 §10)."""
+"""``errno`` values of an ``OSError`` that are worth retrying
+(docs/formats/level1.md#opening-files-robustly)."""
 
 _TRANSIENT_TEXT = "unable to lock file"
 
@@ -70,12 +71,13 @@ def _rebuild_open_error(message, path, cause, attempts, obsid):
 
 
 def one_line(text: object) -> str:
-    """Collapse ``str(text)`` onto one line (messages are one line by contract, 00 §9)."""
+    """Collapse ``str(text)`` onto one line (messages are one line by contract,
+    docs/operations.md#error-model)."""
     return " ".join(str(text).split())
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Return True if ``exc`` is an open error worth retrying (01 §10).
+    """Return True if ``exc`` is an open error worth retrying (docs/formats/level1.md#opening-files-robustly).
 
     Transient: ``BlockingIOError``; ``OSError`` with errno EAGAIN, EBUSY, ESTALE or ETIMEDOUT; any
     ``OSError`` whose message contains "unable to lock file" (HDF5's locking failure).
@@ -97,7 +99,8 @@ def _display_name(path: Any) -> str:
 
 
 class RetryH5PY:
-    """Context manager that opens an HDF5 file, retrying transient errors (01 §10).
+    """Context manager that opens an HDF5 file, retrying transient errors
+    (docs/formats/level1.md#opening-files-robustly).
 
     Parameters
     ----------
@@ -131,7 +134,7 @@ class RetryH5PY:
     Examples
     --------
     >>> with RetryH5PY(path, "r", locking=False) as f:   # doctest: +SKIP
-    ...     mjd = f["spectrometer/MJD"][...]
+    ...     mjd = f[MJD][...]   # an entry of utils.level1_layout or utils.level2
     """
 
     def __init__(

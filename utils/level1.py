@@ -1,17 +1,18 @@
-"""Validated reader of level-1 COMAP files (01).
+"""Validated reader of level-1 COMAP files (docs/formats/level1.md).
 
 This reader, with its layout (:mod:`utils.level1_layout`) and checks (:mod:`utils.level1_checks`),
 is the **only** code that knows the raw level-1 layout. Everything else asks :class:`Level1File`
 for typed arrays:
 
 >>> with Level1File(path) as l1:                                   # doctest: +SKIP
-...     l1.validate()                                              # checks C1–C13 (01 §9)
-...     i = l1.l1_index(l1.science_feeds()[0])
-...     raw = l1.tod_block(i, slice(None), slice(None), slice(1000, 6000))   # (bands, chans, 5000)
-...     angle = l1.hk_on_spectrometer("hk/antenna0/vane/angle", "linear", scale=0.01)
+...     l1.validate()                                              # checks C1–C13
+(docs/formats/level1.md#validity-checks) ...     i = l1.l1_index(l1.science_feeds()[0]) ...     raw =
+l1.tod_block(i, slice(None), slice(None), slice(1000, 6000))   # (bands, chans, 5000) ...     angle =
+l1.hk_on_spectrometer("hk/antenna0/vane/angle", "linear", scale=0.01)
 
-Every dimension (feeds, bands, channels, samples, sample rate) comes from the file (01 §2).
-Housekeeping lives on its own clocks, which run ``hk_time_offset_s`` late (01 §6).
+Every dimension (feeds, bands, channels, samples, sample rate) comes from the file
+(docs/formats/level1.md#dimensions). Housekeeping lives on its own clocks, which run ``hk_time_offset_s`` late
+(docs/formats/level1.md#housekeeping-time-alignment).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def sample_rate_from_mjd(mjd: ArrayLike) -> float:
     """Sample rate (Hz) from sample times, robust to time gaps and to MJD rounding.
 
     The inverse of the **mean** spacing of the regular steps (those below 1.5 × the median step).
-    01 §2 defines the rate as ``1/(86400·median(diff(MJD)))``; a float64 MJD near 6e4 resolves only
-    ~1 µs, so the median of single steps is uncertain at the 1e-5 level — enough to turn a 1200 s
-    scan into "longer than 2 × 600 s". The mean over the regular steps has the same expectation
-    without that rounding noise.
+    docs/formats/level1.md#dimensions defines the rate as ``1/(86400·median(diff(MJD)))``; a float64 MJD near
+    6e4 resolves only ~1 µs, so the median of single steps is uncertain at the 1e-5 level — enough to turn a
+    1200 s scan into "longer than 2 × 600 s". The mean over the regular steps has the same expectation without
+    that rounding noise.
 
     Parameters
     ----------
@@ -135,21 +136,23 @@ def _norm_hk(path: str) -> str:
 # Level1File
 # --------------------------------------------------------------------------------------------------
 class Level1File(Level1Checks):
-    """Validated, typed reader of one level-1 file (01).
+    """Validated, typed reader of one level-1 file (docs/formats/level1.md).
 
     The file is opened lazily (first use, ``open()`` or ``with``) read-only, without HDF5 file locking,
-    through :class:`utils.h5io.RetryH5PY`. ``validate()`` runs checks C1–C13 of 01 §9.
+    through :class:`utils.h5io.RetryH5PY`. ``validate()`` runs checks C1–C13 of
+    docs/formats/level1.md#validity-checks.
 
     Parameters
     ----------
     path : str or os.PathLike
         Level-1 file, normally named ``comap-<obsid:07d>-<YYYY-MM-DD>-<HHMMSS>.hd5``.
     hk_time_offset_s : float
-        Housekeeping stamps run this many seconds late w.r.t. the spectrometer clock (01 §6).
+        Housekeeping stamps run this many seconds late w.r.t. the spectrometer clock
+        (docs/formats/level1.md#housekeeping-time-alignment).
     count_bytes : bool
         Open through a counting Python file object (h5py ``driver='fileobj'``) so that
-        ``bytes_read_total`` and ``bytes_read_tod`` report the bytes HDF5 really read (07 §4.1 B2).
-        Slower; meant for benchmarks.
+        ``bytes_read_total`` and ``bytes_read_tod`` report the bytes HDF5 really read
+        (docs/operations.md#measurement-details B2). Slower; meant for benchmarks.
     rdcc_nbytes : int
         HDF5 chunk cache in bytes (file default and the ``spectrometer/tod`` dataset cache).
     retry : dict, optional
@@ -189,7 +192,8 @@ class Level1File(Level1Checks):
 
     # ---------------------------------------------------------------------------------------- open
     def open(self) -> Level1File:
-        """Open the file (C1, C2 of 01 §9) if it is not open yet; return ``self``."""
+        """Open the file (C1, C2 of docs/formats/level1.md#validity-checks) if it is not open yet; return
+        ``self``."""
         if self._f is not None:
             return self
         if not os.path.isfile(self.path):
@@ -307,7 +311,7 @@ class Level1File(Level1Checks):
         return arr
 
     def has_group(self, path: str) -> bool:
-        """True if ``path`` (e.g. ``'hk/antenna0/deTracker'``) is a group in the file."""
+        """True if ``path`` (e.g. :data:`utils.level1_layout.HK_TRACKER`) is a group in the file."""
         try:
             return self.file.get(path.strip("/") or "/", getclass=True) is h5py.Group
         except (KeyError, OSError, RuntimeError):
@@ -425,7 +429,8 @@ class Level1File(Level1Checks):
         return [to_str(b) for b in self._dset(BANDS)[...].ravel().tolist()]
 
     def features(self) -> NDArray[np.uint32]:
-        """Feature word per sample (01 §4); shape (n_tod,), uint32, read-only.
+        """Feature word per sample (docs/formats/level1.md#the-features-bit-word); shape (n_tod,), uint32,
+        read-only.
 
         Words stored in another integer dtype are converted (negative values become 0; both decode
         to −1).
@@ -552,12 +557,13 @@ class Level1File(Level1Checks):
         return self._array(f"{_norm_hk(group)}/utc", np.float64)
 
     def hk_mjd(self, group: str) -> NDArray[np.float64]:
-        """hk sample times on the spectrometer clock: ``utc − hk_time_offset_s / 86400`` (01 §6).
+        """hk sample times on the spectrometer clock: ``utc − hk_time_offset_s / 86400``
+        (docs/formats/level1.md#housekeeping-time-alignment).
 
         Parameters
         ----------
         group : str
-            hk group, e.g. ``'hk/antenna0/vane'`` (the ``hk/`` prefix is optional).
+            hk group, e.g. :data:`utils.level1_layout.HK_VANE` (the ``hk/`` prefix is optional).
 
         Returns
         -------
@@ -593,7 +599,8 @@ class Level1File(Level1Checks):
         scale: float | None = None,
         fill: float | None = None,
     ) -> NDArray:
-        """Map an hk quantity onto ``spectrometer/MJD`` using its own group's clock (01 §6).
+        """Map an hk quantity onto ``spectrometer/MJD`` using its own group's clock
+        (docs/formats/level1.md#housekeeping-time-alignment).
 
         Parameters
         ----------

@@ -1,4 +1,5 @@
-"""Validation checks C1–C13 of a level-1 file (01 §9), mixed into :class:`utils.level1.Level1File`.
+"""Validation checks C1–C13 of a level-1 file (docs/formats/level1.md#validity-checks), mixed into
+:class:`utils.level1.Level1File`.
 
 :class:`Level1Checks` holds ``validate()`` and one method per check. It reads the file only through
 the reader's accessors (``file``, ``mjd()``, ``frequency_ghz()``, ``n_tod``, ``_fail`` …), so that a
@@ -50,11 +51,13 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 
 class Level1Checks:
-    """Checks C1–C13 of 01 §9; a mixin of :class:`utils.level1.Level1File` (not used on its own)."""
+    """Checks C1–C13 of docs/formats/level1.md#validity-checks; a mixin of :class:`utils.level1.Level1File`
+    (not used on its own)."""
 
     # ---------------------------------------------------------------------------------- validation
     def validate(self, probe_tod: bool = True, *, check_pointing: bool = True) -> None:
-        """Check the file against 01 §9 (C1–C13, in order); raise on the first failure.
+        """Check the file against docs/formats/level1.md#validity-checks (C1–C13, in order); raise on the
+        first failure.
 
         Parameters
         ----------
@@ -67,7 +70,7 @@ class Level1Checks:
         Raises
         ------
         Level1FormatError
-            With the one-line message of the first failing check (01 §9).
+            With the one-line message of the first failing check (docs/formats/level1.md#validity-checks).
 
         Notes
         -----

@@ -19,7 +19,7 @@ Sel = slice | int | np.integer | None
 
 
 # --------------------------------------------------------------------------------------------------
-# Byte counting (07 §4.1 B2)
+# Byte counting (docs/operations.md#measurement-details B2)
 # --------------------------------------------------------------------------------------------------
 class CountingFile:
     """Unbuffered binary file that counts the bytes HDF5 reads through h5py's ``fileobj`` driver.

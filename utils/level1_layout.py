@@ -1,4 +1,5 @@
-"""The level-1 file layout (01 §3): dataset and group paths, required attributes, hk scales.
+"""The level-1 file layout (docs/formats/level1.md#layout): dataset and group paths, required attributes, hk
+scales.
 
 The only place that spells the raw level-1 paths (the ``LEVEL1`` registry):
 :class:`utils.level1.Level1File` reads them, :class:`utils.level1_checks.Level1Checks` validates
@@ -134,7 +135,7 @@ HK_SCALES: dict[str, float] = {
     f"{HK_WEATHER}/windSpeed": 0.01,
     f"{HK_WEATHER}/windDirection": 0.01,
 }
-"""Raw-to-physical scale of the integer hk datasets (01 §3.3): deg, °C, hPa, m/s."""
+"""Raw-to-physical scale of the integer hk datasets (docs/formats/level1.md#hk): deg, °C, hPa, m/s."""
 
 REQUIRED_COMAP_ATTRS: tuple[str, ...] = ("obsid", "source", "comment", "utc_start")
 KNOWN_COMAP_ATTRS: frozenset[str] = frozenset(REQUIRED_COMAP_ATTRS) | {
@@ -154,7 +155,8 @@ SECONDS_PER_DAY = 86400.0
 
 
 def decode_features(words: ArrayLike) -> NDArray[np.int16]:
-    """Decode feature words: the index of the highest set bit, −1 for ``w <= 0`` (01 §4).
+    """Decode feature words: the index of the highest set bit, −1 for ``w <= 0``
+    (docs/formats/level1.md#the-features-bit-word).
 
     Parameters
     ----------

@@ -1,4 +1,5 @@
-"""Level-2 layout: path building, feed ↔ index helpers and format constants (03 §3).
+"""Level-2 layout: path building, feed ↔ index helpers and format constants
+(docs/formats/level2.md#level-2-file-layout).
 
 Every per-feed level-2 array uses the level-2 feed axis ``spectrometer/feeds`` (science feeds in
 level-1 order, without the ground feed). :func:`feed_index` and :func:`feed_number` are the only
@@ -20,7 +21,7 @@ from utils.layout import Layout
 FORMAT_VERSION = LEVEL2_FORMAT_VERSION
 SUPPORTED_FORMAT_VERSIONS = SUPPORTED_LEVEL2_FORMAT_VERSIONS
 
-# Sample-flag bits of level2/sample_flags (03 §3).
+# Sample-flag bits of level2/sample_flags (docs/formats/level2.md#level-2-file-layout).
 FLAG_OUTSIDE_SCAN = 1
 FLAG_VANE = 2
 FLAG_LEVEL1_NAN = 4

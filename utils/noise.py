@@ -1,4 +1,5 @@
-"""Noise estimators: pair-difference rms, log-binned periodograms and 1/f fits (03 §4.5, §4.9).
+"""Noise estimators: pair-difference rms, log-binned periodograms and 1/f fits
+(docs/level2.md#noisestatslevel1, docs/level2.md#noisestatslevel2).
 
 Public API
 ----------
@@ -12,8 +13,8 @@ Public API
 ``fit_one_over_f(f_hz, p_mean, counts, ...) -> OneOverFFit``
     Fit of ``σ_red² |f/f_ref|^α + σ_white²`` to a log-binned periodogram, unbiased in ln P.
 ``segment_noise_stats(x, sample_rate_hz, ...) -> SegmentNoiseStats``
-    The per-segment algorithm of NoiseStatsLevel2 (03 §4.9 steps 1–8) for many segments of equal
-    length at once.
+    The per-segment algorithm of NoiseStatsLevel2 (docs/level2.md#noisestatslevel2 steps 1–8) for many
+    segments of equal length at once.
 
 Conventions
 -----------
@@ -60,7 +61,7 @@ MAD_TO_SIGMA: float = 1.4826
 """Median absolute deviation → standard deviation of a Gaussian (1/Φ⁻¹(3/4))."""
 
 LN_SIGMA_BOUNDS: tuple[float, float] = (-30.0, 10.0)
-"""Bounds of ln σ_white and ln σ_red in the 1/f fit (03 §4.9 step 7)."""
+"""Bounds of ln σ_white and ln σ_red in the 1/f fit (docs/level2.md#noisestatslevel2 step 7)."""
 
 _CHUNK_ELEMENTS = 1 << 22
 """Rows are processed in chunks of about this many float64 elements (32 MB) to bound memory."""
@@ -218,7 +219,7 @@ def interpolate_bad(x: ArrayLike, good: ArrayLike, *, axis: int = -1) -> NDArray
 
 
 # ==================================================================================================
-# Pair-difference white-noise estimators (03 §4.5 step 2)
+# Pair-difference white-noise estimators (docs/level2.md#noisestatslevel1 step 2)
 # ==================================================================================================
 def pair_difference_rms(
     x: ArrayLike,
@@ -228,7 +229,8 @@ def pair_difference_rms(
     clip_sigma: float = 5.0,
     min_pairs: int = 10,
 ) -> NDArray[np.float64]:
-    """White-noise rms per sample from pair differences ``δ_j = x[2j+1] − x[2j]`` (03 §4.5).
+    """White-noise rms per sample from pair differences ``δ_j = x[2j+1] − x[2j]``
+    (docs/level2.md#noisestatslevel1).
 
     Only pairs with both samples finite are used. Differencing adjacent samples removes any
     signal that is smooth on the scale of one sample, and ``var(δ) = 2σ²`` for white noise σ.
@@ -293,7 +295,7 @@ def pair_difference_rms(
 
 
 # ==================================================================================================
-# Periodogram and 1/f fit (03 §4.9 steps 5–8)
+# Periodogram and 1/f fit (docs/level2.md#noisestatslevel2 steps 5–8)
 # ==================================================================================================
 def log_binned_periodogram(
     y: ArrayLike, sample_rate_hz: float, n_bins: int, *, detrend: bool = False
@@ -315,11 +317,11 @@ def log_binned_periodogram(
     n_bins : int
         Number of log-spaced bins (≥ 1).
     detrend : bool
-        Subtract the least-squares straight line instead of the median (default False, as 03
-        §4.9). A segment cut from a longer red-noise stream is not periodic: its end-to-end step
-        leaks power ∝ f⁻² into the lowest bins. For α = −2 and 120 s segments that biases σ_red
-        high by ~25 % (α = −1.5: ~5 %); removing the line cuts this to a few per cent at the cost
-        of a small bias of the other sign for shallow spectra.
+        Subtract the least-squares straight line instead of the median (default False, as
+        docs/level2.md#noisestatslevel2). A segment cut from a longer red-noise stream is not periodic: its
+        end-to-end step leaks power ∝ f⁻² into the lowest bins. For α = −2 and 120 s segments that biases
+        σ_red high by ~25 % (α = −1.5: ~5 %); removing the line cuts this to a few per cent at the cost of a
+        small bias of the other sign for shallow spectra.
 
     Returns
     -------
@@ -431,7 +433,8 @@ def fit_one_over_f(
     alpha_init: float = -1.5,
     bias_correction: bool = True,
 ) -> OneOverFFit:
-    """Fit ``M(f) = σ_red² |f/f_ref|^α + σ_white²`` to a log-binned periodogram (03 §4.9 step 7).
+    """Fit ``M(f) = σ_red² |f/f_ref|^α + σ_white²`` to a log-binned periodogram
+    (docs/level2.md#noisestatslevel2 step 7).
 
     ``scipy.optimize.least_squares`` (trf, analytic Jacobian) on ``θ = (ln σ_white, ln σ_red, α)``
     with ``ln σ ∈ [−30, 10]`` and ``α ∈ alpha_bounds`` minimises
@@ -503,7 +506,7 @@ def fit_one_over_f(
     target = np.log(p) - (log_mean_bias(c) if bias_correction else 0.0)
     w = np.sqrt(c)
 
-    # Start values (03 §4.9 step 7).
+    # Start values (docs/level2.md#noisestatslevel2 step 7).
     lo_s, hi_s = LN_SIGMA_BOUNDS
     if sigma_white0 is not None and np.isfinite(sigma_white0) and sigma_white0 > 0:
         sw0 = float(sigma_white0)
@@ -585,7 +588,7 @@ def fit_one_over_f(
 
 
 # ==================================================================================================
-# NoiseStatsLevel2 per-segment algorithm (03 §4.9 steps 1–8)
+# NoiseStatsLevel2 per-segment algorithm (docs/level2.md#noisestatslevel2 steps 1–8)
 # ==================================================================================================
 @dataclass
 class SegmentNoiseStats:
@@ -688,7 +691,8 @@ def segment_noise_stats(
     detrend: bool = False,
     keep_spectra: Sequence[int] = (),
 ) -> SegmentNoiseStats:
-    """Noise statistics of segments of equal length (03 §4.9 steps 1–8), one segment per row.
+    """Noise statistics of segments of equal length (docs/level2.md#noisestatslevel2 steps 1–8), one segment
+    per row.
 
     1. ``n_f`` = finite samples; rows with ``n_f < min_samples`` are not fitted.
     2. ``auto_rms`` = clipped pair-difference rms (:func:`pair_difference_rms`), over the pairs
@@ -714,7 +718,7 @@ def segment_noise_stats(
         Hz.
     f_ref_hz, n_psd_bins, medfilt_length, outlier_sigma, min_good_fraction, min_samples,
     alpha_bounds, alpha_init
-        As the NoiseStatsLevel2 parameters of 03 §4.9.
+        As the NoiseStatsLevel2 parameters of docs/level2.md#noisestatslevel2.
     bright : array_like of bool, shape (n,) or (R, n), optional
         Samples where the bright-source map is at or above the cut.
     seeds : sequence of length R, optional
@@ -722,7 +726,7 @@ def segment_noise_stats(
         bin, scan)``); default ``(0, row)``.
     detrend : bool
         Remove a least-squares line instead of the median before the periodogram (see
-        :func:`log_binned_periodogram`); False follows 03 §4.9.
+        :func:`log_binned_periodogram`); False follows docs/level2.md#noisestatslevel2.
     keep_spectra : sequence of int
         Rows whose binned periodogram is returned in ``spectra`` (for plots).
 

@@ -1,4 +1,5 @@
-"""Radio recombination lines: rest frequencies, radio velocities and the LSRK correction (04 §9.1).
+"""Radio recombination lines: rest frequencies, radio velocities and the LSRK correction
+(docs/mapmaking.md#line-frequencies).
 
 Line frequencies::
 

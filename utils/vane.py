@@ -1,6 +1,6 @@
 """Vane calibration of the TOD: the vane results of SystemTemperature (``level2/vane``),
-interpolated in time between vane events (03 §2.4). The streaming stages calibrate every
-feed × scan block with :func:`vane_calibration`.
+interpolated in time between vane events (docs/level2.md#calibration-per-scan). The streaming stages calibrate
+every feed × scan block with :func:`vane_calibration`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def vane_calibration(ctx: Any, feed: int, scan: int) -> tuple[np.ndarray, np.nda
     """Vane gain (counts/K) and Tsys (K) for ``feed`` during ``scan``, each ``(B, C)`` float64.
 
     Interpolated linearly in time between the vane events that bracket the scan's mid-time;
-    the nearest event outside them (03 §2.4). The vane results are read once per observation.
+    the nearest event outside them (docs/level2.md#calibration-per-scan). The vane results are read once per
+    observation.
     """
     vane = ctx.cached("vane", read_vane)
     ifeed = ctx.ifeed(feed)

@@ -1,4 +1,5 @@
-"""Map geometry: named WCS definitions, the dynamic WCS and world → pixel indices (04 §6).
+"""Map geometry: named WCS definitions, the dynamic WCS and world → pixel indices
+(docs/mapmaking.md#map-geometry).
 
 All maps are plate carrée (CAR) grids in Galactic (``GLON-CAR``/``GLAT-CAR``) or ICRS
 (``RA---CAR``/``DEC--CAR``) coordinates. Pixel indices are 0-based and flattened row-major:
@@ -139,7 +140,7 @@ def dynamic_geometry(
     lon_ref_deg: float | None = None,
     extent: tuple[float, float, float, float] | None = None,
 ) -> MapGeometry:
-    """The dynamic CAR grid covering the given pointing (04 §6.2).
+    """The dynamic CAR grid covering the given pointing (docs/mapmaking.md#dynamic-wcs).
 
     Parameters
     ----------
@@ -197,7 +198,8 @@ def dynamic_geometry(
 
 
 def world_to_pixel_index(geometry: MapGeometry, lon_deg: ArrayLike, lat_deg: ArrayLike) -> NDArray[np.int64]:
-    """Flattened pixel index of each position by rounding to the nearest pixel centre (04 §6.3).
+    """Flattened pixel index of each position by rounding to the nearest pixel centre
+    (docs/mapmaking.md#pixelisation).
 
     ``x, y = wcs.world_to_pixel_values(lon, lat)`` (0-based), ``ix = floor(x + 0.5)``,
     ``iy = floor(y + 0.5)``; valid if finite and inside ``[0, nx) × [0, ny)``, else −1.

@@ -1,1 +1,2 @@
-"""Data acquisition: remote listing, rsync download, registration and observer flags (spec 06)."""
+"""Data acquisition: remote listing, rsync download, registration and observer flags; see
+docs/acquisition.md."""

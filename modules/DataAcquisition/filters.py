@@ -1,5 +1,5 @@
 """Remote listing, index join and the download filters shared by DataCheckRemote and DataAcquisition
-(06 §2, §3).
+(docs/acquisition.md#remote-listing, docs/acquisition.md#filters).
 
 Filters, in order, each rejection counted by reason:
 
@@ -77,7 +77,7 @@ def _match_any(value: str | None, patterns: Sequence[str]) -> bool:
 
 @dataclass(frozen=True)
 class FilterSettings:
-    """The filter parameters of 06 §3 (glob patterns are matched case-insensitively)."""
+    """The filter parameters of docs/acquisition.md#filters (glob patterns are matched case-insensitively)."""
 
     min_obsid_download: int = 0
     max_obsid_download: int | None = None
@@ -173,7 +173,7 @@ def apply_filters(
     has_index: bool,
     cli_obsids: Iterable[int] | None,
 ) -> Selection:
-    """Apply the filters of 06 §3, in order, to an (index-joined) listing.
+    """Apply the filters of docs/acquisition.md#filters, in order, to an (index-joined) listing.
 
     Parameters
     ----------

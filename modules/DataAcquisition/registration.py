@@ -1,7 +1,7 @@
 """Registering level-1 files in ``comap_data`` (shared by DataAcquisition and DataAssess).
 
 * :func:`observation_row` — the ``comap_data`` fields of an observation from its ``/comap``
-  attributes (05 §1.1, source group by 05 §3);
+  attributes (docs/database.md#comap_data, source group by docs/database.md#source-group-classification);
 * :func:`read_level1_row` — open (and optionally validate) a level-1 file and build its row;
 * :data:`DEMO_HINT` — the one-line hint shown when the simulated demo archive is missing;
 * :func:`expect_directory` / :func:`directory_expected` — directories that an earlier stage of
@@ -24,9 +24,9 @@ from utils.level1 import Level1File
 __all__ = ["DEMO_HINT", "directory_expected", "expect_directory", "observation_row", "read_level1_row"]
 
 DEMO_HINT: str = "run make demo or python -m utils.simulator archive --preset demo --out demo/remote"
-"""What to do when the simulated demo archive (``demo/remote/``) does not exist (00 §11)."""
+"""What to do when the simulated demo archive (``demo/remote/``) does not exist (docs/install.md#the-demo)."""
 
-# /comap attributes copied to comap_data when present (05 §1.1).
+# /comap attributes copied to comap_data when present (docs/database.md#comap_data).
 _COPIED_ATTRS = (
     "telescope",
     "instrument",
@@ -66,8 +66,8 @@ def observation_row(
     Returns
     -------
     dict
-        ``obsid``, ``source`` and ``source_group`` (05 §3), ``utc_start``, ``comment``, the copied
-        attributes, and the path, size and feed count when given.
+        ``obsid``, ``source`` and ``source_group`` (docs/database.md#source-group-classification),
+        ``utc_start``, ``comment``, the copied attributes, and the path, size and feed count when given.
     """
     source, group = classify(str(attrs.get("source", "")), str(attrs.get("comment", "")))
     row: dict[str, Any] = {
@@ -98,7 +98,7 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
     path : path
         Level-1 file named ``comap-<obsid>-<date>-<time>.hd5``.
     validate : bool
-        Run ``Level1File.validate(probe_tod=True)`` (01 §9) first.
+        Run ``Level1File.validate(probe_tod=True)`` (docs/formats/level1.md#validity-checks) first.
 
     Raises
     ------

@@ -1,4 +1,5 @@
-"""The parameters and the remote selection shared by DataCheckRemote and DataAcquisition (06 §1–§3).
+"""The parameters and the remote selection shared by DataCheckRemote and DataAcquisition
+(docs/acquisition.md).
 
 Deliberately without ``from __future__ import annotations``: the dataclass fields keep their
 annotation objects, so that the config loader reads them through a subclass defined in another
@@ -23,7 +24,8 @@ __all__ = ["RemoteSelectionParameters"]
 
 @dataclass(eq=False, repr=False)
 class RemoteSelectionParameters:
-    """Mixin of the stages that list the remote archive and select files with the filters of 06 §3.
+    """Mixin of the stages that list the remote archive and select files with the filters of
+    docs/acquisition.md#filters.
 
     Put it before :class:`~modules.pipeline_control.Pipeline.PipelineStage` in the bases of a
     dataclass: the stage's own parameters follow these in the generated ``__init__``, and
@@ -33,7 +35,7 @@ class RemoteSelectionParameters:
     ----------
     remote : str
         Local directory (``demo/remote/``), ``[user@]host:path`` (ssh) or
-        ``rsync://host[:port]/module[/path]`` (06 §1).
+        ``rsync://host[:port]/module[/path]`` (docs/acquisition.md#remote-specification).
     local_dir : str
         Download directory; remote relative paths are mirrored under it (also used for the
         "already present" check).

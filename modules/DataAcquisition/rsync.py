@@ -1,4 +1,5 @@
-"""rsync plumbing shared by the acquisition stages (06 §1, §2, §5.1, §8).
+"""rsync plumbing shared by the acquisition stages (docs/acquisition.md#remote-specification,
+docs/acquisition.md#remote-listing, docs/acquisition.md#download, docs/acquisition.md#security-rules).
 
 Everything that touches a remote-derived string lives here:
 
@@ -12,7 +13,8 @@ Everything that touches a remote-derived string lives here:
   when rsync is absent);
 * :func:`fetch_index`, :func:`parse_index`, :func:`join_index` — the optional remote index;
 * :func:`run_transfer` — one rsync transfer process, streaming ``--out-format=%n`` lines;
-* :func:`python_copy_file` — the verified Python copy used when rsync is absent (06 §5.1 item 5).
+* :func:`python_copy_file` — the verified Python copy used when rsync is absent (docs/acquisition.md#download
+  item 5).
 
 Nothing here deletes anything on the remote side, stores credentials or uses a shell.
 """
@@ -76,7 +78,8 @@ __all__ = [
 ]
 
 DEFAULT_SSH_COMMAND: str = "ssh -o BatchMode=yes -o ConnectTimeout=20"
-"""``ssh_command`` default: the user's agent or keys, never a password prompt (06 §8 rule 5)."""
+"""``ssh_command`` default: the user's agent or keys, never a password prompt
+(docs/acquisition.md#security-rules rule 5)."""
 
 INSTALL_HINT: str = (
     "rsync not found on PATH; install it (apt-get install rsync, conda install rsync or brew install rsync)"
@@ -90,7 +93,8 @@ LEVEL1_GLOB: str = "comap-*.hd5"
 LISTING_RE = re.compile(
     r"^([-dlcbps][-rwxsStT]{9})\s+([\d,]+)\s+(\d{4}/\d{2}/\d{2})\s+(\d{2}:\d{2}:\d{2})\s+(.+)$"
 )
-"""One ``rsync --list-only`` line: mode, size (digit groups allowed), date, time, path (06 §2)."""
+"""One ``rsync --list-only`` line: mode, size (digit groups allowed), date, time, path
+(docs/acquisition.md#remote-listing)."""
 
 _COMPONENT_RE = re.compile(r"^[A-Za-z0-9._+-]+$")
 _SSH_HOST_RE = re.compile(r"^([A-Za-z0-9._-]+@)?[A-Za-z0-9.-]+$")
@@ -110,7 +114,7 @@ class RemoteError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Remote specification (06 §1)
+# Remote specification (docs/acquisition.md#remote-specification)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -174,7 +178,7 @@ def parse_remote(text: str, *, check_exists: bool = True) -> Remote:
     Raises
     ------
     ValueError
-        One-line reason naming the remote (06 §1).
+        One-line reason naming the remote (docs/acquisition.md#remote-specification).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("remote is empty")
@@ -237,7 +241,7 @@ def validate_ssh_command(command: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Relative paths and the listing (06 §2)
+# Relative paths and the listing (docs/acquisition.md#remote-listing)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -258,7 +262,8 @@ def validate_index_relpath(p: str) -> str | None:
 
 
 def validate_relpath(p: str) -> str | None:
-    """Reason why a listed path must be rejected, or None if it is acceptable (06 §2).
+    """Reason why a listed path must be rejected, or None if it is acceptable
+    (docs/acquisition.md#remote-listing).
 
     A path is rejected if it is absolute; if it has an empty, ``.`` or ``..`` component; if a
     component does not match ``^[A-Za-z0-9._+-]+$`` or starts with ``-``; or if its base name is
@@ -338,7 +343,7 @@ def _add_entry(listing: Listing, path: str, size: int, mtime: _dt.datetime | Non
 
 
 def parse_listing(text: str) -> Listing:
-    """Parse ``rsync --list-only`` output (06 §2).
+    """Parse ``rsync --list-only`` output (docs/acquisition.md#remote-listing).
 
     Only regular files (mode starting with ``-``) are kept; symlinks, devices and other entries are
     ignored with a DEBUG line. Sizes may contain digit-grouping commas. Times are read as UTC (the
@@ -430,7 +435,7 @@ def _ssh_args(remote: Remote, ssh_command: str) -> list[str]:
 
 
 def listing_command(rsync: str, remote: Remote, ssh_command: str = DEFAULT_SSH_COMMAND) -> list[str]:
-    """Arguments of the single listing invocation (06 §2)."""
+    """Arguments of the single listing invocation (docs/acquisition.md#remote-listing)."""
     return [
         rsync,
         "--list-only",
@@ -457,7 +462,7 @@ def transfer_command(
     dry_run: bool = False,
     ssh_command: str = DEFAULT_SSH_COMMAND,
 ) -> list[str]:
-    """Arguments of one batch transfer (06 §5.1 item 2).
+    """Arguments of one batch transfer (docs/acquisition.md#download item 2).
 
     ``--bwlimit`` is present exactly when ``bwlimit_kbps`` is set, ``--dry-run`` exactly when
     ``dry_run``, and ``-e SSH_COMMAND`` (one argument) exactly for ssh remotes. ``-L`` and
@@ -581,13 +586,13 @@ def list_remote(
 
 
 # ------------------------------------------------------------------------------------------------
-# Remote index (06 §2)
+# Remote index (docs/acquisition.md#remote-listing)
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class IndexRow:
-    """One row of the remote index (``obs_index.csv``, 02 §1)."""
+    """One row of the remote index (``obs_index.csv``, docs/simulator.md#interfaces)."""
 
     obsid: int
     relative_path: str
@@ -686,7 +691,8 @@ def parse_index(text: str, name: str = "remote index") -> tuple[dict[int, IndexR
 
 
 def join_index(files: Iterable[RemoteFile], index: Mapping[int, IndexRow]) -> list[RemoteFile]:
-    """Attach ``source``, ``comment`` and ``source_group`` (05 §3) from the index, by obsid."""
+    """Attach ``source``, ``comment`` and ``source_group`` (docs/database.md#source-group-classification) from
+    the index, by obsid."""
     out = []
     for f in files:
         row = index.get(f.obsid)
@@ -800,7 +806,7 @@ def python_copy_file(
     on_bytes: Callable[[int], None] | None = None,
     chunk_bytes: int = 4 << 20,
 ) -> bool:
-    """Copy one file of a local remote without rsync (06 §5.1 item 5).
+    """Copy one file of a local remote without rsync (docs/acquisition.md#download item 5).
 
     The file is copied to a hidden temporary name in its destination directory, its size is
     checked against the listing, its mtime and mode (``0o664``) are set, and it is moved into

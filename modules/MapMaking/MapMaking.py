@@ -1,4 +1,5 @@
-"""MapMaking and LineMapMaking: the top-level stages that run the map jobs of a config (04 §1).
+"""MapMaking and LineMapMaking: the top-level stages that run the map jobs of a config
+(docs/mapmaking.md#orchestration).
 
 Both are thin: the dispatcher (:mod:`modules.MapMaking.dispatch`) selects the observations, skips
 outputs that are up to date, runs the products' reads on one worker pool and records failures;
@@ -16,7 +17,7 @@ from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 
 
 class MapMaking(PipelineStage):
-    """Make the destriped continuum maps listed in a map-making config (04 §1–§7).
+    """Make the destriped continuum maps listed in a map-making config (docs/mapmaking.md).
 
     Parameters
     ----------
@@ -63,7 +64,8 @@ class MapMaking(PipelineStage):
 
 
 class LineMapMaking(MapMaking):
-    """Make the RRL cubes listed in a line-map config (04 §9); its jobs are ``CreateLineMap`` calls.
+    """Make the RRL cubes listed in a line-map config (docs/mapmaking.md#rrl-cubes); its jobs are
+    ``CreateLineMap`` calls.
 
     Parameters
     ----------

@@ -1,1 +1,1 @@
-"""Map making: destriped continuum maps (MapMaking) and RRL cubes (LineMapMaking), spec 04."""
+"""Map making: destriped continuum maps (MapMaking) and RRL cubes (LineMapMaking); see docs/mapmaking.md."""

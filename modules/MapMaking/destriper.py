@@ -1,8 +1,8 @@
-"""Destriper: offsets + binned maps by preconditioned conjugate gradients (04 §4).
+"""Destriper: offsets + binned maps by preconditioned conjugate gradients (docs/mapmaking.md#destriper).
 
 Model and equations
 -------------------
-The time-ordered data are modelled as ``d = P m + F a + n`` (04 §4.1):
+The time-ordered data are modelled as ``d = P m + F a + n`` (docs/mapmaking.md#model-and-equations):
 
 * ``P`` (sample → pixel) is given by ``pixels``; −1 means "off the map";
 * ``F`` spreads offset amplitudes ``a`` over runs of L = ``offset_length`` samples that restart at
@@ -32,12 +32,11 @@ constrained by destriping; by convention the mean offset is zero).
 
 Cost and memory
 ---------------
-One iteration is two passes over the samples (04 §4.2), done by the Cython kernels of
-:mod:`utils.kernels.destriper_ops`: pass 1 bins ``w a_j(t)`` into a map (thread-private
-accumulators, then one ``Allreduce``), pass 2 reads the map back per sample. Besides the inputs
-(16 bytes per sample: float32 TOD, solver and map weights, int32 pixels) the destriper allocates
-only map- and offset-sized float64 vectors (and ``n_threads`` map-sized accumulator rows); nothing
-per sample.
+One iteration is two passes over the samples (docs/mapmaking.md#operator-application), done by the Cython
+kernels of :mod:`utils.kernels.destriper_ops`: pass 1 bins ``w a_j(t)`` into a map (thread-private
+accumulators, then one ``Allreduce``), pass 2 reads the map back per sample. Besides the inputs (16 bytes per
+sample: float32 TOD, solver and map weights, int32 pixels) the destriper allocates only map- and offset-sized
+float64 vectors (and ``n_threads`` map-sized accumulator rows); nothing per sample.
 
 MPI
 ---
@@ -74,9 +73,9 @@ STATUSES: tuple[str, ...] = ("converged", "max_iter", "stalled", "breakdown")
 
 PRECONDITIONERS: tuple[str, ...] = ("jacobi", "exact_diag")
 RESIDUAL_REFRESH = 50
-"""Every this many iterations the residual is recomputed as ``b − A x`` (04 §4.3)."""
+"""Every this many iterations the residual is recomputed as ``b − A x`` (docs/mapmaking.md#solver)."""
 LOG_EVERY = 10
-"""An INFO line every this many iterations (04 §4.3)."""
+"""An INFO line every this many iterations (docs/mapmaking.md#solver)."""
 JACOBI_FLOOR = 1e-12
 
 
@@ -87,7 +86,7 @@ JACOBI_FLOOR = 1e-12
 
 @dataclass(frozen=True)
 class DestriperResult:
-    """Output of :func:`destripe` (04 §4.4).
+    """Output of :func:`destripe` (docs/mapmaking.md#python-entry-point).
 
     Attributes
     ----------
@@ -543,7 +542,7 @@ def destripe(
     x0: NDArray[np.float64] | None = None,
     comm: Any = None,
 ) -> DestriperResult:
-    """Destripe time-ordered data into a map (04 §4).
+    """Destripe time-ordered data into a map (docs/mapmaking.md#destriper).
 
     Parameters
     ----------
@@ -558,7 +557,7 @@ def destripe(
     offset_length : int
         Samples per offset, L >= 1.
     n_pixels : int
-        Number of map pixels (normally the compressed hit set, 04 §3.2).
+        Number of map pixels (normally the compressed hit set, docs/mapmaking.md#per-segment-processing).
     tol : float
         Stop when ``‖r_k‖/‖b‖ < tol`` and ``k >= min_iter``.
     max_iter : int
@@ -584,7 +583,7 @@ def destripe(
         Starting offsets, e.g. ``offsets`` of an earlier result with the same segmentation; fixed
         entries are ignored (set to 0).
     comm : mpi4py communicator, optional
-        Distributed mode (04 §4.6): each rank passes whole segments of its own; the maps are
+        Distributed mode (docs/mapmaking.md#mpi): each rank passes whole segments of its own; the maps are
         global (identical on every rank), the offsets rank-local.
 
     Returns
@@ -796,7 +795,8 @@ def _solve(
     stall_factor: float,
     rank: int,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], str]:
-    """PCG with the stopping rules of 04 §4.3; returns (best iterate, residual history, status)."""
+    """PCG with the stopping rules of docs/mapmaking.md#solver; returns (best iterate, residual history,
+    status)."""
     bb = float(dots([(b, b)])[0])
     if bb == 0.0:
         # Nothing to fit: a = 0 whatever x0 is. The solution is exact, so its residual is 0.

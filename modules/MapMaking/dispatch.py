@@ -1,11 +1,11 @@
-"""The map-making dispatcher: runs the map jobs of a config whatever product they make (04 §1).
+"""The map-making dispatcher: runs the map jobs of a config whatever product they make
+(docs/mapmaking.md#orchestration).
 
-For every job: select the observations (04 §2) in the coordinator, expand the job into concrete
-outputs (the product's :meth:`~modules.MapMaking.product.MapProduct.expand`), skip outputs whose
-FITS file already carries the output's configuration hash, make the others (the product's
-``make``: files read in parallel on ``nprocess`` workers) and, for two-way splits, write the
-difference maps. An output that fails or a job that selects nothing is counted as failed and the
-others continue.
+For every job: select the observations (docs/mapmaking.md#file-selection) in the coordinator, expand the job
+into concrete outputs (the product's :meth:`~modules.MapMaking.product.MapProduct.expand`), skip outputs whose
+FITS file already carries the output's configuration hash, make the others (the product's ``make``: files read
+in parallel on ``nprocess`` workers) and, for two-way splits, write the difference maps. An output that fails
+or a job that selects nothing is counted as failed and the others continue.
 
 This module knows no product: it drives jobs through the protocol of
 :class:`~modules.MapMaking.product.MapProduct`.
@@ -136,7 +136,8 @@ class Dispatcher:
         self.context = context or RunContext()
         self.log = logging.getLogger(f"comap.{stage}")
 
-    # --- selection (04 §2) ----------------------------------------------------------------------
+    # --- selection (docs/mapmaking.md#file-selection)
+    # ----------------------------------------------------------------------
     @staticmethod
     def _facade(job: Any, master: dict[str, Any]):
         from modules.SQLModule.SQLModule import SQLModule, db

@@ -1,4 +1,5 @@
-"""FITS writers for continuum maps and RRL cubes (04 §5, §9.6).
+"""FITS writers for continuum maps and RRL cubes (docs/mapmaking.md#continuum-fits-output,
+docs/mapmaking.md#fits-cube).
 
 Files are written to ``<name>.partial-<pid>`` and moved into place with ``os.replace``; the
 resolved job configuration is written beside each file as ``<stem>.config.toml``. Every HDU
@@ -47,7 +48,8 @@ class MapInfo:
 
 
 def hit_mask(hits: np.ndarray, *, hit_percentile: float = 5.0, min_hits: int = 1) -> tuple[np.ndarray, float]:
-    """MASK bits 1 (never hit) and 2 (below the hit threshold) and the threshold used (04 §5.1).
+    """MASK bits 1 (never hit) and 2 (below the hit threshold) and the threshold used
+    (docs/mapmaking.md#name-and-hdus).
 
     ``threshold = max(percentile(hits[hits > 0], hit_percentile), min_hits)``.
     """
@@ -178,7 +180,7 @@ def write_map_fits(
     clip_percentiles: tuple[float, float] = (0.5, 99.5),
     resolved_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS and MASK HDUs (04 §5.1).
+    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS and MASK HDUs (docs/mapmaking.md#name-and-hdus).
 
     Parameters
     ----------
@@ -228,7 +230,8 @@ def write_map_fits(
 
 @dataclass(frozen=True)
 class SpectralAxis:
-    """The spectral axis of an RRL cube (04 §9.6): LSRK radio velocity grid and the rest frequency.
+    """The spectral axis of an RRL cube (docs/mapmaking.md#fits-cube): LSRK radio velocity grid and the rest
+    frequency.
 
     ``kind`` is ``'VRAD'`` (m/s) or ``'FREQ'`` (Hz, ``ν = ν0 (1 − v/c)``); both are exactly linear.
     """
@@ -299,7 +302,7 @@ def write_cube_fits(
     min_hits: int = 1,
     resolved_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write an RRL cube: LINE, RMS, HITS, CONTINUUM and MASK HDUs (04 §9.6).
+    """Write an RRL cube: LINE, RMS, HITS, CONTINUUM and MASK HDUs (docs/mapmaking.md#fits-cube).
 
     The data are given on the hit pixels only and the full planes are assembled one velocity
     channel at a time while streaming to disk, so memory follows the observed area.

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 def wcs_definitions_path(wcs_def_file: str) -> Path | None:
     """``wcs_def_file`` as an absolute path, then relative to the working directory, then relative to
-    ``modules/MapMaking/`` (00 §6.1); None if none exists."""
+    ``modules/MapMaking/`` (docs/configuration.md#files-and-reading); None if none exists."""
     p = Path(wcs_def_file)
     for candidate in [p] if p.is_absolute() else [p, HERE / p]:
         if candidate.is_file():

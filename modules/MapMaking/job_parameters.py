@@ -1,4 +1,6 @@
-"""Parameter groups shared by the map products (04 §1, §3.1, §5.1, §7, §9).
+"""Parameter groups shared by the map products (docs/mapmaking.md#orchestration,
+docs/mapmaking.md#pre-pass-and-segment-selection, docs/mapmaking.md#name-and-hdus,
+docs/mapmaking.md#createmap-and-its-variants, docs/mapmaking.md#rrl-cubes).
 
 Each group is a keyword-only dataclass: a product class lists the groups it takes among its
 bases and is itself a dataclass, so its generated ``__init__`` carries every parameter with its
@@ -56,7 +58,8 @@ class OutputParameters:
 
 @dataclass(kw_only=True, eq=False)
 class SelectionParameters:
-    """Which observations and segments a product takes (04 §2, §3.1).
+    """Which observations and segments a product takes (docs/mapmaking.md#file-selection,
+    docs/mapmaking.md#pre-pass-and-segment-selection).
 
     Parameters
     ----------
@@ -113,7 +116,7 @@ class CalibrationParameters:
 
 @dataclass(kw_only=True, eq=False)
 class GeometryParameters:
-    """The 2-D map geometry: a named WCS or one fitted to the pointing (04 §6).
+    """The 2-D map geometry: a named WCS or one fitted to the pointing (docs/mapmaking.md#map-geometry).
 
     Parameters
     ----------
@@ -138,7 +141,7 @@ class GeometryParameters:
 
 @dataclass(kw_only=True, eq=False)
 class DestriperParameters:
-    """Destriper settings shared by maps and per-channel cube destriping (04 §4).
+    """Destriper settings shared by maps and per-channel cube destriping (docs/mapmaking.md#destriper).
 
     Parameters
     ----------
@@ -157,7 +160,7 @@ class DestriperParameters:
 
 @dataclass(kw_only=True, eq=False)
 class MaskingParameters:
-    """Which pixels are masked (04 §5.1).
+    """Which pixels are masked (docs/mapmaking.md#name-and-hdus).
 
     Parameters
     ----------
@@ -173,7 +176,8 @@ class MaskingParameters:
 
 @dataclass(kw_only=True, eq=False)
 class ChannelParameters:
-    """Binned channels of a continuum product and their segment cuts (04 §3.1).
+    """Binned channels of a continuum product and their segment cuts
+    (docs/mapmaking.md#pre-pass-and-segment-selection).
 
     Parameters
     ----------

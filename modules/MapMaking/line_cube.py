@@ -1,4 +1,4 @@
-"""From merged line accumulators to a cube (04 §9.4–§9.5): cube and rms, per-pixel baselines,
+"""From merged line accumulators to a cube (docs/mapmaking.md): cube and rms, per-pixel baselines,
 per-channel destriping, moments and the quicklook PNG.
 
 All arrays here live on the hit pixels only: shape (n_hit, n_v) for cubes, (n_hit,) for images.
@@ -72,8 +72,8 @@ def destripe_channels(
     acc: LineAccumulation, settings: LineReaderSettings, *, offset_length: int, tol: float, max_iter: int
 ) -> tuple[NDArray[np.float64], dict[str, Any]]:
     """Destripe every velocity channel on the regridded TOD ``y_out,j`` with weights ``w_out,j``
-    (04 §9.5); pixels, segments and offsets are shared across channels. Returns the cube (n_hit,
-    n_v) and destriper facts for the header."""
+    (docs/mapmaking.md#velocity-regridding-and-accumulation); pixels, segments and offsets are shared across
+    channels. Returns the cube (n_hit, n_v) and destriper facts for the header."""
     from modules.MapMaking.destriper import destripe
 
     assert acc.samples is not None and acc.segment_starts is not None

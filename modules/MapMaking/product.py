@@ -1,4 +1,4 @@
-"""What a map product is, as the dispatcher sees it (04 §1).
+"""What a map product is, as the dispatcher sees it (docs/mapmaking.md#orchestration).
 
 A product (continuum map, line cube, hit map, ...) is a map job class deriving from
 :class:`MapProduct` and some of the parameter groups of :mod:`modules.MapMaking.job_parameters`.
@@ -82,8 +82,8 @@ class MapProduct(MapJob):
 
     def job_config_hash(self, output: Any, observations: list[Any], updated: dict[int, str]) -> str:
         """Hash of the resolved parameters, the output's identity, the sorted obsids it takes and
-        each level-2 file's ``updated_utc`` (04 §1 step 2): a new or reprocessed observation
-        remakes the output."""
+        each level-2 file's ``updated_utc`` (docs/mapmaking.md#orchestration step 2): a new or reprocessed
+        observation remakes the output."""
         only = getattr(output, "obsids", None)
         ids = sorted(o.obsid for o in observations if only is None or o.obsid in only)
         return sha256_of(

@@ -1,4 +1,4 @@
-"""Level2DataReader: the continuum map maker's reader of level-2 files (04 §3).
+"""Level2DataReader: the continuum map maker's reader of level-2 files (docs/mapmaking.md#level2datareader).
 
 A **pre-pass** reads only small datasets (feeds, scan edges, MJD at scan boundaries, central
 frequencies, noise statistics) and accepts or rejects every segment (file, feed, scan), counting
@@ -31,7 +31,7 @@ Detrend = Literal["median", "linear", "legendre", "none"]
 @dataclass(kw_only=True)
 class ChannelSelection(SegmentSelection):
     """The segment cuts of one binned channel (picklable): the shared cuts, the white-noise cap
-    and the 1/f knee limit (04 §3.1).
+    and the 1/f knee limit (docs/mapmaking.md#pre-pass-and-segment-selection).
 
     Parameters
     ----------
@@ -90,7 +90,8 @@ class SegmentPlan:
 
 @dataclass
 class ReaderOutput:
-    """Concatenated samples of all accepted segments (04 §3.2 "Reader output")."""
+    """Concatenated samples of all accepted segments (docs/mapmaking.md#per-segment-processing "Reader
+    output")."""
 
     tod: np.ndarray
     pixels: np.ndarray
@@ -110,7 +111,8 @@ class ReaderOutput:
 def prepass_file(
     obs: Any, settings: ChannelSelection, table: Any, flags: dict | None, counts: Counter
 ) -> list[SegmentPlan]:
-    """Accept or reject every (feed, scan) segment of one level-2 file (04 §3.1); count reasons."""
+    """Accept or reject every (feed, scan) segment of one level-2 file
+    (docs/mapmaking.md#pre-pass-and-segment-selection); count reasons."""
     band, chan = settings.band, settings.channel
     plans: list[SegmentPlan] = []
     with h5py.File(obs.level2_path, "r", locking=False) as l2:
@@ -245,7 +247,8 @@ def detrend_segment(
     az_deg: np.ndarray | None = None,
     quiet: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Subtract the segment's trend in place (04 §3.2 step 3); returns ``x``."""
+    """Subtract the segment's trend in place (docs/mapmaking.md#per-segment-processing step 3); returns
+    ``x``."""
     good = w > 0
     if settings.detrend == "none" or not good.any():
         return x
@@ -279,7 +282,8 @@ def detrend_segment(
 def spike_flags(
     x: np.ndarray, w: np.ndarray, sigma: float, settings: ReaderSettings, quiet: np.ndarray | None
 ) -> np.ndarray:
-    """Samples to zero-weight as spikes (04 §3.2 step 4), dilated by ``spike_dilate``."""
+    """Samples to zero-weight as spikes (docs/mapmaking.md#per-segment-processing step 4), dilated by
+    ``spike_dilate``."""
     from scipy import ndimage
 
     from utils.filters import running_median_nan
@@ -443,9 +447,9 @@ def read_segments(
 
 
 def compress_pixels(pixels: np.ndarray, *weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map pixel indices to the set of hit pixels (04 §3.2, last paragraph): returns (hit pixel
-    ids, compressed int32 indices with −1 kept). Pixels seen only by samples whose weights are all
-    zero are left out."""
+    """Map pixel indices to the set of hit pixels (docs/mapmaking.md#per-segment-processing, last paragraph):
+    returns (hit pixel ids, compressed int32 indices with −1 kept). Pixels seen only by samples whose weights
+    are all zero are left out."""
     used = pixels >= 0
     if weights:
         any_weight = np.zeros(pixels.shape, dtype=bool)
@@ -465,7 +469,8 @@ def describe_counts(counts: Counter) -> str:
 
 
 class Level2DataReader:
-    """The continuum reader of one map job (04 §3): pre-pass, pointing sample, read.
+    """The continuum reader of one map job (docs/mapmaking.md#level2datareader): pre-pass, pointing sample,
+    read.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""The RRL cube reader (04 §9.3–§9.5).
+"""The RRL cube reader (docs/mapmaking.md).
 
 Level 2 holds only binned data, so the cube reader goes back to level 1 for the **native channels
 around each line**. A **pre-pass** reads small level-2 datasets (frequencies, scan edges, noise
@@ -6,8 +6,8 @@ statistics, calibration) and accepts or rejects every segment (file, feed, scan)
 counting the reasons. The **read** then, per accepted segment and line:
 
 1. reads the channel window ``tod[feed, band, i_lo:i_hi, start:stop]`` from level 1 (one
-   hyperslab), divides by the vane gain interpolated to the scan (03 §2.4) and by the calibration
-   factor, and weights each channel by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
+   hyperslab), divides by the vane gain interpolated to the scan (docs/level2.md#calibration-per-scan) and by
+   the calibration factor, and weights each channel by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
 2. subtracts each channel's median over the scan;
 3. subtracts a polynomial baseline in velocity fitted to the line-free channels of every sample
    (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image;
@@ -16,7 +16,8 @@ counting the reasons. The **read** then, per accepted segment and line:
    sample for the per-channel destriper.
 
 One worker handles one file and returns accumulators over the pixels that file hits; the
-coordinator adds them on the union of hit pixels, so memory follows the observed area (04 §9.7).
+coordinator adds them on the union of hit pixels, so memory follows the observed area
+(docs/mapmaking.md#performance-and-memory).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class LineSpec:
 
 @dataclass(frozen=True)
 class VelocityGrid:
-    """The output LSRK radio-velocity grid ``v_j = v_c + (j − (n_v − 1)/2) Δv`` (04 §9.5)."""
+    """The output LSRK radio-velocity grid ``v_j = v_c + (j − (n_v − 1)/2) Δv``
+    (docs/mapmaking.md#velocity-regridding-and-accumulation)."""
 
     center_kms: float
     step_kms: float
@@ -184,7 +186,8 @@ def line_band(freq_ghz: NDArray, rest_freq_ghz: float) -> int | None:
 def line_prepass_file(
     obs: Any, settings: LineReaderSettings, table: Any, flags: dict | None, counts: Counter
 ) -> list[LineSegmentPlan]:
-    """Accept or reject every (feed, scan) segment of one file for every line (04 §9.3); count reasons."""
+    """Accept or reject every (feed, scan) segment of one file for every line (docs/mapmaking.md#reading);
+    count reasons."""
     plans: list[LineSegmentPlan] = []
     level1_path = getattr(obs, "level1_path", None)
     if not level1_path or not os.path.isfile(level1_path):
@@ -283,7 +286,8 @@ def line_prepass_file(
 # Per-segment spectral processing
 # --------------------------------------------------------------------------------------------------
 def line_free_channels(v_kms: NDArray, dv_kms: NDArray, mask_kms: tuple[float, float]) -> NDArray[np.bool_]:
-    """Channels whose whole box ``v ± |Δv|/2`` lies outside the line mask (04 §9.4)."""
+    """Channels whose whole box ``v ± |Δv|/2`` lies outside the line mask
+    (docs/mapmaking.md#continuum-subtraction)."""
     half = 0.5 * np.abs(dv_kms)
     return (v_kms + half < mask_kms[0]) | (v_kms - half > mask_kms[1])
 
@@ -295,7 +299,7 @@ def channel_levels(
     quiet_fraction: float | None = None,
 ) -> NDArray[np.float64]:
     """Per-channel level of a window ``y (n_win, n)`` (K): the median over the scan of each channel
-    (04 §9.3 step 4), or over its quietest samples.
+    (docs/mapmaking.md#reading step 4), or over its quietest samples.
 
     With ``quiet_fraction`` q, only the samples whose mean over ``proxy_channels`` (a continuum
     brightness) lies in the lowest q of the scan are used: an emission-free reference when a line
@@ -678,7 +682,7 @@ def read_line_segments(
 
 
 class LineDataReader(Level2DataReader):
-    """The cube reader of one cube (04 §9.3): pre-pass, read and merge.
+    """The cube reader of one cube (docs/mapmaking.md#reading): pre-pass, read and merge.
 
     Parameters
     ----------

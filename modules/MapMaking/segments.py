@@ -1,4 +1,5 @@
-"""Segment selection shared by every map-making reader (04 §3.1, §9.3).
+"""Segment selection shared by every map-making reader (docs/mapmaking.md#pre-pass-and-segment-selection,
+docs/mapmaking.md#reading).
 
 A segment is one scan of one feed of one level-2 file. Each reader's pre-pass opens the file once
 (:func:`scan_table`) and asks, for every segment and binned channel it would use, whether the

@@ -1,4 +1,4 @@
-"""Level2Pipeline: reduce registered level-1 observations to level-2 files (03 §2).
+"""Level2Pipeline: reduce registered level-1 observations to level-2 files (docs/level2.md#execution-model).
 
 The coordinator selects observations from the database, classifies each against its
 ``processing_jobs`` row, claims the ones with work to do, dispatches them to an executor (serial or a
@@ -55,27 +55,31 @@ _NUMBER = re.compile(r"\d+")
 
 def failure_signature(reason: str) -> str:
     """A failure reason without what differs between observations (obsid, file paths, numbers), so
-    that a missing mount or a full disk counts as the same reason for every file (00 §9 item 3)."""
+    that a missing mount or a full disk counts as the same reason for every file
+    (docs/operations.md#error-model item 3)."""
     text = _OBSID_PREFIX.sub("", reason)
     text = _PATH_TOKEN.sub("<path>", text)
     return _NUMBER.sub("#", text)
 
 
 class Level2Pipeline(PipelineStage):
-    """Reduce level-1 observations to calibrated, filtered, binned level-2 files (03 §2).
+    """Reduce level-1 observations to calibrated, filtered, binned level-2 files
+    (docs/level2.md#execution-model).
 
     Parameters
     ----------
     config_file : str
         The level-2 config (its ``[Master]`` selects observations; its ``pipeline`` lists modules).
     hk_time_offset_s : float
-        Housekeeping clock lag, s (01 §6).
+        Housekeeping clock lag, s (docs/formats/level1.md#housekeeping-time-alignment).
     on_parameter_change : {'warn', 'recompute'}
-        What to do when a module's stored output was written with other parameters (03 §2.5).
+        What to do when a module's stored output was written with other parameters
+        (docs/level2.md#done-checks-and-provenance).
     stale_job_timeout_s : float
         A ``running`` job older than this, or whose owner PID is dead on this host, is reclaimed.
     max_consecutive_failures : int
-        Stop dispatching after this many failures in a row with the same first line (00 §9).
+        Stop dispatching after this many failures in a row with the same first line
+        (docs/operations.md#error-model).
     """
 
     sub_config_kind = "level2"

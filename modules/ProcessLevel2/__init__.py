@@ -1,1 +1,1 @@
-"""Level-2 processing: Level2Pipeline and its per-observation modules (spec 03)."""
+"""Level-2 processing: Level2Pipeline and its per-observation modules; see docs/level2.md."""

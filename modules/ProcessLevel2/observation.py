@@ -1,9 +1,10 @@
-"""Worker side of Level2Pipeline: process one observation in a staging file (03 §2.2).
+"""Worker side of Level2Pipeline: process one observation in a staging file
+(docs/level2.md#processing-one-observation).
 
 ``init_worker`` runs once per worker process: it sets deferred database writes and instantiates the
-configured modules once (00 §5 rule 2). ``process_observation`` runs the modules in list order,
-grouping adjacent streaming stages into one pass over the level-1 TOD, and publishes the staging
-file with ``os.replace`` on success. It never raises: every outcome is an ``ObservationResult``.
+configured modules once (docs/developer.md#kinds-of-modules rule 2). ``process_observation`` runs the modules
+in list order, grouping adjacent streaming stages into one pass over the level-1 TOD, and publishes the
+staging file with ``os.replace`` on success. It never raises: every outcome is an ``ObservationResult``.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def _done(mod: Any, file_info: Any) -> bool:
 
 
 def _finalise_file(staging: Path, ops: list[Any], options: WorkerOptions) -> None:
-    """Root attributes written at publish time (03 §2.2 step 5.1) and the replayable DB outcome."""
+    """Root attributes written at publish time (docs/level2.md#processing-one-observation step 5.1) and the
+    replayable DB outcome."""
     with RetryH5PY(staging, "a") as l2:
         l2.attrs["updated_utc"] = provenance.utc_now_iso()
         l2.attrs["config_sha256"] = options.config_sha256

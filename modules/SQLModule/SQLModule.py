@@ -1,4 +1,4 @@
-"""The ``db`` facade of comap-reduce (05 §1–§2) and the public names of the database layer.
+"""The ``db`` facade of comap-reduce (docs/database.md) and the public names of the database layer.
 
 One relational database tracks the archive: observations, processing jobs, statistics, quality
 flags and calibration. The default back-end is SQLite (``databases/COMAP_manchester.db``); any
@@ -11,8 +11,8 @@ Usage::
     db.connect("databases/COMAP_manchester.db")
     obs = db.query_observations(source="GField*", has_level1=True)
 
-Numbering is the same everywhere (00 §13): ``feed`` is the feed number (science feeds 1–19),
-``band`` is 0–3 and ``channel`` is the binned channel. Times are UTC, timezone-aware.
+Numbering is the same everywhere (docs/overview.md#glossary): ``feed`` is the feed number (science feeds
+1–19), ``band`` is 0–3 and ``channel`` is the binned channel. Times are UTC, timezone-aware.
 
 The facade is composed of one class per concern, each in its own file of this package:
 
@@ -21,7 +21,7 @@ The facade is composed of one class per concern, each in its own file of this pa
 - :mod:`~modules.SQLModule.models`: the ORM tables (the schema);
 - :mod:`~modules.SQLModule.queries`: read methods;
 - :mod:`~modules.SQLModule.deferred`: deferred writes and :meth:`SQLModule.apply` (single
-  writer, 05 §2.4);
+  writer, docs/database.md#single-writer-and-deferred-writes);
 - :mod:`~modules.SQLModule.observations`, :mod:`~modules.SQLModule.quality` and
   :mod:`~modules.SQLModule.calibration`: write methods;
 - :mod:`~modules.SQLModule.job_queue`: claiming and finishing jobs.
@@ -81,7 +81,7 @@ __all__ = [
 
 
 class SQLModule(Queries, ObservationWrites, QualityWrites, CalibrationWrites, JobQueue):
-    """The database facade (05 §2). Use the module-level singleton :data:`db`.
+    """The database facade (docs/database.md#the-db-facade). Use the module-level singleton :data:`db`.
 
     Further instances are fine, e.g. a map job that opens another database read-only.
     """
@@ -96,4 +96,4 @@ WRITE_METHODS: frozenset[str] = frozenset(WRITE_OPS)
 """Names of the write methods that may be deferred and applied (:class:`DbOp` names)."""
 
 db = SQLModule()
-"""The process-wide database facade (05 §2)."""
+"""The process-wide database facade (docs/database.md#the-db-facade)."""

@@ -1,4 +1,4 @@
-"""Database layer of comap-reduce (05): ORM models, the ``db`` facade, source groups, migration.
+"""Database layer of comap-reduce (docs/database.md): ORM models, the ``db`` facade, source groups, migration.
 
 ``from modules.SQLModule.SQLModule import COMAPData, db`` is the canonical import (the seed README
 uses it). The facade class itself is ``modules.SQLModule.SQLModule.SQLModule``; it is deliberately

@@ -1,4 +1,4 @@
-"""Calibration writes of the database facade (05 §1.4–§1.5, §2.3): calibrator fluxes per
+"""Calibration writes of the database facade (docs/database.md, docs/database.md#api): calibrator fluxes per
 observation and calibration-factor models per source."""
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ class CalibrationWrites(DeferredWrites):
         obsid : int
             A registered observation.
         rows : iterable of mapping
-            Successful fits, each with ``feed, band, channel`` and the columns of 05 §1.4
-            (``mjd, source, frequency_ghz, measured_flux, flux_error, amplitude,
-            amplitude_error, chi2, x_offset_deg, y_offset_deg``).
+            Successful fits, each with ``feed, band, channel`` and the columns of
+            docs/database.md#calibration_flux (``mjd, source, frequency_ghz, measured_flux, flux_error,
+            amplitude, amplitude_error, chi2, x_offset_deg, y_offset_deg``).
 
         Returns
         -------
@@ -93,8 +93,8 @@ class CalibrationWrites(DeferredWrites):
         Parameters
         ----------
         rows : iterable of mapping
-            Columns of 05 §1.5; ``poly_coeffs``, ``nearest_mjds`` and ``nearest_gains`` may be
-            lists or arrays.
+            Columns of docs/database.md#calibration_model_fit; ``poly_coeffs``, ``nearest_mjds`` and
+            ``nearest_gains`` may be lists or arrays.
 
         Returns
         -------

@@ -1,4 +1,4 @@
-"""Connection, sessions and transactions of the database facade (05 §2.1–§2.2).
+"""Connection, sessions and transactions of the database facade (docs/database.md).
 
 Every facade call is one short transaction. ``with db.session() as s:`` opens a longer one: facade
 writes made inside the block join it, so several calls commit or roll back together. On SQLite,
@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 
 class Connection:
-    """Connection state, sessions and the retrying transaction runners of the facade (05 §2.1–§2.2)."""
+    """Connection state, sessions and the retrying transaction runners of the facade (docs/database.md)."""
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
@@ -63,7 +63,8 @@ class Connection:
             self._engine.dispose(close=False)
         self._local = threading.local()
 
-    # ------------------------------------------------------------------ connection (05 §2.1)
+    # ------------------------------------------------------------------ connection
+    # (docs/database.md#connection)
     def connect(
         self,
         target: str | os.PathLike | URL,

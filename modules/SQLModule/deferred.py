@@ -1,4 +1,5 @@
-"""Deferred writes of the database facade: the single-writer rule (05 §2.4).
+"""Deferred writes of the database facade: the single-writer rule
+(docs/database.md#single-writer-and-deferred-writes).
 
 Only the coordinator writes. Worker processes call ``db.set_deferred(True)``: every write method
 then records a picklable :class:`DbOp` instead of executing; the worker returns
@@ -31,7 +32,8 @@ WRITE_OPS: dict[str, Callable[..., Any]] = {}
 
 @dataclass
 class DbOp:
-    """One deferred write: the facade method ``name`` called with ``args``/``kwargs`` (05 §2.4).
+    """One deferred write: the facade method ``name`` called with ``args``/``kwargs``
+    (docs/database.md#single-writer-and-deferred-writes).
 
     Instances are plain data and pickle; :meth:`SQLModule.apply` executes a list of them.
     """
@@ -66,7 +68,8 @@ def write_op(name: str) -> Callable[[F], F]:
 
 
 class DeferredWrites(Connection):
-    """Write path of the facade: execute a write now, or record it for the coordinator (05 §2.4)."""
+    """Write path of the facade: execute a write now, or record it for the coordinator
+    (docs/database.md#single-writer-and-deferred-writes)."""
 
     def __init__(self) -> None:
         super().__init__()

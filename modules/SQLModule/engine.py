@@ -1,4 +1,4 @@
-"""Engines and lock retries of the database facade (05 §2.2).
+"""Engines and lock retries of the database facade (docs/database.md#sqlite-settings).
 
 :func:`make_engine` applies the comap-reduce connection settings. Every transaction that meets
 ``database is locked`` is retried :data:`LOCK_RETRIES` times with exponential backoff from
@@ -93,7 +93,7 @@ def make_engine(
     foreign_keys: bool = True,
     journal_mode: str | None = None,
 ) -> Engine:
-    """Create an engine with the comap-reduce connection settings (05 §2.2).
+    """Create an engine with the comap-reduce connection settings (docs/database.md#sqlite-settings).
 
     SQLite connections get ``busy_timeout``, ``journal_mode`` (WAL unless overridden; not set on
     read-only connections), ``foreign_keys`` and ``synchronous = NORMAL``. The driver's implicit

@@ -1,4 +1,5 @@
-"""Job queue of the database facade (05 §2.3, 07 §2): claim, heartbeat, finish and release jobs.
+"""Job queue of the database facade (docs/database.md#api, docs/operations.md#resumability): claim, heartbeat,
+finish and release jobs.
 
 One ``processing_jobs`` row per (obsid, stage) holds its state (``pending``, ``running``, ``done``,
 ``failed``). For stage ``level2`` the observation's ``observation_summary.processing_status``
@@ -106,7 +107,7 @@ class JobQueue(DeferredWrites):
         force: bool = False,
         stale_after_s: float = 21600,
     ) -> ClaimResult:
-        """Claim jobs for this run in ONE transaction (07 §2.1).
+        """Claim jobs for this run in ONE transaction (docs/operations.md#job-states).
 
         Missing job rows are created. Each obsid is classified:
 
@@ -124,10 +125,10 @@ class JobQueue(DeferredWrites):
         ``processing_status`` becomes ``running``.
 
         The coordinator decides itself whether a ``done`` observation needs work (its level-2
-        file passes every module's done-check, 03 §2.1). It therefore calls ``claim_jobs`` only
-        for the obsids it has decided to process, with ``force=True`` for those that are ``done``
-        but need work (a newly added module, or ``--force``); with ``force=False`` a ``done`` job
-        is never claimed.
+        file passes every module's done-check, docs/level2.md#level2pipeline). It therefore calls
+        ``claim_jobs`` only for the obsids it has decided to process, with ``force=True`` for those that are
+        ``done`` but need work (a newly added module, or ``--force``); with ``force=False`` a ``done`` job is
+        never claimed.
 
         Parameters
         ----------
@@ -371,7 +372,8 @@ class JobQueue(DeferredWrites):
         return bool(res.rowcount)
 
     def release_jobs(self, run_id: str) -> int | None:
-        """Return this run's ``running`` jobs to ``pending`` (interrupt handling, 07 §2.1).
+        """Return this run's ``running`` jobs to ``pending`` (interrupt handling,
+        docs/operations.md#job-states).
 
         Returns
         -------

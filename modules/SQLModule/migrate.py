@@ -1,4 +1,4 @@
-"""Schema migration: ``python -m modules.SQLModule.migrate DB [--dry-run]`` (05 §4).
+"""Schema migration: ``python -m modules.SQLModule.migrate DB [--dry-run]`` (docs/database.md#migration).
 
 Migration is an explicit step; :meth:`SQLModule.connect` never migrates. The only upgrade defined
 today is **legacy → version 1**.
@@ -96,6 +96,7 @@ from modules.SQLModule.source_groups import classify
 from modules.SQLModule.values import _clean, mjd_from_utc_start, utcnow
 from utils.constants import GROUND_FEED
 from utils.errors import DatabaseError
+from utils.level2 import CENTRAL_FREQS, FEEDS
 
 __all__ = ["LEGACY_TABLES", "MigrationReport", "TableReport", "main", "migrate"]
 
@@ -308,12 +309,12 @@ class _Frequencies:
             import h5py
 
             with h5py.File(path, "r") as f:
-                self.freqs = f["level2/central_freqs"][...]
-                if "spectrometer/feeds" in f:
-                    self.feeds = [int(x) for x in f["spectrometer/feeds"][...]]
+                self.freqs = f[CENTRAL_FREQS][...]
+                if FEEDS in f:
+                    self.feeds = [int(x) for x in f[FEEDS][...]]
         except (OSError, KeyError, ValueError) as exc:
             self.reasons[obsid] = (
-                f"cannot read level2/central_freqs from {path}: {' '.join(str(exc).split())}"
+                f"cannot read {CENTRAL_FREQS} from {path}: {' '.join(str(exc).split())}"
             )
             self.freqs = None
 
@@ -658,7 +659,7 @@ def migrate(
     backup: bool = True,
     model_source: str = "TauA",
 ) -> MigrationReport:
-    """Migrate a database to the current schema version (05 §4).
+    """Migrate a database to the current schema version (docs/database.md#migration).
 
     Parameters
     ----------
@@ -734,7 +735,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m modules.SQLModule.migrate",
-        description="Migrate a comap-reduce database to the current schema version (05 §4).",
+        description="Migrate a comap-reduce database to the current schema version.",
     )
     parser.add_argument("db", help="database path or SQLAlchemy URL")
     parser.add_argument("--dry-run", action="store_true", help="print the report without writing")

@@ -1,4 +1,5 @@
-"""ORM tables of comap-reduce (05 §1): the schema, its version and the column sets the facade checks.
+"""ORM tables of comap-reduce (docs/database.md#schema): the schema, its version and the column sets the
+facade checks.
 
 The schema is created by :meth:`SQLModule.connect` on an empty database; legacy databases are
 converted by :mod:`modules.SQLModule.migrate`.
@@ -30,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION: int = 1
-"""Schema version written to ``schema_info`` by this code (05 §1)."""
+"""Schema version written to ``schema_info`` by this code (docs/database.md#schema)."""
 
 JOB_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed")
 SUMMARY_STATUSES: tuple[str, ...] = ("pending", "running", "complete", "failed")
@@ -96,7 +97,7 @@ class Base(DeclarativeBase):
 
 
 class COMAPData(Base):
-    """One observation (``comap_data``, 05 §1.1).
+    """One observation (``comap_data``, docs/database.md#comap_data).
 
     Query methods return detached instances: column attributes are loaded, relationships are not
     (use :meth:`SQLModule.get_observation_snapshot` for everything about one obsid). Instances
@@ -158,7 +159,7 @@ class COMAPData(Base):
 
 
 class ObservationSummary(Base):
-    """Per-observation summary values (``observation_summary``, 05 §1.2)."""
+    """Per-observation summary values (``observation_summary``, docs/database.md#observation_summary)."""
 
     __tablename__ = "observation_summary"
 
@@ -184,7 +185,8 @@ class ObservationSummary(Base):
 
 
 class QualityFlag(Base):
-    """Flags and statistics per (obsid, feed, band, channel) (``quality_flags``, 05 §1.3).
+    """Flags and statistics per (obsid, feed, band, channel) (``quality_flags``,
+    docs/database.md#quality_flags).
 
     Rows are created lazily; a missing row means good, with no statistics. ``is_good`` is always
     ``observer_ok AND pipeline_ok`` and is maintained by the facade.
@@ -240,7 +242,7 @@ class QualityFlag(Base):
 
 
 class CalibrationFlux(Base):
-    """One successful calibrator fit per (obsid, feed, band, channel) (05 §1.4)."""
+    """One successful calibrator fit per (obsid, feed, band, channel) (docs/database.md#calibration_flux)."""
 
     __tablename__ = "calibration_flux"
     __table_args__ = (UniqueConstraint("obsid", "feed", "band", "channel"),)
@@ -273,7 +275,8 @@ class CalibrationFlux(Base):
 
 
 class CalibrationModelFit(Base):
-    """Calibration-factor model per (source, feed, band, channel) (05 §1.5, 03 §6)."""
+    """Calibration-factor model per (source, feed, band, channel) (docs/database.md#calibration_model_fit,
+    docs/level2.md#calibrationmodel)."""
 
     __tablename__ = "calibration_model_fit"
     __table_args__ = (UniqueConstraint("source", "feed", "band", "channel"),)
@@ -296,7 +299,8 @@ class CalibrationModelFit(Base):
 
 
 class ProcessingJob(Base):
-    """Job state per (obsid, stage) (``processing_jobs``, 05 §1.6, 07 §2.1).
+    """Job state per (obsid, stage) (``processing_jobs``, docs/database.md#processing_jobs,
+    docs/operations.md#job-states).
 
     There is no foreign key on ``obsid``: download jobs exist before registration.
     """
@@ -333,7 +337,7 @@ class ProcessingJob(Base):
 
 
 class SchemaInfo(Base):
-    """Key/value schema metadata; ``schema_version = "1"`` (05 §1.7)."""
+    """Key/value schema metadata; ``schema_version = "1"`` (docs/database.md#schema_info)."""
 
     __tablename__ = "schema_info"
 

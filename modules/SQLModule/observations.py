@@ -1,5 +1,5 @@
-"""Writes on observations of the database facade (05 §2.3): registration, summaries, level-2 paths
-and deletion."""
+"""Writes on observations of the database facade (docs/database.md#api): registration, summaries, level-2
+paths and deletion."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quality statistics and flags of the database facade (05 §1.3, §2.3).
+"""Quality statistics and flags of the database facade (docs/database.md#quality_flags, docs/database.md#api).
 
 Rows of ``quality_flags`` are created lazily; a missing row means good, with no statistics.
 ``is_good`` is always ``observer_ok AND pipeline_ok``.

@@ -1,4 +1,4 @@
-"""Read methods of the database facade (05 §2.3).
+"""Read methods of the database facade (docs/database.md#api).
 
 Each query is one short read transaction; ORM rows come back detached (column attributes loaded,
 relationships not).
@@ -487,7 +487,7 @@ class Queries(Connection):
         return self._run_read("query_calibration_models", lambda s: list(s.scalars(stmt)))
 
     def load_calibration_table(self, source: str):
-        """Return the calibration table of ``source`` (03 §6).
+        """Return the calibration table of ``source`` (docs/level2.md#calibrationmodel).
 
         Parameters
         ----------

@@ -1,4 +1,4 @@
-"""Source → source-group classification (05 §3).
+"""Source → source-group classification (docs/database.md#source-group-classification).
 
 ``classify(source_attr, comment)`` turns the level-1 ``/comap.source`` and ``/comap.comment``
 attributes into the ``(source, source_group)`` pair stored in ``comap_data``.
@@ -66,7 +66,7 @@ def source_name(source_attr: object) -> str:
 
 
 def classify(source_attr: object, comment: object = "") -> tuple[str, str]:
-    """Classify an observation into ``(source, source_group)`` (05 §3).
+    """Classify an observation into ``(source, source_group)`` (docs/database.md#source-group-classification).
 
     Parameters
     ----------

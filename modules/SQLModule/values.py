@@ -1,5 +1,5 @@
 """Argument values of the database facade: conversion to DB-API types, integer checks and the
-wildcard conditions shared by the query and write methods (05 §2.3)."""
+wildcard conditions shared by the query and write methods (docs/database.md#api)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def _one_line(text: object) -> str:
 def _clean(value: Any) -> Any:
     """Convert a value to a plain Python type the DB-API accepts.
 
-    numpy scalars become Python scalars, NaN becomes None ("no value", 03 §3), bytes are decoded,
-    path-like objects become strings and arrays become (nested) lists.
+    numpy scalars become Python scalars, NaN becomes None ("no value",
+    docs/formats/level2.md#level-2-file-layout), bytes are decoded, path-like objects become strings and
+    arrays become (nested) lists.
     """
     if value is None:
         return None

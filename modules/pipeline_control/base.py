@@ -1,17 +1,17 @@
 """Base classes every pipeline module derives from (re-exported by ``Pipeline.py``).
 
-Kinds of module (00 §5):
+Kinds of module (docs/developer.md#kinds-of-modules):
 
 * :class:`PipelineStage` — a top-level stage named in ``main_run.toml`` (``run()``, ``plan()``);
 * :class:`BaseCOMAPModule` — a per-observation module (``run(file_info)``,
   ``already_processed(file_info, overwrite)``);
 * :class:`StreamingStage` — a per-observation module that joins the single pass over the level-1
-  TOD (03 §2.3);
+  TOD (docs/level2.md#streaming);
 * :class:`MapJob` — a map job (``run(files)``), base of ``CreateMap``.
 
 ``BaseCOMAPModule`` never relies on its own ``__init__`` having run: subclasses may define their
-own ``__init__`` without calling ``super().__init__()`` (00 §2.3 contract 2). Everything it offers
-is a class attribute, a class method or a lazy property.
+own ``__init__`` without calling ``super().__init__()`` (docs/developer.md#writing-a-module contract 2).
+Everything it offers is a class attribute, a class method or a lazy property.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class _ModuleMixin:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        """The resolved parameters this instance was built with (00 §6.3)."""
+        """The resolved parameters this instance was built with
+        (docs/configuration.md#defaults-and-precedence)."""
         spec = self._comap_spec
         if spec is not None:
             return dict(spec.params)
@@ -107,12 +108,13 @@ class _ModuleMixin:
         return provenance.sha256_of(self.parameters)
 
     def mark_complete(self, h5obj) -> None:
-        """Write the provenance attributes (00 §10) on a group or dataset, ``status`` last."""
+        """Write the provenance attributes (docs/operations.md#provenance) on a group or dataset, ``status``
+        last."""
         provenance.mark_complete(h5obj, self.module_path, self.parameters)
 
     @classmethod
     def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
-        """Every problem with ``params``, one message per problem (00 §6.4 item 6).
+        """Every problem with ``params``, one message per problem (docs/configuration.md#validation item 6).
 
         A partial ``params`` is completed with the ``__init__`` defaults. The class's
         :meth:`parameter_rules` come first, then one message per parameter whose value does not
@@ -158,22 +160,6 @@ class _Declared:
 class BaseCOMAPModule(_ModuleMixin):
     """A per-observation module: ``run(file_info)`` writes into ``file_info.level2_path``.
 
-    Class attributes
-    ----------------
-    reads : tuple of DatasetPath or None
-        Layout entries the module reads: level-2 entries (:data:`utils.level2.LEVEL2`) and
-        level-1 entries (:data:`utils.level1_layout.LEVEL1`, always provided by the level-1 file).
-    writes : tuple of DatasetPath or None
-        Level-2 entries the module writes and marks complete. The default
-        :meth:`already_processed` is True only when each exists with ``status == "complete"``
-        (03 §2.5); a group entry also provides everything inside it.
-
-    Read on the class, ``reads`` and ``writes`` are the declared entries; read on an instance,
-    they are the concrete paths under the instance's :attr:`parameters`.
-    runs_with_others : bool
-        Left out of the "is there work?" check; runs whenever another module of the observation
-        runs (CheckLevel1FileExists, FinalizeLevel2Metadata).
-
     ``reads`` and ``writes`` are the only place a module declares its datasets. Before any work,
     the config loader checks the chain of a level-2 list: every level-2 entry a module reads must
     be written by an earlier module, else the config is rejected (ConfigError naming the module
@@ -202,6 +188,21 @@ class BaseCOMAPModule(_ModuleMixin):
         class MyStage(BaseCOMAPModule):
             reads = (BINNED_DATA,)
             writes = (MY_RESULT,)
+
+    Attributes
+    ----------
+    reads : tuple of DatasetPath or None
+        Layout entries the module reads: level-2 entries (:data:`utils.level2.LEVEL2`) and
+        level-1 entries (:data:`utils.level1_layout.LEVEL1`, always provided by the level-1 file).
+    writes : tuple of DatasetPath or None
+        Level-2 entries the module writes and marks complete. The default
+        :meth:`already_processed` is True only when each exists with ``status == "complete"``
+        (docs/level2.md#done-checks-and-provenance); a group entry also provides everything
+        inside it. Read on the class, ``reads`` and ``writes`` are the declared entries; read on
+        an instance, they are the concrete paths under the instance's :attr:`parameters`.
+    runs_with_others : bool
+        Left out of the "is there work?" check; runs whenever another module of the observation
+        runs (CheckLevel1FileExists, FinalizeLevel2Metadata).
     """
 
     reads: ClassVar[tuple[DatasetPath, ...] | None] = None
@@ -247,7 +248,8 @@ class BaseCOMAPModule(_ModuleMixin):
                 setattr(cls, which, _Declared(which, value))
 
     def already_processed(self, file_info: Any, overwrite: bool = False) -> bool:
-        """True if this module's outputs are complete in the level-2 file (03 §2.5).
+        """True if this module's outputs are complete in the level-2 file
+        (docs/level2.md#done-checks-and-provenance).
 
         False if ``overwrite`` (or ``self.overwrite``) is set, if the level-2 file is missing, or if
         the class declares no ``writes``. A stored ``parameters_sha256`` different from the current
@@ -297,14 +299,15 @@ class BaseCOMAPModule(_ModuleMixin):
 
 
 class StreamingStage(BaseCOMAPModule):
-    """A per-observation module that joins the shared pass over ``spectrometer/tod`` (03 §2.3).
+    """A per-observation module that joins the shared pass over ``spectrometer/tod``
+    (docs/level2.md#streaming).
 
     Subclasses implement :meth:`begin`, :meth:`process_block`, optionally :meth:`end_feed`, and
     :meth:`finish`; :meth:`replay_block` puts stored results into ``block.products`` when the
     stage is already done but a later active stage needs its products.
 
-    Class attributes
-    ----------------
+    Attributes
+    ----------
     provides, requires : tuple of str
         Names of in-memory block products (``block.products``) the stage puts in or needs.
     calibration : callable or None

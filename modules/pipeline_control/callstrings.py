@@ -1,7 +1,7 @@
 """Call strings: ``'dotted.path.ClassName(key=value, ...)'`` parsed with ``ast``, never ``eval``.
 
 A pipeline entry is parsed with ``ast.parse(mode='eval')``; each keyword value must be a literal
-(numbers, strings, booleans, None, lists/tuples/dicts of these) (00 §6.2).
+(numbers, strings, booleans, None, lists/tuples/dicts of these) (docs/configuration.md#call-strings).
 """
 
 from __future__ import annotations

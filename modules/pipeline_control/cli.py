@@ -1,4 +1,4 @@
-"""Command line of ``run.py`` (00 §7)."""
+"""Command line of ``run.py`` (docs/configuration.md#command-line)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """TOML configs: loading, merging and validation of every file reachable from a main config.
 
-A pipeline entry is a call string ``'dotted.path.ClassName(key=value, ...)'`` (00 §6.2), parsed
-without evaluation (:mod:`.callstrings`); the callee must lie under an allow-listed prefix
-(:mod:`.resolve`). Parameters are merged class defaults < TOML section < call keywords (00 §6.3)
-and checked against the ``__init__`` annotations and the class's own ``validate_config``
-(:mod:`.config_entries`). A level-2 list is then checked as a chain: each module reads only what
-the level-1 file or an earlier module provides (:mod:`.layout_check`). Every problem in every
-reachable config file is collected and reported together as
-``ConfigError: <file>: <where>: <message>: <text>`` (00 §6.4).
+A pipeline entry is a call string ``'dotted.path.ClassName(key=value, ...)'``
+(docs/configuration.md#call-strings), parsed without evaluation (:mod:`.callstrings`); the callee must lie
+under an allow-listed prefix (:mod:`.resolve`). Parameters are merged class defaults < TOML section < call
+keywords (docs/configuration.md#defaults-and-precedence) and checked against the ``__init__`` annotations and
+the class's own ``validate_config`` (:mod:`.config_entries`). A level-2 list is then checked as a chain: each
+module reads only what the level-1 file or an earlier module provides (:mod:`.layout_check`). Every problem in
+every reachable config file is collected and reported together as ``ConfigError: <file>: <where>: <message>:
+<text>`` (docs/configuration.md#validation).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def detect_file_kind(raw: Mapping[str, Any] | None) -> str:
     """Guess whether a file given to ``run.py`` is a main config or a bare level-2 config.
 
     A main config whose pipeline holds only per-observation modules is run as
-    ``Level2Pipeline(config_file=CONFIG)`` (00 §5 rule 4).
+    ``Level2Pipeline(config_file=CONFIG)`` (docs/developer.md#kinds-of-modules rule 4).
     """
     if not raw:
         return "main"

@@ -1,5 +1,5 @@
-"""The resolved configuration as TOML (00 §6.6): ``None`` values are dropped and listed in
-``_none_keys``; files are written atomically."""
+"""The resolved configuration as TOML (docs/configuration.md#the-resolved-config-dump): ``None`` values are
+dropped and listed in ``_none_keys``; files are written atomically."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One pipeline entry: the class behind a call string, its parameters merged from class defaults <
-TOML section < call keywords (00 §6.3), and every check of them.
+TOML section < call keywords (docs/configuration.md#defaults-and-precedence), and every check of them.
 
 The types of every keyword are checked against the ``__init__`` annotations first (nested
 ``list[int]``, ``tuple[float, float]``, ``dict[str, float]``, ...), as
@@ -67,7 +67,7 @@ def resolve_entry(
         )
         return None
 
-    # Sections: as written, canonical, and module form (00 §6.3).
+    # Sections: as written, canonical, and module form (docs/configuration.md#defaults-and-precedence).
     candidates = _section_candidates(call.path, cls)
     found = {k: p for k in candidates if (p := _section_params(raw, k, candidates))}
     section_key = None

@@ -1,4 +1,5 @@
-"""The ``[Master]`` table of each kind of config file (00 §6.5) and reading TOML with positions."""
+"""The ``[Master]`` table of each kind of config file (docs/configuration.md#master-keys) and reading TOML
+with positions."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "force_run": False,
 }
 
-# Kinds of classes a list may hold (00 §5).
+# Kinds of classes a list may hold (docs/developer.md#kinds-of-modules).
 LIST_KINDS: dict[str, frozenset[str]] = {
     "main": frozenset({"stage"}),
     "level2": frozenset({"per_observation", "streaming"}),

@@ -65,7 +65,8 @@ class LoadedConfig:
         return sha256_of([{"class": e.class_path, "params": e.params} for e in self.entries])
 
     def resolved_dict(self) -> dict[str, Any]:
-        """Master and entries as plain data, ``None`` values listed in ``_none_keys`` (00 §6.6)."""
+        """Master and entries as plain data, ``None`` values listed in ``_none_keys``
+        (docs/configuration.md#the-resolved-config-dump)."""
         return {
             "file": str(self.path),
             "kind": self.kind,

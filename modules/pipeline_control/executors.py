@@ -1,6 +1,6 @@
 """Executors: run independent items (observations, files) serially or on a local process pool.
 
-Both executors share one interface, so a stage has a single code path (07 §1.1)::
+Both executors share one interface, so a stage has a single code path (docs/operations.md#executors)::
 
     ex = make_executor(nprocess, log_queue=..., log_level=...)
     ex.start(fn, initializer=init, initargs=(...))
@@ -51,7 +51,7 @@ class TaskOutcome:
 
 
 def death_message(exitcode: int | None) -> str:
-    """The one-line reason for a worker that died (00 §9)."""
+    """The one-line reason for a worker that died (docs/operations.md#error-model)."""
     if exitcode is not None and exitcode < 0:
         return f"worker process died (signal {-exitcode}); possible out-of-memory"
     return f"worker process died (exit code {exitcode}); possible out-of-memory"
@@ -346,7 +346,8 @@ def make_executor(nprocess: int, *, log_queue: Any = None, log_level: int = logg
 
 
 def mpi_requested(flag: bool = False) -> bool:
-    """True when MPI mode is detected from the launcher environment or forced with ``--mpi`` (07 §1.2)."""
+    """True when MPI mode is detected from the launcher environment or forced with ``--mpi``
+    (docs/operations.md#top-level-stages-under-mpi)."""
     if flag:
         return True
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):

@@ -1,4 +1,5 @@
-"""Staging files, atomic publish and the per-observation result record (03 §2.2, 00 §9 rule 5).
+"""Staging files, atomic publish and the per-observation result record
+(docs/level2.md#processing-one-observation, docs/operations.md#error-model rule 5).
 
 A level-2 file is built in a hidden staging file beside its final name,
 ``.<final name>.partial-<host>-<pid>``, and published with ``os.replace`` after an ``fsync``, so
@@ -116,7 +117,7 @@ def discard(staging: str | Path | None) -> None:
 
 @dataclass
 class ObservationResult:
-    """What a worker returns for one observation (03 §2.1 step 5)."""
+    """What a worker returns for one observation (docs/level2.md#level2pipeline step 5)."""
 
     obsid: int
     status: str  # "done" or "failed"

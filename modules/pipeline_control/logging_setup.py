@@ -1,4 +1,5 @@
-"""Logging for a run: one log file, obsid context on every record, worker queues, tqdm (00 §8).
+"""Logging for a run: one log file, obsid context on every record, worker queues, tqdm
+(docs/operations.md#logging).
 
 * ``obsid_context(obsid)`` sets the current observation; a filter on every handler puts it on the
   record as a 7-digit string (``-`` outside an observation). Modules never format it themselves.

@@ -16,8 +16,8 @@ that signature. A constraint on a single parameter is part of its annotation::
 
 :func:`check_value` understands ``int``, ``float``, ``str``, ``bool``, ``None``, unions,
 ``Literal[...]``, ``list[T]``, ``tuple[T, ...]``, ``tuple[T1, T2]``, ``dict[K, V]``,
-``Mapping``/``Sequence`` forms of these, and ``Annotated[T, Range(...)]``. ``validate_config`` is
-then left with rules that tie several parameters together.
+``Mapping``/``Sequence`` forms of these, and ``Annotated[T, Range(...)]``. A module's
+``parameter_rules`` is then left with rules that tie several parameters together.
 """
 
 from __future__ import annotations

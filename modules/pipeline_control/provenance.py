@@ -1,4 +1,5 @@
-"""Provenance: code version, canonical parameter hashes, HDF5 attributes and FITS cards (00 §10)."""
+"""Provenance: code version, canonical parameter hashes, HDF5 attributes and FITS cards
+(docs/operations.md#provenance)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def sha256_of(obj: Any) -> str:
 
 
 def group_provenance(module_path: str, params: Mapping[str, Any]) -> dict[str, str]:
-    """Provenance attributes every module writes on its groups (00 §10), ``status`` last."""
+    """Provenance attributes every module writes on its groups (docs/operations.md#provenance), ``status``
+    last."""
     return {
         "module": module_path,
         "parameters_json": canonical_json(params),

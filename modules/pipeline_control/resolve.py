@@ -1,7 +1,7 @@
 """From a dotted path to a pipeline class: the allow-list, the import and the kind of module.
 
 The callee must lie under an allow-listed prefix (``modules.`` or ``Master.module_paths``) before
-anything is imported (00 §6.2).
+anything is imported (docs/configuration.md#call-strings).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def resolve_callee(
     """Import the longest importable module prefix of ``path``, then ``getattr`` the rest.
 
     A module that contains a class of its own name resolves to that class, so both
-    ``pkg.Name.Name`` and ``pkg.Name.Name.Name`` work (00 §6.2 rule 5).
+    ``pkg.Name.Name`` and ``pkg.Name.Name.Name`` work (docs/configuration.md#call-strings rule 5).
     """
     parts = path.split(".")
     obj: Any = None
@@ -84,7 +84,8 @@ def resolve_callee(
 
 
 def module_kind(cls: type) -> str | None:
-    """Classify a class as ``stage``, ``streaming``, ``per_observation`` or ``map_job`` (00 §5)."""
+    """Classify a class as ``stage``, ``streaming``, ``per_observation`` or ``map_job``
+    (docs/developer.md#kinds-of-modules)."""
     if issubclass(cls, PipelineStage):
         return "stage"
     if issubclass(cls, StreamingStage):

@@ -1,5 +1,5 @@
 """Run a config: validate everything, set up logging and the database, run the top-level stages,
-print the end-of-run summary and return the exit status (00 §7).
+print the end-of-run summary and return the exit status (docs/configuration.md#command-line).
 
 Exit status: 0 all selected items succeeded or were already done; 1 the batch finished with
 failures; 2 configuration or usage error (nothing run); 3 fatal runtime error (database

@@ -1,4 +1,4 @@
-"""One read of the level-1 TOD shared by several stages (03 §2.3).
+"""One read of the level-1 TOD shared by several stages (docs/level2.md#streaming).
 
 ``ObservationContext`` is built once per observation: it holds the open ``Level1File``, the staging
 level-2 file during a streaming pass, the observation summary and a per-observation cache of
@@ -104,7 +104,8 @@ class ObservationContext:
 
     @property
     def db(self):
-        """The database facade (deferred inside workers, 05 §2.4)."""
+        """The database facade (deferred inside workers,
+        docs/database.md#single-writer-and-deferred-writes)."""
         from modules.SQLModule.SQLModule import db
 
         return db
@@ -307,7 +308,8 @@ def read_block(ctx: ObservationContext, feed: int, scan: int, *, buffer: int = 0
 def run_streaming_group(
     ctx: ObservationContext, stages: Sequence[StreamingStage], active: Sequence[bool]
 ) -> None:
-    """Drive one pass over the level-1 TOD for a group of adjacent streaming stages (03 §2.3).
+    """Drive one pass over the level-1 TOD for a group of adjacent streaming stages
+    (docs/level2.md#streaming).
 
     Parameters
     ----------

@@ -1,4 +1,5 @@
-"""Shared plumbing of the query scripts (05 §5): arguments, read-only DB opening, output, exit codes.
+"""Shared plumbing of the query scripts (docs/database.md#query-scripts): arguments, read-only DB opening,
+output, exit codes.
 
 Every script:
 

@@ -1,4 +1,5 @@
-"""Overview of the database (05 §5): ``python -m modules.scripts.db_overview SUBCOMMAND [options]``.
+"""Overview of the database (docs/database.md#query-scripts): ``python -m modules.scripts.db_overview
+SUBCOMMAND [options]``.
 
 Subcommands:
 

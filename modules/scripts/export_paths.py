@@ -1,4 +1,4 @@
-"""Export file paths for other workflows (05 §5).
+"""Export file paths for other workflows (docs/database.md#query-scripts).
 
 ``python -m modules.scripts.export_paths {level1,level2,both} [--source S] [--source-group G]
 [--min-obsid N] [--max-obsid N] [--output FILE] [--db DB] [--format table|csv|json]``

@@ -1,4 +1,4 @@
-"""Merge one comap-reduce database into another (05 §5).
+"""Merge one comap-reduce database into another (docs/database.md#query-scripts).
 
 ``python -m modules.scripts.merge_databases SRC DST [--apply] [--prefer-src] [--format table|csv|json]``
 
@@ -49,7 +49,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "calibration_model_fit": ("source", "feed", "band", "channel"),
     "processing_jobs": ("obsid", "stage"),
 }
-"""Merge order (parents before children) and the unique key of each table (05 §1)."""
+"""Merge order (parents before children) and the unique key of each table (docs/database.md#schema)."""
 
 _CHUNK = 500
 

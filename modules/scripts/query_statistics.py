@@ -1,4 +1,5 @@
-"""Statistics from the database (05 §5): ``python -m modules.scripts.query_statistics SUBCOMMAND``.
+"""Statistics from the database (docs/database.md#query-scripts): ``python -m modules.scripts.query_statistics
+SUBCOMMAND``.
 
 Subcommands (all take ``--source``, ``--source-group``, ``--min-obsid``, ``--max-obsid``):
 

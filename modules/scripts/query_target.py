@@ -1,4 +1,4 @@
-"""Observations of a target that have level 2 (05 §5).
+"""Observations of a target that have level 2 (docs/database.md#query-scripts).
 
 ``python -m modules.scripts.query_target TARGET [--min-obsid N] [--max-obsid N] [--paths] [--coords]
 [--utc-offset-hours H] [--include-skydips] [--db DB] [--format table|csv|json]``

@@ -1,4 +1,4 @@
-"""Compare the level-2 files on disk with the database (05 §5).
+"""Compare the level-2 files on disk with the database (docs/database.md#query-scripts).
 
 ``python -m modules.scripts.reconcile_level2_inventory --root DIR [--root DIR ...] [--apply]
 [--report-dir DIR] [--db DB] [--format table|csv|json]``

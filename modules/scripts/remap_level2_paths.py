@@ -1,4 +1,4 @@
-"""Rewrite level-2 paths under a moved directory (05 §5).
+"""Rewrite level-2 paths under a moved directory (docs/database.md#query-scripts).
 
 ``python -m modules.scripts.remap_level2_paths OLD_PREFIX NEW_PREFIX [--apply] [--require-exists]
 [--db DB] [--format table|csv|json]``

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Fused per-block kernel of GainFilterAndBin (03 §4.7): calibrate, remove atmosphere and level,
+"""Fused per-block kernel of GainFilterAndBin (docs/level2.md#gainfilterandbin): calibrate, remove atmosphere and level,
 form the gain-filter channel sum and bin into wide channels, in one pass over the raw counts.
 
 Do not call this module directly: use :mod:`utils.block_ops`.

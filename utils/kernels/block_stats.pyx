@@ -1,12 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 # distutils: language = c++
-"""Per-channel statistics of one feed × scan block, one pass each, rows in parallel (03 §4.5, §4.6).
+"""Per-channel statistics of one feed × scan block, one pass each, rows in parallel (docs/level2.md#noisestatslevel1, docs/level2.md#atmosphereinobservation).
 
 Do not call this module directly: use :mod:`utils.block_ops`.
 
 ``pair_diff_rms``
     White-noise rms per sample from pair differences ``d_j = x[2j+1] - x[2j]`` of finite pairs,
-    with the ``std`` or ``clipped_std`` estimator of 03 §4.5 (the same definition as
+    with the ``std`` or ``clipped_std`` estimator of docs/level2.md#noisestatslevel1 (the same definition as
     :func:`utils.noise.pair_difference_rms`), and the NaN count of each row.
 ``decimated_median``
     Median of every ``stride``-th sample of ``raw*scale − offset − tau*x`` per row (finite values

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Velocity regridding and accumulation of RRL spectra (04 §9.5), one segment at a time.
+"""Velocity regridding and accumulation of RRL spectra (docs/mapmaking.md#velocity-regridding-and-accumulation), one segment at a time.
 
 Do not call this module directly: use :mod:`modules.MapMaking.read_line_data`.
 

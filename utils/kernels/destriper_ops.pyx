@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Operator kernels of the destriper (04 §4.2). Do not call directly: use
+"""Operator kernels of the destriper (docs/mapmaking.md#operator-application). Do not call directly: use
 :func:`modules.MapMaking.destriper.destripe`.
 
 Conventions shared by every kernel

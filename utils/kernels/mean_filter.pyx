@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Running mean and NaN-aware running mean along the last axis of 2-D arrays (07 §4.1).
+"""Running mean and NaN-aware running mean along the last axis of 2-D arrays (docs/operations.md#measurement-details).
 
 Do not call this module directly: use :mod:`utils.filters`.
 

@@ -1,6 +1,6 @@
 # distutils: language = c++
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Running median and NaN-aware running median along the last axis of 2-D arrays (07 §4.1).
+"""Running median and NaN-aware running median along the last axis of 2-D arrays (docs/operations.md#measurement-details).
 
 Do not call this module directly: use :mod:`utils.filters`, which validates the arguments, moves the
 filtered axis last and gives every N-D array the ``(rows, n)`` view these kernels expect.

@@ -1,4 +1,5 @@
-"""Level-1 simulator (02): writes level-1 files in the exact 01 format with the truth in ``/truth``.
+"""Level-1 simulator (docs/simulator.md): writes level-1 files in the exact level-1 format with the truth in
+``/truth``.
 
 Python API::
 

@@ -1,4 +1,4 @@
-"""Command line of the simulator (02 §1)::
+"""Command line of the simulator (docs/simulator.md#interfaces)::
 
     python -m utils.simulator archive --preset demo --out demo/remote [--seed 1]
     python -m utils.simulator archive --config my_archive.toml --out DIR [--seed 1]

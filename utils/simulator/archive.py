@@ -1,4 +1,5 @@
-"""Simulated archives (02 §1, §8): ``<out>/<YYYY-MM>/comap-…hd5`` plus ``<out>/obs_index.csv``.
+"""Simulated archives (docs/simulator.md#interfaces, docs/simulator.md#presets-and-sizes):
+``<out>/<YYYY-MM>/comap-…hd5`` plus ``<out>/obs_index.csv``.
 
 ``obs_index.csv`` is written last and atomically, so its presence means the archive is complete.
 """

@@ -1,16 +1,17 @@
-"""RRL cubes against the simulator's truth (04 §9.8): used by the report and the tests.
+"""RRL cubes against the simulator's truth (docs/mapmaking.md#truth-tests): used by the report and the tests.
 
 The truth is rebuilt from ``/truth/sky/components`` of a level-1 file: each HII region's line peak
 at a position is ``R · T_i (ν/30)^β · θ²/(θ² + FWHM(ν)²) · exp(−4 ln 2 · r²/(θ² + FWHM(ν)²))``
-(02 §5.3), with a Gaussian profile of FWHM ``Δv_i`` at LSRK velocity ``v_i``. A stacked cube is
-compared with the weighted mean of its lines' truths, weighted by the cube's ``LINE Wk`` cards.
+(docs/simulator.md#galactic-field), with a Gaussian profile of FWHM ``Δv_i`` at LSRK velocity ``v_i``. A
+stacked cube is compared with the weighted mean of its lines' truths, weighted by the cube's ``LINE Wk``
+cards.
 
 Zeroth moments are compared in two ways:
 
 * ``scale_a``: a weighted fit ``M0(p) = a · T0(p) + c`` over every unmasked pixel. The free ``c``
-  absorbs the cube's zero level, which is set by the per-channel median over each scan (04 §9.3)
-  and is not defined by the data where a line source fills the scan; ``a`` is the recovered
-  fraction of the integrated intensity.
+  absorbs the cube's zero level, which is set by the per-channel median over each scan
+  (docs/mapmaking.md#reading) and is not defined by the data where a line source fills the scan; ``a`` is the
+  recovered fraction of the integrated intensity.
 * ``m0_on/truth``: the mean zeroth moment within one beam FWHM of the brightest region, absolute.
 """
 
@@ -159,7 +160,8 @@ def cube_validation(
     window_kms: tuple[float, float] | None = None,
     on_radius_fwhm: float = 1.0,
 ) -> dict[str, object]:
-    """Moments of a cube against the truth (04 §9.8); σ's are propagated from the RMS cube.
+    """Moments of a cube against the truth (docs/mapmaking.md#truth-tests); σ's are propagated from the RMS
+    cube.
 
     Parameters
     ----------

@@ -1,8 +1,10 @@
-"""Instrument model (02 §3, §6 focal plane, §10 random streams).
+"""Instrument model (docs/simulator.md#instrument-model, docs/simulator.md#pointing focal plane,
+docs/simulator.md#determinism-and-bounded-memory random streams).
 
-* channel frequencies in the level-1 storage order (01 §5);
+* channel frequencies in the level-1 storage order
+  (docs/formats/level1.md#bands-channels-and-frequency-order);
 * receiver temperature ``T_rx,f(ν)`` and gain ``G_f(ν)`` per feed, from the instrument stream;
-* common-mode gain fluctuations ``δg_f(t)`` by the irfft recipe of 02 §3.3;
+* common-mode gain fluctuations ``δg_f(t)`` by the irfft recipe of docs/simulator.md#gain-fluctuations;
 * the focal-plane layout.
 """
 
@@ -23,7 +25,7 @@ STREAM_INSTRUMENT: int = 2
 
 
 # --------------------------------------------------------------------------------------------------
-# Random streams (02 §10.1)
+# Random streams (docs/simulator.md#determinism-and-bounded-memory)
 # --------------------------------------------------------------------------------------------------
 def observation_rng(seed: int, obsid: int, feed_position: int, stream: int) -> np.random.Generator:
     """``Generator(PCG64(SeedSequence(seed, spawn_key=(obsid, feed_position, stream))))``."""
@@ -41,7 +43,8 @@ def instrument_rng(instrument_seed: int, feed_number: int) -> np.random.Generato
 # Frequencies
 # --------------------------------------------------------------------------------------------------
 def band_is_descending(band_name: str) -> bool:
-    """Lower-sideband bands (``A:LSB``, ``B:LSB``) are stored in descending frequency (01 §5)."""
+    """Lower-sideband bands (``A:LSB``, ``B:LSB``) are stored in descending frequency
+    (docs/formats/level1.md#bands-channels-and-frequency-order)."""
     return "LSB" in band_name.upper()
 
 
@@ -86,7 +89,7 @@ def atmosphere_zenith_k(freq_ghz: ArrayLike, atm_zenith_k: float, atm_slope_per_
 
 
 # --------------------------------------------------------------------------------------------------
-# Receiver and gain (02 §3.1–3.2)
+# Receiver and gain (docs/simulator.md)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FeedInstrument:
@@ -97,7 +100,7 @@ class FeedInstrument:
     feed : int
         Feed number.
     t_rx_scale, ripple_phase, gain_factor : float
-        ``s_f``, ``φ_f`` (rad) and ``a_f`` of 02 §3.
+        ``s_f``, ``φ_f`` (rad) and ``a_f`` of docs/simulator.md#instrument-model.
     t_rx_k : ndarray, shape (n_bands, n_channels)
         Receiver temperature, K.
     gain : ndarray, shape (n_bands, n_channels)
@@ -155,7 +158,7 @@ def feed_instrument(
 
 
 # --------------------------------------------------------------------------------------------------
-# Gain fluctuations (02 §3.3)
+# Gain fluctuations (docs/simulator.md#gain-fluctuations)
 # --------------------------------------------------------------------------------------------------
 def gain_fluctuation_psd(freq_hz: ArrayLike, sigma_g: float, alpha: float, f0_hz: float) -> NDArray:
     """One-sided PSD ``σ_g² (f/f0)^α`` (Hz⁻¹); 0 at f = 0."""
@@ -194,10 +197,11 @@ def gain_fluctuations(
 
 
 # --------------------------------------------------------------------------------------------------
-# Focal plane (02 §6)
+# Focal plane (docs/simulator.md#pointing)
 # --------------------------------------------------------------------------------------------------
 def focal_plane_offset_arcmin(feed: int, spacing_arcmin: float = 12.0) -> tuple[float, float]:
-    """(x = cross-elevation, y = elevation) offset of ``feed`` in arcmin (02 §6 layout)."""
+    """(x = cross-elevation, y = elevation) offset of ``feed`` in arcmin (docs/simulator.md#pointing
+    layout)."""
     f = int(feed)
     if f == 1:
         return 0.0, 0.0

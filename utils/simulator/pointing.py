@@ -1,4 +1,5 @@
-"""Pointing (02 §6): feed az/el from the boresight, exact AltAz→ICRS, targets and scheduling.
+"""Pointing (docs/simulator.md#pointing): feed az/el from the boresight, exact AltAz→ICRS, targets and
+scheduling.
 
 * Feed directions use the exact inverse gnomonic projection in the local az/el frame.
 * RA/Dec of every sample of every feed goes through astropy:
@@ -8,7 +9,7 @@
   astropy's public ``erfa_astrom`` science state. The per-feed work then costs ~2 µs per sample
   and the results are bit-identical to the plain per-feed astropy call.
 * Targets are tracked by interpolating their exact topocentric az/el (1 s grid for fixed sources,
-  60 s grid for Jupiter, as 02 §6) with cubic splines.
+  60 s grid for Jupiter, as docs/simulator.md#pointing) with cubic splines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Archive presets (02 §8).
+"""Archive presets (docs/simulator.md#presets-and-sizes).
 
 =============  ==============  ==========  ========================================================
 preset         feeds           channels    observations (obsids)

@@ -1,4 +1,4 @@
-"""``python -m utils.simulator report DIR``: recovered-versus-truth summary (00 §11 step 3).
+"""``python -m utils.simulator report DIR``: recovered-versus-truth summary (docs/install.md#the-demo step 3).
 
 Level-1 files (``comap-*.hd5``, anywhere under DIR, e.g. ``DIR/remote`` and ``DIR/level1``; copies
 with the same name are listed once) carry the truth; level-2 files ``Level2_<level-1 name>`` are
@@ -134,7 +134,8 @@ def _bin_mean(values: np.ndarray, weights: np.ndarray, n_bin: int) -> np.ndarray
 
 def row_calibrator(obs: ObservationFiles) -> dict[str, object] | None:
     """Calibrator flux: fitted / truth (model flux averaged over each bin's channels), and the same
-    divided by the truth gain ratio gain/gain_expected (the vane underestimates G, 02 §9)."""
+    divided by the truth gain ratio gain/gain_expected (the vane underestimates G,
+    docs/simulator.md#truth)."""
     with h5py.File(obs.level1, "r", locking=False) as l1:
         if "truth/calibrator/flux_jy" not in l1:
             return None
@@ -165,7 +166,8 @@ def row_calibrator(obs: ObservationFiles) -> dict[str, object] | None:
 
 def _noise_truth(l1, l2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Truth white-noise rms (K, vane K), σ_red at f_ref and knee frequency of binned_data per
-    (feed, band, bin, scan), for the binning weights actually used (03 §4.9 integration test)."""
+    (feed, band, bin, scan), for the binning weights actually used (docs/level2.md#noisestatslevel2
+    integration test)."""
     idx = l2[L2.LEVEL1_FEED_INDEX][...]
     sigma_chan = l1["truth/noise/radiometer_sigma_k"][...][idx] * _gain_ratio(l1, idx)  # vane K
     w = l2[L2.BINNING_WEIGHTS][...].astype(np.float64)  # (F, B, C, S)
@@ -215,7 +217,7 @@ def row_noise(obs: ObservationFiles) -> dict[str, object] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Maps against the truth sky (04 §8)
+# Maps against the truth sky (docs/mapmaking.md#end-to-end-map-validation)
 # --------------------------------------------------------------------------------------------------
 def _truth_sky(observations: list[ObservationFiles], source: str):
     """(truth maps with their header, reference frequencies, components, l0, b0) of ``source``."""
@@ -255,7 +257,8 @@ def map_validation(
     beams: float = 2.0,
     beam_fwhm_arcmin: float = 4.5,
 ) -> dict[str, object]:
-    """χ²/N of (map − a·truth − b)/RMS off the compact sources, and HII peak ratios (04 §8)."""
+    """χ²/N of (map − a·truth − b)/RMS off the compact sources, and HII peak ratios
+    (docs/mapmaking.md#end-to-end-map-validation)."""
     from astropy.io import fits
     from scipy import ndimage
 
@@ -397,9 +400,7 @@ def build_report(root: str | os.PathLike) -> str:
             blocks.append(format_table(title, rows))
     rows = map_rows(root, observations)
     if rows:
-        blocks.append(
-            format_table("Continuum maps vs truth sky (after fitting scale a and offset b; 04 §8)", rows)
-        )
+        blocks.append(format_table("Continuum maps vs truth sky (after fitting scale a and offset b)", rows))
     from utils.simulator.cube_report import cube_rows
 
     rows = cube_rows(root, [o.level1 for o in observations])
@@ -407,7 +408,7 @@ def build_report(root: str | os.PathLike) -> str:
         blocks.append(
             format_table(
                 "RRL cubes vs truth (zeroth moment: scale a with a free zero level, and on region 1; "
-                "04 §9.8)",
+                "docs/mapmaking.md#truth-tests)",
                 rows,
             )
         )

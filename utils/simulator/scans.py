@@ -1,4 +1,5 @@
-"""Observation timeline (02 §4, §7): segments, vane events, boresight trajectory, features, hk.
+"""Observation timeline (docs/simulator.md#vane-events, docs/simulator.md#scan-strategies-and-timeline):
+segments, vane events, boresight trajectory, features, hk.
 
 The timeline is ``[vane] slew scan (repoint scan)* slew [vane]``. Every segment has an integer
 number of spectrometer samples. Times are seconds since the first sample (``t_s``); MJDs are
@@ -17,8 +18,8 @@ weather        ``0.25 + k/weather_rate``          air/dew-point temperature, pre
 
 The vane clock sits half a spectrometer sample off the spectrometer grid and vane-event boundaries
 are placed so that no vane hk sample falls between two spectrometer samples at an event edge. The
-set of hk samples "inside the event" (used for T_hot, 03 §4.3) is then the same whether the
-pipeline tests ``t <= MJD[stop-1]`` or ``t < MJD[stop]``.
+set of hk samples "inside the event" (used for T_hot, docs/level2.md#systemtemperature) is then the same
+whether the pipeline tests ``t <= MJD[stop-1]`` or ``t < MJD[stop]``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Sky models (02 §5): calibrators as beam-convolved point sources, the Galactic field with RRLs, none.
+"""Sky models (docs/simulator.md#sky-models): calibrators as beam-convolved point sources, the Galactic field
+with RRLs, none.
 
 Each model returns the astronomical brightness ``T_sky`` (K_RJ) seen by one feed for a chunk of
 samples, shape ``(n_bands, n_channels, n_samples)``, or None where it is zero. The truth map
-(02 §9) is evaluated with the same code.
+(docs/simulator.md#truth) is evaluated with the same code.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class PointSourceSky(SkyModel):
         return fwhm / 60.0 * FWHM_TO_SIGMA
 
     def distance_deg(self, chunk: FeedChunk) -> NDArray[np.float64]:
-        """Angular distance of the feed from the source; Jupiter's is computed in AltAz (02 §6)."""
+        """Angular distance of the feed from the source; Jupiter's is computed in AltAz
+        (docs/simulator.md#pointing)."""
         if self.moving:
             az_j, el_j = self.track.azel(chunk.mjd)
             return angular_separation_deg(chunk.az_deg, chunk.el_deg, az_j, el_j)
@@ -153,7 +155,7 @@ def interpolation_matrix(x_new: NDArray, x_ref: NDArray) -> NDArray[np.float64]:
 
 
 class GalacticSky(SkyModel):
-    """Diffuse ridge + compact HII regions with Hnα recombination lines (02 §5.3).
+    """Diffuse ridge + compact HII regions with Hnα recombination lines (docs/simulator.md#galactic-field).
 
     The continuum is evaluated exactly at ``n_beam_freqs`` frequencies evenly spaced over the
     receiver band and interpolated linearly to the channels (and to truth-map frequencies). Line

@@ -1,4 +1,5 @@
-"""Observation and archive specifications (02 §1): dataclasses with the spec defaults, TOML I/O.
+"""Observation and archive specifications (docs/simulator.md#interfaces): dataclasses with the spec defaults,
+TOML I/O.
 
 Every default of 02 is a field default here. ``ObservationSpec.from_dict`` accepts the nested TOML
 layout::
@@ -36,7 +37,8 @@ SCAN_KINDS: tuple[str, ...] = ("ces", "lissajous", "raster", "skydip", "stare")
 SKY_KINDS: tuple[str, ...] = ("galactic", "taua", "casa", "cyga", "jupiter", "none")
 CALIBRATOR_SKY_KINDS: tuple[str, ...] = ("taua", "casa", "cyga", "jupiter")
 
-# Kind-dependent scan defaults (02 §7). Fields left as None in ScanSpec take these values.
+# Kind-dependent scan defaults (docs/simulator.md#scan-strategies-and-timeline). Fields left as None in
+# ScanSpec take these values.
 _SCAN_DEFAULTS: dict[str, dict[str, Any]] = {
     "ces": {"n_segments": 2, "segment_s": 120.0, "speed_deg_s": 1.0},
     "lissajous": {"n_segments": 1, "duration_s": 150.0},
@@ -48,7 +50,8 @@ _SCAN_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ScanSpec:
-    """Scan strategy (02 §7). ``None`` fields take the kind's default (see :meth:`resolved`)."""
+    """Scan strategy (docs/simulator.md#scan-strategies-and-timeline). ``None`` fields take the kind's default
+    (see :meth:`resolved`)."""
 
     kind: str = "ces"
     n_segments: int | None = None
@@ -94,7 +97,8 @@ class ScanSpec:
 
 @dataclass
 class HIIRegion:
-    """A compact HII region of the Galactic field (02 §5.3), offsets relative to (l0, b0)."""
+    """A compact HII region of the Galactic field (docs/simulator.md#galactic-field), offsets relative to (l0,
+    b0)."""
 
     dl_deg: float = 0.0
     db_deg: float = 0.0
@@ -107,7 +111,7 @@ class HIIRegion:
 
 
 def default_hii_regions() -> list[HIIRegion]:
-    """The three demo HII regions of 02 §5.3."""
+    """The three demo HII regions of docs/simulator.md#galactic-field."""
     return [
         HIIRegion(0.00, 0.00, 4.0, 6.0, -2.1, 0.15, 95.0, 25.0),
         HIIRegion(0.35, -0.10, 3.0, 2.0, -2.1, 0.15, 60.0, 25.0),
@@ -117,7 +121,7 @@ def default_hii_regions() -> list[HIIRegion]:
 
 @dataclass
 class SkySpec:
-    """Sky model (02 §5)."""
+    """Sky model (docs/simulator.md#sky-models)."""
 
     kind: str = "galactic"
     source_fwhm_arcmin: float = 0.0
@@ -148,7 +152,8 @@ class SkySpec:
 
 @dataclass
 class ObservationSpec:
-    """Everything needed to simulate one level-1 file (02). Field defaults are the spec defaults."""
+    """Everything needed to simulate one level-1 file (docs/simulator.md). Field defaults are the documented
+    defaults."""
 
     obsid: int = 60001
     source: str = ""
@@ -170,14 +175,14 @@ class ObservationSpec:
     hk_rate_hz: float = 10.0
     weather_rate_hz: float = 1.0
     time_chunk: int = 1024
-    # noise (02 §2, §3.3)
+    # noise (docs/simulator.md#signal-model, docs/simulator.md#gain-fluctuations)
     white_noise: bool = True
     gain_fluctuations: bool = True
     sigma_g: float | list[float] = 5.0e-5
     alpha: float | list[float] = -1.5
     f0_hz: float | list[float] = 1.0
     instrument_seed: int | None = None
-    # receiver and gain (02 §3.1–3.2)
+    # receiver and gain (docs/simulator.md)
     gain_scale: float = 1.0e6
     t_rx_base_k: float = 22.0
     t_rx_slope_k_per_ghz: float = 1.5
@@ -186,10 +191,11 @@ class ObservationSpec:
     t_rx_ripple_k: float = 1.0
     ripple_period_ghz: float = 0.25
     t_rx_band_offsets_k: list[float] = field(default_factory=lambda: [0.0, 3.0, -2.0, 2.0])
-    """Receiver temperature added to each band (K, × s_f): the bands' separate IF chains. Not in 02
-    §3.1: without it T_rx is almost linear in frequency across 26–34 GHz, which makes a gain change
-    indistinguishable from a sky brightness change with a linear spectrum (the gain filter's level
-    and slope templates); real receivers' bands differ by a few K."""
+    """Receiver temperature added to each band (K, × s_f): the bands' separate IF chains
+    (docs/simulator.md#receiver-temperature). Without it T_rx is almost linear in frequency across
+    26–34 GHz, which makes a gain change indistinguishable from a sky brightness change with a
+    linear spectrum (the gain filter's level and slope templates); real receivers' bands differ by
+    a few K."""
     ground_load_k: float = 290.0
     # atmosphere and CMB
     atm_zenith_k: float = 10.0
@@ -199,7 +205,7 @@ class ObservationSpec:
     beam_fwhm_arcmin_30ghz: float = 4.5
     feed_spacing_arcmin: float = 12.0
     n_beam_freqs: int = 16
-    # vane (02 §4)
+    # vane (docs/simulator.md#vane-events)
     vane_at_start: bool = True
     vane_at_end: bool = True
     vane_park_deg: float = 270.0
@@ -210,7 +216,7 @@ class ObservationSpec:
     vane_offset_deg: float = 1.0
     tshroud_c: float = 15.0
     tshroud_drift_c: float = 0.05
-    # timeline (02 §7)
+    # timeline (docs/simulator.md#scan-strategies-and-timeline)
     slew_s: float = 5.0
     el_min_deg: float = 25.0
     el_max_deg: float = 80.0
@@ -356,7 +362,7 @@ class ObservationSpec:
 
 @dataclass
 class ArchiveSpec:
-    """A named list of observations (02 §1, §8)."""
+    """A named list of observations (docs/simulator.md#interfaces, docs/simulator.md#presets-and-sizes)."""
 
     name: str = "custom"
     observations: list[ObservationSpec] = field(default_factory=list)

@@ -1,11 +1,11 @@
-"""The ``/truth`` group (02 §9): exact inputs and noise-free estimator expectations.
+"""The ``/truth`` group (docs/simulator.md#truth): exact inputs and noise-free estimator expectations.
 
-The vane expectations replicate the pipeline's selection (01 §7, 03 §4.3) on the stored
-housekeeping: the vane angle (``raw × 0.01``) is mapped onto spectrometer time by linear
-interpolation on the vane group's own clock minus 0.6 s; hot samples have angle < θ_min + 4°,
-cold samples > 180°; ``T_hot`` is the mean of the Tshroud hk samples whose corrected time lies
-inside the event (``MJD[start] ≤ t ≤ MJD[stop − 1]``) plus 273.15 K. The Y-factor formula is then
-applied to the noise-free, δg-free power averaged over those samples, with T_c = 2.73 K.
+The vane expectations replicate the pipeline's selection (docs/formats/level1.md#vane-conventions,
+docs/level2.md#systemtemperature) on the stored housekeeping: the vane angle (``raw × 0.01``) is mapped onto
+spectrometer time by linear interpolation on the vane group's own clock minus 0.6 s; hot samples have angle <
+θ_min + 4°, cold samples > 180°; ``T_hot`` is the mean of the Tshroud hk samples whose corrected time lies
+inside the event (``MJD[start] ≤ t ≤ MJD[stop − 1]``) plus 273.15 K. The Y-factor formula is then applied to
+the noise-free, δg-free power averaged over those samples, with T_c = 2.73 K.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class VaneSelection:
 def vane_selection(
     mjd: NDArray, edges: list[tuple[int, int]], hk_utc: NDArray, angle_raw: NDArray, tshroud_raw: NDArray
 ) -> VaneSelection:
-    """Apply the 01 §7 / 03 §4.3 rules to stored housekeeping (``hk_utc`` as written)."""
+    """Apply the docs/formats/level1.md#vane-conventions / docs/level2.md#systemtemperature rules to stored
+    housekeeping (``hk_utc`` as written)."""
     corrected = hk_utc - HK_TIME_OFFSET_S / SECONDS_PER_DAY
     angle = np.interp(mjd, corrected, angle_raw.astype(np.float64) * HK_SCALE, left=np.nan, right=np.nan)
     tshroud = tshroud_raw.astype(np.float64) * HK_SCALE
@@ -130,8 +131,8 @@ def truth_map_wcs(
 ) -> dict[str, float | int | str]:
     """WCS keywords of a ``GLON-CAR``/``GLAT-CAR`` grid covering the points plus ``pad`` (deg).
 
-    Same construction as the dynamic WCS of 04 §6.2 (circular-mean reference longitude, odd sizes,
-    ``CRVAL2 = 0`` so the grid stays aligned with latitude).
+    Same construction as the dynamic WCS of docs/mapmaking.md#dynamic-wcs (circular-mean reference longitude,
+    odd sizes, ``CRVAL2 = 0`` so the grid stays aligned with latitude).
     """
     lon = np.radians(np.asarray(l_deg, dtype=np.float64))
     l_ref = math.degrees(math.atan2(np.mean(np.sin(lon)), np.mean(np.cos(lon)))) % 360.0

@@ -1,8 +1,10 @@
-"""Write one simulated level-1 file (01 format, 02 signal model), streaming per feed and time chunk.
+"""Write one simulated level-1 file (level-1 format, simulator signal model), streaming per feed and time
+chunk.
 
 Memory: besides the per-chunk arrays ``(n_bands, n_channels, time_chunk)``, only full-length
 vectors of one feed (δg and its pointing) and the common boresight/timeline vectors are held.
-The file is written to ``<name>.partial`` and renamed when complete (02 §10).
+The file is written to ``<name>.partial`` and renamed when complete
+(docs/simulator.md#determinism-and-bounded-memory).
 """
 
 from __future__ import annotations
@@ -367,7 +369,7 @@ def _ground_feed_tod(tod, ifeed, inst, dg, spec, white_fraction, rng_w) -> None:
 def _science_feed_tod(
     tod, ifeed, inst, dg, pointing, tl: Timeline, sky, t_atm, doppler_index, acc, white_fraction, rng_w
 ) -> None:
-    """One science feed, chunk by chunk (02 §2):
+    """One science feed, chunk by chunk (docs/simulator.md#signal-model):
 
     ``T_in = T_rx + β T_hot + (1 − β)[T_atm / sin(el) + T_cmb + T_sky]``,
     ``V = G (1 + δg) T_in (1 + w n)`` with ``w = 1/sqrt(|Δν| τ)``.

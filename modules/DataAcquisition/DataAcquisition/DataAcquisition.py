@@ -1,10 +1,11 @@
-"""DataAcquisition: download new level-1 files with parallel rsync, verify and register them (06 §5).
+"""DataAcquisition: download new level-1 files with parallel rsync, verify and register them
+(docs/acquisition.md#dataacquisition).
 
 Flow of :meth:`DataAcquisition.run`:
 
-1. **Plan.** List the remote, join the optional index and filter (06 §2, §3); claim
-   ``(obsid, 'download')`` jobs; split the claimed files into ``n_rsyncs`` batches balanced by
-   bytes (greedy, largest file first).
+1. **Plan.** List the remote, join the optional index and filter (docs/acquisition.md#remote-listing,
+   docs/acquisition.md#filters); claim ``(obsid, 'download')`` jobs; split the claimed files into ``n_rsyncs``
+   batches balanced by bytes (greedy, largest file first).
 2. **Execute.** A ``ThreadPoolExecutor(n_rsyncs)``; each thread runs one rsync process at a time
    with ``--files-from`` (arguments: :func:`modules.DataAcquisition.rsync.transfer_command`).
    Exit 0 is success; 23/24 verify what arrived and retry the rest once; any other code retries
@@ -621,7 +622,8 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
 
     # ------------------------------------------------------------------ verification (worker thread)
     def _check(self, f: RemoteFile, *, complete: bool) -> FileResult | None:
-        """Verify one file after a transfer attempt (06 §5.2); None = not arrived yet (retry)."""
+        """Verify one file after a transfer attempt (docs/acquisition.md#verification-and-registration); None
+        = not arrived yet (retry)."""
         root = os.path.realpath(self.local_dir)
         dest = os.path.realpath(os.path.join(root, f.relpath))
         with obsid_context(f.obsid):

@@ -1,4 +1,5 @@
-"""DataAssess: discover level-1 and level-2 files on disk and register them (06 §6)."""
+"""DataAssess: discover level-1 and level-2 files on disk and register them
+(docs/acquisition.md#dataassess)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DataCheckRemote: list the remote archive and report what is new; downloads nothing (06 §4)."""
+"""DataCheckRemote: list the remote archive and report what is new; downloads nothing
+(docs/acquisition.md#datacheckremote)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ log = logging.getLogger("comap.DataCheckRemote")
 
 
 def report_dict(remote: str, local_dir: str, sel: Selection, *, timestamp: str) -> dict[str, Any]:
-    """The JSON report of a remote check (06 §4 step 2)."""
+    """The JSON report of a remote check (docs/acquisition.md#datacheckremote step 2)."""
     rejected: dict[str, int] = {k: v for k, v in sorted(sel.counts.items()) if k != "already registered"}
     return {
         "remote": remote,

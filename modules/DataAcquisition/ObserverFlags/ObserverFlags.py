@@ -1,4 +1,5 @@
-"""ObserverFlags: apply observer flags from a CSV file to ``quality_flags`` (06 §7).
+"""ObserverFlags: apply observer flags from a CSV file to ``quality_flags``
+(docs/acquisition.md#observerflags).
 
 CSV format (header required; column names matched case-insensitively after trimming):
 
@@ -351,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="python -m modules.DataAcquisition.ObserverFlags.ObserverFlags",
-        description="Apply observer flags from a CSV file to the quality_flags table (06 §7).",
+        description="Apply observer flags from a CSV file to the quality_flags table.",
     )
     parser.add_argument("csv", help="observer-flag CSV (ObsID start, ObsID end, Pixels, Sidebands, Comment)")
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""AtmosphereInObservation: per-scan airmass fit ``offset + tau/sin(el)`` of every channel (03 §4.6)."""
+"""AtmosphereInObservation: per-scan airmass fit ``offset + tau/sin(el)`` of every channel
+(docs/level2.md#atmosphereinobservation)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class AtmosphereInObservation(StreamingStage):
     min_elevation_range_deg : float
         Fit only scans whose elevation range is at least this (deg); otherwise ``offset = median``
         and ``tau = 0``. 2° rather than the legacy 0.2°: a fit over a fraction of a degree is
-        degenerate with the sky and absorbed calibrator signal (Deliberate difference, 03 §4.6).
+        degenerate with the sky and absorbed calibrator signal (Deliberate difference,
+        docs/level2.md#atmosphereinobservation).
     median_stride : int
         Stride of the decimated per-scan median (samples).
     plot : bool

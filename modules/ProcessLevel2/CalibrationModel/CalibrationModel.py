@@ -1,4 +1,5 @@
-"""CalibrationModel: the calibration factor (measured / model calibrator flux) against time (03 §6)."""
+"""CalibrationModel: the calibration factor (measured / model calibrator flux) against time
+(docs/level2.md#calibrationmodel)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ Element = tuple[int, int, int]
 
 @dataclass
 class ElementModel:
-    """The fitted calibration model of one (feed, band, channel) element (05 §1.5).
+    """The fitted calibration model of one (feed, band, channel) element
+    (docs/database.md#calibration_model_fit).
 
     Attributes
     ----------
@@ -68,7 +70,7 @@ class ElementModel:
     used: dict[str, NDArray] = field(default_factory=dict, repr=False)
 
     def row(self, source: str) -> dict[str, Any]:
-        """The ``calibration_model_fit`` row (05 §1.5)."""
+        """The ``calibration_model_fit`` row (docs/database.md#calibration_model_fit)."""
         return {
             "source": source,
             "feed": self.feed,
@@ -95,7 +97,8 @@ class ElementModel:
 
 @dataclass
 class SelectedRows:
-    """Calibration-flux rows after the cuts of 03 §6 step 2, as arrays (one entry per row)."""
+    """Calibration-flux rows after the cuts of docs/level2.md#calibrationmodel step 2, as arrays (one entry
+    per row)."""
 
     obsid: NDArray[np.int64]
     element: NDArray[np.int64]  # (n, 3): feed, band, channel
@@ -114,7 +117,8 @@ def select_rows(
     gain_min: float,
     gain_max: float,
 ) -> SelectedRows:
-    """Measured/model ratios of ``calibration_flux`` rows and the cuts of 03 §6 steps 1–2.
+    """Measured/model ratios of ``calibration_flux`` rows and the cuts of docs/level2.md#calibrationmodel
+    steps 1–2.
 
     ``S_model`` is evaluated at each row's ``frequency_ghz`` (the bin's ``central_freqs``) and
     ``mjd`` with :func:`utils.calibrators.flux_jy`. A row is kept if the ratio and its error
@@ -181,7 +185,7 @@ def fit_element(
     poly_degree: int,
     mjd_ref: float,
 ) -> ElementModel:
-    """Fit one element's calibration model (03 §6 step 3).
+    """Fit one element's calibration model (docs/level2.md#calibrationmodel step 3).
 
     * ``polynomial``: ``numpy.polynomial.polynomial.polyfit(t, ratio, deg, w=1/σ_ratio)`` with
       ``t = (mjd − mjd_ref)/365.25``; the degree is lowered to (number of distinct times − 1) when
@@ -228,13 +232,15 @@ def fit_element(
 
 
 class CalibrationModel(PipelineStage):
-    """Model the calibration factor of every (feed, band, channel) against time (03 §6).
+    """Model the calibration factor of every (feed, band, channel) against time
+    (docs/level2.md#calibrationmodel).
 
     Reads the ``calibration_flux`` rows of ``source`` (written by CalibratorFitting), divides each
     measured flux by the model flux at the row's frequency and time, applies the cuts, fits a
     polynomial, mean or nearest-neighbour model per element with at least ``min_observations``
     rows, upserts ``calibration_model_fit`` keyed by (source, feed, band, channel), and exports the
-    table as JSON. Map making divides vane-K data by the factor to get K_RJ (04 §3).
+    table as JSON. Map making divides vane-K data by the factor to get K_RJ
+    (docs/mapmaking.md#level2datareader).
 
     The command-line ``--obsid`` restriction does not apply: a calibration model is a fit over
     time to every calibrator observation in ``[min_obsid, max_obsid]``, and refitting it from a

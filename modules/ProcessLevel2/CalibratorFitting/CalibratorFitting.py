@@ -1,4 +1,5 @@
-"""CalibratorFitting: fit a Gaussian beam to every calibrator scan of every feed, band and bin (03 §4.10)."""
+"""CalibratorFitting: fit a Gaussian beam to every calibrator scan of every feed, band and bin
+(docs/level2.md#calibratorfitting)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ class _Fits:
 
 
 class CalibratorFitting(BaseCOMAPModule):
-    """Fit calibrator sources (Tau A, Cas A, Cyg A, Jupiter) in the binned level-2 TOD (03 §4.10).
+    """Fit calibrator sources (Tau A, Cas A, Cyg A, Jupiter) in the binned level-2 TOD
+    (docs/level2.md#calibratorfitting).
 
     Runs only for observations whose ``source_group`` is ``'Calibrator'``; for any other
     observation it is done trivially and writes nothing. For every scan, science feed, band and
@@ -118,7 +120,7 @@ class CalibratorFitting(BaseCOMAPModule):
 
     Fitting happens one feed × scan block at a time (memory bounded by the longest scan of one
     feed). Amplitudes are in the unit of ``tod_dataset`` (vane K), so ``flux`` is the vane-K flux
-    density whose ratio to ``model_flux`` is the calibration factor (03 §6).
+    density whose ratio to ``model_flux`` is the calibration factor (docs/level2.md#calibrationmodel).
 
     Parameters
     ----------
@@ -399,7 +401,8 @@ class CalibratorFitting(BaseCOMAPModule):
         return kept
 
     def _azel_offsets(self, fits: _Fits, track: Any, mid: NDArray) -> None:
-        """Pointing offsets in az/el at each scan's mid-time (03 §4.10 step 8), one batched transform."""
+        """Pointing offsets in az/el at each scan's mid-time (docs/level2.md#calibratorfitting step 8), one
+        batched transform."""
         idx = np.nonzero(fits.fit_ok)
         m = idx[0].size
         if m == 0:
@@ -433,7 +436,8 @@ class CalibratorFitting(BaseCOMAPModule):
     def _combine(
         self, fits: _Fits, central_freqs: NDArray, mid: NDArray, mjd_mid: float, source: str
     ) -> dict[str, NDArray]:
-        """Inverse-variance combination over scans with ``fit_ok`` (03 §4.10 step 9)."""
+        """Inverse-variance combination over scans with ``fit_ok`` (docs/level2.md#calibratorfitting step
+        9)."""
         v, ok = fits.values, fits.fit_ok
         out: dict[str, NDArray] = {}
         for name in WEIGHTED_FIELDS:
@@ -515,7 +519,8 @@ class CalibratorFitting(BaseCOMAPModule):
         self.mark_complete(grp)
 
     def _record(self, ctx: Any, feeds: NDArray, combined: dict[str, NDArray], source: str) -> None:
-        """``calibration_flux`` rows and the summary medians over successful fits (03 §4.10 "DB")."""
+        """``calibration_flux`` rows and the summary medians over successful fits
+        (docs/level2.md#calibratorfitting "DB")."""
         ok = combined["fit_ok"]
         rows = []
         for ifeed, b, j in zip(*np.nonzero(ok), strict=True):

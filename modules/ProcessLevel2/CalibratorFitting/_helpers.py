@@ -17,20 +17,22 @@ from utils.coordinates import azel_to_icrs
 from utils.noise import pair_difference_rms as _pair_difference_rms
 
 MIN_NOISE_PAIRS: int = 50
-"""Minimum number of off-source pairs for the local noise estimate (03 §4.10 step 3)."""
+"""Minimum number of off-source pairs for the local noise estimate (docs/level2.md#calibratorfitting step
+3)."""
 JUPITER_TRACK_STEP_S: float = 60.0
-"""Spacing of the Jupiter ephemeris grid, s (03 §4.10 "Source position")."""
+"""Spacing of the Jupiter ephemeris grid, s (docs/level2.md#calibratorfitting "Source position")."""
 
 
 def pair_difference_rms(x: NDArray) -> float:
-    """White-noise rms per sample of a 1-D series: the clipped pair-difference estimator (03 §4.5)."""
+    """White-noise rms per sample of a 1-D series: the clipped pair-difference estimator
+    (docs/level2.md#noisestatslevel1)."""
     return float(_pair_difference_rms(np.asarray(x), estimator="clipped_std"))
 
 
 def off_source_noise_k(
     data_k: NDArray, r_deg: NDArray, beam_sigma_deg: float, fit_radius_deg: float
 ) -> float:
-    """Noise σ_n of one (feed, band, bin, scan) segment (03 §4.10 step 3).
+    """Noise σ_n of one (feed, band, bin, scan) segment (docs/level2.md#calibratorfitting step 3).
 
     The clipped pair-difference rms of the samples at ``4σ_b < r < fit_radius`` over the
     non-overlapping consecutive pairs ``(2j, 2j+1)`` of the segment whose two samples are both in
@@ -92,7 +94,8 @@ def source_track(
 def raster_az_corrected_radec(
     az_deg: NDArray, el_deg: NDArray, mjd: NDArray, correction_arcsec: float
 ) -> tuple[NDArray, NDArray]:
-    """ICRS pointing after the legacy raster azimuth fix (03 §4.10 ``raster_az_correction_arcsec``).
+    """ICRS pointing after the legacy raster azimuth fix (docs/level2.md#calibratorfitting
+    ``raster_az_correction_arcsec``).
 
     Samples whose azimuth rate is positive get ``correction_arcsec`` added to their encoder
     azimuth (the encoder reading lagged the true position in the direction of motion in the early

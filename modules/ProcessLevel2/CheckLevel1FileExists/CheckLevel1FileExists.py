@@ -1,4 +1,5 @@
-"""CheckLevel1FileExists: validate the level-1 file before anything reads it (03 §4.1)."""
+"""CheckLevel1FileExists: validate the level-1 file before anything reads it
+(docs/level2.md#checklevel1fileexists)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from utils import level1_layout as L1
 
 
 class CheckLevel1FileExists(BaseCOMAPModule):
-    """Validate the observation's level-1 file against checks C1–C13 (01 §9).
+    """Validate the observation's level-1 file against checks C1–C13 (docs/formats/level1.md#validity-checks).
 
     Writes nothing to level 2; records ``level1_size_bytes`` in the database. It runs whenever the
     observation has other work and never makes an observation count as not done

@@ -1,4 +1,5 @@
-"""CreateLevel2File: start the level-2 file from level-1 metadata and pointing (03 §4.2)."""
+"""CreateLevel2File: start the level-2 file from level-1 metadata and pointing
+(docs/level2.md#createlevel2file)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ DEFAULT_LEVEL1_DATASETS: list[list[Any]] = [
     [L1.HK_TRACKER.child("utc"), 1.0, OPTIONAL],
 ]
 
-# Units of the scaled copies (01 §3.3).
+# Units of the scaled copies (docs/formats/level1.md#hk).
 _UNITS = {
     "angle": "deg",
     "Tshroud": "degC",

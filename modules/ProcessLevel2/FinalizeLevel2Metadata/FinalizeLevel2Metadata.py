@@ -1,4 +1,5 @@
-"""FinalizeLevel2Metadata: the observation's database rows as a snapshot in its level-2 file (03 §4.11)."""
+"""FinalizeLevel2Metadata: the observation's database rows as a snapshot in its level-2 file
+(docs/level2.md#finalizelevel2metadata)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ _SNAPSHOT_OPS = frozenset(
 class FinalizeLevel2Metadata(BaseCOMAPModule):
     """Write the observation's database state into the level-2 file (``level2/sql_snapshot``).
 
-    The level-2 file then describes itself without the database (03 §4.11):
+    The level-2 file then describes itself without the database (docs/level2.md#finalizelevel2metadata):
 
     * group attributes: the scalar ``comap_data`` columns (NULL columns are listed in the JSON
       attribute ``null_columns``), and ``summary_json``, the ``observation_summary`` row as it
@@ -61,7 +62,7 @@ class FinalizeLevel2Metadata(BaseCOMAPModule):
     * datasets of length n, one entry per (feed, band, channel) ``quality_flags`` row known at this
       point (DB rows merged with pending operations), sorted by feed, band, channel: ``feed``,
       ``band``, ``channel`` (int16); ``observer_ok``, ``pipeline_ok``, ``is_good`` (bool);
-      ``comment`` (UTF-8); the float statistics of 05 §1.3 (float64, NaN if null);
+      ``comment`` (UTF-8); the float statistics of docs/database.md#quality_flags (float64, NaN if null);
       ``n_spikes`` and ``n_nan_values`` (int32, −1 if null).
 
     The database is only read. Pending operations are taken with ``db.peek_deferred()`` (not

@@ -1,4 +1,4 @@
-"""FindScans: the scan segments of an observation (03 §4.4).
+"""FindScans: the scan segments of an observation (docs/level2.md#findscans).
 
 The mode decides which per-sample predicate defines the scans:
 
@@ -77,7 +77,7 @@ def scan_edges_from_mask(
     max_scan_length_s: float = 600.0,
     min_scan_length_s: float = 2.0,
 ) -> NDArray[np.int64]:
-    """Scan edges from a per-sample candidate mask (03 §4.4 steps 3–4).
+    """Scan edges from a per-sample candidate mask (docs/level2.md#findscans steps 3–4).
 
     Parameters
     ----------
@@ -133,7 +133,7 @@ def scan_edges_from_mask(
 
 
 class FindScans(BaseCOMAPModule):
-    """Find the scans of an observation and flag out-of-scan and vane samples (03 §4.4).
+    """Find the scans of an observation and flag out-of-scan and vane samples (docs/level2.md#findscans).
 
     Writes ``level2/scan_edges`` ``(S, 2)`` int64 ``[start, stop)`` with attribute ``scan_mode``
     (``ces``, ``raster``, ``lissajous``, ``skydip`` or ``stare``), ORs bit 1 (outside any scan) and

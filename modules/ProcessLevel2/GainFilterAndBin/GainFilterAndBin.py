@@ -1,4 +1,5 @@
-"""GainFilterAndBin: remove atmosphere and gain fluctuations and bin the native channels (03 §4.7)."""
+"""GainFilterAndBin: remove atmosphere and gain fluctuations and bin the native channels
+(docs/level2.md#gainfilterandbin)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def channel_mask(
     max_rms_ratio: float,
     max_nan_fraction: float,
 ) -> np.ndarray:
-    """Channels used by the gain filter and the binning, shape (B, C) bool (03 §4.7 step 2)."""
+    """Channels used by the gain filter and the binning, shape (B, C) bool (docs/level2.md#gainfilterandbin
+    step 2)."""
     tsys = np.asarray(tsys_k, dtype=np.float64)
     n_bands, n_chan = tsys.shape
     idx = np.arange(n_chan)

@@ -1,4 +1,5 @@
-"""NoiseStatsLevel1: white-noise rms of every native channel and scan, in the shared pass (03 §4.5)."""
+"""NoiseStatsLevel1: white-noise rms of every native channel and scan, in the shared pass
+(docs/level2.md#noisestatslevel1)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class NoiseStatsLevel1(StreamingStage):
     Parameters
     ----------
     estimator : {'std', 'clipped_std', 'mad'}
-        Pair-difference estimator (03 §4.5); the clipped default resists a calibrator crossing.
+        Pair-difference estimator (docs/level2.md#noisestatslevel1); the clipped default resists a calibrator
+        crossing.
     clip_sigma : float
         Clipping threshold of ``clipped_std``.
     plot : bool

@@ -1,4 +1,5 @@
-"""NoiseStatsLevel2: white-noise rms and 1/f fits of the binned TOD, per segment (03 §4.9)."""
+"""NoiseStatsLevel2: white-noise rms and 1/f fits of the binned TOD, per segment
+(docs/level2.md#noisestatslevel2)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ def _group_path(output_group_name: str, dataset: str) -> str:
 class NoiseStatsLevel2(BaseCOMAPModule):
     """White-noise rms and 1/f fit of every (feed, band, bin, scan) segment of binned datasets.
 
-    Per dataset and segment (03 §4.9, algorithm in :func:`utils.noise.segment_noise_stats`): the
-    clipped pair-difference rms, optional replacement of bright samples, a short running median
-    to find outliers, and — when enough samples are good — a fit of
-    ``σ_red² |f/f_ref|^α + σ_white²`` to the log-binned periodogram.
+    Per dataset and segment (docs/level2.md#noisestatslevel2, algorithm in
+    :func:`utils.noise.segment_noise_stats`): the clipped pair-difference rms, optional replacement of bright
+    samples, a short running median to find outliers, and — when enough samples are good — a fit of ``σ_red²
+    |f/f_ref|^α + σ_white²`` to the log-binned periodogram.
 
     Outputs ``<output_group_name>/<basename>/{sigma_white, sigma_red, alpha, fknee_hz, auto_rms,
     good_fraction}`` (F, B, K, S) float32 and ``fit_ok`` bool, for every target dataset. DB: per

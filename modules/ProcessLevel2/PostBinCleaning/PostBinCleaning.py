@@ -1,4 +1,5 @@
-"""PostBinCleaning: high-pass the binned TOD and refit the airmass term into a new dataset (03 §4.8).
+"""PostBinCleaning: high-pass the binned TOD and refit the airmass term into a new dataset
+(docs/level2.md#postbincleaning).
 
 The input (default ``level2/binned_filtered_data``) is never modified, so the step is idempotent:
 rerunning it, with or without ``overwrite``, gives bit-identical output.
@@ -63,7 +64,8 @@ def clean_segments(
     outlier_sigma: float = 5.0,
     subtract_running_median: bool = True,
 ) -> tuple[NDArray[np.float32], NDArray[np.int32], NDArray[np.float64], NDArray[np.bool_]]:
-    """Clean segments of equal length (03 §4.8 steps 1–5), one (band, bin, scan) segment per row.
+    """Clean segments of equal length (docs/level2.md#postbincleaning steps 1–5), one (band, bin, scan)
+    segment per row.
 
     1. Rows with ``n_f ≤ medfilt_length`` finite samples: ``x − nanmedian(x)`` (short).
     2. ``med = running_median_nan(x, L)``, ``r = x − med`` (all long rows in one call, threaded).
@@ -166,7 +168,8 @@ def clean_segments(
 
 
 class PostBinCleaning(BaseCOMAPModule):
-    """Running-median high-pass and outlier-robust airmass refit of the binned TOD (03 §4.8).
+    """Running-median high-pass and outlier-robust airmass refit of the binned TOD
+    (docs/level2.md#postbincleaning).
 
     For each (band, bin, scan) segment of ``input_dataset`` (F, B, K, N): short segments are
     median-subtracted; otherwise outliers against a running median are found from the clipped

@@ -1,9 +1,11 @@
-"""SystemTemperature: vane Y-factor system temperature and gain per vane event (03 §4.3).
+"""SystemTemperature: vane Y-factor system temperature and gain per vane event
+(docs/level2.md#systemtemperature).
 
-For every vane event (a run of decoded feature 13, 01 §4) the vane angle is mapped onto spectrometer
-time on the vane group's own clock (01 §6), the hot (vane in the beam) and cold (vane parked, sky)
-samples are selected by angle (01 §7), and for every science feed the event span of the level-1 TOD
-is read once and averaged over the two states. The Y-factor gives
+For every vane event (a run of decoded feature 13, docs/formats/level1.md#the-features-bit-word) the vane
+angle is mapped onto spectrometer time on the vane group's own clock
+(docs/formats/level1.md#housekeeping-time-alignment), the hot (vane in the beam) and cold (vane parked, sky)
+samples are selected by angle (docs/formats/level1.md#vane-conventions), and for every science feed the event
+span of the level-1 TOD is read once and averaged over the two states. The Y-factor gives
 
     Y    = V_hot / V_cold
     Tsys = (T_hot − Y·T_c) / (Y − 1)                    [K]
@@ -73,7 +75,7 @@ def find_vane_events(decoded_features: NDArray, min_event_samples: int) -> NDArr
 def select_vane_states(
     angle_deg: NDArray, hot_angle_margin_deg: float, cold_angle_min_deg: float
 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Hot and cold samples of one vane event from the vane angle (01 §7).
+    """Hot and cold samples of one vane event from the vane angle (docs/formats/level1.md#vane-conventions).
 
     Parameters
     ----------
@@ -210,7 +212,8 @@ class VaneResult:
 
 
 class SystemTemperature(BaseCOMAPModule):
-    """Measure Tsys and gain from every vane event with the Y-factor method (03 §4.3).
+    """Measure Tsys and gain from every vane event with the Y-factor method
+    (docs/level2.md#systemtemperature).
 
     Writes ``level2/vane`` (system_temperature and gain ``(E, F, B, C)`` float32, event_edges
     ``(E, 2)``, mjd, t_hot_k, n_hot, n_cold) and sets ``median_tsys`` in the observation summary.

@@ -1,4 +1,4 @@
-"""CreateLineMap: radio-recombination-line cubes of a selection of observations (04 §9).
+"""CreateLineMap: radio-recombination-line cubes of a selection of observations (docs/mapmaking.md#rrl-cubes).
 
 The product's steps: :meth:`CreateLineMap.expand` (one stacked cube, or one per line), then per
 cube the pre-pass and read of :mod:`modules.MapMaking.read_line_data` (level-1 channel windows,
@@ -92,7 +92,8 @@ class CreateLineMap(
     DestriperParameters,
     MaskingParameters,
 ):
-    """Radio-recombination-line (RRL) cubes of a selection: one per line, or a stack of several (04 §9).
+    """Radio-recombination-line (RRL) cubes of a selection: one per line, or a stack of several
+    (docs/mapmaking.md#rrl-cubes).
 
     Each cube is a FITS file ``{output_dir}/{map_name}_{linelabel}.fits`` with LINE, RMS, HITS,
     CONTINUUM and MASK HDUs on an LSRK radio-velocity (VRAD) or frequency (FREQ) axis.
@@ -145,7 +146,7 @@ class CreateLineMap(
     calibration, calib_source, calib_min_factor, calib_max_factor, missing_calibration
         Calibration factor of the binned channel containing the line, as CreateMap.
     hit_percentile, min_hits : float, int
-        Masking, as CreateMap (04 §5.1).
+        Masking, as CreateMap (docs/mapmaking.md#name-and-hdus).
     quicklook : bool
         PNG of the moment-0 map and of the spectrum at the brightest pixel beside each cube.
     overwrite : bool
@@ -224,7 +225,7 @@ class CreateLineMap(
         return self._line_specs(self.lines, self.line_frequency)
 
     def expand(self, observations: list[Any] | None = None, selection_feeds: list[int] | None = None):
-        """Concrete cubes: one stacked cube, or one per line (04 §9.6 file names)."""
+        """Concrete cubes: one stacked cube, or one per line (docs/mapmaking.md#fits-cube file names)."""
         specs = self.line_specs()
         out = Path(self.output_dir)
         if len(specs) > 1 and self.stack_lines:
@@ -272,7 +273,7 @@ class CreateLineMap(
         return max(SPEED_OF_LIGHT_KMS * width_ghz / s.rest_freq_ghz for s in cube.lines)
 
     def make(self, output: CubeSpec, inputs: JobInputs, config_sha: str, executor=None) -> Path:
-        """Pre-pass, read, assemble and write one cube (04 §9.3–§9.6)."""
+        """Pre-pass, read, assemble and write one cube (docs/mapmaking.md)."""
         cube, log = output, inputs.log
         name = cube.output_path.name
         reader = LineDataReader(self.reader_settings(cube, 1.0), inputs.table, inputs.flags)

@@ -1,4 +1,5 @@
-"""CreateMap: one destriped continuum map per (band, channel, split) of a selection (04 §7).
+"""CreateMap: one destriped continuum map per (band, channel, split) of a selection
+(docs/mapmaking.md#createmap-and-its-variants).
 
 The product's steps: :meth:`CreateMap.expand` (band × channel × split), then per map the pre-pass
 and read of :mod:`modules.MapMaking.read_data` (files in parallel through its picklable
@@ -118,7 +119,7 @@ class CreateMap(
     write_mean_azel : bool
         Record the mean az/el/MJD in the header.
     feeds, use_quality_flags, auto_rms_cap_k, sigma_red_cutoff_k, fknee_max_hz
-        Segment selection (04 §3.1).
+        Segment selection (docs/mapmaking.md#pre-pass-and-segment-selection).
     calibration, calib_source, calib_min_factor, calib_max_factor, missing_calibration
         Calibration factors from CalibrationModel (``'model'``) or none.
     detrend, detrend_order, detrend_mask_abs_b_deg
@@ -128,7 +129,7 @@ class CreateMap(
     bright_mask_map, bright_cut_k, bright_downweight
         Bright-source map (FITS) and its use for solver weights.
     hit_percentile, min_hits, edge_clip, edge_clip_width, clip_percentiles
-        Masking (04 §5.1).
+        Masking (docs/mapmaking.md#name-and-hdus).
     quicklook : bool
         Write a PNG quicklook beside each FITS file.
     overwrite : bool
@@ -185,7 +186,8 @@ class CreateMap(
         return self.settings(ReaderSettings, **given)
 
     def expand(self, observations: list[Any], selection_feeds: list[int]) -> list[MapJobSpec]:
-        """Concrete maps for this selection: band × channel × split (04 §1 step 1, §7)."""
+        """Concrete maps for this selection: band × channel × split (docs/mapmaking.md#orchestration step 1,
+        docs/mapmaking.md#createmap-and-its-variants)."""
         base_feeds = sorted(self.feeds) if self.feeds else sorted(selection_feeds)
         splits: list[tuple[str, dict[str, Any]]] = []
         mode = self.split_mode
@@ -285,7 +287,7 @@ class CreateMap(
         return [p for p in plans if number[(p.obsid, p.scan)] % 2 == parity]
 
     def make(self, output: MapJobSpec, inputs: JobInputs, config_sha: str, executor=None) -> Path:
-        """Read, destripe and write one concrete map (04 §3–§5)."""
+        """Read, destripe and write one concrete map (docs/mapmaking.md)."""
         spec, log = output, inputs.log
         geometry = inputs.shared("geometry", lambda: self._geometry(inputs))
         name = spec.output_path.name

@@ -1,4 +1,5 @@
-"""CreateMapDayNight: CreateMap split by the Sun's altitude at each scan's mid-time (04 §7)."""
+"""CreateMapDayNight: CreateMap split by the Sun's altitude at each scan's mid-time
+(docs/mapmaking.md#createmap-and-its-variants)."""
 
 from __future__ import annotations
 

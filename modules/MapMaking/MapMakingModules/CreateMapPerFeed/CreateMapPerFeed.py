@@ -1,4 +1,4 @@
-"""CreateMapPerFeed: CreateMap with one map per feed (04 §7)."""
+"""CreateMapPerFeed: CreateMap with one map per feed (docs/mapmaking.md#createmap-and-its-variants)."""
 
 from __future__ import annotations
 
