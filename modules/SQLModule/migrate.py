@@ -313,9 +313,7 @@ class _Frequencies:
                 if FEEDS in f:
                     self.feeds = [int(x) for x in f[FEEDS][...]]
         except (OSError, KeyError, ValueError) as exc:
-            self.reasons[obsid] = (
-                f"cannot read {CENTRAL_FREQS} from {path}: {' '.join(str(exc).split())}"
-            )
+            self.reasons[obsid] = f"cannot read {CENTRAL_FREQS} from {path}: {' '.join(str(exc).split())}"
             self.freqs = None
 
     def lookup(self, obsid: int, feed: int, band: int, channel: int, fb: int) -> float | None:
