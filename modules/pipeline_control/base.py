@@ -39,7 +39,7 @@ from utils.h5io import RetryH5PY
 from utils.layout import DatasetPath
 
 if TYPE_CHECKING:  # pragma: no cover
-    from modules.pipeline_control.config import LoadedConfig, RunConfig
+    from modules.pipeline_control.config_model import LoadedConfig, RunConfig
     from modules.pipeline_control.logging_setup import RunLogging
 
 __all__ = [

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -27,7 +27,6 @@ from utils.level2 import FEEDS, FREQUENCY, LEVEL1_FEED_INDEX, MJD, PIXEL_AZ, PIX
 from utils.vane import interpolate_vane_events
 
 if TYPE_CHECKING:  # pragma: no cover
-    from modules.pipeline_control.base import StreamingStage
     from utils.level1 import Level1File
 
 #: ``calibration(ctx, feed, scan) -> (gain, tsys)``, each ``(B, C)`` float64 (StreamingStage.calibration).
@@ -305,15 +304,34 @@ def read_block(ctx: ObservationContext, feed: int, scan: int, *, buffer: int = 0
     )
 
 
+class BlockStage(Protocol):
+    """What one pass over the TOD needs of a stage; :class:`modules.pipeline_control.base.StreamingStage`
+    implements it."""
+
+    provides: ClassVar[tuple[str, ...]]
+    requires: ClassVar[tuple[str, ...]]
+    calibration: Calibration | None
+
+    def begin(self, ctx: ObservationContext) -> None: ...
+
+    def process_block(self, ctx: ObservationContext, block: FeedScanBlock) -> None: ...
+
+    def replay_block(self, ctx: ObservationContext, block: FeedScanBlock) -> None: ...
+
+    def end_feed(self, ctx: ObservationContext, feed: int) -> None: ...
+
+    def finish(self, ctx: ObservationContext) -> None: ...
+
+
 def run_streaming_group(
-    ctx: ObservationContext, stages: Sequence[StreamingStage], active: Sequence[bool]
+    ctx: ObservationContext, stages: Sequence[BlockStage], active: Sequence[bool]
 ) -> None:
     """Drive one pass over the level-1 TOD for a group of adjacent streaming stages
     (docs/level2.md#streaming).
 
     Parameters
     ----------
-    stages : sequence of StreamingStage
+    stages : sequence of BlockStage
         The group, in pipeline order.
     active : sequence of bool
         Which stages run; a done stage is replayed when an active one requires its products.
