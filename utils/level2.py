@@ -439,3 +439,6 @@ CALIBRATOR_FIT = _r(
 SQL_SNAPSHOT = _r(
     "level2/sql_snapshot", kind="group", description="snapshot of the observation's database rows"
 )
+
+#: What places each binned-TOD sample on the sky and in a scan: feed axis, time, scans, pointing.
+SKY_SAMPLES = (FEEDS, MJD, SCAN_EDGES, PIXEL_POINTING)

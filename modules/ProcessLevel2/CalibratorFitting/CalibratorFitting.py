@@ -153,14 +153,7 @@ class CalibratorFitting(BaseCOMAPModule):
         Refit even if the output group is complete.
     """
 
-    reads = (
-        l2layout.FEEDS,
-        l2layout.MJD,
-        l2layout.SCAN_EDGES,
-        l2layout.PIXEL_POINTING,
-        l2layout.CENTRAL_FREQS,
-        l2layout.BINNED_FILTERED_DATA,
-    )
+    reads = (*l2layout.SKY_SAMPLES, l2layout.CENTRAL_FREQS, l2layout.BINNED_FILTERED_DATA)
     writes = (l2layout.CALIBRATOR_FIT,)
 
     def __init__(

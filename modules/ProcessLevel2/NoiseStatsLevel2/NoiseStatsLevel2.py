@@ -122,14 +122,7 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         Recompute even if the outputs are complete.
     """
 
-    reads = (
-        l2layout.FEEDS,
-        l2layout.MJD,
-        l2layout.SCAN_EDGES,
-        l2layout.PIXEL_POINTING,
-        l2layout.BINNED_CLEANED_DATA,
-        l2layout.BINNED_DATA,
-    )
+    reads = (*l2layout.SKY_SAMPLES, l2layout.BINNED_CLEANED_DATA, l2layout.BINNED_DATA)
     writes = (l2layout.NOISE_STATS,)
 
     def __init__(
