@@ -180,6 +180,34 @@ class Layout:
         self._entries[path] = entry
         return entry
 
+    def register_many(
+        self, parent: str, rows: tuple[tuple[Any, ...], ...], **common: Any
+    ) -> tuple[DatasetPath, ...]:
+        """Register ``parent/name`` for each ``(name, unit, description[, changes])`` row.
+
+        ``common`` holds the keywords the rows share (``axes``, ``dtype``, ...); an optional fourth
+        item of a row is a dict that overrides them for that row. Returns the entries in row order.
+        """
+        return tuple(
+            self.register(
+                f"{parent}/{row[0]}",
+                **{**common, "unit": row[1], "description": row[2], **(row[3] if len(row) > 3 else {})},
+            )
+            for row in rows
+        )
+
+    def adopt(self, entry: DatasetPath, **changes: Any) -> DatasetPath:
+        """Register a copy of another layout's ``entry`` (same path and description unless changed)."""
+        meta = {
+            "axes": entry.axes,
+            "dtype": entry.dtype,
+            "unit": entry.unit,
+            "description": entry.description,
+            "kind": entry.kind,
+            "optional": entry.optional,
+        }
+        return self.register(str(entry), **{**meta, **changes})
+
     def __getitem__(self, path: str) -> DatasetPath:
         try:
             return self._entries[str(path)]

@@ -44,33 +44,16 @@ FREQUENCY = _r(
 )
 FEATURES = _r("spectrometer/features", axes=("N",), dtype="uint32", description="observing-mode feature bits")
 PIXEL_POINTING = _r("spectrometer/pixel_pointing", kind="group", description="per-feed pointing")
-PIXEL_AZ = _r(
-    f"{PIXEL_POINTING}/pixel_az",
+PIXEL_AZ, PIXEL_EL, PIXEL_RA, PIXEL_DEC = LEVEL1.register_many(
+    PIXEL_POINTING,
+    (
+        ("pixel_az", "deg", "azimuth of each feed's beam centre"),
+        ("pixel_el", "deg", "elevation of each feed's beam centre, no refraction correction"),
+        ("pixel_ra", "deg", "ICRS right ascension (informational; recomputed by the pipeline)"),
+        ("pixel_dec", "deg", "ICRS declination (informational)"),
+    ),
     axes=("F1", "N"),
     dtype="float64",
-    unit="deg",
-    description="azimuth of each feed's beam centre",
-)
-PIXEL_EL = _r(
-    f"{PIXEL_POINTING}/pixel_el",
-    axes=("F1", "N"),
-    dtype="float64",
-    unit="deg",
-    description="elevation of each feed's beam centre, no refraction correction",
-)
-PIXEL_RA = _r(
-    f"{PIXEL_POINTING}/pixel_ra",
-    axes=("F1", "N"),
-    dtype="float64",
-    unit="deg",
-    description="ICRS right ascension (informational; recomputed by the pipeline)",
-)
-PIXEL_DEC = _r(
-    f"{PIXEL_POINTING}/pixel_dec",
-    axes=("F1", "N"),
-    dtype="float64",
-    unit="deg",
-    description="ICRS declination (informational)",
 )
 POINTING_DATASETS: tuple[str, ...] = tuple(
     f"{PIXEL_POINTING}/{n}"

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from utils import level1_layout as L1
 from utils.constants import LEVEL2_FORMAT_VERSION, SUPPORTED_LEVEL2_FORMAT_VERSIONS, UTC_START_FORMAT
-from utils.layout import Layout
+from utils.layout import DatasetPath, Layout
 
 FORMAT_VERSION = LEVEL2_FORMAT_VERSION
 SUPPORTED_FORMAT_VERSIONS = SUPPORTED_LEVEL2_FORMAT_VERSIONS
@@ -151,6 +152,12 @@ def format_version(l2: Any) -> int | None:
 LEVEL2 = Layout("level2", "Level-2 file layout")
 _r = LEVEL2.register
 
+
+def _d(path: str, axes: str, dtype: str, unit: str, description: str) -> DatasetPath:
+    """A dataset entry with its axis letters written as one space-separated string."""
+    return _r(path, axes=tuple(axes.split()), dtype=dtype, unit=unit, description=description)
+
+
 #: Attributes of the root group (written by CreateLevel2File and when a file is published).
 ROOT_ATTRIBUTES = (
     "obsid",
@@ -167,264 +174,186 @@ ROOT_ATTRIBUTES = (
 )
 COMAP_ATTRIBUTES = _r("comap", kind="attributes", description="copy of the level-1 /comap attributes")
 
-# spectrometer/ — copied or recomputed from level 1 by CreateLevel2File
+# spectrometer/: copied or recomputed from level 1 by CreateLevel2File
 SPECTROMETER = _r("spectrometer", kind="group", description="axes and pointing copied from level 1")
-FEEDS = _r(
-    "spectrometer/feeds",
+FEEDS, LEVEL1_FEED_INDEX = LEVEL2.register_many(
+    "spectrometer",
+    (
+        ("feeds", "", "science feed numbers (the level-2 feed axis)"),
+        ("level1_feed_index", "", "position of each level-2 feed on the level-1 feed axis"),
+    ),
     axes=("F",),
     dtype="int32",
-    description="science feed numbers (the level-2 feed axis)",
 )
-LEVEL1_FEED_INDEX = _r(
-    "spectrometer/level1_feed_index",
-    axes=("F",),
-    dtype="int32",
-    description="position of each level-2 feed on the level-1 feed axis",
+MJD, BANDS, FREQUENCY, FEATURES = (
+    LEVEL2.adopt(entry) for entry in (L1.MJD, L1.BANDS, L1.FREQUENCY, L1.FEATURES)
 )
-MJD = _r("spectrometer/MJD", axes=("N",), dtype="float64", unit="MJD (UTC)", description="sample times")
-BANDS = _r("spectrometer/bands", axes=("B",), dtype="S8", description="band names")
-FREQUENCY = _r(
-    "spectrometer/frequency",
-    axes=("B", "C"),
-    dtype="float64",
-    unit="GHz",
-    description="channel centres, storage order",
-)
-FEATURES = _r("spectrometer/features", axes=("N",), dtype="uint32", description="observing-mode feature bits")
 PIXEL_POINTING = _r("spectrometer/pixel_pointing", kind="group", description="per-feed pointing")
-PIXEL_AZ = _r(
-    "spectrometer/pixel_pointing/pixel_az",
+PIXEL_AZ, PIXEL_EL, PIXEL_RA, PIXEL_DEC = LEVEL2.register_many(
+    PIXEL_POINTING,
+    (
+        ("pixel_az", "deg", "azimuth, copied and re-indexed to the level-2 feed axis"),
+        ("pixel_el", "deg", "elevation, copied and re-indexed to the level-2 feed axis"),
+        (
+            "pixel_ra",
+            "deg",
+            "ICRS right ascension recomputed per sample from az/el (attributes frame, refraction, site)",
+        ),
+        ("pixel_dec", "deg", "ICRS declination recomputed per sample from az/el"),
+    ),
     axes=("F", "N"),
     dtype="float64",
-    unit="deg",
-    description="azimuth, copied and re-indexed to the level-2 feed axis",
-)
-PIXEL_EL = _r(
-    "spectrometer/pixel_pointing/pixel_el",
-    axes=("F", "N"),
-    dtype="float64",
-    unit="deg",
-    description="elevation, copied and re-indexed to the level-2 feed axis",
-)
-PIXEL_RA = _r(
-    "spectrometer/pixel_pointing/pixel_ra",
-    axes=("F", "N"),
-    dtype="float64",
-    unit="deg",
-    description="ICRS right ascension recomputed per sample from az/el (attributes frame, refraction, site)",
-)
-PIXEL_DEC = _r(
-    "spectrometer/pixel_pointing/pixel_dec",
-    axes=("F", "N"),
-    dtype="float64",
-    unit="deg",
-    description="ICRS declination recomputed per sample from az/el",
 )
 
-# hk/ — scaled housekeeping copies (CreateLevel2File)
+# hk/: scaled housekeeping copies (CreateLevel2File)
 HK = _r(
     "hk", kind="group", description="housekeeping copied from level 1, scaled, each with a unit attribute"
 )
-HK_VANE = _r(
-    "hk/antenna0/vane",
-    kind="group",
-    description="vane angle (deg), Tshroud, Tvane, Tambient (degC) and utc (MJD, housekeeping clock)",
+HK_VANE = LEVEL2.adopt(
+    L1.HK_VANE, description="vane angle (deg), Tshroud, Tvane, Tambient (degC) and utc (MJD, hk clock)"
 )
-HK_FRAME = _r("hk/array/frame", kind="group", description="frame features and utc (MJD)")
-HK_WEATHER = _r(
-    "hk/array/weather",
-    kind="group",
-    optional=True,
-    description="airTemperature, dewPointTemp (degC), pressure (hPa), windSpeed (m/s), "
-    "windDirection (deg), utc",
-)
-HK_TRACKER = _r(
-    "hk/antenna0/deTracker", kind="group", optional=True, description="lissajous_status and utc (MJD)"
+HK_FRAME, HK_TRACKER = (LEVEL2.adopt(g) for g in (L1.HK_FRAME, L1.HK_TRACKER))
+HK_WEATHER = LEVEL2.adopt(
+    L1.HK_WEATHER,
+    description="airTemperature, dewPointTemp (degC), pressure (hPa), windSpeed (m/s), windDirection (deg)",
 )
 
-# level2/ — results of the per-observation stages
+# level2/: results of the per-observation stages
 LEVEL2_GROUP = _r("level2", kind="group", description="results of the per-observation stages")
-SAMPLE_FLAGS = _r(
+SAMPLE_FLAGS = _d(
     "level2/sample_flags",
-    axes=("F", "N"),
-    dtype="uint8",
-    description="bits: 1 outside any scan, 2 vane event, 4 level-1 NaN in >10 % of channels, "
-    "8 pointing not finite",
+    "F N",
+    "uint8",
+    "",
+    "bits: 1 outside any scan, 2 vane event, 4 level-1 NaN in >10 % of channels, 8 pointing not finite",
 )
+SCAN_EDGES = _d(
+    "level2/scan_edges",
+    "S 2",
+    "int64",
+    "samples",
+    "[start, stop) of each scan; attribute scan_mode (ces, raster, lissajous, skydip, stare)",
+)
+
 VANE = _r("level2/vane", kind="group", description="vane calibration per event (SystemTemperature)")
-VANE_TSYS = _r(
-    "level2/vane/system_temperature",
+VANE_TSYS, VANE_GAIN = LEVEL2.register_many(
+    VANE,
+    (
+        ("system_temperature", "K", "system temperature per vane event; NaN where invalid"),
+        ("gain", "counts/K", "vane gain"),
+    ),
     axes=("E", "F", "B", "C"),
     dtype="float32",
-    unit="K",
-    description="system temperature per vane event; NaN where invalid",
 )
-VANE_GAIN = _r(
-    "level2/vane/gain", axes=("E", "F", "B", "C"), dtype="float32", unit="counts/K", description="vane gain"
+VANE_EVENT_EDGES = _d(f"{VANE}/event_edges", "E 2", "int64", "samples", "[start, stop) of each event")
+VANE_MJD, VANE_T_HOT = LEVEL2.register_many(
+    VANE,
+    (("mjd", "MJD", "mid-time of each event"), ("t_hot_k", "K", "hot-load temperature")),
+    axes=("E",),
+    dtype="float64",
 )
-VANE_EVENT_EDGES = _r(
-    "level2/vane/event_edges",
-    axes=("E", "2"),
-    dtype="int64",
-    unit="samples",
-    description="[start, stop) of each vane event",
+VANE_N_HOT, VANE_N_COLD = LEVEL2.register_many(
+    VANE,
+    (("n_hot", "samples", "hot samples used"), ("n_cold", "samples", "cold samples used")),
+    axes=("E",),
+    dtype="int32",
 )
-VANE_MJD = _r(
-    "level2/vane/mjd", axes=("E",), dtype="float64", unit="MJD", description="mid-time of each event"
-)
-VANE_T_HOT = _r(
-    "level2/vane/t_hot_k", axes=("E",), dtype="float64", unit="K", description="hot-load temperature"
-)
-VANE_N_HOT = _r(
-    "level2/vane/n_hot", axes=("E",), dtype="int32", unit="samples", description="hot samples used"
-)
-VANE_N_COLD = _r(
-    "level2/vane/n_cold", axes=("E",), dtype="int32", unit="samples", description="cold samples used"
-)
-SCAN_EDGES = _r(
-    "level2/scan_edges",
-    axes=("S", "2"),
-    dtype="int64",
-    unit="samples",
-    description="[start, stop) of each scan; attribute scan_mode (ces, raster, lissajous, skydip, stare)",
-)
+
 LEVEL1_NOISE_STATS = _r(
     "level1_noise_stats", kind="group", description="white noise of the level-1 TOD (NoiseStatsLevel1)"
 )
-AUTO_RMS = _r(
-    "level1_noise_stats/auto_rms",
+AUTO_RMS, AUTO_RMS_RAW = LEVEL2.register_many(
+    LEVEL1_NOISE_STATS,
+    (
+        ("auto_rms", "K", "white-noise rms per sample and scan"),
+        ("auto_rms_raw", "counts", "the same in raw units"),
+    ),
     axes=("F", "B", "C", "S"),
     dtype="float32",
-    unit="K",
-    description="white-noise rms per sample and scan",
 )
-AUTO_RMS_RAW = _r(
-    "level1_noise_stats/auto_rms_raw",
-    axes=("F", "B", "C", "S"),
-    dtype="float32",
-    unit="counts",
-    description="the same in raw units",
-)
-N_NAN = _r(
-    "level1_noise_stats/n_nan",
-    axes=("F", "B", "C"),
-    dtype="int64",
-    unit="samples",
-    description="NaN count in scans",
-)
-N_NAN_SCAN = _r(
-    "level1_noise_stats/n_nan_scan",
-    axes=("F", "B", "C", "S"),
-    dtype="int32",
-    unit="samples",
-    description="NaN count per scan",
-)
+N_NAN = _d(f"{LEVEL1_NOISE_STATS}/n_nan", "F B C", "int64", "samples", "NaN count in scans")
+N_NAN_SCAN = _d(f"{LEVEL1_NOISE_STATS}/n_nan_scan", "F B C S", "int32", "samples", "NaN count per scan")
+
 ATMOSPHERE = _r(
     "level2/atmosphere", kind="group", description="airmass fit per scan (AtmosphereInObservation)"
 )
-ATM_OFFSETS = _r(
-    "level2/atmosphere/offsets",
+ATM_OFFSETS, ATM_TAU, ATM_MEDIAN = LEVEL2.register_many(
+    ATMOSPHERE,
+    (
+        ("offsets", "K", "offset term"),
+        ("tau", "K", "zenith atmospheric brightness, tau0 * T_atm"),
+        ("median_k", "K", "per-scan median power (the gain filter's normalisation)"),
+    ),
     axes=("F", "B", "C", "S"),
     dtype="float32",
-    unit="K",
-    description="offset term",
-)
-ATM_TAU = _r(
-    "level2/atmosphere/tau",
-    axes=("F", "B", "C", "S"),
-    dtype="float32",
-    unit="K",
-    description="zenith atmospheric brightness, tau0 * T_atm",
 )
 ATM_FITTED = _r(
-    "level2/atmosphere/fitted", axes=("F", "S"), dtype="bool", description="whether the airmass fit was made"
+    f"{ATMOSPHERE}/fitted", axes=("F", "S"), dtype="bool", description="whether the airmass fit was made"
 )
-ATM_MEDIAN = _r(
-    "level2/atmosphere/median_k",
-    axes=("F", "B", "C", "S"),
-    dtype="float32",
-    unit="K",
-    description="per-scan median power (the gain filter's normalisation)",
-)
-BINNED_DATA = _r(
-    "level2/binned_data",
+
+BINNED_DATA, BINNED_FILTERED_DATA, BINNED_CLEANED_DATA = LEVEL2.register_many(
+    "level2",
+    (
+        (
+            "binned_data",
+            "K",
+            "calibrated, atmosphere- and median-subtracted, frequency-binned TOD; NaN outside scans",
+        ),
+        ("binned_filtered_data", "K", "as binned_data, after the gain filter"),
+        ("binned_cleaned_data", "K", "cleaned copy of the post-bin-cleaning input"),
+    ),
     axes=("F", "B", "K", "N"),
     dtype="float32",
-    unit="K",
-    description="calibrated, atmosphere- and median-subtracted, frequency-binned TOD; NaN outside scans",
 )
-BINNED_FILTERED_DATA = _r(
-    "level2/binned_filtered_data",
-    axes=("F", "B", "K", "N"),
-    dtype="float32",
-    unit="K",
-    description="as binned_data, after the gain filter",
-)
-BINNED_CLEANED_DATA = _r(
-    "level2/binned_cleaned_data",
-    axes=("F", "B", "K", "N"),
-    dtype="float32",
-    unit="K",
-    description="cleaned copy of the post-bin-cleaning input",
-)
-CENTRAL_FREQS = _r(
-    "level2/central_freqs",
+CENTRAL_FREQS, BANDWIDTHS = LEVEL2.register_many(
+    "level2",
+    (
+        ("central_freqs", "GHz", "weight-averaged frequency of each bin"),
+        ("bandwidths", "GHz", "summed width of the channels used in each bin"),
+    ),
     axes=("F", "B", "K"),
     dtype="float64",
-    unit="GHz",
-    description="weight-averaged frequency of each bin",
-)
-BANDWIDTHS = _r(
-    "level2/bandwidths",
-    axes=("F", "B", "K"),
-    dtype="float64",
-    unit="GHz",
-    description="summed width of the channels used in each bin",
 )
 CHANNEL_MASK = _r(
     "level2/channel_mask", axes=("F", "B", "C"), dtype="bool", description="channel used in at least one scan"
 )
-BINNING_WEIGHTS = _r(
-    "level2/binning_weights",
-    axes=("F", "B", "C", "S"),
-    dtype="float32",
-    unit="K^-2",
-    description="channel weights per scan; 0 = masked",
+BINNING_WEIGHTS = _d(
+    "level2/binning_weights", "F B C S", "float32", "K^-2", "channel weights per scan; 0 = masked"
 )
+
 GAIN_FILTER = _r("level2/gain_filter", kind="group", description="gain-filter diagnostics (GainFilterAndBin)")
-GAIN_FILTER_GAIN = _r(
-    "level2/gain_filter/gain",
+GAIN_FILTER_GAIN, GAIN_FILTER_PRIOR, GAIN_FILTER_Z = LEVEL2.register_many(
+    GAIN_FILTER,
+    (
+        ("gain", "", "estimated relative gain fluctuation; NaN outside scans"),
+        (
+            "prior",
+            "",
+            "(sigma_red, alpha, f_ref [Hz]) of the gain prior; NaN for GainFilterBase",
+            {"axes": ("F", "S", "3")},
+        ),
+        (
+            "z",
+            "",
+            "z / sum(omega), the degeneracy of the gain template with the sky model",
+            {"axes": ("F", "S"), "dtype": "float64"},
+        ),
+    ),
     axes=("F", "N"),
     dtype="float32",
-    description="estimated relative gain fluctuation; NaN outside scans",
 )
-GAIN_FILTER_PRIOR = _r(
-    "level2/gain_filter/prior",
-    axes=("F", "S", "3"),
-    dtype="float32",
-    description="(sigma_red, alpha, f_ref [Hz]) of the gain prior; NaN for GainFilterBase",
-)
-GAIN_FILTER_Z = _r(
-    "level2/gain_filter/z",
-    axes=("F", "S"),
-    dtype="float64",
-    description="z / sum(omega), the degeneracy of the gain template with the sky model",
-)
+
 POST_BIN_CLEANING = _r("level2/post_bin_cleaning", kind="group", description="PostBinCleaning diagnostics")
-PBC_N_OUTLIERS = _r(
-    "level2/post_bin_cleaning/n_outliers",
-    axes=("F", "B", "K", "S"),
-    dtype="int32",
-    unit="samples",
-    description="samples excluded from the refit",
-)
-PBC_ATMOSPHERE = _r(
-    "level2/post_bin_cleaning/atmosphere_k",
+PBC_N_OUTLIERS, PBC_ATMOSPHERE = LEVEL2.register_many(
+    POST_BIN_CLEANING,
+    (
+        ("n_outliers", "samples", "samples excluded from the refit", {"dtype": "int32"}),
+        ("atmosphere_k", "K", "refitted airmass coefficient (NaN if not fitted)"),
+    ),
     axes=("F", "B", "K", "S"),
     dtype="float32",
-    unit="K",
-    description="refitted airmass coefficient (NaN if not fitted)",
 )
+
 NOISE_STATS = _r(
     "level2_noise_stats/{dataset}",
     kind="group",

@@ -68,11 +68,15 @@ class ScanSpec:
     accel_deg_s2: float = 1.5
     """CES turnaround acceleration in azimuth, deg/s²."""
     amplitude_deg: float = 0.5
+    """Lissajous amplitude on each axis, deg."""
     period_x_s: float = 13.0
     period_y_s: float = 17.0
+    """Lissajous periods in azimuth and elevation, s."""
     n_rows: int = 15
     step_arcmin: float = 4.0
+    """Raster: number of rows and their spacing, arcmin."""
     half_width_deg: float = 0.5
+    """Raster row half-length on the sky, deg."""
     el_high_deg: float = 65.0
     el_low_deg: float = 35.0
     az_deg: float = 180.0
@@ -210,12 +214,16 @@ class ObservationSpec:
     vane_at_end: bool = True
     vane_park_deg: float = 270.0
     vane_in_deg: float = 40.0
+    """Vane angle parked (out of the beam) and in the beam, deg."""
     vane_speed_deg_s: float = 40.0
     vane_dwell_s: float = 5.0
     vane_guard_s: float = 3.0
+    """Time on the load and the margin before and after each vane move, s."""
     vane_offset_deg: float = 1.0
+    """Pointing offset of the vane position from the field, deg (azimuth)."""
     tshroud_c: float = 15.0
     tshroud_drift_c: float = 0.05
+    """Shroud (hot-load) temperature and its drift over the observation, °C."""
     # timeline (docs/simulator.md#scan-strategies-and-timeline)
     slew_s: float = 5.0
     el_min_deg: float = 25.0

@@ -64,6 +64,19 @@ def _group_path(output_group_name: str, dataset: str) -> str:
 # ==================================================================================================
 # The module
 # ==================================================================================================
+#: Parameters of this stage passed unchanged to :func:`utils.noise.segment_noise_stats`.
+_FIT_SETTINGS = (
+    "f_ref_hz",
+    "n_psd_bins",
+    "medfilt_length",
+    "outlier_sigma",
+    "min_good_fraction",
+    "min_samples",
+    "alpha_bounds",
+    "alpha_init",
+)
+
+
 class NoiseStatsLevel2(BaseCOMAPModule):
     """White-noise rms and 1/f fit of every (feed, band, bin, scan) segment of binned datasets.
 
@@ -328,20 +341,9 @@ class NoiseStatsLevel2(BaseCOMAPModule):
                 if self.plot and plot_scan in group:
                     j0 = int(np.flatnonzero(group == plot_scan)[0])
                     keep = list(range(j0 * rows_per_scan, (j0 + 1) * rows_per_scan))
+                fit_settings = {name: getattr(self, name) for name in _FIT_SETTINGS}
                 st = segment_noise_stats(
-                    segs,
-                    fs,
-                    f_ref_hz=self.f_ref_hz,
-                    n_psd_bins=self.n_psd_bins,
-                    medfilt_length=self.medfilt_length,
-                    outlier_sigma=self.outlier_sigma,
-                    min_good_fraction=self.min_good_fraction,
-                    min_samples=self.min_samples,
-                    alpha_bounds=self.alpha_bounds,
-                    alpha_init=self.alpha_init,
-                    bright=bright_row,
-                    seeds=seeds,
-                    keep_spectra=keep,
+                    segs, fs, **fit_settings, bright=bright_row, seeds=seeds, keep_spectra=keep
                 )
                 for name, _unit in FLOAT_OUTPUTS:
                     vals = getattr(st, name).reshape(group.size, n_bands, n_bins)
