@@ -158,10 +158,12 @@ def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind, limi
     therefore uses four observations and L = 1000 samples, where that term is negligible; the 1/f case uses
     the default L = 100.
 
-    The 1/f case runs the gain filter without a prior (GainFilterBase), whose added estimator noise is
-    white and so part of auto_rms and of the RMS map. The Wiener filter's estimator noise is
-    confined to low frequencies, where the white RMS map does not describe it: the same data give
-    χ²/N 2.2–2.8 with GainFilterWithPrior (measured), though the map noise itself is lower."""
+    The white case runs the default gain filter (GainFilterDestriped): with no gain fluctuations its
+    detection test removes nothing, so it adds no noise. The 1/f case runs GainFilterBase, whose added
+    estimator noise is white and so part of auto_rms and of the RMS map. The low-frequency residual of
+    the default filter is not in the white RMS map: the same data give χ²/N 2.6 with
+    GainFilterDestriped and 2.2–2.8 with GainFilterWithPrior (measured); an RMS that includes correlated
+    noise is the map-noise issue's work."""
     files = two_fields[0] if kind == "white" else two_fields[1]
     ws = workspace_factory(files)
     with_maps(

@@ -187,7 +187,9 @@ class BinnedSums:
     """Channel sums of one block from :func:`filter_and_bin`.
 
     ``r_sum (n,)`` gain-filter sum Σ wr·d; ``num, den, wm (n_groups, n)`` Σ wb·d, Σ wb, Σ wb·m over
-    finite samples of each group; ``nan_count (n,)`` NaN raw values per sample.
+    finite samples of each group; ``nan_count (n,)`` NaN raw values per sample; ``r_nan (n,)`` NaN
+    raw values per sample among the gain-filter channels (``wr != 0``): where it is non-zero,
+    ``r_sum`` lacks those channels' terms.
     """
 
     r_sum: NDArray[np.float64]
@@ -195,6 +197,7 @@ class BinnedSums:
     den: NDArray[np.float64]
     wm: NDArray[np.float64]
     nan_count: NDArray[np.int32]
+    r_nan: NDArray[np.int32]
     w_total: NDArray[np.float64] | None = None
 
     def _has_weight(self) -> NDArray[np.bool_]:
@@ -268,6 +271,7 @@ def filter_and_bin(
         np.repeat(w_total[:, None], n, axis=1),
         np.repeat(wm_total[:, None], n, axis=1),
         np.zeros(n, dtype=np.int32),
+        np.zeros(n, dtype=np.int32),
         w_total,
     )
     x = np.ascontiguousarray(airmass, dtype=np.float64)
@@ -287,6 +291,7 @@ def filter_and_bin(
         out.den,
         out.wm,
         out.nan_count,
+        out.r_nan,
         _threads(n_threads),
     )
     return out

@@ -18,6 +18,14 @@ Only the channel weights ``w`` and ``z`` depend on the filter; the per-sample su
 the fused kernel (``utils.block_ops.filter_and_bin``) without storing the calibrated block. The
 sky terms are not subtracted: continuum signal stays in the data (Deliberate difference 1).
 
+Near-degeneracy: when the system temperature is close to linear across the band, the gain template
+is almost a combination of the sky templates, z/Σω is small (≈ 2×10⁻³ for a smooth receiver) and
+``R/z`` carries both a large estimator noise and a *leak* of any sky whose spectrum is curved
+(amplified by Σω/z). The default filter, :class:`GainFilterDestriped`, therefore does not trust
+``R/z`` sample by sample: it solves for slow gain baselines with the scan's own sky marginalised
+(:mod:`utils.gain_baselines`, docs/level2.md#gain-baselines) and shrinks them to zero where the data
+cannot tell gain from noise.
+
 A user-defined filter subclasses :class:`GainFilter` and implements :meth:`GainFilter.estimate`
 (and optionally :meth:`GainFilter.channel_weights`).
 """
@@ -26,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,6 +44,59 @@ from numpy.typing import NDArray
 from utils.errors import BadCOMAPFile
 
 log = logging.getLogger("comap.GainFilterAndBin")
+
+
+@dataclass
+class ScanSamples:
+    """What a filter may use besides ``R(t)``: the feed's pointing and which samples it may trust.
+
+    Attributes
+    ----------
+    ra_deg, dec_deg : ndarray, shape (n,)
+        ICRS pointing of the feed (deg); NaN where unknown.
+    usable : ndarray of bool, shape (n,)
+        False where a sample is flagged (``utils.level2.SAMPLE_FLAGS_EXCLUDE``), where a gain-filter
+        channel is NaN (``R`` lacks its term, so ``R/z`` is biased there) or on a masked bright
+        source.
+    seed : int
+        Seed for anything random the filter does (deterministic per obsid, feed and scan).
+    source_mask : ndarray of bool, shape (n,), or None
+        Samples on a masked bright source (sample flag ``FLAG_BRIGHT_SOURCE``); already False in
+        ``usable``.
+    compact_target : bool
+        The observation targets a compact source (a calibrator): outside ``source_mask`` the sky
+        is taken as blank.
+    """
+
+    ra_deg: NDArray[np.float64]
+    dec_deg: NDArray[np.float64]
+    usable: NDArray[np.bool_]
+    seed: int = 0
+    source_mask: NDArray[np.bool_] | None = None
+    compact_target: bool = False
+
+
+def fill_unusable(values: NDArray, usable: NDArray | None) -> NDArray[np.float64]:
+    """``values`` with unusable samples replaced by linear interpolation between usable neighbours
+    (the nearest usable value beyond the ends; zeros if none is usable)."""
+    v = np.asarray(values, dtype=np.float64)
+    if usable is None:
+        return v
+    ok = np.asarray(usable, dtype=bool) & np.isfinite(v)
+    if ok.all():
+        return v
+    if not ok.any():
+        return np.zeros_like(v)
+    idx = np.arange(v.size)
+    return np.interp(idx, idx[ok], v[ok])
+
+
+def omega_sum(m_k: NDArray, sigma_k: NDArray, mask: NDArray) -> float:
+    """Σω = Σ (m_i/σ_i)² over the used channels: the precision of ĝ if there were no sky templates."""
+    m = np.asarray(m_k, dtype=np.float64)
+    s = np.asarray(sigma_k, dtype=np.float64)
+    use = np.asarray(mask, dtype=bool) & np.isfinite(m) & (m > 0) & np.isfinite(s) & (s > 0)
+    return float(np.sum((m[use] / s[use]) ** 2))
 
 
 @dataclass
@@ -107,9 +168,15 @@ class GainFilter:
         return w, z
 
     def estimate(
-        self, r_sum: NDArray, z: float, sample_rate_hz: float, *, feed: int | None = None
+        self,
+        r_sum: NDArray,
+        z: float,
+        sample_rate_hz: float,
+        *,
+        feed: int | None = None,
+        samples: ScanSamples | None = None,
     ) -> GainEstimate:
-        """ĝ(t) from ``R(t)`` (NaN-free, shape (n,)) and ``z``."""
+        """ĝ(t) from ``R(t)`` (shape (n,)) and ``z``; ``samples`` gives pointing and usable samples."""
         raise NotImplementedError
 
     def fit(
@@ -122,6 +189,7 @@ class GainFilter:
         sample_rate_hz: float,
         *,
         feed: int | None = None,
+        samples: ScanSamples | None = None,
     ) -> tuple[NDArray, NDArray, dict[str, Any]]:
         """Reference (unfused) form: ĝ(t), the residual ``r = d − m·ĝ`` and the info dict.
 
@@ -140,25 +208,47 @@ class GainFilter:
         coeff = np.where(w != 0, w / np.where(np.isfinite(m) & (m > 0), m, 1.0), 0.0)
         d = np.asarray(d_k)
         r_sum = np.einsum("bc,bct->t", coeff, np.where(np.isfinite(d), d, 0.0))
-        est = self.estimate(r_sum, z, sample_rate_hz, feed=feed)
+        nan_in_filter = np.einsum(
+            "bc,bct->t", (coeff != 0).astype(np.float64), np.isnan(d).astype(np.float64)
+        )
+        if samples is not None:
+            samples = replace(samples, usable=samples.usable & (nan_in_filter == 0))
+        elif nan_in_filter.any():
+            n = r_sum.size
+            samples = ScanSamples(np.full(n, np.nan), np.full(n, np.nan), nan_in_filter == 0)
+        est = self.estimate(r_sum, z, sample_rate_hz, feed=feed, samples=samples)
         residual = (d - m[:, :, None] * est.gain[None, None, :]).astype(np.float32)
         return est.gain, residual, {"z": z, **est.info}
 
 
 class GainFilterBase(GainFilter):
-    """Joint weighted least-squares gain per sample: ``ĝ = R/z`` (noise variance 1/z per sample)."""
+    """Joint weighted least-squares gain per sample: ``ĝ = R/z`` (noise variance 1/z per sample).
+
+    Kept for comparison: it removes part of any sky whose spectrum is curved across the band
+    (docs/level2.md#gain-filter-transfer-function). At unusable samples (``samples.usable``) ĝ is
+    interpolated from the neighbouring usable ones.
+    """
 
     def estimate(
-        self, r_sum: NDArray, z: float, sample_rate_hz: float, *, feed: int | None = None
+        self,
+        r_sum: NDArray,
+        z: float,
+        sample_rate_hz: float,
+        *,
+        feed: int | None = None,
+        samples: ScanSamples | None = None,
     ) -> GainEstimate:
         r = np.asarray(r_sum, dtype=np.float64)
         if z <= 0:
             return GainEstimate(np.zeros_like(r), z, {"z": z})
-        return GainEstimate(r / z, z, {"z": z})
+        return GainEstimate(fill_unusable(r / z, None if samples is None else samples.usable), z, {"z": z})
 
 
 class GainFilterWithPrior(GainFilter):
     """Wiener estimate of ĝ with a 1/f prior ``C(f) = σ_red² |f/f_ref|^α`` (periodogram units).
+
+    Kept selectable; not the default: its 'estimate' prior is fitted to the periodogram of ``R/z``,
+    which scan-synchronous sky leaks into (docs/level2.md#gain-filter-transfer-function).
 
     ``Ĝ(f_k) = R̃(f_k)/(z + 1/C(f_k))`` with ``1/C(0) = ∞``: where gain fluctuations dominate it is
     the base estimate ``R/z``; where they do not it shrinks towards 0 and adds no noise.
@@ -235,9 +325,16 @@ class GainFilterWithPrior(GainFilter):
         return self._file_priors[feed]
 
     def estimate(
-        self, r_sum: NDArray, z: float, sample_rate_hz: float, *, feed: int | None = None
+        self,
+        r_sum: NDArray,
+        z: float,
+        sample_rate_hz: float,
+        *,
+        feed: int | None = None,
+        samples: ScanSamples | None = None,
     ) -> GainEstimate:
-        r = np.asarray(r_sum, dtype=np.float64)
+        # unusable samples (flags, NaN channels, masked sources) are bridged before the periodogram
+        r = fill_unusable(r_sum, None if samples is None else samples.usable)
         n = r.size
         info: dict[str, Any] = {"z": z, "sigma_red": np.nan, "alpha": np.nan, "f_ref_hz": self.f_ref_hz}
         if z <= 0:
@@ -293,4 +390,95 @@ def red_significance(f_hz: NDArray, p_mean: NDArray, counts: NDArray, fit: Any, 
     return chi2_white - chi2_red
 
 
-BUILTIN_FILTERS = {"GainFilterBase": GainFilterBase, "GainFilterWithPrior": GainFilterWithPrior}
+class GainFilterDestriped(GainFilter):
+    """Gain baselines with the scan's sky marginalised and an empirical-Bayes random-walk prior
+    (the default; docs/level2.md#gain-baselines).
+
+    ``y = R/z`` is modelled per scan as piecewise-constant gain baselines plus a sky-leak map on the
+    feed's own pointing plus white noise; the baselines are solved with the map marginalised, so a
+    leak of any spectrum (it is fixed on the sky) does not enter ĝ, and shrunk by a prior whose step
+    and level variances are what the data show beyond a pure-noise solution. Unusable samples get
+    zero weight; ĝ there is their baseline's value.
+
+    Parameters
+    ----------
+    baseline_s : float
+        Baseline length (s). Gain fluctuations faster than this stay in the data (as correlated
+        noise the map maker's offsets and noise model handle).
+    pixel_arcmin : float
+        Pixel of the leak map (arcmin): a third of the beam FWHM at the top of the band keeps the
+        leak's variation within a pixel small.
+    sky_model : {'auto', 'scan', 'masked'}
+        Where sky may be: 'scan' marginalises a leak map over all the scan's pointing (fields,
+        diffuse emission); 'masked' takes the sky outside the masked bright sources as blank, so
+        only the masked samples are left out and every other sample constrains the gain (compact
+        targets). 'auto' is 'masked' for a compact target with masked samples in the scan, else
+        'scan'.
+    sky_templates : int
+        As :class:`GainFilter`.
+    """
+
+    def __init__(
+        self,
+        baseline_s: float = 1.0,
+        pixel_arcmin: float = 1.5,
+        sky_model: Literal["auto", "scan", "masked"] = "auto",
+        sky_templates: int = 2,
+    ) -> None:
+        super().__init__(sky_templates)
+        if sky_model not in ("auto", "scan", "masked"):
+            raise ValueError(f"sky_model must be 'auto', 'scan' or 'masked', got {sky_model!r}")
+        self.sky_model = sky_model
+        if not (np.isfinite(baseline_s) and baseline_s > 0):
+            raise ValueError(f"baseline_s must be > 0, got {baseline_s!r}")
+        if not (np.isfinite(pixel_arcmin) and pixel_arcmin > 0):
+            raise ValueError(f"pixel_arcmin must be > 0, got {pixel_arcmin!r}")
+        self.baseline_s = float(baseline_s)
+        self.pixel_arcmin = float(pixel_arcmin)
+
+    def estimate(
+        self,
+        r_sum: NDArray,
+        z: float,
+        sample_rate_hz: float,
+        *,
+        feed: int | None = None,
+        samples: ScanSamples | None = None,
+    ) -> GainEstimate:
+        from utils.gain_baselines import gain_baselines, sky_pixels
+
+        r = np.asarray(r_sum, dtype=np.float64)
+        n = r.size
+        info: dict[str, Any] = {"z": z, "sigma_y": np.nan, "sigma_step": np.nan, "sigma_level": np.nan}
+        if z <= 0 or n == 0:
+            return GainEstimate(np.zeros(n), z, info)
+        if samples is None:
+            # no pointing: a single pixel, i.e. only the scan mean is marginalised
+            pixel = np.zeros(n, dtype=np.int64)
+            usable = np.ones(n, dtype=bool)
+            seed = 0
+        else:
+            masked = samples.source_mask is not None and bool(np.any(samples.source_mask))
+            model = self.sky_model
+            if model == "auto":
+                model = "masked" if samples.compact_target and masked else "scan"
+            info["sky_model"] = model
+            if model == "masked":
+                pixel = np.zeros(n, dtype=np.int64)
+            else:
+                pixel = sky_pixels(samples.ra_deg, samples.dec_deg, self.pixel_arcmin)
+                if not (pixel >= 0).any():
+                    pixel = np.zeros(n, dtype=np.int64)
+            usable = np.asarray(samples.usable, dtype=bool)
+            seed = int(samples.seed)
+        length = max(int(round(self.baseline_s * sample_rate_hz)), 1)
+        sol = gain_baselines(r / z, usable.astype(np.float64), pixel, length, seed=seed)
+        info.update(sigma_y=sol.sigma_y, sigma_step=sol.sigma_step, sigma_level=sol.sigma_level)
+        return GainEstimate(sol.gain, z, info)
+
+
+BUILTIN_FILTERS = {
+    "GainFilterBase": GainFilterBase,
+    "GainFilterWithPrior": GainFilterWithPrior,
+    "GainFilterDestriped": GainFilterDestriped,
+}

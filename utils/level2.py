@@ -27,6 +27,8 @@ FLAG_OUTSIDE_SCAN = 1
 FLAG_VANE = 2
 FLAG_LEVEL1_NAN = 4
 FLAG_POINTING = 8
+FLAG_BRIGHT_SOURCE = 16
+SAMPLE_FLAGS_EXCLUDE = FLAG_OUTSIDE_SCAN | FLAG_VANE | FLAG_LEVEL1_NAN | FLAG_POINTING
 
 DEFAULT_SAVE_DIR_STRUCTURE = "{date:%Y-%m}/{source}/level2/"
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -322,25 +324,39 @@ BINNING_WEIGHTS = _d(
 )
 
 GAIN_FILTER = _r("level2/gain_filter", kind="group", description="gain-filter diagnostics (GainFilterAndBin)")
-GAIN_FILTER_GAIN, GAIN_FILTER_PRIOR, GAIN_FILTER_Z = LEVEL2.register_many(
-    GAIN_FILTER,
-    (
-        ("gain", "", "estimated relative gain fluctuation; NaN outside scans"),
+GAIN_FILTER_GAIN, GAIN_FILTER_PRIOR, GAIN_FILTER_Z, GAIN_FILTER_Z_RATIO, GAIN_FILTER_BASELINES = (
+    LEVEL2.register_many(
+        GAIN_FILTER,
         (
-            "prior",
-            "",
-            "(sigma_red, alpha, f_ref [Hz]) of the gain prior; NaN for GainFilterBase",
-            {"axes": ("F", "S", "3")},
+            ("gain", "", "estimated relative gain fluctuation; NaN outside scans"),
+            (
+                "prior",
+                "",
+                "(sigma_red, alpha, f_ref [Hz]) of the gain prior; NaN for GainFilterBase",
+                {"axes": ("F", "S", "3")},
+            ),
+            (
+                "z",
+                "",
+                "z = 1ᵀΩ(I−Π)1: the per-sample noise variance of R/z is 1/z",
+                {"axes": ("F", "S"), "dtype": "float64"},
+            ),
+            (
+                "z_ratio",
+                "",
+                "z / sum(omega): how far the gain template is from degenerate with the sky templates",
+                {"axes": ("F", "S"), "dtype": "float64"},
+            ),
+            (
+                "baselines",
+                "",
+                "(sigma_y, sigma_step, sigma_level) of GainFilterDestriped; NaN for the other filters",
+                {"axes": ("F", "S", "3")},
+            ),
         ),
-        (
-            "z",
-            "",
-            "z / sum(omega), the degeneracy of the gain template with the sky model",
-            {"axes": ("F", "S"), "dtype": "float64"},
-        ),
-    ),
-    axes=("F", "N"),
-    dtype="float32",
+        axes=("F", "N"),
+        dtype="float32",
+    )
 )
 
 POST_BIN_CLEANING = _r("level2/post_bin_cleaning", kind="group", description="PostBinCleaning diagnostics")

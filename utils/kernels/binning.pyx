@@ -13,7 +13,8 @@ For every sample t and channel i with a finite raw value::
 while ``den_g(t) = Σ wb_i`` and ``wm_g(t) = Σ wb_i·m_i`` over the rows finite at t start from the
 group totals and lose each NaN sample
 
-and ``nan_count(t)`` counts the rows whose raw value is NaN. ``d`` is never stored: the binned
+and ``nan_count(t)`` counts the rows whose raw value is NaN, ``r_nan(t)`` those among the gain-filter
+rows (``wr != 0``). ``d`` is never stored: the binned
 residual of the gain filter follows as ``num/den − ĝ(t) · wm/den``. Threads own disjoint ranges
 of samples, so the accumulators need no locks; each thread walks the rows in storage order.
 """
@@ -33,7 +34,7 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
                const double[::1] tau, const double[::1] x, const double[::1] level,
                const double[::1] wr, const double[::1] wb, const double[::1] m, const int[::1] group,
                double[::1] r_sum, double[:, ::1] num, double[:, ::1] den, double[:, ::1] wm,
-               int[::1] nan_count, int n_threads):
+               int[::1] nan_count, int[::1] r_nan, int n_threads):
     """Accumulate the channel sums of one block.
 
     ``r_sum``, ``num`` and ``nan_count`` must be zero-initialised. ``den`` and ``wm`` must hold, for
@@ -47,6 +48,7 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
     x : (n,) float64 airmass 1/sin(el)
     group : (rows,) int32 output group of each row, or -1 for none
     r_sum : (n,) float64; num, den, wm : (n_groups, n) float64; nan_count : (n,) int32
+    r_nan : (n,) int32, the NaN values among the rows with ``wr != 0`` (the gain-filter channels)
     """
     cdef Py_ssize_t rows = raw.shape[0], n = raw.shape[1]
     cdef Py_ssize_t n_chunks = (n + SAMPLE_CHUNK - 1) // SAMPLE_CHUNK
@@ -76,6 +78,7 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
                     v = raw[i, t]
                     if v != v:
                         nan_count[t] += 1
+                        r_nan[t] += 1
                         den[g, t] -= wbi
                         wm[g, t] -= wmi
                     else:
@@ -96,6 +99,7 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
                     v = raw[i, t]
                     if v != v:
                         nan_count[t] += 1
+                        r_nan[t] += 1
                     else:
                         r_sum[t] += wri * (v * ig - off - ta * x[t] - lv)
             else:

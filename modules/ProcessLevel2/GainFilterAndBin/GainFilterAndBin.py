@@ -16,12 +16,15 @@ from modules.pipeline_control.resolve import check_allowed, resolve_callee
 from utils import level2 as l2layout
 from utils.block_ops import decimated_nanmedian, filter_and_bin, inverse_gain
 from utils.errors import BadCOMAPFile
-from utils.gain_filters import BUILTIN_FILTERS, GainFilter
+from utils.gain_filters import BUILTIN_FILTERS, GainFilter, ScanSamples, omega_sum
 from utils.layout import DatasetPath
 from utils.vane import BLOCK_READS, vane_calibration
 
 NAN_SAMPLE_FRACTION = 0.1
 """A sample with more than this fraction of NaN channels (all bands) gets sample flag 4."""
+
+#: Sample-flag bits whose samples the gain estimate does not use (it bridges them).
+GAIN_UNUSABLE_FLAGS = l2layout.SAMPLE_FLAGS_EXCLUDE | l2layout.FLAG_BRIGHT_SOURCE
 
 
 def resolve_gain_filter(name: str) -> type:
@@ -91,8 +94,8 @@ class GainFilterAndBin(StreamingStage):
     n_freq_bin : int
         Binned channels per band; must divide the number of native channels.
     gain_filter_name : str
-        ``'GainFilterBase'``, ``'GainFilterWithPrior'`` or a dotted path under ``modules.`` to a
-        ``GainFilter`` subclass.
+        ``'GainFilterDestriped'`` (gain baselines with the sky marginalised), ``'GainFilterBase'``,
+        ``'GainFilterWithPrior'`` or a dotted path under ``modules.`` to a ``GainFilter`` subclass.
     gain_filter_kwargs : dict
         Keyword arguments of the filter.
     edge_fraction : float
@@ -104,6 +107,10 @@ class GainFilterAndBin(StreamingStage):
         ``Tsys/sqrt(|Δν|/f_s)``.
     max_nan_fraction : float
         Mask channels with more NaN samples than this fraction of the scan.
+    min_z_ratio : float
+        A feed and scan whose z/Σω (docs/level2.md#gain-baselines) is below this has a gain template
+        degenerate with the sky model: no gain is removed there, one line is logged and the reason is
+        recorded in the database; the observation goes on.
     median_stride : int
         Decimation of the per-channel level (median) subtracted after the atmosphere.
     filtered_binned_data_name : str
@@ -115,7 +122,7 @@ class GainFilterAndBin(StreamingStage):
     """
 
     requires = ("auto_rms_k", "nan_count", "atmosphere", "median_k")
-    reads = (*BLOCK_READS, l2layout.SAMPLE_FLAGS)
+    reads = (*BLOCK_READS, l2layout.SAMPLE_FLAGS, l2layout.PIXEL_RA, l2layout.PIXEL_DEC)
     writes = (
         l2layout.BINNED_DATA,
         l2layout.CENTRAL_FREQS,
@@ -130,12 +137,13 @@ class GainFilterAndBin(StreamingStage):
     def __init__(
         self,
         n_freq_bin: Annotated[int, Range(ge=1)] = 2,
-        gain_filter_name: str = "GainFilterWithPrior",
+        gain_filter_name: str = "GainFilterDestriped",
         gain_filter_kwargs: dict | None = None,
         edge_fraction: Annotated[float, Range(ge=0.0, lt=0.5)] = 0.05,
         centre_fraction: Annotated[float, Range(ge=0.0, lt=0.5)] = 0.05,
         max_rms_ratio: float = 2.0,
         max_nan_fraction: float = 0.1,
+        min_z_ratio: Annotated[float, Range(ge=0.0, lt=1.0)] = 1e-5,
         median_stride: Annotated[int, Range(ge=1)] = 10,
         filtered_binned_data_name: str = "binned_filtered_data",
         plot: bool = False,
@@ -149,6 +157,7 @@ class GainFilterAndBin(StreamingStage):
         self.centre_fraction = float(centre_fraction)
         self.max_rms_ratio = float(max_rms_ratio)
         self.max_nan_fraction = float(max_nan_fraction)
+        self.min_z_ratio = float(min_z_ratio)
         self.median_stride = int(median_stride)
         self.filtered_binned_data_name = filtered_binned_data_name
         self.plot = plot
@@ -220,12 +229,21 @@ class GainFilterAndBin(StreamingStage):
         ds.attrs["columns"] = "sigma_red, alpha, f_ref_hz"
         ds = l2layout.replace_dataset(gf, "z", (n_feeds, n_scans), np.float64, fillvalue=np.nan, chunks=None)
         ds.attrs["description"] = "1ᵀΩ(I−Π)1: the per-sample noise variance of the base estimate is 1/z"
+        ds = l2layout.replace_dataset(
+            gf, "z_ratio", (n_feeds, n_scans), np.float64, fillvalue=np.nan, chunks=None
+        )
+        ds.attrs["description"] = "z/Σω: 1 = no degeneracy with the sky templates, 0 = fully degenerate"
+        ds = l2layout.replace_dataset(
+            gf, "baselines", (n_feeds, n_scans, 3), np.float32, fillvalue=np.nan, chunks=None
+        )
+        ds.attrs["columns"] = "sigma_y, sigma_step, sigma_level"
         group = np.arange(n_bands)[:, None] * n_bin + np.arange(n_chan)[None, :] // (n_chan // n_bin)
         ctx.scratch["GainFilterAndBin"] = {
             "group": group.astype(np.int32),
             "feed": self._new_feed_state(n_bands, n_chan),
             "usable_feeds": 0,
             "stats": [],
+            "degenerate": {},
         }
 
     @staticmethod
@@ -287,26 +305,40 @@ class GainFilterAndBin(StreamingStage):
             state["group"],
             n_bands * n_bin,
         )
-        est = self.gain_filter.estimate(sums.r_sum, z, ctx.sample_rate_hz, feed=block.feed)
-        gain_t = est.gain if mask.any() else np.full(n, np.nan)
+        l2 = ctx.l2[l2layout.LEVEL2_GROUP]
+        sl = slice(block.start, block.stop)
+        z_ratio = z / omega_sum(m, sigma, mask) if z > 0 else 0.0
+        if mask.any() and not z_ratio >= self.min_z_ratio:
+            # the gain cannot be told from sky: remove none rather than noise or sky
+            state["degenerate"].setdefault(block.feed, []).append((block.scan, z_ratio))
+            est_gain, info = np.zeros(n), {}
+        else:
+            est = self.gain_filter.estimate(
+                sums.r_sum,
+                z,
+                ctx.sample_rate_hz,
+                feed=block.feed,
+                samples=self._scan_samples(ctx, block, sums),
+            )
+            est_gain, info = est.gain, est.info
+        gain_t = est_gain if mask.any() else np.full(n, np.nan)
         binned = sums.binned().reshape(n_bands, n_bin, n)
         filtered = sums.binned_residual(np.nan_to_num(gain_t)).reshape(n_bands, n_bin, n)
 
-        l2 = ctx.l2[l2layout.LEVEL2_GROUP]
-        sl = slice(block.start, block.stop)
         l2["binned_data"][block.ifeed, :, :, sl] = binned.astype(np.float32)
         l2[self.filtered_binned_data_name][block.ifeed, :, :, sl] = filtered.astype(np.float32)
         l2["binning_weights"][block.ifeed, :, :, block.scan] = wb.astype(np.float32)
         l2["gain_filter/gain"][block.ifeed, sl] = gain_t.astype(np.float32)
         l2["gain_filter/prior"][block.ifeed, block.scan] = np.array(
-            [
-                est.info.get("sigma_red", np.nan),
-                est.info.get("alpha", np.nan),
-                est.info.get("f_ref_hz", np.nan),
-            ],
+            [info.get("sigma_red", np.nan), info.get("alpha", np.nan), info.get("f_ref_hz", np.nan)],
+            dtype=np.float32,
+        )
+        l2["gain_filter/baselines"][block.ifeed, block.scan] = np.array(
+            [info.get("sigma_y", np.nan), info.get("sigma_step", np.nan), info.get("sigma_level", np.nan)],
             dtype=np.float32,
         )
         l2["gain_filter/z"][block.ifeed, block.scan] = z
+        l2["gain_filter/z_ratio"][block.ifeed, block.scan] = z_ratio
         nan_samples = sums.nan_count > NAN_SAMPLE_FRACTION * n_bands * n_chan
         if nan_samples.any():
             flags = l2["sample_flags"][block.ifeed, sl]
@@ -319,6 +351,22 @@ class GainFilterAndBin(StreamingStage):
             used = mask & np.isfinite(tau)
             feed_state["tau_sum"] += np.where(used, tau, 0.0)
             feed_state["tau_n"] += used
+
+    @staticmethod
+    def _scan_samples(ctx, block, sums) -> ScanSamples:
+        """Pointing and usable samples of a block: not flagged, no NaN in a gain-filter channel."""
+        sl = slice(block.start, block.stop)
+        flags = np.asarray(ctx.l2[l2layout.SAMPLE_FLAGS][block.ifeed, sl])
+        usable = ((flags & GAIN_UNUSABLE_FLAGS) == 0) & (np.asarray(sums.r_nan) == 0)
+        seed = np.random.SeedSequence([int(ctx.obsid), int(block.feed), int(block.scan)])
+        return ScanSamples(
+            np.asarray(ctx.l2[l2layout.PIXEL_RA][block.ifeed, sl], dtype=np.float64),
+            np.asarray(ctx.l2[l2layout.PIXEL_DEC][block.ifeed, sl], dtype=np.float64),
+            usable,
+            seed=int(seed.generate_state(1)[0]),
+            source_mask=(flags & l2layout.FLAG_BRIGHT_SOURCE) != 0,
+            compact_target=getattr(ctx.file_info, "source_group", None) == "Calibrator",
+        )
 
     def end_feed(self, ctx, feed: int) -> None:
         state = ctx.scratch["GainFilterAndBin"]
@@ -354,6 +402,17 @@ class GainFilterAndBin(StreamingStage):
             for j in range(n_bin)
         ]
         state["stats"].extend(rows)
+        degenerate = state["degenerate"].pop(int(feed), [])
+        if degenerate:
+            worst = min(r for _, r in degenerate)
+            reason = (
+                f"gain filter: gain degenerate with the sky templates in {len(degenerate)} scan(s) "
+                f"(z/Σω down to {worst:.1e} < {self.min_z_ratio:g}); no gain removed there"
+            )
+            self.logger.warning("obsid %d feed %d: %s", ctx.obsid, int(feed), reason)
+            ctx.db.set_quality_flags(
+                ctx.obsid, feeds=[int(feed)], default_channels=list(range(self.n_freq_bin)), comment=reason
+            )
         if (fs["w_sum"] > 0).any():
             state["usable_feeds"] += 1
         else:
@@ -378,6 +437,8 @@ class GainFilterAndBin(StreamingStage):
         self.mark_complete(l2["gain_filter/gain"])
         self.mark_complete(l2["gain_filter/prior"])
         self.mark_complete(l2["gain_filter/z"])
+        self.mark_complete(l2["gain_filter/z_ratio"])
+        self.mark_complete(l2["gain_filter/baselines"])
         self.mark_complete(l2["gain_filter"])
         if self.plot:
             self._plot(ctx)
