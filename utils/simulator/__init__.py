@@ -12,8 +12,10 @@ The simulator imports only numpy, scipy, h5py, astropy and ``utils``; it never i
 """
 
 from .archive import make_archive, read_index
+from .component_spec import NaNBurst, SkyComponent
 from .presets import PRESETS
 from .spec import ArchiveSpec, HIIRegion, ObservationSpec, ScanSpec, SkySpec
+from .variety import sky_free_twin
 from .writer import SIMULATOR_VERSION, simulate_observation
 
 __all__ = [
@@ -21,10 +23,13 @@ __all__ = [
     "SIMULATOR_VERSION",
     "ArchiveSpec",
     "HIIRegion",
+    "NaNBurst",
     "ObservationSpec",
     "ScanSpec",
+    "SkyComponent",
     "SkySpec",
     "make_archive",
     "read_index",
     "simulate_observation",
+    "sky_free_twin",
 ]

@@ -11,6 +11,10 @@ rrl-fullres    1 (+20)         1024        raster on GField30 HII region 1, HA 0
 bench-full     1–19 (+20)      1024        GField30 CES 1×300 s, HA −1.5 h (70001)
 =============  ==============  ==========  ========================================================
 
+The variety presets (``cal-raster``, ``cal-lissajous``, ``cal-ces``, ``nan-bursts``,
+``field-crossing``, ``variety``; 3 science feeds, 64 channels) are built by :mod:`.variety`, whose
+factories take the channel count.
+
 All presets observe on 2026-03-01. Obsids are in time order within a preset, and sky dips are
 followed by an observation with vane events (obsid + 1), as the pipeline's borrowing rule expects.
 """
@@ -22,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from utils.constants import GROUND_FEED
 
 from .spec import ArchiveSpec, ObservationSpec, ScanSpec, SkySpec
+from .variety import VARIETY_PRESETS
 
 DEFAULT_DATE: str = "2026-03-01"
 
@@ -147,5 +152,6 @@ PRESETS: Mapping[str, ArchiveSpec] = _Presets(
         "demo": preset_demo,
         "rrl-fullres": preset_rrl_fullres,
         "bench-full": preset_bench_full,
+        **VARIETY_PRESETS,
     }
 )

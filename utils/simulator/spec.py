@@ -33,6 +33,8 @@ from utils.calibrators import canonical_name, is_calibrator
 from utils.constants import GROUND_FEED, MAX_FEED, MIN_FEED
 from utils.errors import SimulatorError
 
+from .component_spec import NaNBurst, SkyComponent, burst_problems, component_problems
+
 SCAN_KINDS: tuple[str, ...] = ("ces", "lissajous", "raster", "skydip", "stare")
 SKY_KINDS: tuple[str, ...] = ("galactic", "taua", "casa", "cyga", "jupiter", "none")
 CALIBRATOR_SKY_KINDS: tuple[str, ...] = ("taua", "casa", "cyga", "jupiter")
@@ -143,6 +145,12 @@ class SkySpec:
     rrl_dn: int = 1
     rrl_n_min: int = 58
     rrl_n_max: int = 62
+    base_scale: float = 1.0
+    """Multiplies the emission of the sky model above (field or calibrator) in the TOD and the truth
+    map; 0 keeps its pointing, vane placement and truth metadata but removes its signal
+    (docs/simulator.md#noise-twins)."""
+    components: list[SkyComponent] = field(default_factory=list)
+    """Added sky components (docs/simulator.md#added-sky-components), on top of any ``kind``."""
 
     @property
     def is_calibrator(self) -> bool:
@@ -230,6 +238,8 @@ class ObservationSpec:
     el_max_deg: float = 80.0
     scan: ScanSpec = field(default_factory=ScanSpec)
     sky: SkySpec = field(default_factory=SkySpec)
+    nan_bursts: list[NaNBurst] = field(default_factory=list)
+    """Spans of NaN channels in the level-1 TOD (docs/simulator.md#nan-bursts)."""
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -320,6 +330,21 @@ class ObservationSpec:
                 self.per_feed(name)
             except SimulatorError as exc:
                 problems.append(str(exc))
+        if not math.isfinite(float(self.sky.base_scale)):
+            problems.append(f"sky.base_scale must be finite, got {self.sky.base_scale!r}")
+        has_target = not (
+            self.scan.kind == "skydip"
+            and self.target_ra_deg is None
+            and not self.target
+            and not self.sky.is_calibrator
+        )
+        problems += component_problems(self.sky.components, has_target=has_target)
+        problems += burst_problems(
+            self.nan_bursts,
+            components=self.sky.components,
+            feeds=self.feeds,
+            has_calibrator=self.sky.is_calibrator,
+        )
         if problems:
             raise SimulatorError(f"obsid {self.obsid}: " + "; ".join(problems))
         return self
@@ -332,12 +357,16 @@ class ObservationSpec:
         scan = _build(ScanSpec, data.pop("scan", {}) or {}, "scan")
         sky_data = dict(data.pop("sky", {}) or {})
         regions = sky_data.pop("hii_regions", None)
+        components = sky_data.pop("components", None) or []
+        bursts = data.pop("nan_bursts", None) or []
         sky = _build(SkySpec, sky_data, "sky")
         if regions is not None:
             sky.hii_regions = [_build(HIIRegion, r, "sky.hii_regions") for r in regions]
+        sky.components = [_build(SkyComponent, c, "sky.components") for c in components]
         obs = _build(cls, data, "observation")
         obs.scan = scan
         obs.sky = sky
+        obs.nan_bursts = [_build(NaNBurst, b, "nan_bursts") for b in bursts]
         obs.feeds = [int(f) for f in obs.feeds]
         return obs
 
@@ -404,6 +433,8 @@ def _parse_utc(text: str):
 
 
 def _build(cls, data: Mapping[str, Any], where: str):
+    if isinstance(data, cls):
+        return dataclasses.replace(data)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from utils.constants import GROUND_FEED, HK_TIME_OFFSET_S, ZERO_CELSIUS_K
 
+from .components import ComponentSky
 from .pointing import SECONDS_PER_DAY
 from .sky import GalacticSky, PointSourceSky, SkyModel
 
@@ -248,23 +249,25 @@ def write_truth(
     atm = truth.create_group("atmosphere")
     _ds(atm, "t_atm_zenith_k", np.asarray(t_atm_k, dtype=np.float64))
 
-    if isinstance(sky, PointSourceSky):
+    # the sky model without added components (docs/simulator.md#added-sky-components); the map includes them
+    base = sky.base if isinstance(sky, ComponentSky) else sky
+    if isinstance(base, PointSourceSky):
         cal = truth.create_group("calibrator")
-        cal.attrs["name"] = sky.name
-        cal.attrs["ra_deg"] = sky.ra_deg
-        cal.attrs["dec_deg"] = sky.dec_deg
-        cal.attrs["mjd_mid"] = sky.mjd_mid
-        cal.attrs["distance_au"] = sky.distance_au
-        cal.attrs["source_fwhm_arcmin"] = sky.source_fwhm_arcmin
-        _ds(cal, "flux_jy", sky.flux_jy)
-        _ds(cal, "beam_fwhm_arcmin", sky.beam_fwhm_arcmin)
-        _ds(cal, "t_peak_k", sky.t_peak_k)
+        cal.attrs["name"] = base.name
+        cal.attrs["ra_deg"] = base.ra_deg
+        cal.attrs["dec_deg"] = base.dec_deg
+        cal.attrs["mjd_mid"] = base.mjd_mid
+        cal.attrs["distance_au"] = base.distance_au
+        cal.attrs["source_fwhm_arcmin"] = base.source_fwhm_arcmin
+        _ds(cal, "flux_jy", base.flux_jy)
+        _ds(cal, "beam_fwhm_arcmin", base.beam_fwhm_arcmin)
+        _ds(cal, "t_peak_k", base.t_peak_k)
 
     skyg = truth.create_group("sky")
     skyg.attrs["kind"] = sky.kind
-    if isinstance(sky, GalacticSky):
-        _write_components(skyg, sky)
-    if map_points is not None and sky.kind != "none":
+    if isinstance(base, GalacticSky):
+        _write_components(skyg, base)
+    if map_points is not None:
         header = truth_map_wcs(*map_points)
         lon, lat = wcs_pixel_centres(header)
         sky_map = sky.map_k(lon, lat, ref_freqs_ghz)
@@ -275,10 +278,10 @@ def write_truth(
             _ds(skyg, "frequency_ghz", np.asarray(ref_freqs_ghz, dtype=np.float64))
             skyg["map"].attrs["unit"] = "K_RJ"
 
-    if isinstance(sky, GalacticSky):
+    if isinstance(base, GalacticSky):
         rrl = truth.create_group("rrl")
         dt = np.dtype([("name", "S16"), ("n", "i4"), ("dn", "i4"), ("rest_freq_ghz", "f8")])
-        lines = np.array([(ln.name.encode(), ln.n, ln.dn, ln.rest_freq_ghz) for ln in sky.lines], dtype=dt)
+        lines = np.array([(ln.name.encode(), ln.n, ln.dn, ln.rest_freq_ghz) for ln in base.lines], dtype=dt)
         _ds(rrl, "lines", lines)
         _ds(rrl, "v_corr_kms", np.asarray(v_corr_kms, dtype=np.float64))
 

@@ -23,6 +23,8 @@ from utils.constants import BAND_NAMES, BAND_WIDTH_GHZ, GROUND_FEED, level1_file
 from utils.coordinates import icrs_to_galactic
 from utils.rrl import lsrk_correction_kms
 
+from .bursts import apply_nan_bursts, plan_nan_bursts, write_burst_truth
+from .components import ComponentSky, with_components
 from .instrument import (
     STREAM_GAIN_FLUCTUATION,
     STREAM_WHITE_NOISE,
@@ -269,7 +271,7 @@ def _simulate_tod(
         v_corr, doppler_index = _scan_doppler(tl, boresight_radec)
     else:
         v_corr, doppler_index = [], None
-    sky = make_sky(spec, freq, tl.mjd_mid, span, v_corr)
+    sky = with_components(make_sky(spec, freq, tl.mjd_mid, span, v_corr), spec, freq, tl.target, tl.mjd_mid)
     t_atm = atmosphere_zenith_k(freq, spec.atm_zenith_k, spec.atm_slope_per_ghz)
 
     vane_hk = tl.hk["vane"]
@@ -293,6 +295,7 @@ def _simulate_tod(
     dg_ds = _ds(truth_noise, "dg", shape=(n_feeds, n_tod), dtype=np.float64)
     params = {name: spec.per_feed(name) for name in ("sigma_g", "alpha", "f0_hz")}
     pp = h5[L1.PIXEL_POINTING]
+    bursts = plan_nan_bursts(tl, feeds, pp, sky, seed, (n_bands, n_ch))
     in_scan = tl.in_scan()
     map_l, map_b = [], []
 
@@ -309,6 +312,7 @@ def _simulate_tod(
         rng_w = observation_rng(seed, spec.obsid, ifeed, STREAM_WHITE_NOISE)
         if feed == GROUND_FEED:
             _ground_feed_tod(tod, ifeed, inst, dg, spec, white_fraction, rng_w)
+            apply_nan_bursts(tod, bursts, ifeed)
             continue
         pointing = {name: pp[f"pixel_{name}"][ifeed] for name in ("ra", "dec", "az", "el")}
         if in_scan.any():
@@ -321,6 +325,7 @@ def _simulate_tod(
             tod, ifeed, inst, dg, pointing, tl, sky, t_atm, doppler_index, acc, white_fraction, rng_w
         )
         acc.finish_feed()
+        apply_nan_bursts(tod, bursts, ifeed)
     clock.lap("tod")
 
     ref_freqs = half_band_mean_frequencies_ghz(freq)
@@ -350,7 +355,11 @@ def _simulate_tod(
         map_points=map_points,
         v_corr_kms=v_corr,
     )
-    if isinstance(sky, GalacticSky) and not sky.lines:
+    if isinstance(sky, ComponentSky):
+        sky.write_truth(h5["truth"])
+    write_burst_truth(h5["truth"], bursts)
+    base = sky.base if isinstance(sky, ComponentSky) else sky
+    if isinstance(base, GalacticSky) and not base.lines:
         log.info("obsid %d: no recombination line of the configured series lies in any band", spec.obsid)
 
 
