@@ -314,32 +314,8 @@ def default_level2_modules(**overrides):
 
 
 def reduce_in_process(level1_path, out_dir, modules, *, source_group=None):
-    """Run ``modules`` on one level-1 file exactly as a Level2Pipeline worker does (streaming stages
-    grouped into one pass), without a database. Returns (level2_path, context, deferred DB ops)."""
-    from pathlib import Path
+    """Run ``modules`` on one level-1 file exactly as a Level2Pipeline worker does, without a
+    database. Returns (level2_path, context, deferred DB ops)."""
+    from modules.ProcessLevel2.observation import reduce_in_process as reduce
 
-    from modules.pipeline_control.jobs import ObservationResult
-    from modules.pipeline_control.streaming import ObservationContext, observation
-    from modules.ProcessLevel2.observation import _run_modules
-    from modules.SQLModule.source_groups import classify
-    from modules.SQLModule.SQLModule import COMAPData, db
-    from utils.level1 import Level1File
-
-    with Level1File(level1_path) as l1:
-        attrs = l1.attrs()
-    source, group = classify(str(attrs["source"]), str(attrs.get("comment", "")))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fi = COMAPData(
-        obsid=int(attrs["obsid"]),
-        level1_path=str(level1_path),
-        source=source,
-        source_group=source_group or group,
-        utc_start=str(attrs["utc_start"]),
-    )
-    fi.level2_path = str(out / f"Level2_{Path(level1_path).name}")
-    ctx = ObservationContext(fi)
-    result = ObservationResult(obsid=fi.obsid, status="running")
-    with db.deferring() as ops, observation(ctx):
-        _run_modules(ctx, modules, result)
-    return Path(fi.level2_path), ctx, list(ops)
+    return reduce(level1_path, out_dir, modules, source_group=source_group)

@@ -238,3 +238,40 @@ __all__ = [
     "instantiate_modules",
     "process_observation",
 ]
+
+
+def reduce_in_process(
+    level1_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    modules: list[Any],
+    *,
+    source_group: str | None = None,
+):
+    """Run ``modules`` on one level-1 file as a Level2Pipeline worker does (adjacent streaming stages
+    in one pass), without a database or staging: for tools and tests that study one observation.
+
+    Returns
+    -------
+    (level2_path, context, deferred database operations)
+    """
+    from modules.SQLModule.source_groups import classify
+    from utils.level1 import Level1File
+
+    with Level1File(level1_path) as l1:
+        attrs = l1.attrs()
+    source, group = classify(str(attrs["source"]), str(attrs.get("comment", "")))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fi = COMAPData(
+        obsid=int(attrs["obsid"]),
+        level1_path=str(level1_path),
+        source=source,
+        source_group=source_group or group,
+        utc_start=str(attrs["utc_start"]),
+    )
+    fi.level2_path = str(out / f"Level2_{Path(level1_path).name}")
+    ctx = ObservationContext(fi)
+    result = ObservationResult(obsid=fi.obsid, status="running")
+    with db.deferring() as ops, observation(ctx):
+        _run_modules(ctx, modules, result)
+    return Path(fi.level2_path), ctx, list(ops)
