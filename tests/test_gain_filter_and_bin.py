@@ -16,7 +16,7 @@ from utils.noise import pair_difference_rms
 from utils.simulator import PRESETS, simulate_observation
 from utils.simulator.spec import SkySpec
 
-FILTERS = ["GainFilterBase", "GainFilterWithPrior"]
+FILTERS = ["GainFilterBase", "GainFilterWithPrior", "GainFilterDestriped"]
 
 
 def _spec(source):
