@@ -10,7 +10,6 @@ datasets.
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 

@@ -309,13 +309,14 @@ def test_outlier_samples_are_atmosphere_corrected(tmp_path, subtract_running_med
 
 
 def test_excluded_samples_do_not_reach_the_cleaned_data(tmp_path):
-    """A 400-sample burst of +1 K (100σ) flagged 4 (level-1 NaN) is NaN in the output, and every other
-    sample equals the output of the same file without the burst (the flagged samples are missing either
-    way). Against the unflagged file without the burst the difference is below 0.2σ: only the running
-    median moves where its 3000-sample window loses the 400 burst samples on one side, by about the
-    drift over half the burst (5e-6 K/sample × 200 = 0.1σ) plus its sampling noise (< 0.02σ). Unflagged, the burst reaches the output at
-    ≥ 50σ (the 60 s running median cannot follow a 8 s step), so the test can fail. Bit 16 (bright
-    source) is informational and changes nothing."""
+    """A 400-sample burst of +1 K (100σ) flagged 4 (level-1 NaN) is NaN in the output, and every
+    other sample equals the output of the same file without the burst (the flagged samples are
+    missing either way). Against the unflagged file without the burst the difference is below 0.2σ:
+    only the running median moves where its 3000-sample window loses the 400 burst samples on one
+    side, by about the drift over half the burst (5e-6 K/sample × 200 = 0.1σ) plus its sampling
+    noise (< 0.02σ). Unflagged, the burst reaches the output at ≥ 50σ (the 60 s running median
+    cannot follow an 8 s step), so the test can fail. Bit 16 (bright source) is informational and
+    changes nothing."""
     rng = np.random.default_rng(4)
     sigma = 0.01
     n_tod = 10_000
