@@ -476,7 +476,8 @@ def test_missing_level1_file_is_counted(rrl, tmp_path):
 
 
 def test_excluded_samples_do_not_reach_the_cube(rrl, tmp_path):
-    """A 300-sample burst in the level-1 TOD (raw counts doubled: tens of K) flagged 4 in level 2
+    """A 300-sample burst in the level-1 TOD (raw counts × 1.5 and × 0.5 in alternate channels: tens
+    of K that no velocity baseline removes) flagged 4 in level 2
     leaves the cube's accumulators exactly as the same files with the flag and no burst (the flagged
     samples are dropped before the channel levels), and removes those samples from the hits.
     Unflagged, the burst reaches the cube (some weighted sums move by > 100× their noise sqrt(Σ f² w)),
@@ -507,7 +508,8 @@ def test_excluded_samples_do_not_reach_the_cube(rrl, tmp_path):
         if spike:
             with h5py.File(l1, "a") as f:
                 block = f[TOD][plan.l1_pos, plan.uses[0].band, :, a : a + 300]
-                f[TOD][plan.l1_pos, plan.uses[0].band, :, a : a + 300] = block * 2
+                zigzag = 1.0 + 0.5 * (-1.0) ** np.arange(block.shape[0])  # no baseline can follow it
+                f[TOD][plan.l1_pos, plan.uses[0].band, :, a : a + 300] = block * zigzag[:, None]
         if flag:
             with h5py.File(l2, "a") as f:
                 row = f["level2/sample_flags"][plan.ifeed]
