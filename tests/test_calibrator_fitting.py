@@ -708,3 +708,65 @@ def test_end_to_end_taua(workspace_factory, tmp_path, atmosphere):
         assert summary["calibrator_flux"] == pytest.approx(float(np.median(out["flux"])), rel=1e-6)
     finally:
         db_.disconnect()
+
+
+def test_excluded_samples_do_not_reach_the_calibrator_fit(taua, tmp_path):
+    """A burst on 40 samples of feed 1 inside the fit radius but off the beam (r > 4σ_b), raised by 50×
+    the peak and flagged 4 (level-1 NaN)
+    leaves every fit exactly as the same file without the burst (the flagged samples are missing either
+    way) and, within 3σ of its own flux error, as the unflagged file without it (dropping 40 of the
+    samples only adds noise). Unflagged, the burst moves feed 1's flux by far more than 3σ, so the test
+    can fail."""
+    from utils.level2 import FLAG_LEVEL1_NAN
+
+    picked: dict = {}
+
+    def burst(truth, tod):
+        d = truth["dist"][0]
+        with np.errstate(invalid="ignore"):
+            ring = np.flatnonzero((d > 4 * float(truth["sigma_b"][0].max())) & (d < 0.2))
+        picked["idx"] = ring[:40]  # inside the fit radius, off the beam: background samples
+        tod[0][..., picked["idx"]] += 50 * truth["peak"][0][..., None]
+
+    def fit(name, edit, flagged):
+        dst = tmp_path / f"{name}.hd5"
+        synthesise(taua, dst, edit=edit)
+        if flagged:
+            with h5py.File(dst, "a") as l2:
+                row = l2["level2/sample_flags"][0]
+                row[picked["idx"]] |= FLAG_LEVEL1_NAN
+                l2["level2/sample_flags"][0] = row
+        run_module(_file_info(taua, dst))
+        return read_group(dst)
+
+    spiked_flagged = fit("spiked_flagged", burst, True)
+    assert picked["idx"].size == 40
+    clean_flagged = fit("clean_flagged", None, True)
+    clean = fit("clean", None, False)
+    spiked = fit("spiked", burst, False)
+    assert spiked_flagged["fit_ok"].all()
+    for k in ("flux", "amplitude", "x_offset", "y_offset"):
+        np.testing.assert_array_equal(spiked_flagged[k], clean_flagged[k])
+    err = clean["flux_error"]
+    assert np.all(np.abs(spiked_flagged["flux"] - clean["flux"]) < 3 * err)
+    moved = np.abs(np.where(spiked["fit_ok"][0], spiked["flux"][0], np.inf) - clean["flux"][0])
+    assert np.all(moved > 3 * err[0])
+
+
+def test_calibrator_samples_are_flagged_bright_at_the_defaults(taua):
+    """CreateLevel2File at its defaults sets flag 16 on exactly the samples within 2.5 beam FWHM
+    (11.25′) of Tau A (distance computed here independently), and the attribute names the mask.
+    Samples within 0.01′ of the edge are not compared (rounding)."""
+    from utils.level2 import FLAG_BRIGHT_SOURCE
+
+    with h5py.File(taua["base"], "r") as l2:
+        flags = l2["level2/sample_flags"][...]
+        ra = l2["spectrometer/pixel_pointing/pixel_ra"][...]
+        dec = l2["spectrometer/pixel_pointing/pixel_dec"][...]
+        desc = l2["level2/sample_flags"].attrs["bright_source_mask"]
+    r_arcmin = 60.0 * angular_separation_deg(ra, dec, 83.633083, 22.014500)
+    flagged = (flags & FLAG_BRIGHT_SOURCE) != 0
+    sure = np.abs(r_arcmin - 11.25) > 0.01
+    np.testing.assert_array_equal(flagged[sure], (r_arcmin <= 11.25)[sure])
+    assert flagged.sum() > 100 and (~flagged).sum() > 100
+    assert "TauA" in desc

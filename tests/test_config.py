@@ -265,6 +265,36 @@ def test_unknown_keyword_lists_known_ones(tmp_path, userpkg):
 
 
 @pytest.mark.parametrize(
+    "kind, call",
+    [
+        (
+            "level2",
+            "modules.ProcessLevel2.NoiseStatsLevel2.NoiseStatsLevel2.NoiseStatsLevel2(bright_mask_map='a.fits')",
+        ),
+        (
+            "map",
+            "modules.MapMaking.MapMakingModules.CreateMap.CreateMap(band=0, channel=0, bright_cut_k=0.1)",
+        ),
+    ],
+)
+def test_moved_bright_mask_options_name_the_source_mask(tmp_path, kind, call):
+    """The former per-module bright-source options give one ConfigError saying where the mask is now."""
+    cfg = write(
+        tmp_path / "cfg.toml",
+        f"""
+        [Master]
+        sql_database = "x.db"
+        pipeline = ["{call}"]
+    """,
+    )
+    errors = ErrorCollector()
+    load_config(cfg, kind, errors)
+    (err,) = errors.errors
+    assert "is no longer a parameter" in err.message
+    assert "CreateLevel2File" in err.message and "docs/level2.md#source-mask" in err.message
+
+
+@pytest.mark.parametrize(
     "call, fragment",
     [
         ("alpha='three'", "keyword 'alpha' of Probe must be int"),

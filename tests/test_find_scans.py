@@ -21,7 +21,7 @@ from modules.ProcessLevel2.FindScans.FindScans import FindScans, scan_edges_from
 from modules.SQLModule.SQLModule import COMAPData
 from utils.errors import BadCOMAPFile
 from utils.level1 import Level1File
-from utils.level2 import FLAG_LEVEL1_NAN, FLAG_OUTSIDE_SCAN, FLAG_VANE
+from utils.level2 import FLAG_BRIGHT_SOURCE, FLAG_LEVEL1_NAN, FLAG_OUTSIDE_SCAN, FLAG_VANE
 from utils.simulator import ObservationSpec, ScanSpec, SkySpec, simulate_observation
 
 SOURCE_GROUPS = {"TauA": "Calibrator", "SkyDip": "SkyDip", "GField30": "Galactic"}
@@ -59,7 +59,8 @@ def scans_of(fi) -> tuple[np.ndarray, str, np.ndarray]:
         return (
             l2["level2/scan_edges"][...],
             str(l2["level2/scan_edges"].attrs["scan_mode"]),
-            l2["level2/sample_flags"][...],
+            # bit 16 (the bright-source mask on calibrators) is CreateLevel2File's, not FindScans'
+            l2["level2/sample_flags"][...] & np.uint8(0xFF & ~FLAG_BRIGHT_SOURCE),
         )
 
 

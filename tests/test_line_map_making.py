@@ -473,3 +473,66 @@ def test_missing_level1_file_is_counted(rrl, tmp_path):
     obs.level1_path = str(rrl.l1[80003])
     plans = line_prepass_file(obs, settings, None, None, counts)
     assert len(plans) == 1 and plans[0].uses[0].band == 2
+
+
+def test_excluded_samples_do_not_reach_the_cube(rrl, tmp_path):
+    """A 300-sample burst in the level-1 TOD (raw counts × 1.5 and × 0.5 in alternate channels: tens
+    of K that no velocity baseline removes) flagged 4 in level 2
+    leaves the cube's accumulators exactly as the same files with the flag and no burst (the flagged
+    samples are dropped before the channel levels), and removes those samples from the hits.
+    Unflagged, the burst reaches the cube (some weighted sums move by > 100× their noise sqrt(Σ f² w)),
+    so the test can fail (docs/level2.md#sample-flags)."""
+    import shutil
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from modules.MapMaking.geometry import job_geometry
+    from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
+    from modules.MapMaking.read_data import frame_coordinates
+    from modules.MapMaking.read_line_data import line_prepass_file, read_line_file
+    from utils.level1 import TOD
+    from utils.level2 import FLAG_LEVEL1_NAN
+
+    level2 = next(p for p in rrl.level2_files() if "0080003" in p.name)
+    job = CreateLineMap(lines=["H59a"], calibration="none")
+    settings = job.reader_settings(job.expand()[0], 20.0)
+
+    def copy(name, *, spike, flag):
+        l1 = tmp_path / f"{name}_l1.hd5"
+        l2 = tmp_path / f"{name}_l2.hd5"
+        shutil.copyfile(rrl.l1[80003], l1)
+        shutil.copyfile(level2, l2)
+        obs = SimpleNamespace(obsid=80003, level2_path=str(l2), level1_path=str(l1))
+        (plan,) = line_prepass_file(obs, settings, None, None, Counter())
+        a = plan.start + 2000
+        if spike:
+            with h5py.File(l1, "a") as f:
+                block = f[TOD][plan.l1_pos, plan.uses[0].band, :, a : a + 300]
+                zigzag = 1.0 + 0.5 * (-1.0) ** np.arange(block.shape[0])  # no baseline can follow it
+                f[TOD][plan.l1_pos, plan.uses[0].band, :, a : a + 300] = block * zigzag[:, None]
+        if flag:
+            with h5py.File(l2, "a") as f:
+                row = f["level2/sample_flags"][plan.ifeed]
+                row[a : a + 300] |= FLAG_LEVEL1_NAN
+                f["level2/sample_flags"][plan.ifeed] = row
+        with h5py.File(l2, "r") as f:
+            lon, lat = frame_coordinates(
+                f["spectrometer/pixel_pointing/pixel_ra"][...].ravel(),
+                f["spectrometer/pixel_pointing/pixel_dec"][...].ravel(),
+                "galactic",
+            )
+        geometry = job_geometry("dynamic", job.wcs_def_file, lon, lat, cdelt_deg=job.dynamic_wcs_cdelt)
+        return read_line_file([plan], settings, geometry)
+
+    clean = copy("clean", spike=False, flag=False)
+    clean_flagged = copy("clean_flagged", spike=False, flag=True)
+    flagged = copy("flagged", spike=True, flag=True)
+    spiked = copy("spiked", spike=True, flag=False)
+    for name in ("hit", "acc_sum", "acc_w", "hits", "cont_sum"):
+        np.testing.assert_array_equal(getattr(flagged, name), getattr(clean_flagged, name))
+    assert clean.hits.sum() - flagged.hits.sum() == 300
+    np.testing.assert_array_equal(spiked.hit, clean.hit)
+    # Σ f w y of white noise with w = 1/σ² has variance Σ f² w = acc_q
+    used = clean.acc_q > 0
+    z = np.abs(spiked.acc_sum - clean.acc_sum)[used] / np.sqrt(clean.acc_q[used])
+    assert np.max(z) > 100

@@ -23,6 +23,7 @@ from modules.ProcessLevel2.PostBinCleaning import PostBinCleaning
 from modules.ProcessLevel2.PostBinCleaning.PostBinCleaning import clean_segments
 from modules.SQLModule.SQLModule import COMAPData, db
 from utils.errors import BadCOMAPFile
+from utils.level2 import FLAG_BRIGHT_SOURCE, FLAG_LEVEL1_NAN, FLAG_OUTSIDE_SCAN
 
 FS_HZ = 50.0
 OBSID = 424242
@@ -33,11 +34,12 @@ OUTPUT = "level2/binned_cleaned_data"
 # --------------------------------------------------------------------------------------------------
 # Synthetic level-2 files
 # --------------------------------------------------------------------------------------------------
-def make_level2(path: Path, *, feeds, scans, el_deg, data: dict, obsid: int = OBSID) -> COMAPData:
+def make_level2(path: Path, *, feeds, scans, el_deg, data: dict, obsid: int = OBSID, flags=None) -> COMAPData:
     """Write a minimal level-2 file and return a ``file_info`` pointing at it.
 
     ``el_deg`` is (F, N) degrees; ``data`` maps dataset paths to (F, B, K, N) arrays, written
-    float32 with NaN outside the scans and provenance ``status = complete``.
+    float32 with NaN outside the scans and provenance ``status = complete``; the sample flags have
+    bit 1 outside the scans, OR-ed with ``flags`` (F, N) if given.
     """
     el_deg = np.asarray(el_deg, dtype=np.float64)
     n_feeds, n_tod = el_deg.shape
@@ -56,6 +58,8 @@ def make_level2(path: Path, *, feeds, scans, el_deg, data: dict, obsid: int = OB
         pp["pixel_dec"] = np.full_like(el_deg, -2.0)
         edges = f.create_dataset("level2/scan_edges", data=scans)
         edges.attrs["scan_mode"] = "ces"
+        bits = np.where(inside, 0, FLAG_OUTSIDE_SCAN).astype(np.uint8)[None, :].repeat(n_feeds, axis=0)
+        f["level2/sample_flags"] = bits | (0 if flags is None else np.asarray(flags, dtype=np.uint8))
         for name, arr in data.items():
             arr = np.array(arr, dtype=np.float32)
             assert arr.shape[0] == n_feeds and arr.shape[-1] == n_tod
@@ -302,6 +306,52 @@ def test_outlier_samples_are_atmosphere_corrected(tmp_path, subtract_running_med
     assert np.all(np.abs(spike_vals) < 6 * sigma), np.abs(spike_vals).max()
     # All non-spike samples too: the airmass shape is gone (ptp of the term is 0.32 K = 32σ).
     assert np.all(np.abs(base - level[:, None]) < 6 * sigma)
+
+
+def test_excluded_samples_do_not_reach_the_cleaned_data(tmp_path):
+    """A 400-sample burst of +1 K (100σ) flagged 4 (level-1 NaN) is NaN in the output, and every
+    other sample equals the output of the same file without the burst (the flagged samples are
+    missing either way). Against the unflagged file without the burst the difference is below 0.2σ:
+    only the running median moves where its 3000-sample window loses the 400 burst samples on one
+    side, by about the drift over half the burst (5e-6 K/sample × 200 = 0.1σ) plus its sampling
+    noise (< 0.02σ). Unflagged, the burst reaches the output at ≥ 50σ (the 60 s running median
+    cannot follow an 8 s step), so the test can fail. Bit 16 (bright source) is informational and
+    changes nothing."""
+    rng = np.random.default_rng(4)
+    sigma = 0.01
+    n_tod = 10_000
+    scans = [(500, 9500)]
+    el = np.full((1, n_tod), 45.0)
+    x = sigma * rng.standard_normal((1, 2, 2, n_tod)) + 0.05 * np.linspace(0, 1, n_tod)
+    burst = np.zeros(n_tod, dtype=bool)
+    burst[4000:4400] = True
+    spiked = x.copy()
+    spiked[..., burst] += 1.0
+
+    def clean(name, data, flag):
+        flags = np.where(burst, flag, 0)[None, :] if flag else None
+        fi = make_level2(
+            tmp_path / f"Level2_{name}.hd5",
+            feeds=[1],
+            scans=scans,
+            el_deg=el,
+            data={INPUT: data},
+            flags=flags,
+        )
+        run_stage(fi)
+        return read(fi.level2_path, OUTPUT)
+
+    reference = clean("clean", x, 0)
+    clean_flagged = clean("clean_flagged", x, FLAG_LEVEL1_NAN)
+    flagged = clean("flagged", spiked, FLAG_LEVEL1_NAN)
+    assert np.all(np.isnan(flagged[..., burst]))
+    np.testing.assert_array_equal(flagged, clean_flagged)
+    keep = ~burst & ~np.isnan(reference[0, 0, 0])
+    assert np.max(np.abs(flagged[..., keep] - reference[..., keep])) < 0.2 * sigma
+    unflagged = clean("unflagged", spiked, 0)
+    assert np.min(np.abs(unflagged[..., burst] - reference[..., burst])) > 50 * sigma
+    informational = clean("bright", x, FLAG_BRIGHT_SOURCE)
+    np.testing.assert_array_equal(informational, reference)
 
 
 def test_clean_segments_in_row_chunks_equals_whole(monkeypatch):

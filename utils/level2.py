@@ -17,6 +17,7 @@ import numpy as np
 
 from utils import level1_layout as L1
 from utils.constants import LEVEL2_FORMAT_VERSION, SUPPORTED_LEVEL2_FORMAT_VERSIONS, UTC_START_FORMAT
+from utils.errors import BadCOMAPFile
 from utils.layout import DatasetPath, Layout
 
 FORMAT_VERSION = LEVEL2_FORMAT_VERSION
@@ -28,11 +29,40 @@ FLAG_VANE = 2
 FLAG_LEVEL1_NAN = 4
 FLAG_POINTING = 8
 FLAG_BRIGHT_SOURCE = 16
+"""Informational: the sample lies on a masked bright source (docs/level2.md#source-mask). It does
+NOT exclude the sample — maps keep it, it is the sky — but noise fits, the destriper's offsets and
+the gain filter's estimate give it no (or reduced) weight."""
+
 SAMPLE_FLAGS_EXCLUDE = FLAG_OUTSIDE_SCAN | FLAG_VANE | FLAG_LEVEL1_NAN | FLAG_POINTING
+"""The bits that exclude a sample from every reader of binned data (docs/level2.md#sample-flags)."""
 
 DEFAULT_SAVE_DIR_STRUCTURE = "{date:%Y-%m}/{source}/level2/"
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 _PLACEHOLDER = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
+
+
+def excluded_samples(flags: Any) -> np.ndarray:
+    """True where ``flags`` (uint8 sample flags, any shape) has a bit of :data:`SAMPLE_FLAGS_EXCLUDE`
+    (docs/level2.md#sample-flags)."""
+    return (np.asarray(flags, dtype=np.uint8) & np.uint8(SAMPLE_FLAGS_EXCLUDE)) != 0
+
+
+def bright_source_samples(flags: Any) -> np.ndarray:
+    """True where ``flags`` has :data:`FLAG_BRIGHT_SOURCE` (docs/level2.md#source-mask)."""
+    return (np.asarray(flags, dtype=np.uint8) & np.uint8(FLAG_BRIGHT_SOURCE)) != 0
+
+
+def read_sample_flags(l2: Any, ifeed: Any = slice(None), samples: Any = slice(None)) -> np.ndarray:
+    """``level2/sample_flags[ifeed, samples]`` of an open level-2 file as uint8.
+
+    Raises
+    ------
+    BadCOMAPFile
+        If the file has no sample flags (it was not made by CreateLevel2File).
+    """
+    if SAMPLE_FLAGS not in l2:
+        raise BadCOMAPFile(f"level-2 file has no {SAMPLE_FLAGS} (run CreateLevel2File first)")
+    return np.asarray(l2[SAMPLE_FLAGS][ifeed, samples], dtype=np.uint8)
 
 
 def sanitise(text: str) -> str:
@@ -227,7 +257,8 @@ SAMPLE_FLAGS = _d(
     "F N",
     "uint8",
     "",
-    "bits: 1 outside any scan, 2 vane event, 4 level-1 NaN in >10 % of channels, 8 pointing not finite",
+    "bits: 1 outside any scan, 2 vane event, 4 level-1 NaN in >10 % of channels, 8 pointing not finite, "
+    "16 on a masked bright source (informational)",
 )
 SCAN_EDGES = _d(
     "level2/scan_edges",

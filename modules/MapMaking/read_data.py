@@ -3,8 +3,10 @@
 A **pre-pass** reads only small datasets (feeds, scan edges, MJD at scan boundaries, central
 frequencies, noise statistics) and accepts or rejects every segment (file, feed, scan), counting
 the reasons. The **read** then takes each accepted segment's samples of one (band, channel),
-calibrates them to K_RJ, weights, detrends, flags spikes, converts the pointing to the map frame
-and to pixel indices, and appends them to arrays allocated once at the exact size.
+zero-weights the samples whose level-2 sample flags exclude them (docs/level2.md#sample-flags),
+calibrates them to K_RJ, weights, detrends, flags spikes, down-weights bright-source samples (flag 16)
+in the destriper, converts the pointing to the map frame and to pixel indices, and appends them to
+arrays allocated once at the exact size.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ import numpy as np
 
 from modules.MapMaking.segments import ELEVATION_REASON, SegmentSelection, elevation_ok, scan_table
 from utils.coordinates import icrs_to_galactic
-from utils.level2 import BANDWIDTHS, CENTRAL_FREQS, PIXEL_AZ, PIXEL_DEC, PIXEL_EL, PIXEL_RA
+from utils.level2 import (
+    BANDWIDTHS,
+    CENTRAL_FREQS,
+    PIXEL_AZ,
+    PIXEL_DEC,
+    PIXEL_EL,
+    PIXEL_RA,
+    bright_source_samples,
+    excluded_samples,
+    read_sample_flags,
+)
 from utils.wcs import MapGeometry, world_to_pixel_index
 
 log = logging.getLogger("comap.ReadData")
@@ -52,7 +64,8 @@ class ChannelSelection(SegmentSelection):
 @dataclass(kw_only=True)
 class ReaderSettings(ChannelSelection):
     """Everything the continuum reader needs to know about one map (picklable): the segment cuts,
-    detrending, spike flagging and the bright-source map (see CreateMap for the meanings)."""
+    detrending, spike flagging and the solver weight of bright-source samples (see CreateMap for the
+    meanings)."""
 
     detrend: str
     detrend_order: int
@@ -60,8 +73,6 @@ class ReaderSettings(ChannelSelection):
     spike_sigma: float | None
     spike_medfilt_length: int
     spike_dilate: int
-    bright_mask_map: str | None
-    bright_cut_k: float
     bright_downweight: float
     write_mean_azel: bool
 
@@ -248,28 +259,26 @@ def detrend_segment(
     quiet: np.ndarray | None = None,
 ) -> np.ndarray:
     """Subtract the segment's trend in place (docs/mapmaking.md#per-segment-processing step 3); returns
-    ``x``."""
+    ``x``. ``quiet`` (None: all) marks the samples off bright sources: only they enter the fit."""
     good = w > 0
     if settings.detrend == "none" or not good.any():
         return x
+    fit_ok = good if quiet is None or not (good & quiet).any() else good & quiet
     if settings.detrend == "median":
-        x[good] -= np.median(x[good])
+        x[good] -= np.median(x[fit_ok])
         return x
     n = x.size
     t = np.arange(n, dtype=np.float64)
     if settings.detrend == "linear":
-        coef = np.polyfit(t[good], x[good].astype(np.float64), 1)
+        coef = np.polyfit(t[fit_ok], x[fit_ok].astype(np.float64), 1)
         x -= np.polyval(coef, t).astype(x.dtype)
         x[~good] = 0.0
         return x
     coords = [t, el_deg if el_deg is not None else t, az_deg if az_deg is not None else t]
     design = _legendre_basis(n, settings.detrend_order, *coords)
-    use = good.copy()
+    use = fit_ok.copy()
     if lat_deg is not None:
-        mask = np.abs(lat_deg) > settings.detrend_mask_abs_b_deg
-        if quiet is not None:
-            mask |= quiet
-        use &= mask
+        use &= np.abs(lat_deg) > settings.detrend_mask_abs_b_deg
     if use.sum() < max(design.shape[1] + 2, 32):
         x[good] -= np.median(x[good])  # too few quiet samples for the Legendre fit
         return x
@@ -302,12 +311,11 @@ def spike_flags(
 def read_file_segments(
     path: str, plans: list[SegmentPlan], settings: ReaderSettings, geometry: MapGeometry
 ) -> dict[str, Any]:
-    """Read and process every accepted segment of one file (runs in a reader worker)."""
-    bright = None
-    if settings.bright_mask_map:
-        from utils.bright_map import load_bright_map
+    """Read and process every accepted segment of one file (runs in a reader worker).
 
-        bright = load_bright_map(settings.bright_mask_map)
+    Samples with an excluding sample flag get zero weight; samples flagged as a bright source
+    (flag 16) are left out of the detrend fit and the spike search and keep ``bright_downweight``
+    of their solver weight (docs/mapmaking.md#per-segment-processing)."""
     n = sum(p.n for p in plans)
     tod = np.empty(n, dtype=np.float32)
     pix = np.empty(n, dtype=np.int64)
@@ -325,17 +333,15 @@ def read_file_segments(
             x = np.asarray(data[p.ifeed, band, chan, sl], dtype=np.float32) / np.float32(p.factor)
             sigma = p.auto_rms_k / p.factor
             w = np.full(p.n, 1.0 / sigma**2, dtype=np.float32)
-            bad = ~np.isfinite(x)
+            flags = read_sample_flags(l2, p.ifeed, sl)
+            bad = ~np.isfinite(x) | excluded_samples(flags)
             w[bad] = 0.0
             x[bad] = 0.0
             ra = l2[PIXEL_RA][p.ifeed, sl]
             dec = l2[PIXEL_DEC][p.ifeed, sl]
             lon, lat = frame_coordinates(ra, dec, geometry.frame)
-            quiet = None
-            bright_vals = None
-            if bright is not None:
-                bright_vals = bright.sample(ra, dec)
-                quiet = ~(bright_vals >= settings.bright_cut_k)
+            bright = bright_source_samples(flags)
+            quiet = ~bright if bright.any() else None
             need_azel = settings.detrend == "legendre" or settings.write_mean_azel
             el = l2[PIXEL_EL][p.ifeed, sl] if need_azel else None
             az = l2[PIXEL_AZ][p.ifeed, sl] if need_azel else None
@@ -346,8 +352,7 @@ def read_file_segments(
             idx = world_to_pixel_index(geometry, lon, lat)
             w[idx < 0] = 0.0
             ws = w.copy()
-            if bright_vals is not None:
-                ws[bright_vals >= settings.bright_cut_k] *= np.float32(settings.bright_downweight)
+            ws[bright] *= np.float32(settings.bright_downweight)
             sl_out = slice(pos, pos + p.n)
             tod[sl_out] = x
             pix[sl_out] = idx

@@ -6,8 +6,10 @@ statistics, calibration) and accepts or rejects every segment (file, feed, scan)
 counting the reasons. The **read** then, per accepted segment and line:
 
 1. reads the channel window ``tod[feed, band, i_lo:i_hi, start:stop]`` from level 1 (one
-   hyperslab), divides by the vane gain interpolated to the scan (docs/level2.md#calibration-per-scan) and by
-   the calibration factor, and weights each channel by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
+   hyperslab), drops the samples whose level-2 sample flags exclude them
+   (docs/level2.md#sample-flags), divides by the vane gain interpolated to the scan
+   (docs/level2.md#calibration-per-scan) and by the calibration factor, and weights each channel
+   by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
 2. subtracts each channel's median over the scan;
 3. subtracts a polynomial baseline in velocity fitted to the line-free channels of every sample
    (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image;
@@ -48,6 +50,8 @@ from utils.level2 import (
     SCAN_EDGES,
     VANE_GAIN,
     VANE_MJD,
+    excluded_samples,
+    read_sample_flags,
 )
 from utils.rrl import SPEED_OF_LIGHT_KMS, lsrk_correction_kms
 from utils.wcs import MapGeometry, world_to_pixel_index
@@ -410,11 +414,16 @@ def read_line_file(
         tod_chunks = l1.file[TOD].chunks
         chunk_channels = int(tod_chunks[2]) if tod_chunks else 1
         pix_full = []
+        dropped = []
         for p in plans:
             ra = l2[PIXEL_RA][p.ifeed, p.start : p.stop]
             dec = l2[PIXEL_DEC][p.ifeed, p.start : p.stop]
             lon, lat = frame_coordinates(ra, dec, geometry.frame)
-            pix_full.append(world_to_pixel_index(geometry, lon, lat))
+            pix = world_to_pixel_index(geometry, lon, lat)
+            excluded = excluded_samples(read_sample_flags(l2, p.ifeed, slice(p.start, p.stop)))
+            pix[excluded] = -1  # excluded samples reach neither the cube nor the scan levels
+            pix_full.append(pix)
+            dropped.append(excluded)
         allpix = np.concatenate(pix_full) if pix_full else np.zeros(0, np.int64)
         hit = np.unique(allpix[allpix >= 0])
         n_hit = hit.size
@@ -432,7 +441,7 @@ def read_line_file(
         truncated: set[str] = set()
         lo_mask, hi_mask = settings.mask_kms
         v_need = settings.halfwidth_kms + grid.step_kms
-        for p, pix in zip(plans, pix_full):
+        for p, pix, excluded in zip(plans, pix_full, dropped):
             local = np.full(pix.shape, -1, dtype=np.int32)
             on_map = pix >= 0
             local[on_map] = np.searchsorted(hit, pix[on_map]).astype(np.int32)
@@ -487,6 +496,7 @@ def read_line_file(
                 raw = blocks[(band, lo, hi)][i_lo - lo : i_hi - lo]
                 scale = np.where(ok, 1.0 / (np.where(ok, gain, 1.0) * use.factor), np.nan)
                 y = raw * scale.astype(np.float32)[:, None]
+                y[:, excluded] = np.nan
                 level = channel_levels(y, ok, settings.level_stride, settings.quiet_fraction)
                 y -= level.astype(np.float32)[:, None]
                 if settings.continuum_subtraction == "spectrum":

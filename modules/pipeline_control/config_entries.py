@@ -90,6 +90,16 @@ def resolve_entry(
     for source_name, src in (("section", section), ("call", call.kwargs)):
         for key, value in src.items():
             if key not in params_info:
+                moved = getattr(cls, "moved_parameters", {}).get(key)
+                if moved:
+                    errors.add(
+                        f"'{key}' is no longer a parameter of {cls.__name__}: {moved}",
+                        call.file,
+                        call.where if source_name == "call" else f"[{section_key}]",
+                        call.text if source_name == "call" else f"{key} = {value!r}",
+                    )
+                    ok = False
+                    continue
                 if var_kw:
                     log.warning(
                         "%s: %s: %s accepts **kwargs; passing unknown keyword '%s'",

@@ -107,7 +107,8 @@ class CalibratorFitting(BaseCOMAPModule):
     Runs only for observations whose ``source_group`` is ``'Calibrator'``; for any other
     observation it is done trivially and writes nothing. For every scan, science feed, band and
     binned channel it fits an elliptical Gaussian plus background to the samples within
-    ``fit_radius_deg`` of the source (tangent-plane offsets from ``pixel_ra``/``pixel_dec``),
+    ``fit_radius_deg`` of the source (tangent-plane offsets from ``pixel_ra``/``pixel_dec``; samples whose
+    sample flags exclude them, docs/level2.md#sample-flags, are left out),
     converts it to a flux density, rejects fits that did not converge or hit a bound (NaN and
     ``fit_ok = False``, never zeros), converts the fitted centre to az/el pointing offsets, and
     combines the scans with inverse-variance weights. Results go to
@@ -153,7 +154,12 @@ class CalibratorFitting(BaseCOMAPModule):
         Refit even if the output group is complete.
     """
 
-    reads = (*l2layout.SKY_SAMPLES, l2layout.CENTRAL_FREQS, l2layout.BINNED_FILTERED_DATA)
+    reads = (
+        *l2layout.SKY_SAMPLES,
+        l2layout.SAMPLE_FLAGS,
+        l2layout.CENTRAL_FREQS,
+        l2layout.BINNED_FILTERED_DATA,
+    )
     writes = (l2layout.CALIBRATOR_FIT,)
 
     def __init__(
@@ -344,6 +350,7 @@ class CalibratorFitting(BaseCOMAPModule):
         x, y = tangent_plane_offsets_deg(ra, dec, ra0, dec0)
         r = np.hypot(x, y)
         tod = np.asarray(inputs["tod"][ifeed, :, :, sl], dtype=np.float32)  # (B, K, n): one feed × scan
+        tod[..., l2layout.excluded_samples(l2layout.read_sample_flags(l2, ifeed, sl))] = np.nan
         cf = inputs["central_freqs"][ifeed]
         kept: list = []
         v = fits.values

@@ -6,11 +6,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from modules.pipeline_control import provenance
+from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
 from utils import level1_layout as L1
 from utils import level2 as l2layout
@@ -18,6 +19,7 @@ from utils.constants import GROUND_FEED, OVRO_HEIGHT_M, OVRO_LAT_DEG, OVRO_LON_D
 from utils.coordinates import azel_to_icrs
 from utils.errors import BadCOMAPFile
 from utils.layout import DatasetPath
+from utils.source_mask import DEFAULT_MASK_RADIUS_ARCMIN, SourceMask
 
 OPTIONAL = "optional"
 
@@ -61,7 +63,8 @@ _UNITS = {
 
 
 class CreateLevel2File(BaseCOMAPModule):
-    """Create the level-2 file: metadata, hk copies, per-feed pointing and recomputed RA/Dec.
+    """Create the level-2 file: metadata, hk copies, per-feed pointing and recomputed RA/Dec, and the
+    sample flags with bit 8 (pointing not finite) and bit 16 (bright source, docs/level2.md#source-mask).
 
     Parameters
     ----------
@@ -76,6 +79,20 @@ class CreateLevel2File(BaseCOMAPModule):
         Level-1 groups whose attributes are copied.
     compute_radec : bool
         Recompute per-sample ICRS RA/Dec from az/el (``utils.coordinates.azel_to_icrs``).
+    mask_calibrator : bool
+        Flag (bit 16) the samples within ``source_mask_radius_arcmin`` of the observed source when
+        it is a calibrator (TauA, CasA, CygA, Jupiter at its ephemeris position).
+    source_catalogue : str or None
+        CSV or TOML catalogue of bright sources (name, frame, lon, lat, radius_arcmin) whose
+        discs are flagged (bit 16) in every observation.
+    bright_mask_map : str or None
+        Bright-source map in K (FITS CAR image, or HEALPix with ``healpy``); samples where it is
+        ≥ ``bright_cut_k`` are flagged (bit 16).
+    bright_cut_k : float
+        Cut of ``bright_mask_map``, K.
+    source_mask_radius_arcmin : float
+        Radius of the calibrator disc and of catalogue entries without their own radius, arcmin
+        (default 2.5 beam FWHM at 30 GHz).
     overwrite : bool
         Redo even if the file is complete.
     plot, plot_dir
@@ -114,6 +131,11 @@ class CreateLevel2File(BaseCOMAPModule):
         level1_datasets: list | None = None,
         level1_attributes: list | None = None,
         compute_radec: bool = True,
+        mask_calibrator: bool = True,
+        source_catalogue: str | None = None,
+        bright_mask_map: str | None = None,
+        bright_cut_k: Annotated[float, Range(gt=0)] = 0.07,
+        source_mask_radius_arcmin: Annotated[float, Range(gt=0)] = DEFAULT_MASK_RADIUS_ARCMIN,
         overwrite: bool = False,
         plot: bool = False,
         plot_dir: str = "outputs/CreateLevel2File",
@@ -123,6 +145,12 @@ class CreateLevel2File(BaseCOMAPModule):
         self.level1_datasets = DEFAULT_LEVEL1_DATASETS if level1_datasets is None else level1_datasets
         self.level1_attributes = ["comap"] if level1_attributes is None else level1_attributes
         self.compute_radec = compute_radec
+        self.mask_calibrator = mask_calibrator
+        self.source_catalogue = source_catalogue
+        self.bright_mask_map = bright_mask_map
+        self.bright_cut_k = bright_cut_k
+        self.source_mask_radius_arcmin = source_mask_radius_arcmin
+        self._source_mask_cache: dict[str, SourceMask] = {}
         self.overwrite = overwrite
         self.plot = plot
         self.plot_dir = plot_dir
@@ -156,7 +184,43 @@ class CreateLevel2File(BaseCOMAPModule):
                 problems.append(
                     f"level1_datasets[{i}] must be [path, scale] or [path, scale, 'optional'], got {entry!r}"
                 )
+        try:
+            SourceMask.for_observation(
+                None,
+                catalogue=params["source_catalogue"],
+                bright_map=params["bright_mask_map"],
+                radius_arcmin=float(params["source_mask_radius_arcmin"]),
+            )
+        except ValueError as exc:
+            problems.append(str(exc))
         return problems
+
+    def source_mask(self, source: str | None) -> SourceMask:
+        """The bright-source mask of an observation of ``source`` (docs/level2.md#source-mask); the
+        catalogue and map are read once per worker and cached on the instance."""
+        cache = getattr(self, "_source_mask_cache", None)
+        if cache is None:
+            cache = self._source_mask_cache = {}
+        if "" not in cache:
+            try:
+                cache[""] = SourceMask.for_observation(
+                    None,
+                    catalogue=self.source_catalogue,
+                    bright_map=self.bright_mask_map,
+                    bright_cut_k=self.bright_cut_k,
+                    radius_arcmin=self.source_mask_radius_arcmin,
+                )
+            except ValueError as exc:
+                raise BadCOMAPFile(str(exc)) from None
+        shared = cache[""]
+        calibrator = SourceMask.for_observation(source, mask_calibrator=self.mask_calibrator).calibrator
+        return SourceMask(
+            calibrator=calibrator,
+            sources=shared.sources,
+            bright_map=shared.bright_map,
+            bright_cut_k=shared.bright_cut_k,
+            radius_arcmin=shared.radius_arcmin,
+        )
 
     def level2_path_for(self, file_info: Any) -> str:
         """The final (published) level-2 path of ``file_info`` (public; Level2Pipeline calls it)."""
@@ -245,6 +309,8 @@ class CreateLevel2File(BaseCOMAPModule):
                 chunks,
             )
             mjd = l1.mjd()
+            mask = self.source_mask(getattr(file_info, "source", None))
+            n_bright = 0
             for ifeed, pos in enumerate(positions):
                 az, el = l1.pointing(pos, slice(None))
                 az = np.asarray(az, dtype=np.float64)
@@ -261,7 +327,15 @@ class CreateLevel2File(BaseCOMAPModule):
                 bad = ~(np.isfinite(az) & np.isfinite(el) & np.isfinite(ra) & np.isfinite(dec))
                 row = np.zeros(n_tod, dtype=np.uint8)
                 row[bad] = l2layout.FLAG_POINTING
+                if not mask.empty:
+                    on_source = mask.mask(ra, dec, mjd)
+                    row[on_source] |= np.uint8(l2layout.FLAG_BRIGHT_SOURCE)
+                    n_bright += int(on_source.sum())
                 flags[ifeed] = row
+            flags.attrs["bright_source_mask"] = mask.describe()
+            flags.attrs["n_bright_source_samples"] = n_bright
+            if n_bright:
+                self.logger.info("source mask (%s): %d samples flagged", mask.describe(), n_bright)
             for ds, frame in ((ra_ds, "icrs"), (dec_ds, "icrs")):
                 ds.attrs["frame"] = frame
                 ds.attrs["refraction"] = False

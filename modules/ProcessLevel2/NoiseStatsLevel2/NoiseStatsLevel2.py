@@ -16,7 +16,6 @@ from modules.pipeline_control import provenance
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule
 from utils import level2 as l2layout
-from utils.bright_map import BrightMap, load_bright_map
 from utils.errors import BadCOMAPFile
 from utils.layout import DatasetPath
 from utils.noise import one_over_f_model, segment_noise_stats
@@ -81,9 +80,11 @@ class NoiseStatsLevel2(BaseCOMAPModule):
     """White-noise rms and 1/f fit of every (feed, band, bin, scan) segment of binned datasets.
 
     Per dataset and segment (docs/level2.md#noisestatslevel2, algorithm in
-    :func:`utils.noise.segment_noise_stats`): the clipped pair-difference rms, optional replacement of bright
-    samples, a short running median to find outliers, and — when enough samples are good — a fit of ``σ_red²
-    |f/f_ref|^α + σ_white²`` to the log-binned periodogram.
+    :func:`utils.noise.segment_noise_stats`): samples whose sample flags exclude them are missing
+    (NaN), samples flagged as a bright source (flag 16, docs/level2.md#source-mask) are replaced by
+    interpolation plus noise, then the clipped pair-difference rms, a short running median to find
+    outliers, and — when enough samples are good — a fit of ``σ_red² |f/f_ref|^α + σ_white²`` to
+    the log-binned periodogram.
 
     Outputs ``<output_group_name>/<basename>/{sigma_white, sigma_red, alpha, fknee_hz, auto_rms,
     good_fraction}`` (F, B, K, S) float32 and ``fit_ok`` bool, for every target dataset. DB: per
@@ -116,12 +117,6 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         Bounds of the spectral index.
     alpha_init : float
         Start value of the spectral index.
-    bright_mask_map : str or None
-        FITS map (Galactic or equatorial CAR image, or HEALPix if ``healpy`` is installed) in K;
-        samples where it is ≥ ``bright_cut_k`` are replaced by interpolation plus noise. Loaded
-        once per worker.
-    bright_cut_k : float
-        Threshold of the bright mask, K.
     output_group_name : str
         Top-level level-2 group of the outputs.
     plot : bool
@@ -135,7 +130,12 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         Recompute even if the outputs are complete.
     """
 
-    reads = (*l2layout.SKY_SAMPLES, l2layout.BINNED_CLEANED_DATA, l2layout.BINNED_DATA)
+    reads = (*l2layout.SKY_SAMPLES, l2layout.SAMPLE_FLAGS, l2layout.BINNED_CLEANED_DATA, l2layout.BINNED_DATA)
+    moved_parameters = {
+        name: "the bright-source mask is configured in level 2 (CreateLevel2File source_catalogue, "
+        "bright_mask_map, bright_cut_k) and read from sample flag 16; see docs/level2.md#source-mask"
+        for name in ("bright_mask_map", "bright_cut_k")
+    }
     writes = (l2layout.NOISE_STATS,)
 
     def __init__(
@@ -151,8 +151,6 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         min_samples: Annotated[int, Range(ge=8)] = 512,
         alpha_bounds: tuple[float, float] = (-4.0, 4.0),
         alpha_init: float = -1.5,
-        bright_mask_map: str | None = None,
-        bright_cut_k: float = 0.07,
         output_group_name: str = l2layout.NOISE_STATS.split("/", 1)[0],
         plot: bool = False,
         plot_dir: str = "outputs/NoiseStatsLevel2",
@@ -170,14 +168,11 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         self.min_samples = min_samples
         self.alpha_bounds = list(alpha_bounds)
         self.alpha_init = alpha_init
-        self.bright_mask_map = bright_mask_map
-        self.bright_cut_k = bright_cut_k
         self.output_group_name = output_group_name
         self.plot = plot
         self.plot_dir = output_dir if output_dir is not None else plot_dir
         self.output_dir = output_dir
         self.overwrite = overwrite
-        self._bright_cache: dict[str, BrightMap] = {}
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -224,35 +219,13 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         group = params["output_group_name"]
         if not group.strip("/"):
             problems.append(f"output_group_name must be a non-empty string, got {group!r}")
-        bright = params["bright_mask_map"]
-        if bright is not None:
-            try:
-                load_bright_map(bright)
-            except ValueError as exc:
-                problems.append(str(exc))
         return problems
-
-    def bright_map(self) -> BrightMap | None:
-        """The bright-source map, loaded on first use and cached on the instance (once per worker)."""
-        if not self.bright_mask_map:
-            return None
-        path = str(self.bright_mask_map)
-        cached = getattr(self, "_bright_cache", None)
-        if cached is None:
-            cached = self._bright_cache = {}
-        if path not in cached:
-            try:
-                cached[path] = load_bright_map(path)
-            except ValueError as exc:
-                raise BadCOMAPFile(str(exc)) from None
-        return cached[path]
 
     # ------------------------------------------------------------------------------------------
     def run(self, file_info: Any) -> None:
         if self.already_processed(file_info):
             return
         ctx = self.observation_context(file_info)
-        bright_map = self.bright_map()
         db_rows: dict[tuple[int, int, int], dict[str, Any]] = {}
         with ctx.open_l2("a") as l2:
             feeds = ctx.feeds
@@ -272,7 +245,7 @@ class NoiseStatsLevel2(BaseCOMAPModule):
             top = l2.require_group(self.output_group_name.strip("/"))
             provenance.mark_incomplete(top)
             for path, prefix in self.targets:
-                results = self._process_dataset(ctx, l2, path, feeds, scans, fs, bright_map)
+                results = self._process_dataset(ctx, l2, path, feeds, scans, fs)
                 self._write_group(l2, path, results, fs)
                 if prefix is not None:
                     self._collect_db(ctx.obsid, feeds, results, prefix, db_rows)
@@ -288,7 +261,6 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         feeds: NDArray,
         scans: NDArray,
         fs: float,
-        bright_map: BrightMap | None,
     ) -> dict[str, NDArray]:
         src = l2[path]
         n_feeds, n_bands, n_bins, _ = src.shape
@@ -303,13 +275,12 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         plot_scan = int(np.argmax(lengths)) if n_scans else -1
         rows_per_scan = n_bands * n_bins
         band_idx, bin_idx = np.divmod(np.arange(rows_per_scan), n_bins)
-        pointing = l2[l2layout.PIXEL_POINTING] if bright_map is not None else None
         for ifeed in range(n_feeds):
             feed = int(feeds[ifeed])
             x = np.asarray(src[ifeed], dtype=np.float32)  # (B, K, N)
-            if bright_map is not None:
-                ra = np.asarray(pointing["pixel_ra"][ifeed], dtype=np.float64)
-                dec = np.asarray(pointing["pixel_dec"][ifeed], dtype=np.float64)
+            flags = l2layout.read_sample_flags(l2, ifeed)
+            x[..., l2layout.excluded_samples(flags)] = np.nan  # excluded samples are missing
+            on_source = l2layout.bright_source_samples(flags)
             spectra: dict[int, tuple[NDArray, NDArray, NDArray]] = {}
             fits_for_plot: dict[int, tuple[float, float, float]] = {}
             for length in np.unique(lengths):
@@ -318,12 +289,10 @@ class NoiseStatsLevel2(BaseCOMAPModule):
                 group = np.flatnonzero(lengths == length)
                 segs = np.stack([x[:, :, scans[s, 0] : scans[s, 1]] for s in group]).reshape(-1, int(length))
                 bright_row = None
-                if bright_map is not None:
+                if on_source.any():
                     bright_row = np.zeros(segs.shape, dtype=bool)
                     for j, s in enumerate(group):
-                        a, b = int(scans[s, 0]), int(scans[s, 1])
-                        with np.errstate(invalid="ignore"):
-                            hot = bright_map.sample(ra[a:b], dec[a:b]) >= self.bright_cut_k
+                        hot = on_source[int(scans[s, 0]) : int(scans[s, 1])]
                         bright_row[j * rows_per_scan : (j + 1) * rows_per_scan] = hot
                 # Replacement noise (bright and bad samples) is seeded per segment.
                 scan_of_row = np.repeat(group, rows_per_scan)

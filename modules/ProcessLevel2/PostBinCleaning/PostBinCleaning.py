@@ -171,7 +171,9 @@ class PostBinCleaning(BaseCOMAPModule):
     """Running-median high-pass and outlier-robust airmass refit of the binned TOD
     (docs/level2.md#postbincleaning).
 
-    For each (band, bin, scan) segment of ``input_dataset`` (F, B, K, N): short segments are
+    Samples whose sample flags exclude them (docs/level2.md#sample-flags) are treated as missing: NaN
+    in the input of the cleaning and NaN in the output. For each (band, bin, scan) segment of
+    ``input_dataset`` (F, B, K, N): short segments are
     median-subtracted; otherwise outliers against a running median are found from the clipped
     pair-difference σ, ``a + b/sin(el)`` is refitted outside them when the scan spans at least
     ``min_elevation_range_deg`` and subtracted at all samples, and the running median (or the
@@ -210,6 +212,7 @@ class PostBinCleaning(BaseCOMAPModule):
         l2layout.MJD,
         l2layout.SCAN_EDGES,
         l2layout.PIXEL_EL,
+        l2layout.SAMPLE_FLAGS,
         l2layout.BINNED_FILTERED_DATA,
     )
     writes = (l2layout.BINNED_CLEANED_DATA,)
@@ -299,6 +302,7 @@ class PostBinCleaning(BaseCOMAPModule):
             lengths = scans[:, 1] - scans[:, 0]
             for ifeed in range(n_feeds):
                 x = np.asarray(src[ifeed], dtype=np.float32)  # (B, K, N)
+                x[..., l2layout.excluded_samples(l2layout.read_sample_flags(l2, ifeed))] = np.nan
                 el = np.asarray(el_ds[ifeed], dtype=np.float64)
                 y = np.full(x.shape, np.nan, dtype=np.float32)
                 for length in np.unique(lengths):

@@ -126,8 +126,9 @@ class CreateMap(
         Per-segment detrending (``median``, ``linear``, ``legendre``, ``none``).
     spike_sigma, spike_medfilt_length, spike_dilate
         Optional spike flagging (off by default).
-    bright_mask_map, bright_cut_k, bright_downweight
-        Bright-source map (FITS) and its use for solver weights.
+    bright_downweight : float
+        Solver weight factor of the samples flagged as bright sources in level 2 (sample flag 16,
+        docs/level2.md#source-mask; configured in CreateLevel2File).
     hit_percentile, min_hits, edge_clip, edge_clip_width, clip_percentiles
         Masking (docs/mapmaking.md#name-and-hdus).
     quicklook : bool
@@ -138,6 +139,11 @@ class CreateMap(
 
     product = "map"
     default_split_mode = "none"
+    moved_parameters = {
+        name: "the bright-source mask is configured in level 2 (CreateLevel2File source_catalogue, "
+        "bright_mask_map, bright_cut_k) and read from sample flag 16; see docs/level2.md#source-mask"
+        for name in ("bright_mask_map", "bright_cut_k")
+    }
 
     lambda_ridge: float = 0.0
     good_fraction: float = 0.5
@@ -152,8 +158,6 @@ class CreateMap(
     spike_sigma: float | None = None
     spike_medfilt_length: int = 100
     spike_dilate: int = 201
-    bright_mask_map: str | None = None
-    bright_cut_k: float = 0.045
     bright_downweight: float = 0.1
     edge_clip: bool = False
     edge_clip_width: int = 2
@@ -173,8 +177,6 @@ class CreateMap(
         if mode == "custom" and not isinstance(params["split_groups"], dict):
             problems.append("split_mode='custom' needs split_groups = {label: [obsids]}")
         problems += super().parameter_rules(params)
-        if params["bright_mask_map"] and not Path(str(params["bright_mask_map"])).exists():
-            problems.append(f"bright_mask_map {params['bright_mask_map']} does not exist")
         return problems
 
     # --- outputs ---------------------------------------------------------------------------------
