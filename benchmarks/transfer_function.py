@@ -41,6 +41,13 @@ from utils.simulator.variety import CALIBRATOR_SCANS, calibrator_observation, fi
 from utils.simulator.writer import simulate_observation
 
 SCAN_KINDS: tuple[str, ...] = ("ces", "raster", "lissajous")
+RECEIVERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "weakly-curved": {"t_rx_band_offsets_k": [0.0, 0.5, -0.5, 0.3], "t_rx_ripple_k": 0.2, "t_rx_edge_k": 3.0},
+    "linear": {"t_rx_band_offsets_k": [0.0, 0.0, 0.0, 0.0], "t_rx_ripple_k": 0.0, "t_rx_edge_k": 0.0},
+}
+"""Receiver temperature shapes: the simulator's (band steps, ripple and edges; z/Σω ≈ 2×10⁻³ at 64
+channels), a weakly curved one (z/Σω ≈ 8×10⁻⁵) and one linear in frequency (z/Σω ≈ 10⁻⁷)."""
 SIGNAL_FRACTION = 0.1
 """Samples (or pixels) whose twin-difference sky exceeds this fraction of its peak enter a regression."""
 MAP_PIXEL_ARCMIN = 1.5
@@ -128,6 +135,7 @@ def level2_modules(*, gain_filter: str | None = None, calibrator: bool = False) 
 
 
 def reduce(level1: Path, out: Path, **kw: Any) -> Path:
+    """Level 2 of one file with :func:`level2_modules` (``kw``: its keywords)."""
     from modules.ProcessLevel2.observation import reduce_in_process
 
     l2, _ctx, _ops = reduce_in_process(level1, out, level2_modules(**kw))
@@ -216,12 +224,18 @@ def _white_ratio(tod: np.ndarray, use: np.ndarray, sigma: np.ndarray, feeds, l1_
 
 
 def calibrator_flux_ratio(l2: Path) -> list[float]:
-    """Median over feeds and bins of (flux fitted after the filter)/(flux before it), per band."""
+    """Median of (flux fitted after the filter)/(flux before it) per band, over the (feed, bin) fits
+    whose flux before the filter is within 30 % of the calibrator's model flux: a feed whose scan
+    missed the source gives a meaningless fit either way."""
     with h5py.File(l2, "r") as f:
         after = f["level2/calibrator_fit/flux"][...]
         before = f["level2/calibrator_fit_unfiltered/flux"][...]
-    ratio = after / before
-    return [float(np.nanmedian(ratio[:, b])) for b in range(ratio.shape[1])]
+        model = f["level2/calibrator_fit_unfiltered/model_flux"][...]
+    out = []
+    for b in range(before.shape[1]):
+        seen = np.isfinite(after[:, b]) & (np.abs(before[:, b] / model[:, b] - 1.0) < 0.3)
+        out.append(float(np.median(after[:, b][seen] / before[:, b][seen])) if seen.any() else float("nan"))
+    return out
 
 
 def run(
@@ -242,10 +256,11 @@ def run(
     names = list(cases) if cases is not None else list(comps)
     for s_i, scan in enumerate(scans):
         obsid = 93000 + 100 * s_i
-        base = field_spec(scan, comps[names[0]], obsid=obsid, n_channels=n_channels, **spec_kw)
-        free_dir = workdir / scan / "free"
-        free_l1 = simulate_observation(sky_free_twin(base), free_dir, seed=seed)
-        free_l2 = reduce(free_l1, free_dir / "l2", gain_filter=gain_filter)
+        if names:
+            base = field_spec(scan, comps[names[0]], obsid=obsid, n_channels=n_channels, **spec_kw)
+            free_dir = workdir / scan / "free"
+            free_l1 = simulate_observation(sky_free_twin(base), free_dir, seed=seed)
+            free_l2 = reduce(free_l1, free_dir / "l2", gain_filter=gain_filter)
         for name in names:
             spec = base.replace(sky={"components": [dataclasses.replace(comps[name])]})
             sky_dir = workdir / scan / name.replace(" ", "_").replace("'", "")
@@ -257,22 +272,21 @@ def run(
         if calibrator:
             cal = calibrator_observation(scan, obsid=obsid + 50, n_channels=n_channels).replace(**spec_kw)
             cal_dir = workdir / scan / "calibrator"
-            l1 = simulate_observation(cal, cal_dir, seed=seed)
-            from modules.ProcessLevel2.observation import reduce_in_process
-
-            l2, _ctx, _ops = reduce_in_process(
-                l1, cal_dir / "l2", level2_modules(gain_filter=gain_filter, calibrator=True)
-            )
-            results["rows"].append(
-                {"scan": scan, "sky": "TauA flux", "calibrator": calibrator_flux_ratio(l2)}
-            )
+            cal_l1 = simulate_observation(cal, cal_dir, seed=seed)
+            cal_free_l1 = simulate_observation(sky_free_twin(cal), cal_dir / "free", seed=seed)
+            cal_l2 = reduce(cal_l1, cal_dir / "l2", gain_filter=gain_filter, calibrator=True)
+            cal_free_l2 = reduce(cal_free_l1, cal_dir / "free" / "l2", gain_filter=gain_filter)
+            row = {"scan": scan, "sky": "TauA", **measure_pair(cal_l2, cal_free_l2, cal_free_l1)}
+            row["calibrator"] = calibrator_flux_ratio(cal_l2)
+            results["rows"].append(row)
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table: one row per (scan, sky), per-band TOD/map transfer, chain, white-noise ratio."""
     lines = [
-        f"channels per band: {results['n_channels']}, gain filter: {results['gain_filter']}",
+        f"channels per band: {results['n_channels']}, gain filter: {results['gain_filter']}, "
+        f"receiver: {results.get('receiver', 'default')}, sigma_g: {results.get('sigma_g') or 'default'}",
         "",
         "| scan | sky | TOD transfer, bands 0–3 | map transfer | after PostBinCleaning "
         "| white/radiometer after (before) the filter | gain removed | z/Σω |",
@@ -283,16 +297,15 @@ def format_table(results: dict[str, Any]) -> str:
         return " ".join(f"{x:.3f}" for x in v)
 
     for row in results["rows"]:
-        if "calibrator" in row:
-            lines.append(
-                f"| {row['scan']} | {row['sky']} (after/before filter) | {fmt(row['calibrator'])} | | | | |"
-            )
-            continue
         lines.append(
             f"| {row['scan']} | {row['sky']} | {fmt(row['tod'])} | {fmt(row['map'])} | {fmt(row['chain'])} "
             f"| {fmt(row['white'])} ({fmt(row['white_before'])}) | {row['gain_removed']:.2f} "
             f"| {row['z_ratio']:.1e} |"
         )
+    flux = [row for row in results["rows"] if "calibrator" in row]
+    if flux:
+        lines += ["", "| scan | TauA flux fitted after / before the filter, bands 0–3 |", "|---|---|"]
+        lines += [f"| {row['scan']} | {fmt(row['calibrator'])} |" for row in flux]
     return "\n".join(lines)
 
 
@@ -318,9 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args(argv)
-    spec_kw: dict[str, Any] = {}
-    if args.smooth_receiver:
-        spec_kw.update(t_rx_band_offsets_k=[0.0, 0.0, 0.0, 0.0], t_rx_ripple_k=0.0, t_rx_edge_k=0.0)
+    spec_kw: dict[str, Any] = dict(RECEIVERS[args.receiver])
     if args.sigma_g is not None:
         spec_kw["sigma_g"] = args.sigma_g
     workdir = args.out or Path(tempfile.mkdtemp(prefix="transfer-"))
@@ -333,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
+    results["receiver"] = args.receiver
+    results["sigma_g"] = args.sigma_g
     print(format_table(results))
     print(f"\n({results['seconds']:.0f} s)")
     if args.json:
