@@ -13,7 +13,7 @@ from conftest import LEVEL2_THROUGH_NOISE_STATS
 
 from modules.pipeline_control import cli
 from modules.pipeline_control.base import BaseCOMAPModule, describe_stale, stale_stages
-from modules.pipeline_control.provenance import ALGORITHM_VERSION_ATTR, recorded_algorithm_version
+from modules.pipeline_control.provenance import ALGORITHM_VERSION_ATTR, recorded_algorithm_version, sha256_of
 from modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin import GainFilterAndBin
 from modules.SQLModule.SQLModule import COMAPData
 
@@ -236,3 +236,28 @@ def test_legacy_file_is_stale_only_for_stages_above_version_one(reduced, monkeyp
     assert re.search(r"Level2Pipeline\s+1\s+0\s+0\s+0", out), out
     assert _attr(gfield, "level2/binned_data", ALGORITHM_VERSION_ATTR) == 2
     assert _attr(gfield, "level2/vane", "written_utc") == SENTINEL  # SystemTemperature not redone
+
+
+def test_map_product_version_enters_its_hash_only_above_one(monkeypatch):
+    from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import CreateMap
+
+    job = CreateMap(map_name="TauA", source="TauA", band=1, channel=[0])
+    obs = [COMAPData(obsid=90101)]
+    output = job.expand(obs, [1, 2, 3])[0]
+    updated = {90101: "2026-03-01T02:00:00Z"}
+    at_one = job.job_config_hash(output, obs, updated)
+    # version 1 adds nothing: the hash of maps made before versions existed is unchanged
+    legacy = sha256_of(
+        {
+            "params": job.parameters,
+            **job.output_identity(output),
+            "obsids": [90101],
+            "level2_updated_utc": ["2026-03-01T02:00:00Z"],
+        }
+    )
+    assert at_one == legacy
+    monkeypatch.setattr(CreateMap, "algorithm_version", 2)
+    assert job.job_config_hash(output, obs, updated) != at_one
+    # a reprocessed level-2 file (new updated_utc) changes it too
+    monkeypatch.setattr(CreateMap, "algorithm_version", 1)
+    assert job.job_config_hash(output, obs, {90101: "2026-03-02T00:00:00Z"}) != at_one
