@@ -83,15 +83,19 @@ class MapProduct(MapJob):
     def job_config_hash(self, output: Any, observations: list[Any], updated: dict[int, str]) -> str:
         """Hash of the resolved parameters, the output's identity, the sorted obsids it takes and
         each level-2 file's ``updated_utc`` (docs/mapmaking.md#orchestration step 2): a new or reprocessed
-        observation remakes the output."""
+        observation remakes the output. A product whose ``algorithm_version`` is above 1 adds it, so
+        that raising it remakes the outputs while version 1 keeps the hashes of older files
+        (docs/operations.md#algorithm-versions)."""
         only = getattr(output, "obsids", None)
         ids = sorted(o.obsid for o in observations if only is None or o.obsid in only)
+        version = int(type(self).algorithm_version)
         return sha256_of(
             {
                 "params": self.parameters,
                 **self.output_identity(output),
                 "obsids": ids,
                 "level2_updated_utc": [updated.get(i, "") for i in ids],
+                **({"algorithm_version": version} if version != 1 else {}),
             }
         )
 

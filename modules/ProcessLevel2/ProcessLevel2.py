@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 
 from modules.pipeline_control import jobs
+from modules.pipeline_control.base import describe_stale, stale_stages
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
 from modules.pipeline_control.config_dump import tomlable
 from modules.pipeline_control.executors import LocalPoolExecutor, PoolInitError, make_executor
@@ -199,8 +200,20 @@ class Level2Pipeline(PipelineStage):
         raise ConfigError("the level-2 pipeline list has no CreateLevel2File")
 
     @staticmethod
-    def _published_complete(modules: list[Any], fields: dict[str, Any], final: Path) -> bool:
-        if not final.exists():
+    def _stale(modules: list[Any], fields: dict[str, Any], final: Path | None) -> str:
+        """Why the published file is out of date (docs/operations.md#algorithm-versions), or ``''``."""
+        if final is None or not final.exists():
+            return ""
+        fi = file_info_from_fields(fields)
+        fi.level2_path = str(final)
+        try:
+            return describe_stale(stale_stages(modules, fi))
+        except (BadCOMAPFile, OSError) as exc:
+            return f"unreadable: {exc}"
+
+    @classmethod
+    def _published_complete(cls, modules: list[Any], fields: dict[str, Any], final: Path) -> bool:
+        if not final.exists() or cls._stale(modules, fields, final):
             return False
         fi = file_info_from_fields(fields)
         fi.level2_path = str(final)
@@ -226,6 +239,7 @@ class Level2Pipeline(PipelineStage):
             "skip_failed": [],
             "finals": {},
             "fields": {},
+            "stale": {},
             "force": force,
         }
         for o in observations:
@@ -247,6 +261,9 @@ class Level2Pipeline(PipelineStage):
                 out["skip"].append(o.obsid)
             else:
                 out["candidates"].append(o.obsid)
+                stale = self._stale(modules, fields, final) if state == "done" else ""
+                if stale:
+                    out["stale"][o.obsid] = stale
         return out
 
     # --- plan ----------------------------------------------------------------------------------------
@@ -265,10 +282,13 @@ class Level2Pipeline(PipelineStage):
         if self.context.retry_failed:
             failed = {j.obsid for j in db.job_table("level2", status="failed")}
             n_retry = len(set(cls_out["candidates"]) & failed)
+        stale = cls_out["stale"]
+        for obsid in sorted(stale):
+            lines.append(f"  stale: {obsid} {cls_out['finals'][obsid]}: {stale[obsid]}")
         lines.append(
-            f"  observations: {len(cls_out['candidates'])} to process ({n_retry} retries), "
-            f"{len(cls_out['skip'])} already done, {len(cls_out['skip_failed'])} failed (skipped; "
-            "use --retry-failed)"
+            f"  observations: {len(cls_out['candidates'])} to process ({n_retry} retries, "
+            f"{len(stale)} stale), {len(cls_out['skip'])} already done, {len(cls_out['skip_failed'])} "
+            "failed (skipped; use --retry-failed)"
         )
         nproc = int(sub.master.get("nprocess") or 1)
         est = self._memory_estimate_gb([cls_out["fields"][o] for o in cls_out["candidates"]])
@@ -305,6 +325,7 @@ class Level2Pipeline(PipelineStage):
         info = self._classify(sub, modules)
         force = info["force"]
         result.skipped = len(info["skip"]) + len(info["skip_failed"])
+        self._log_stale(info["stale"])
         if info["skip_failed"]:
             log.info(
                 "%d observation(s) skipped because their level-2 job failed earlier (use --retry-failed): %s",
@@ -364,6 +385,20 @@ class Level2Pipeline(PipelineStage):
             return result
         self._dispatch(sub, tasks, force, result)
         return result
+
+    @staticmethod
+    def _log_stale(stale: dict[int, str]) -> None:
+        """One INFO line counting the out-of-date files by reason; one DEBUG line per file."""
+        if not stale:
+            return
+        reasons = collections.Counter(stale.values())
+        log.info(
+            "%d level-2 file(s) are out of date and will be reprocessed: %s",
+            len(stale),
+            "; ".join(f"{n} × {r}" for r, n in reasons.most_common()),
+        )
+        for obsid in sorted(stale):
+            log.debug("obsid %s out of date: %s", obsid, stale[obsid])
 
     def _recover(self, obsid: int, final: Path, result: StageResult) -> None:
         """The published file is complete but the job was not recorded (crash after os.replace)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.pipeline_control import jobs, provenance
+from modules.pipeline_control.base import describe_stale, stale_stages
 from modules.pipeline_control.config import ModuleSpec
 from modules.pipeline_control.jobs import ObservationResult, ops_to_json
 from modules.pipeline_control.logging_setup import obsid_context
@@ -185,6 +186,7 @@ def process_observation(task: ObservationTask) -> ObservationResult:
 def _run_modules(ctx: ObservationContext, modules: list[Any], result: ObservationResult) -> bool:
     """Run the modules in list order; return True if any module did work."""
     file_info = ctx.file_info
+    _invalidate_stale(modules, file_info)
     normal = [m for m in modules if not getattr(m, "runs_with_others", False)]
     if not any(not _done(m, file_info) for m in normal):
         log.info("every module is already done; nothing to recompute")
@@ -210,6 +212,21 @@ def _run_modules(ctx: ObservationContext, modules: list[Any], result: Observatio
             ctx.invalidate()
             result.modules_run.extend(type(s).__name__ for s, a in zip(group, active) if a)
     return True
+
+
+def _invalidate_stale(modules: list[Any], file_info: Any) -> None:
+    """Mark the outputs of out-of-date modules incomplete in the staging file, so that they and the
+    modules after them run again (docs/operations.md#algorithm-versions); the published file is
+    untouched until the new one replaces it."""
+    stale = stale_stages(modules, file_info)
+    if not stale:
+        return
+    log.info("out of date: %s; recomputing", describe_stale(stale))
+    with RetryH5PY(file_info.level2_path, "a") as l2:
+        for mod, _reason in stale:
+            for path in tuple(getattr(mod, "writes", None) or ()):
+                if path in l2:
+                    provenance.mark_incomplete(l2[path])
 
 
 def _done(mod: Any, file_info: Any) -> bool:

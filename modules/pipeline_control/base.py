@@ -49,6 +49,8 @@ __all__ = [
     "RunContext",
     "StageResult",
     "StreamingStage",
+    "describe_stale",
+    "stale_stages",
 ]
 
 
@@ -79,9 +81,24 @@ def _introspect_parameters(obj: Any) -> dict[str, Any]:
 
 
 class _ModuleMixin:
-    """Lazy logger, resolved parameters and provenance shared by every kind of module."""
+    """Lazy logger, resolved parameters and provenance shared by every kind of module.
+
+    Attributes
+    ----------
+    algorithm_version : int
+        Version of what the module computes (docs/operations.md#algorithm-versions), 1 unless the
+        class says otherwise. It is recorded with the provenance of every output the module marks
+        complete, and a stored output whose recorded version differs from the class's (an output
+        without one counts as version 1) is out of date: the module and every module after it in
+        the level-2 list are run again. **Bump it** (by one, in the class body) whenever a change
+        of the code changes the values the module writes for the same inputs and parameters: a new
+        algorithm, a fixed bug that alters results, a changed default that is not a parameter,
+        a changed dataset layout. Do not bump it for refactoring, speed-ups that give the same
+        numbers, logging or plots.
+    """
 
     _comap_spec: Any = None
+    algorithm_version: ClassVar[int] = provenance.LEGACY_ALGORITHM_VERSION
 
     @property
     def logger(self) -> logging.Logger:
@@ -110,7 +127,7 @@ class _ModuleMixin:
     def mark_complete(self, h5obj) -> None:
         """Write the provenance attributes (docs/operations.md#provenance) on a group or dataset, ``status``
         last."""
-        provenance.mark_complete(h5obj, self.module_path, self.parameters)
+        provenance.mark_complete(h5obj, self.module_path, self.parameters, type(self).algorithm_version)
 
     @classmethod
     def validate_config(cls, params: Mapping[str, Any]) -> list[str]:
@@ -203,6 +220,12 @@ class BaseCOMAPModule(_ModuleMixin):
     runs_with_others : bool
         Left out of the "is there work?" check; runs whenever another module of the observation
         runs (CheckLevel1FileExists, FinalizeLevel2Metadata).
+    algorithm_version : int
+        Version of what the module computes, recorded on every output it marks complete; a stored
+        output with another version (none counts as 1) is redone with the modules after it. Bump it
+        by one whenever a code change alters the values written for the same inputs and
+        parameters (docs/operations.md#algorithm-versions; the rule is spelled out on the base
+        class ``_ModuleMixin``).
     """
 
     reads: ClassVar[tuple[DatasetPath, ...] | None] = None
@@ -266,7 +289,48 @@ class BaseCOMAPModule(_ModuleMixin):
             for w in outputs:
                 if not provenance.is_complete(l2, w):
                     return False
+            if self._version_change(l2, outputs) is not None:
+                return False
             return self._parameters_unchanged(l2, outputs)
+
+    def stale_reason(self, file_info: Any) -> str | None:
+        """Why this module's complete outputs are out of date, or None
+        (docs/operations.md#algorithm-versions).
+
+        An output is out of date when its recorded algorithm version differs from
+        :attr:`algorithm_version` (``"algorithm version 1 → 2"``), or, with
+        ``on_parameter_change='recompute'``, when it was written with other parameters
+        (``"parameters changed"``). Outputs that are missing or incomplete are not *stale*, they are
+        simply not done; so are the outputs of a module that declares no ``writes``.
+        """
+        path = getattr(file_info, "level2_path", None)
+        outputs = tuple(self.writes or ())
+        if not path or not os.path.exists(path) or not outputs:
+            return None
+        with RetryH5PY(path, "r") as l2:
+            if not all(provenance.is_complete(l2, w) for w in outputs):
+                return None
+            change = self._version_change(l2, outputs)
+            if change is not None:
+                return "algorithm version {} → {}".format(*change)
+            if self._comap_on_parameter_change == "recompute":
+                current = self.parameters_sha256
+                for w in outputs:
+                    stored = l2[w].attrs.get("parameters_sha256")
+                    stored = stored.decode() if isinstance(stored, bytes) else stored
+                    if stored is not None and stored != current:
+                        return "parameters changed"
+        return None
+
+    def _version_change(self, l2, outputs: tuple[str, ...]) -> tuple[int, int] | None:
+        """``(recorded, code)`` algorithm versions of the first output whose recorded version is not
+        the class's, or None."""
+        code = int(type(self).algorithm_version)
+        for w in outputs:
+            recorded = provenance.recorded_algorithm_version(l2[w])
+            if recorded != code:
+                return recorded, code
+        return None
 
     def _parameters_unchanged(self, l2, outputs: tuple[str, ...]) -> bool:
         current = self.parameters_sha256
@@ -296,6 +360,56 @@ class BaseCOMAPModule(_ModuleMixin):
     def observation_context(self, file_info: Any) -> ObservationContext:
         """The running :class:`ObservationContext` for ``file_info``, or a standalone one."""
         return context_for(file_info)
+
+
+def stale_stages(modules: list[Any], file_info: Any) -> list[tuple[Any, str]]:
+    """The modules of a level-2 list whose stored outputs in ``file_info.level2_path`` are out of date,
+    in list order, each with its reason (docs/operations.md#algorithm-versions).
+
+    A module is out of date when its own :meth:`BaseCOMAPModule.stale_reason` says so, or when its
+    outputs are complete but an earlier module of the list is out of date (reason ``"after
+    <earlier module>"``): its outputs were computed from results that are about to change. Modules
+    that run with the others (``runs_with_others``) are listed only for their own reason. Empty when
+    the file is missing or nothing is out of date.
+    """
+    out: list[tuple[Any, str]] = []
+    first: str | None = None
+    for mod in modules:
+        check = getattr(mod, "stale_reason", None)
+        own = check(file_info) if callable(check) else None
+        if own is not None:
+            out.append((mod, own))
+            first = first or type(mod).__name__
+        elif first is not None and not getattr(mod, "runs_with_others", False):
+            if _has_outputs(mod, file_info):
+                out.append((mod, f"after {first}"))
+    return out
+
+
+def _has_outputs(mod: Any, file_info: Any) -> bool:
+    """True if ``mod`` declares ``writes`` and each of them is complete in the level-2 file."""
+    path = getattr(file_info, "level2_path", None)
+    outputs = tuple(getattr(mod, "writes", None) or ())
+    if not path or not os.path.exists(path) or not outputs:
+        return False
+    with RetryH5PY(path, "r") as l2:
+        return all(provenance.is_complete(l2, w) for w in outputs)
+
+
+def describe_stale(stale: list[tuple[Any, str]]) -> str:
+    """One phrase for :func:`stale_stages`' result: the first module's reason and how many follow it
+    (``"GainFilterAndBin: algorithm version 1 → 2 (and 2 stages after it)"``)."""
+    if not stale:
+        return ""
+    mod, reason = stale[0]
+    text = f"{type(mod).__name__}: {reason}"
+    own = [f"{type(m).__name__}: {r}" for m, r in stale[1:] if not r.startswith("after ")]
+    n_after = len(stale) - 1 - len(own)
+    if own:
+        text += "; " + "; ".join(own)
+    if n_after:
+        text += f" (and {n_after} stage{'s' if n_after > 1 else ''} after it)"
+    return text
 
 
 class StreamingStage(BaseCOMAPModule):

@@ -16,6 +16,14 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+ALGORITHM_VERSION_ATTR = "algorithm_version"
+"""Attribute holding the writer's algorithm version on every output it marks complete
+(docs/operations.md#algorithm-versions)."""
+
+LEGACY_ALGORITHM_VERSION = 1
+"""The version an output without :data:`ALGORITHM_VERSION_ATTR` counts as (written before
+algorithm versions were recorded), and the version every module starts at."""
+
 
 @functools.cache
 def code_version() -> str:
@@ -73,22 +81,27 @@ def sha256_of(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
 
 
-def group_provenance(module_path: str, params: Mapping[str, Any]) -> dict[str, str]:
+def group_provenance(
+    module_path: str, params: Mapping[str, Any], algorithm_version: int = LEGACY_ALGORITHM_VERSION
+) -> dict[str, Any]:
     """Provenance attributes every module writes on its groups (docs/operations.md#provenance), ``status``
     last."""
     return {
         "module": module_path,
         "parameters_json": canonical_json(params),
         "parameters_sha256": sha256_of(params),
+        ALGORITHM_VERSION_ATTR: int(algorithm_version),
         "comap_reduce_version": code_version(),
         "written_utc": utc_now_iso(),
         "status": "complete",
     }
 
 
-def mark_complete(h5obj, module_path: str, params: Mapping[str, Any]) -> None:
+def mark_complete(
+    h5obj, module_path: str, params: Mapping[str, Any], algorithm_version: int = LEGACY_ALGORITHM_VERSION
+) -> None:
     """Write the provenance attributes on an h5py group or dataset; ``status`` is set last."""
-    attrs = group_provenance(module_path, params)
+    attrs = group_provenance(module_path, params, algorithm_version)
     status = attrs.pop("status")
     for key, value in attrs.items():
         h5obj.attrs[key] = value
@@ -108,6 +121,19 @@ def is_complete(h5file, path: str) -> bool:
     if isinstance(status, bytes):
         status = status.decode()
     return status == "complete"
+
+
+def recorded_algorithm_version(h5obj) -> int:
+    """The algorithm version recorded on a group or dataset: :data:`LEGACY_ALGORITHM_VERSION` when
+    none is, 0 (matches no code) when the value is not an integer
+    (docs/operations.md#algorithm-versions)."""
+    value = h5obj.attrs.get(ALGORITHM_VERSION_ATTR)
+    if value is None:
+        return LEGACY_ALGORITHM_VERSION
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def fits_history_cards(params: Mapping[str, Any], width: int = 70) -> list[str]:

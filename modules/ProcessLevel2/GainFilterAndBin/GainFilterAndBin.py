@@ -121,6 +121,7 @@ class GainFilterAndBin(StreamingStage):
     overwrite : bool
     """
 
+    algorithm_version = 2  # 2: the new default gain filter (docs/operations.md#algorithm-versions)
     requires = ("auto_rms_k", "nan_count", "atmosphere", "median_k")
     reads = (*BLOCK_READS, l2layout.SAMPLE_FLAGS, l2layout.PIXEL_RA, l2layout.PIXEL_DEC)
     writes = (
