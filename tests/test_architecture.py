@@ -46,7 +46,7 @@ def shipped_files():
 
 STAGE_PACKAGES = ("modules.DataAcquisition", "modules.ProcessLevel2", "modules.MapMaking")
 SIMULATOR_MUST_NOT_SHARE = ("utils.calibrators",)
-"""Pipeline code the simulator checks and therefore must not share (docs/calibrators.md#two-implementations)."""
+"""Pipeline code the simulator checks and so must not share (docs/calibrators.md#two-implementations)."""
 
 
 def violations(files=None) -> list[str]:
@@ -110,7 +110,7 @@ def test_dependency_direction():
 
 
 def test_simulator_does_not_import_the_pipeline_calibrators():
-    """The simulator's calibrator truth is an independent implementation (utils/simulator/calibrator_truth.py)."""
+    """The simulator's calibrator truth is its own implementation (utils/simulator/calibrator_truth.py)."""
     sim_files = sorted((REPO / "utils" / "simulator").rglob("*.py"))
     assert sim_files
     shared = [
