@@ -522,3 +522,21 @@ def test_skydip_borrows_the_next_vane_and_reports_each_failure(workspace_factory
         db.disconnect()
     assert jobs[93022].status == "done" and jobs[93021].status == "done", res.stdout + res.stderr
     assert vane_of(rows[93021]["level2_path"])["attrs"]["borrowed_from_obsid"] == 93022
+
+
+def test_legacy_vane_groups_are_read_as_noise_equivalent(tmp_path):
+    """A level-2 vane group written before the convention was recorded holds the legacy Tsys − T_c; readers
+    add its t_cold_k back (docs/level2.md#tsys-conventions). A current group is returned unchanged."""
+    from utils.vane import noise_equivalent_tsys, read_vane
+
+    tsys = np.full((1, 2, 4, 8), 40.0, dtype=np.float32)
+    with h5py.File(tmp_path / "l2.h5", "w") as f:
+        g = f.create_group("level2/vane")
+        g["system_temperature"] = tsys
+        g["gain"] = np.ones_like(tsys)
+        g["mjd"] = np.array([60000.0])
+        g.attrs["t_cold_k"] = 2.73
+        np.testing.assert_allclose(noise_equivalent_tsys(g), 42.73, rtol=1e-6)
+        np.testing.assert_allclose(read_vane(f)["tsys"], 42.73, rtol=1e-6)
+        g.attrs["tsys_convention"] = "noise_equivalent"
+        np.testing.assert_array_equal(read_vane(f)["tsys"], tsys)
