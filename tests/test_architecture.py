@@ -45,6 +45,8 @@ def shipped_files():
 
 
 STAGE_PACKAGES = ("modules.DataAcquisition", "modules.ProcessLevel2", "modules.MapMaking")
+SIMULATOR_MUST_NOT_SHARE = ("utils.calibrators",)
+"""Pipeline code the simulator checks and so must not share (docs/calibrators.md#two-implementations)."""
 
 
 def violations(files=None) -> list[str]:
@@ -62,6 +64,11 @@ def violations(files=None) -> list[str]:
                 bad = "utils is the ground floor: it never imports modules or run.py"
             elif imp.startswith("utils.simulator") and not name.startswith("utils.simulator"):
                 bad = "nothing outside utils.simulator imports the simulator"
+            elif name.startswith("utils.simulator") and imp.startswith(SIMULATOR_MUST_NOT_SHARE):
+                bad = (
+                    "the simulator keeps its own calibrator truth (utils/simulator/calibrator_truth.py, "
+                    "docs/calibrators.md#two-implementations), never the pipeline's models"
+                )
             elif (
                 name.startswith("modules.SQLModule")
                 and imp.startswith("modules")
@@ -102,6 +109,19 @@ def test_dependency_direction():
     assert violations() == []
 
 
+def test_simulator_does_not_import_the_pipeline_calibrators():
+    """The simulator's calibrator truth is its own implementation (utils/simulator/calibrator_truth.py)."""
+    sim_files = sorted((REPO / "utils" / "simulator").rglob("*.py"))
+    assert sim_files
+    shared = [
+        f"{module_name(p)} imports {imp}"
+        for p in sim_files
+        for imp in imports_of(p)
+        if imp.startswith(SIMULATOR_MUST_NOT_SHARE)
+    ]
+    assert shared == []
+
+
 def test_checker_catches_violations(tmp_path):
     """The checker itself can fail: each rule reports a planted violation."""
     cases = {
@@ -111,6 +131,8 @@ def test_checker_catches_violations(tmp_path):
         "modules.MapMaking.probe": "from modules.ProcessLevel2.observation import x\n",
         "modules.ProcessLevel2.CreateLevel2File.probe": "import modules.ProcessLevel2.FindScans.FindScans\n",
         "modules.ProcessLevel2.probe": "import utils.simulator\n",
+        "utils.simulator.probe": "from utils.calibrators import flux_jy\n",
+        "utils.simulator.probe2": "def f():\n    import utils.calibrators\n",
         "run": "import modules.ProcessLevel2\n",
     }
     for name, text in cases.items():

@@ -55,6 +55,21 @@ def test_white_noise_matches_radiometer_truth(blank_ces, tmp_path):
             rms_k[0, :, :, 0], f["level1_noise_stats/auto_rms_raw"][0, :, :, 0] / gain, rtol=1e-6
         )
         assert f["level1_noise_stats/n_nan"][...].sum() == 0
+        # docs/level2.md#tsys-conventions: the noise-equivalent vane Tsys predicts the vane-K white noise
+        # through the radiometer equation, as GainFilterAndBin's channel mask uses it. The blank CES scans
+        # at the vane's elevation, so the in-scan sky equals the vane's cold sky; the median over ~750
+        # channel-scans is good to ~0.1 % (tolerance 1.5 %). The legacy Tsys (Tsys − 2.73 K) would give a
+        # ratio ≈ 1.06 and fails.
+        feeds = f["spectrometer/feeds"][...]
+        ratios, legacy = [], []
+        for i, feed in enumerate(feeds):
+            for scan in range(rms_k.shape[-1]):
+                tsys = ctx.calibration(int(feed), scan)[1]
+                radiometer = tsys / np.sqrt(np.abs(ctx.channel_width_hz) / ctx.sample_rate_hz)
+                ratios.append(rms_k[i, :, :, scan] / radiometer)
+                legacy.append(rms_k[i, :, :, scan] / (radiometer * (tsys - 2.73) / tsys))
+    assert abs(np.nanmedian(ratios) - 1.0) < 0.015
+    assert np.nanmedian(legacy) - 1.0 > 0.04
 
 
 def test_clipped_estimator_resists_a_calibrator_crossing(small_archive, tmp_path):

@@ -335,8 +335,9 @@ def test_elevation_limits(tmp_path):
 # calibrator increment
 # --------------------------------------------------------------------------------------------------
 def _taua_flux_jy(freq_ghz, mjd):
+    """Weiland et al. 2011: epoch 2005.0 (MJD 53371), 0.22 %/yr (docs/calibrators.md#flux-models)."""
     x = np.log10(freq_ghz / 40.0)
-    return 10 ** (2.506 - 0.302 * x) * (1.0 - 0.0021 * (mjd - 53371.0) / 365.25)
+    return 10 ** (2.506 - 0.302 * x) * (1.0 - 0.0022 * (mjd - 53371.0) / 365.25)
 
 
 @pytest.mark.parametrize("kind", ["taua", "jupiter"])
@@ -365,9 +366,13 @@ def test_calibrator_increment(kind, tmp_path):
             d = cal.attrs["distance_au"]
             assert 3.9 < d < 6.5
             tb = 10 ** (0.282419 * np.log10(freq / 30.0) + 2.161409)
+            x = 6.62607015e-34 * freq * 1e9 / (K_B * 2.72548)
+            increment = tb - 2.72548 * x / np.expm1(x)  # the disc hides the CMB (docs/calibrators.md#jupiter)
             omega = 2.481e-8 * (5.2 / d) ** 2
-            flux = 1e26 * 2 * K_B * (freq * 1e9) ** 2 / C_M_S**2 * tb * omega
-        np.testing.assert_allclose(cal["flux_jy"][...], flux, rtol=1e-12)
+            flux = 1e26 * 2 * K_B * (freq * 1e9) ** 2 / C_M_S**2 * increment * omega
+        # the simulator refits the Karim et al. band values itself: its power law matches the rounded
+        # coefficients above to ~4e-6
+        np.testing.assert_allclose(cal["flux_jy"][...], flux, rtol=1e-12 if kind == "taua" else 2e-5)
         fwhm_deg = 4.5 * 30.0 / freq / 60.0
         sigma_rad = np.radians(fwhm_deg) / math.sqrt(8 * math.log(2))
         t_peak = 1e-26 * flux * C_M_S**2 / (2 * K_B * (freq * 1e9) ** 2 * 2 * math.pi * sigma_rad**2)
@@ -389,7 +394,8 @@ def test_calibrator_increment(kind, tmp_path):
                     f["spectrometer/pixel_pointing/pixel_ra"][i, s:e] * u.deg,
                     f["spectrometer/pixel_pointing/pixel_dec"][i, s:e] * u.deg,
                 )
-                r_deg = pos.separation(SkyCoord(83.633083 * u.deg, 22.014500 * u.deg)).deg
+                cited = SkyCoord("05h34m31.94s", "+22d00m52.2s")  # docs/calibrators.md#positions
+                r_deg = pos.separation(cited).deg
             else:
                 from astropy import units as u
                 from astropy.coordinates import AltAz, EarthLocation, SkyCoord, get_body
@@ -563,7 +569,7 @@ def test_ground_feed_has_no_vane_or_sky(tmp_path):
         assert np.all(sci[:, :, s:e].max(axis=-1) > 4.0 * sci[:, :, s:e].min(axis=-1))
         ((a, b),) = f["truth/scans/edges"][...]
         assert np.all(np.ptp(sci[:, :, a:b], axis=-1) > 0.0)
-        assert np.all(np.isnan(f["truth/vane/tsys_expected_k"][:, feeds.index(GROUND_FEED)]))
+        assert np.all(np.isnan(f["truth/vane/tsys_physical_k"][:, feeds.index(GROUND_FEED)]))
 
 
 def test_vane_truth_matches_pipeline_rules(small_archive):
@@ -592,16 +598,16 @@ def test_vane_truth_matches_pipeline_rules(small_archive):
                     if feed == GROUND_FEED:
                         continue
                     raw = f["spectrometer/tod"][i, :, :, s:e].astype(np.float64)
-                    y = raw[:, :, hot].mean(-1) / raw[:, :, cold].mean(-1)
-                    tsys = (t_hot - y * 2.73) / (y - 1)
-                    gain = (raw[:, :, hot].mean(-1) - raw[:, :, cold].mean(-1)) / (t_hot - 2.73)
-                    rel = np.abs(tsys / f["truth/vane/tsys_expected_k"][k, i] - 1)
-                    assert np.median(rel) < 0.01 and np.percentile(rel, 99) < 0.03
+                    v_hot, v_cold = raw[:, :, hot].mean(-1), raw[:, :, cold].mean(-1)
+                    gain = (v_hot - v_cold) / (t_hot - 2.73)
                     relg = np.abs(gain / f["truth/vane/gain_expected"][k, i] - 1)
                     assert np.median(relg) < 0.01 and np.percentile(relg, 99) < 0.03
-                    # physical Tsys = T_rx + T_sky,tot, and the vane's estimate is biased low
+                    # the cold power is the physical Tsys (T_rx + atmosphere + CMB) times the true gain
                     phys = f["truth/vane/tsys_physical_k"][k, i]
-                    assert np.all(phys > f["truth/instrument/t_rx_k"][i])
+                    g_true = f["truth/instrument/gain"][i]
+                    rel = np.abs(v_cold / (g_true * phys) - 1)
+                    assert np.median(rel) < 0.01 and np.percentile(rel, 99) < 0.03
+                    assert np.all(phys > f["truth/instrument/t_rx_k"][i] + 2.0)
 
 
 def test_determinism(tmp_path):
@@ -668,7 +674,10 @@ def test_cli_observation_and_report(tmp_path, tiny_archive):
         feeds = f["spectrometer/feeds"][...]
         science = [i for i, x in enumerate(feeds) if x != GROUND_FEED][::-1]  # shuffled order
         g["spectrometer/feeds"] = feeds[science]
-        g["level2/vane/system_temperature"] = 1.02 * f["truth/vane/tsys_expected_k"][...][:, science]
+        # the noise-equivalent Tsys in vane K is the physical Tsys times the vane's gain bias g/G
+        phys = f["truth/vane/tsys_physical_k"][...]
+        bias = f["truth/instrument/gain"][...][None] / f["truth/vane/gain_expected"][...]
+        g["level2/vane/system_temperature"] = 1.02 * (phys * bias)[:, science]
         g["level2/vane/event_edges"] = f["truth/vane/event_edges"][...]
     res = subprocess.run(
         [sys.executable, "-m", "utils.simulator", "report", str(tiny_archive.root)],

@@ -3,14 +3,18 @@ failures, borrowing.
 
 Tolerances (derived, not measured)
 ----------------------------------
-``truth/vane/tsys_expected_k`` and ``gain_expected`` are the Y-factor applied to noise-free, δg-free
-power averaged over exactly the hot/cold samples the pipeline selects (docs/simulator.md#truth). Two things
-move the measurement away from them:
+The truth is physical (docs/simulator.md#truth): ``truth/vane/tsys_physical_k`` is the input temperature
+the simulator injects on the cold samples (receiver + atmosphere + CMB), ``truth/instrument/gain`` the true
+gain g, and ``gain_expected`` = g (T_in,hot − T_in,cold)/(T_hot − T_c) the gain a vane that assumes a
+T_c = 2.73 K sky measures (noise-free, δg-free, over exactly the selected samples). So the noise-free hot and
+cold powers are V_cold = g·T_phys and V_hot = V_cold + gain_expected·(T_hot − T_c), and the noise-equivalent
+Tsys the pipeline reports (docs/level2.md#tsys-conventions) is expected to be V_cold/gain_expected =
+T_phys · g/gain_expected, the physical Tsys in vane K. Two things move the measurement away from it:
 
 * **Radiometer noise.** Each sample has σ = V·w with w = ``truth/noise/white_fraction`` =
   1/sqrt(|Δν| τ) (8.9e-4 at 32 channels, 1.8e-3 at 128). The means over n_hot ≈ 260 and n_cold ≈ 525
   samples have relative errors w/sqrt(n), so σ(Y)/Y = w·sqrt(1/n_hot + 1/n_cold) and, propagating
-  Tsys = (T_h − Y T_c)/(Y − 1),  σ(Tsys) = (T_h − T_c)·Y/(Y − 1)² · σ(Y)/Y;
+  Tsys = (T_h − T_c)/(Y − 1),  σ(Tsys) = (T_h − T_c)·Y/(Y − 1)² · σ(Y)/Y;
   σ(G) = w·sqrt(V_h²/n_hot + V_c²/n_cold)/(T_h − T_c).
 * **Gain fluctuations** (common to all channels of a feed). With the realised δg of
   ``truth/noise/dg`` the hot and cold means are scaled by (1 + mean_H δg) and (1 + mean_C δg), which
@@ -20,6 +24,10 @@ Every channel must lie within 5σ of that prediction (≈ 800 values per file: a
 probability < 1e-3), and the spec's 1 % / 3 % tolerances must exceed the δg shift plus 3σ for every
 channel, which the tests assert before using them. A noise-free, δg-free simulation must reproduce the
 expected values to float32 precision (2⁻²⁴ ≈ 6e-8 relative; tolerance 1e-6).
+
+Against the physical Tsys itself: Tsys·G/g = V_cold/g must equal T_phys (1 + mean_C δg) within 5σ of the cold
+mean's noise, σ = T_phys·w/sqrt(n_cold). The legacy value (Tsys − T_c) misses it by T_c·G/g ≈ 2.7 K, which
+this check rejects (asserted).
 """
 
 from __future__ import annotations
@@ -34,7 +42,11 @@ import pytest
 
 from modules.pipeline_control.provenance import is_complete
 from modules.ProcessLevel2.CreateLevel2File.CreateLevel2File import CreateLevel2File
-from modules.ProcessLevel2.SystemTemperature.SystemTemperature import SystemTemperature, y_factor
+from modules.ProcessLevel2.SystemTemperature.SystemTemperature import (
+    SystemTemperature,
+    legacy_tsys_k,
+    y_factor,
+)
 from modules.SQLModule.SQLModule import COMAPData
 from utils.errors import BadCOMAPFile
 from utils.level1 import Level1File
@@ -100,6 +112,14 @@ def copy_level1(src, tmp_path: Path, tag: str) -> Path:
     return dst
 
 
+def expected_from_truth(t, pos) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(physical Tsys, true gain, expected vane gain, expected noise-equivalent Tsys), shapes (E, F, B, C)."""
+    phys = t["vane/tsys_physical_k"][...][:, pos]
+    g_true = np.broadcast_to(t["instrument/gain"][...][pos][None], phys.shape)
+    ge = t["vane/gain_expected"][...][:, pos]
+    return phys, g_true, ge, phys * g_true / ge
+
+
 def compare_with_truth(level1_path, level2_path) -> dict:
     """Assert the docs/level2.md#systemtemperature truth criteria and the noise-derived bounds; return the
     error figures."""
@@ -108,8 +128,7 @@ def compare_with_truth(level1_path, level2_path) -> dict:
         t = f["truth"]
         feeds_l1 = list(f["spectrometer/feeds"][...])
         pos = [feeds_l1.index(int(fd)) for fd in vane["feeds"]]
-        te = t["vane/tsys_expected_k"][...][:, pos]
-        ge = t["vane/gain_expected"][...][:, pos]
+        phys, g_true, ge, te = expected_from_truth(t, pos)
         edges = t["vane/event_edges"][...]
         np.testing.assert_array_equal(vane["event_edges"], edges)
         np.testing.assert_array_equal(vane["n_hot"], t["vane/n_hot"][...])
@@ -123,22 +142,26 @@ def compare_with_truth(level1_path, level2_path) -> dict:
             mjd, [tuple(e) for e in edges], f["hk/antenna0/vane/utc"][...],
             f["hk/antenna0/vane/angle"][...], f["hk/antenna0/vane/Tshroud"][...],
         )  # fmt: skip
+    assert vane["attrs"]["tsys_convention"] == "noise_equivalent"
     tsys, gain = vane["system_temperature"], vane["gain"]
     assert tsys.dtype == np.float32 and gain.dtype == np.float32
     assert tsys.shape == te.shape == (len(edges), len(pos)) + te.shape[2:]
-    figures = {"tsys_median": [], "tsys_p99": [], "gain_median": [], "gain_p99": []}
+    figures = {
+        k: [] for k in ("tsys_median", "tsys_p99", "gain_median", "gain_p99", "phys_median", "phys_p99")
+    }
     for e in range(len(edges)):
         t_hot = float(vane["t_hot_k"][e])
         n_hot, n_cold = sel.hot[e].size, sel.cold[e].size
         for i in range(len(pos)):
             tsys_e, gain_e = te[e, i], ge[e, i]
-            # noise-free δg-free hot/cold power from the expected values (invert the Y-factor)
-            y_e = (t_hot + tsys_e) / (T_COLD_K + tsys_e)
-            v_cold = gain_e * (t_hot - T_COLD_K) / (y_e - 1.0)
-            v_hot = y_e * v_cold
+            # noise-free δg-free hot/cold power from the physical truth
+            v_cold = g_true[e, i] * phys[e, i]
+            v_hot = v_cold + gain_e * (t_hot - T_COLD_K)
+            np.testing.assert_allclose(v_cold / gain_e, tsys_e, rtol=1e-12)
             # scale by the realised gain fluctuation averaged over the same samples
+            dg_cold = dg[i, sel.cold[e]].mean()
             v_hot_g = v_hot * (1.0 + dg[i, sel.hot[e]].mean())
-            v_cold_g = v_cold * (1.0 + dg[i, sel.cold[e]].mean())
+            v_cold_g = v_cold * (1.0 + dg_cold)
             tsys_p, gain_p = y_factor(v_hot_g, v_cold_g, t_hot, T_COLD_K)
             y_p = v_hot_g / v_cold_g
             sig_y = white * np.sqrt(1.0 / n_hot + 1.0 / n_cold)
@@ -155,10 +178,20 @@ def compare_with_truth(level1_path, level2_path) -> dict:
             rel_g = np.abs(gain[e, i] - gain_e) / gain_e
             assert np.median(rel_t) <= 0.01 and np.percentile(rel_t, 99) <= 0.03
             assert np.median(rel_g) <= 0.01 and np.percentile(rel_g, 99) <= 0.03
+            # physical: Tsys·G/g = V_cold/g is the injected T_phys (times 1 + mean δg on the cold samples)
+            phys_p = phys[e, i] * (1.0 + dg_cold)
+            sig_c = phys_p * white / np.sqrt(n_cold)
+            recovered_phys = tsys[e, i].astype(np.float64) * gain[e, i] / g_true[e, i]
+            assert np.all(np.abs(recovered_phys - phys_p) <= 5 * sig_c + 2e-6 * phys_p)
+            legacy_phys = legacy_tsys_k(tsys[e, i], T_COLD_K) * gain[e, i] / g_true[e, i]
+            assert np.all(np.abs(legacy_phys - phys_p) > 5 * sig_c + 2e-6 * phys_p)
+            rel_p = np.abs(recovered_phys / phys[e, i] - 1.0)
             figures["tsys_median"].append(float(np.median(rel_t)))
             figures["tsys_p99"].append(float(np.percentile(rel_t, 99)))
             figures["gain_median"].append(float(np.median(rel_g)))
             figures["gain_p99"].append(float(np.percentile(rel_g, 99)))
+            figures["phys_median"].append(float(np.median(rel_p)))
+            figures["phys_p99"].append(float(np.percentile(rel_p, 99)))
     return {k: max(v) for k, v in figures.items()}
 
 
@@ -217,9 +250,10 @@ def test_noise_free_matches_expected_to_float32_precision(noise_free_file, tmp_p
     vane = vane_of(fi.level2_path)
     with h5py.File(noise_free_file, "r") as f:
         pos = [list(f["spectrometer/feeds"][...]).index(int(fd)) for fd in vane["feeds"]]
-        te = f["truth/vane/tsys_expected_k"][...][:, pos]
-        ge = f["truth/vane/gain_expected"][...][:, pos]
+        phys, g_true, ge, te = expected_from_truth(f["truth"], pos)
     np.testing.assert_allclose(vane["system_temperature"], te, rtol=1e-6, atol=0)
+    # in physical K (times G/g) the noise-equivalent Tsys is the injected receiver + sky temperature
+    np.testing.assert_allclose(vane["system_temperature"] * vane["gain"] / g_true, phys, rtol=2e-6, atol=0)
     np.testing.assert_allclose(vane["gain"], ge, rtol=1e-6, atol=0)
 
 
@@ -347,7 +381,7 @@ def test_nan_samples_dead_feed_and_no_finite_tsys(small_archive, tmp_path, caplo
     others = np.delete(vane["system_temperature"], i2, axis=1)
     assert np.isfinite(others).all()
     with h5py.File(src, "r") as f:
-        te = f["truth/vane/tsys_expected_k"][:, feeds.index(3), 0, 5]
+        te = expected_from_truth(f["truth"], [feeds.index(3)])[3][:, 0, 0, 5]
     assert np.all(np.abs(vane["system_temperature"][:, i3, 0, 5] - te) / te < 0.01)
 
     with h5py.File(mutated, "a") as f:
@@ -363,7 +397,9 @@ def test_y_factor_invalid_values_are_nan():
     v_cold = np.array([1.0, 1.0, 1.0, 0.0, np.nan, -1.0])
     v_hot = np.array([8.0, 1.0, 0.5, 1.0, 2.0, -2.0])
     tsys, gain = y_factor(v_hot, v_cold, 290.0, 2.73)
-    np.testing.assert_allclose(tsys[0], (290.0 - 8.0 * 2.73) / 7.0)
+    np.testing.assert_allclose(tsys[0], (290.0 - 2.73) / 7.0)  # V_cold/G
+    np.testing.assert_allclose(tsys[0], v_cold[0] / gain[0])
+    np.testing.assert_allclose(legacy_tsys_k(tsys[0], 2.73), (290.0 - 8.0 * 2.73) / 7.0)
     np.testing.assert_allclose(gain[0], 7.0 / (290.0 - 2.73))
     assert np.isnan(tsys[1:]).all() and np.isnan(gain[1:]).all()
 
@@ -486,3 +522,21 @@ def test_skydip_borrows_the_next_vane_and_reports_each_failure(workspace_factory
         db.disconnect()
     assert jobs[93022].status == "done" and jobs[93021].status == "done", res.stdout + res.stderr
     assert vane_of(rows[93021]["level2_path"])["attrs"]["borrowed_from_obsid"] == 93022
+
+
+def test_legacy_vane_groups_are_read_as_noise_equivalent(tmp_path):
+    """A level-2 vane group written before the convention was recorded holds the legacy Tsys − T_c; readers
+    add its t_cold_k back (docs/level2.md#tsys-conventions). A current group is returned unchanged."""
+    from utils.vane import noise_equivalent_tsys, read_vane
+
+    tsys = np.full((1, 2, 4, 8), 40.0, dtype=np.float32)
+    with h5py.File(tmp_path / "l2.h5", "w") as f:
+        g = f.create_group("level2/vane")
+        g["system_temperature"] = tsys
+        g["gain"] = np.ones_like(tsys)
+        g["mjd"] = np.array([60000.0])
+        g.attrs["t_cold_k"] = 2.73
+        np.testing.assert_allclose(noise_equivalent_tsys(g), 42.73, rtol=1e-6)
+        np.testing.assert_allclose(read_vane(f)["tsys"], 42.73, rtol=1e-6)
+        g.attrs["tsys_convention"] = "noise_equivalent"
+        np.testing.assert_array_equal(read_vane(f)["tsys"], tsys)

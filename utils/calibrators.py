@@ -1,23 +1,40 @@
 """Calibrator flux models, positions, beam helpers and the calibration-factor table.
 
-Shared by the simulator (docs/simulator.md#calibrators) and the pipeline (docs/level2.md#calibratorfitting,
-docs/level2.md#calibrationmodel).
+Used by the pipeline (docs/level2.md#calibratorfitting, docs/level2.md#calibrationmodel). The models, their
+sources and conventions are described in docs/calibrators.md#flux-models; the simulator has its own,
+independently written truth (``utils/simulator/calibrator_truth.py``,
+docs/calibrators.md#two-implementations).
 
-Flux models (frequency ν in GHz, ``x = log10(ν / 40 GHz)``):
+Flux models (frequency ν in GHz; ``x = log10(ν / ν_ref)``):
 
-========  ==========================================  =========  ===========
-Source    log10 S [Jy]                                epoch      secular
-========  ==========================================  =========  ===========
-TauA      2.506 − 0.302 x                             2005.0     −0.21 %/yr
-CasA      2.204 − 0.682 x + 0.038 x²                  2000.0     −0.51 %/yr
-CygA      1.480 − 1.172 x                             —          none
-Jupiter   S = 1e26 · 2kν²/c² · T_b · Ω                —          —
-========  ==========================================  =========  ===========
+========  ==============================================  ==========  ===========  =========================
+Source    log10 S [Jy]                                    epoch       secular      source
+========  ==============================================  ==========  ===========  =========================
+TauA      2.506 − 0.302 x, ν_ref = 40 GHz                 2005.0      −0.22 %/yr   Weiland et al. 2011 [1]
+CasA      2.204 − 0.682 x + 0.038 x², ν_ref = 40 GHz      2000.0      −0.53 %/yr   Weiland et al. 2011 [1]
+CygA      7.161 − 1.244 x, ν_ref = 1 MHz (x = log10 ν_MHz)  —         none         Baars et al. 1977 [2]
+Jupiter   S = 1e26 · 2kν²/c² · (T_b − T_CMB,RJ) · Ω        —           —            [3], [1]
+========  ==============================================  ==========  ===========  =========================
+
+[1] Weiland et al. 2011, ApJS 192, 19 (WMAP seven-year planets and celestial calibrators): the Stokes I
+    spectral fits of the fixed sources (their Table 17, Tau A at epoch 2005.0 and Cas A at epoch 2000.0),
+    the secular decreases of 0.22 %/yr (Tau A) and 0.53 %/yr (Cas A) (their Section 5), and Jupiter's
+    reference solid angle Ω_ref = 2.481e-8 sr at 5.2 AU.
+[2] Baars et al. 1977, A&A 61, 99, Table 5: Cyg A between 2 and 31 GHz (ν in MHz). The COMAP band
+    reaches 34 GHz, 10 % beyond the fitted range.
+[3] Karim et al. 2018, AJ 155, 129: disc-averaged brightness temperature of Jupiter at 27.7–34.7 GHz;
+    ``log10 T_b = 0.282419 log10(ν/30 GHz) + 2.161409`` is the least-squares power law through their
+    fifteen band values. T_b is the absolute disc temperature; the telescope sees the increment over the
+    CMB the disc blocks, ``T_b − T_CMB,RJ(ν)`` with ``T_CMB,RJ = T x/(eˣ − 1)``, ``x = hν/(k T_CMB)``
+    (≈ 2.07 K at 30 GHz; docs/calibrators.md#jupiter).
 
 The secular decline is linear, ``S(t) = S_ref · [1 − r · (MJD − MJD_ref)/365.25]``, with MJD_ref the
-MJD of 1 January 00:00 UTC of the epoch year. Jupiter: ``log10 T_b = 0.282419 log10(ν/30 GHz) +
-2.161409`` and ``Ω = 2.481e-8 sr · (5.2 AU / d)²``; its position comes from astropy ``get_body`` with
-the **built-in** ephemeris (never the network).
+MJD of 1 January 00:00 UTC of the epoch year. Jupiter's disc solid angle is ``Ω = 2.481e-8 sr · (5.2 AU /
+d)²``; its position comes from astropy ``get_body`` with the **built-in** ephemeris (never the network).
+
+Positions (ICRS, J2000; docs/calibrators.md#positions): Tau A 05h34m31.94s +22°00′52.2″, Cas A 23h23m24s
++58°48′54″ (the remnant's centre, SIMBAD and Green's catalogue of Galactic SNRs), Cyg A 19h59m28.356s
++40°44′02.10″ (SIMBAD).
 
 Brightness of a point source of flux S seen by a circular Gaussian beam of solid angle
 ``Ω_b = 2π σ_b²``: ``T_peak = 1e-26 S c² / (2 k ν² Ω_b)`` with the exact SI c and k.
@@ -33,7 +50,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from utils.constants import BOLTZMANN_J_K, JY_W_M2_HZ, SPEED_OF_LIGHT_M_S
+from utils.constants import BOLTZMANN_J_K, JY_W_M2_HZ, PLANCK_J_S, SPEED_OF_LIGHT_M_S, T_CMB_K
 
 FWHM_TO_SIGMA: float = 1.0 / math.sqrt(8.0 * math.log(2.0))
 """σ = FWHM · FWHM_TO_SIGMA for a Gaussian."""
@@ -42,8 +59,11 @@ BEAM_FWHM_ARCMIN_30GHZ: float = 4.5
 DAYS_PER_YEAR: float = 365.25
 
 JUPITER_TB_SLOPE: float = 0.282419
+"""Power-law slope of Jupiter's disc brightness temperature (fit to Karim et al. 2018, AJ 155, 129)."""
 JUPITER_TB_LOG10_30GHZ: float = 2.161409
+"""log10 of Jupiter's absolute disc brightness temperature at 30 GHz (K), same fit."""
 JUPITER_OMEGA_REF_SR: float = 2.481e-8
+"""Jupiter's reference disc solid angle at 5.2 AU (Weiland et al. 2011, ApJS 192, 19)."""
 JUPITER_DISTANCE_REF_AU: float = 5.2
 
 
@@ -64,7 +84,9 @@ class CalibratorModel:
     mjd_ref : float or None
         Epoch of the reference flux (MJD); None for no secular change.
     rate_per_year : float
-        Fractional decline per year (0.0021 = 0.21 %/yr).
+        Fractional decline per year (0.0022 = 0.22 %/yr).
+    reference : str
+        Where the spectrum, epoch and rate come from (docs/calibrators.md#flux-models).
     """
 
     name: str
@@ -74,6 +96,7 @@ class CalibratorModel:
     ref_freq_ghz: float = 40.0
     mjd_ref: float | None = None
     rate_per_year: float = 0.0
+    reference: str = ""
 
     def flux_jy(self, freq_ghz: ArrayLike, mjd: ArrayLike | None = None) -> NDArray[np.float64]:
         """Flux density (Jy) at ``freq_ghz`` (GHz) and time ``mjd`` (broadcast together).
@@ -90,10 +113,20 @@ class CalibratorModel:
         return np.asarray(s, dtype=np.float64)
 
 
+WEILAND_2011 = "Weiland et al. 2011, ApJS 192, 19, Table 17 (spectrum) and Section 5 (secular decrease)"
+BAARS_1977 = "Baars et al. 1977, A&A 61, 99, Table 5 (Cyg A, 2-31 GHz, nu in MHz)"
+
 FIXED_CALIBRATORS: dict[str, CalibratorModel] = {
-    "TauA": CalibratorModel("TauA", 83.633083, 22.014500, (2.506, -0.302), 40.0, 53371.0, 0.0021),
-    "CasA": CalibratorModel("CasA", 350.862208, 58.818800, (2.204, -0.682, 0.038), 40.0, 51544.0, 0.0051),
-    "CygA": CalibratorModel("CygA", 299.868150, 40.733916, (1.480, -1.172), 40.0, None, 0.0),
+    # Crab nebula, SIMBAD: 05h34m31.94s +22d00m52.2s
+    "TauA": CalibratorModel(
+        "TauA", 83.633083, 22.014500, (2.506, -0.302), 40.0, 53371.0, 0.0022, WEILAND_2011
+    ),
+    # remnant centre 23h23m24s +58d48m54s (SIMBAD; Green's catalogue of Galactic SNRs, G111.7-2.1)
+    "CasA": CalibratorModel(
+        "CasA", 350.850000, 58.815000, (2.204, -0.682, 0.038), 40.0, 51544.0, 0.0053, WEILAND_2011
+    ),
+    # SIMBAD: 19h59m28.356s +40d44m02.10s; ref_freq 1 MHz makes x = log10(nu / MHz) as in Baars et al.
+    "CygA": CalibratorModel("CygA", 299.868150, 40.733916, (7.161, -1.244), 1.0e-3, None, 0.0, BAARS_1977),
 }
 CALIBRATOR_NAMES: tuple[str, ...] = ("TauA", "CasA", "CygA", "Jupiter")
 
@@ -219,16 +252,30 @@ def jupiter_solid_angle_sr(distance_au: ArrayLike) -> NDArray[np.float64]:
     return JUPITER_OMEGA_REF_SR * (JUPITER_DISTANCE_REF_AU / np.asarray(distance_au, dtype=np.float64)) ** 2
 
 
+def cmb_rj_temperature_k(freq_ghz: ArrayLike, t_cmb_k: float = T_CMB_K) -> NDArray[np.float64]:
+    """Rayleigh–Jeans brightness temperature (K) of the CMB at ``freq_ghz``: ``T x/(eˣ − 1)``, ``x = hν/kT``.
+
+    ≈ 2.07 K at 30 GHz (docs/calibrators.md#jupiter).
+    """
+    x = PLANCK_J_S * np.asarray(freq_ghz, dtype=np.float64) * 1.0e9 / (BOLTZMANN_J_K * t_cmb_k)
+    return t_cmb_k * x / np.expm1(x)
+
+
 def jupiter_flux_jy(freq_ghz: ArrayLike, distance_au: ArrayLike) -> NDArray[np.float64]:
-    """Jupiter flux density (Jy): ``1e26 · 2kν²/c² · T_b · Ω``."""
+    """Jupiter flux density (Jy) seen against the sky: ``1e26 · 2kν²/c² · (T_b − T_CMB,RJ) · Ω``.
+
+    The disc blocks the CMB behind it, so a total-power telescope sees the increment of the disc over the
+    CMB, not the absolute disc temperature ``T_b`` (docs/calibrators.md#jupiter).
+    """
     nu_hz = np.asarray(freq_ghz, dtype=np.float64) * 1.0e9
+    t_increment = jupiter_brightness_temperature_k(freq_ghz) - cmb_rj_temperature_k(freq_ghz)
     return (
         2.0
         * BOLTZMANN_J_K
         * nu_hz**2
         / SPEED_OF_LIGHT_M_S**2
         / JY_W_M2_HZ
-        * jupiter_brightness_temperature_k(freq_ghz)
+        * t_increment
         * jupiter_solid_angle_sr(distance_au)
     )
 
@@ -865,6 +912,7 @@ __all__ = [
     "calibrator_position",
     "canonical_name",
     "casa_flux_jy",
+    "cmb_rj_temperature_k",
     "cyga_flux_jy",
     "fit_gaussian_source",
     "flux_jy",

@@ -12,6 +12,7 @@ import re
 # --- physics (exact SI values) ---------------------------------------------------------------
 SPEED_OF_LIGHT_M_S: float = 299_792_458.0
 BOLTZMANN_J_K: float = 1.380649e-23
+PLANCK_J_S: float = 6.62607015e-34
 JY_W_M2_HZ: float = 1.0e-26
 T_CMB_K: float = 2.725
 ZERO_CELSIUS_K: float = 273.15

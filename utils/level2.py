@@ -272,7 +272,7 @@ VANE = _r("level2/vane", kind="group", description="vane calibration per event (
 VANE_TSYS, VANE_GAIN = LEVEL2.register_many(
     VANE,
     (
-        ("system_temperature", "K", "system temperature per vane event; NaN where invalid"),
+        ("system_temperature", "K", "noise-equivalent Tsys V_cold/G per vane event; NaN where invalid"),
         ("gain", "counts/K", "vane gain"),
     ),
     axes=("E", "F", "B", "C"),

@@ -22,8 +22,16 @@ from utils.level2 import (
     VANE,
     VANE_GAIN,
     VANE_MJD,
-    VANE_TSYS,
 )
+
+TSYS_CONVENTION_ATTR = "tsys_convention"
+"""Attribute of ``level2/vane`` naming what ``system_temperature`` holds (docs/level2.md#tsys-conventions)."""
+TSYS_CONVENTION = "noise_equivalent"
+"""``system_temperature`` is ``V_cold/G = (T_hot − T_c)/(Y − 1)``. Files without the attribute were written
+by the older code and hold the legacy ``(T_hot − Y T_c)/(Y − 1) = V_cold/G − T_c``."""
+TSYS_DEFINITION = "noise-equivalent V_cold/G = (T_hot - T_c)/(Y - 1)"
+LEGACY_T_COLD_K = 2.73
+"""Cold-load temperature assumed for a legacy group that does not record ``t_cold_k``."""
 
 #: What a vane-calibrated streaming pass reads for every block (``streaming.read_block``).
 BLOCK_READS = (FEEDS, LEVEL1_FEED_INDEX, MJD, FREQUENCY, PIXEL_AZ, PIXEL_EL, SCAN_EDGES, VANE, L1.TOD)
@@ -59,15 +67,30 @@ def interpolate_vane_events(event_mjd: np.ndarray, values: np.ndarray, t: float)
     return (1.0 - w) * values[k] + w * values[k + 1]
 
 
+def noise_equivalent_tsys(vane_group: Any) -> np.ndarray:
+    """The noise-equivalent Tsys ``V_cold/G`` (K) of an open ``level2/vane`` group, shape (E, F, B, C).
+
+    Groups written before the convention was recorded hold the legacy ``V_cold/G − T_c``; their
+    ``t_cold_k`` (2.73 K if absent) is added back (docs/level2.md#tsys-conventions).
+    """
+    tsys = vane_group["system_temperature"][...]
+    if vane_group.attrs.get(TSYS_CONVENTION_ATTR) == TSYS_CONVENTION:
+        return tsys
+    t_cold = float(vane_group.attrs.get("t_cold_k", LEGACY_T_COLD_K))
+    return (tsys.astype(np.float64) + t_cold).astype(tsys.dtype)
+
+
 def read_vane(l2: Any) -> dict[str, np.ndarray]:
-    """``level2/vane`` contents of an open level-2 file: ``mjd (E,)``, ``gain``/``tsys (E, F, B, C)``."""
+    """``level2/vane`` contents of an open level-2 file: ``mjd (E,)``, ``gain (E, F, B, C)`` and the
+    noise-equivalent ``tsys (E, F, B, C)`` (:func:`noise_equivalent_tsys`)."""
     if VANE_GAIN not in l2:
         raise BadCOMAPFile(f"level-2 file has no {VANE_GAIN} (run SystemTemperature first)")
-    return {"mjd": l2[VANE_MJD][...], "gain": l2[VANE_GAIN][...], "tsys": l2[VANE_TSYS][...]}
+    return {"mjd": l2[VANE_MJD][...], "gain": l2[VANE_GAIN][...], "tsys": noise_equivalent_tsys(l2[VANE])}
 
 
 def vane_calibration(ctx: Any, feed: int, scan: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vane gain (counts/K) and Tsys (K) for ``feed`` during ``scan``, each ``(B, C)`` float64.
+    """Vane gain (counts/K) and noise-equivalent Tsys (K) for ``feed`` during ``scan``, each ``(B, C)``
+    float64.
 
     Interpolated linearly in time between the vane events that bracket the scan's mid-time;
     the nearest event outside them (docs/level2.md#calibration-per-scan). The vane results are read once per

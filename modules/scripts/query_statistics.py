@@ -6,7 +6,8 @@ Subcommands (all take ``--source``, ``--source-group``, ``--min-obsid``, ``--max
 ``summary``     count, median and percentiles (5, 25, 75, 95) of the quality statistics of
                 ``quality_flags`` (``--stat`` to choose, ``--feed/--band/--channel`` to select,
                 ``--by feed|band|channel|source_group`` to split, ``--good-only`` to drop flagged rows)
-``tsys``        per-obsid median system temperature (K)
+``tsys``        per-obsid median noise-equivalent vane system temperature V_cold/G (K,
+                docs/level2.md#tsys-conventions)
 ``tau``         per-obsid mean zenith atmospheric brightness (K)
 ``calibrator``  per-obsid calibrator flux and error (Jy), reduced χ² and pointing offsets (deg)
 ``failed``      failed jobs (``--stage``) with reason and attempts
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     specs = (
         ("summary", cmd_summary, "distribution of quality statistics"),
-        ("tsys", cmd_tsys, "per-obsid median Tsys (K)"),
+        ("tsys", cmd_tsys, "per-obsid median noise-equivalent vane Tsys (K)"),
         ("tau", cmd_tau, "per-obsid mean tau (K)"),
         ("calibrator", cmd_calibrator, "per-obsid calibrator flux, error, chi2, offsets"),
         ("failed", cmd_failed, "failed jobs with reason and attempts"),

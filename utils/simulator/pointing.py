@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from utils.calibrators import FIXED_CALIBRATORS, canonical_name, jupiter_azel
 from utils.coordinates import OVRO, configure_iers, earth_location, galactic_to_icrs, icrs_to_azel
 from utils.errors import SimulatorError
+
+from .calibrator_truth import FIXED, canonical_name, jupiter_azel
 
 SECONDS_PER_DAY: float = 86400.0
 SIDEREAL_RATE: float = 1.00273790935
@@ -205,7 +206,7 @@ def make_target(spec) -> Target | None:
         canon = canonical_name(name)
         if canon == "Jupiter":
             return Target("Jupiter", moving=True)
-        cal = FIXED_CALIBRATORS[canon]
+        cal = FIXED[canon]
         return Target(canon, cal.ra_deg, cal.dec_deg)
     if spec.scan.kind == "skydip":
         return None

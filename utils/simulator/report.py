@@ -59,13 +59,14 @@ def _feed_positions(l1_feeds: np.ndarray, l2_feeds: np.ndarray) -> list[tuple[in
 # Row kinds
 # --------------------------------------------------------------------------------------------------
 def row_truth(obs: ObservationFiles) -> dict[str, object]:
-    """Truth summary: source, number of science feeds, median expected vane Tsys."""
+    """Truth summary: source, number of science feeds, median physical Tsys (receiver + sky on the cold
+    vane samples)."""
     with h5py.File(obs.level1, "r", locking=False) as l1:
         source = str(l1["comap"].attrs.get("source", ""))
         if "truth" not in l1:
             return {"obsid": obs.obsid, "source": source, "note": "no /truth group (not a simulated file)"}
         truth = l1["truth"]
-        tsys = truth["vane/tsys_expected_k"][...] if "vane/tsys_expected_k" in truth else np.array([])
+        tsys = truth["vane/tsys_physical_k"][...] if "vane/tsys_physical_k" in truth else np.array([])
         feeds = l1[L1.FEEDS][...]
         kind = str(truth["sky"].attrs.get("kind", "")) if "sky" in truth else ""
         return {
@@ -80,39 +81,48 @@ def row_truth(obs: ObservationFiles) -> dict[str, object]:
 
 
 def row_tsys(obs: ObservationFiles) -> dict[str, object]:
-    """Median (and spread) of recovered/truth Tsys per element, matched by feed number and event."""
+    """Recovered noise-equivalent Tsys against the physical truth, per element, matched by feed and event.
+
+    ``median_ratio`` is recovered / physical Tsys. The recovered value is in vane K, so it also carries the
+    vane's gain bias g/G (the vane assumes a 2.73 K sky, docs/level2.md#tsys-conventions);
+    ``median_ratio_gain_corrected`` divides that out with the truth gain_expected of the same event.
+    """
     base = {"obsid": obs.obsid}
     if obs.level2 is None:
         return {**base, "note": "level-2 file absent"}
     with h5py.File(obs.level1, "r", locking=False) as l1, h5py.File(obs.level2, "r", locking=False) as l2:
-        if "truth/vane/tsys_expected_k" not in l1:
-            return {**base, "note": "no truth vane expectation"}
+        if "truth/vane/tsys_physical_k" not in l1:
+            return {**base, "note": "no truth vane Tsys"}
         if L2.VANE_TSYS not in l2:
             return {**base, "note": f"{L2.VANE_TSYS} absent"}
-        truth = l1["truth/vane/tsys_expected_k"][...]
+        truth = l1["truth/vane/tsys_physical_k"][...]
+        gain_bias = l1["truth/instrument/gain"][...][None] / l1["truth/vane/gain_expected"][...]  # g/G
         t_edges = l1["truth/vane/event_edges"][...]
         rec = l2[L2.VANE_TSYS][...]
         r_edges = l2[L2.VANE_EVENT_EDGES][...] if L2.VANE_EVENT_EDGES in l2 else t_edges[: rec.shape[0]]
         pairs_feed = _feed_positions(l1[L1.FEEDS][...], l2[L2.FEEDS][...])
         t_index = {int(s): k for k, (s, _) in enumerate(t_edges)}
-        ratios = []
+        ratios, corrected = [], []
         for e, (start, _) in enumerate(r_edges):
             k = t_index.get(int(start))
             if k is None:
                 continue
             for j, i in pairs_feed:
-                ratios.append(rec[e, j] / truth[k, i])
+                ratios.append(np.ravel(rec[e, j] / truth[k, i]))
+                corrected.append(np.ravel(rec[e, j] / (truth[k, i] * gain_bias[k, i])))
         if not ratios:
             return {**base, "note": "no matching vane events or feeds"}
-        r = np.concatenate([np.ravel(x) for x in ratios])
-        r = r[np.isfinite(r)]
-        if r.size == 0:
+        r = np.concatenate(ratios)
+        c = np.concatenate(corrected)
+        ok = np.isfinite(r) & np.isfinite(c)
+        if not ok.any():
             return {**base, "note": "no finite recovered Tsys"}
         return {
             **base,
-            "median_ratio": float(np.median(r)),
-            "p99_abs_err": float(np.percentile(np.abs(r - 1.0), 99)),
-            "n_elements": int(r.size),
+            "median_ratio": float(np.median(r[ok])),
+            "median_ratio_gain_corrected": float(np.median(c[ok])),
+            "p99_abs_err_gain_corrected": float(np.percentile(np.abs(c[ok] - 1.0), 99)),
+            "n_elements": int(ok.sum()),
         }
 
 
@@ -347,7 +357,7 @@ def map_rows(root: str | os.PathLike, observations: list[ObservationFiles]) -> l
 
 ROW_KINDS: list[tuple[str, Callable[[ObservationFiles], dict[str, object] | None]]] = [
     ("Observations (truth)", row_truth),
-    ("Vane Tsys: recovered / truth (tsys_expected_k)", row_tsys),
+    ("Vane Tsys: recovered (noise-equivalent) / physical truth (tsys_physical_k)", row_tsys),
     ("Calibrator flux: fitted / truth (model at the bin's frequencies)", row_calibrator),
     ("Noise of binned_data (NoiseStatsLevel2): recovered / truth", row_noise),
 ]

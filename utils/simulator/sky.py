@@ -15,7 +15,11 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import erf
 
-from utils.calibrators import (
+from utils.constants import BAND_EDGES_GHZ
+from utils.coordinates import angular_separation_deg, galactic_to_icrs, icrs_to_galactic
+from utils.rrl import SPEED_OF_LIGHT_KMS, RecombinationLine, lines_in_range
+
+from .calibrator_truth import (
     FWHM_TO_SIGMA,
     beam_fwhm_arcmin,
     calibrator_position,
@@ -23,10 +27,6 @@ from utils.calibrators import (
     jupiter_azel,
     point_source_peak_k,
 )
-from utils.constants import BAND_EDGES_GHZ
-from utils.coordinates import angular_separation_deg, galactic_to_icrs, icrs_to_galactic
-from utils.rrl import SPEED_OF_LIGHT_KMS, RecombinationLine, lines_in_range
-
 from .instrument import channel_width_hz
 from .pointing import Target
 from .spec import ObservationSpec, SkySpec

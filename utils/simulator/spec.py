@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.calibrators import canonical_name, is_calibrator
 from utils.constants import GROUND_FEED, MAX_FEED, MIN_FEED
 from utils.errors import SimulatorError
 
+from .calibrator_truth import canonical_name, is_calibrator
 from .component_spec import NaNBurst, SkyComponent, burst_problems, component_problems
 
 SCAN_KINDS: tuple[str, ...] = ("ces", "lissajous", "raster", "skydip", "stare")

@@ -4,8 +4,14 @@ The vane expectations replicate the pipeline's selection (docs/formats/level1.md
 docs/level2.md#systemtemperature) on the stored housekeeping: the vane angle (``raw × 0.01``) is mapped onto
 spectrometer time by linear interpolation on the vane group's own clock minus 0.6 s; hot samples have angle <
 θ_min + 4°, cold samples > 180°; ``T_hot`` is the mean of the Tshroud hk samples whose corrected time lies
-inside the event (``MJD[start] ≤ t ≤ MJD[stop − 1]``) plus 273.15 K. The Y-factor formula is then applied to
-the noise-free, δg-free power averaged over those samples, with T_c = 2.73 K.
+inside the event (``MJD[start] ≤ t ≤ MJD[stop − 1]``) plus 273.15 K.
+
+The system-temperature truth ``vane/tsys_physical_k`` is the physical input temperature the simulator injects
+on the cold (sky) samples, averaged over them: receiver + atmosphere + CMB + any sky or spill term in
+``T_in`` (docs/simulator.md#truth). It is *not* derived from the pipeline's Y-factor formula. The vane gain
+expectation ``vane/gain_expected`` is the response of the noise-free, δg-free power to the hot−cold load
+difference, ``g (T_in,hot − T_in,cold)/(T_hot − T_c)`` with T_c = 2.73 K: what a vane that assumes a 2.73 K
+sky measures.
 """
 
 from __future__ import annotations
@@ -226,18 +232,14 @@ def write_truth(
     _ds(vane, "n_hot", np.array([h.size for h in sel.hot], dtype=np.int32))
     _ds(vane, "n_cold", np.array([c.size for c in sel.cold], dtype=np.int32))
     gain = np.stack([i.gain for i in instruments])
-    v_hot = gain[None] * acc.hot_mean
-    v_cold = gain[None] * acc.cold_mean
     t_hot = sel.t_hot_k.reshape(-1, 1, 1, 1)
+    load_difference_k = acc.hot_mean - acc.cold_mean  # injected T_in, hot minus cold
     with np.errstate(invalid="ignore", divide="ignore"):
-        y = v_hot / v_cold
-        tsys = (t_hot - y * T_COLD_K) / (y - 1.0)
-        g = (v_hot - v_cold) / (t_hot - T_COLD_K)
-        tsys = np.where(y > 1.0, tsys, np.nan)
-        g = np.where(y > 1.0, g, np.nan)
+        g = gain[None] * load_difference_k / (t_hot - T_COLD_K)
+        g = np.where(load_difference_k > 0.0, g, np.nan)
     n_ev = len(sel.hot)
-    mask = np.broadcast_to(~science[None, :, None, None], (n_ev,) + tsys.shape[1:])
-    for name, arr in (("tsys_expected_k", tsys), ("gain_expected", g), ("tsys_physical_k", acc.cold_mean)):
+    mask = np.broadcast_to(~science[None, :, None, None], (n_ev,) + g.shape[1:])
+    for name, arr in (("gain_expected", g), ("tsys_physical_k", acc.cold_mean)):
         arr = np.array(arr, dtype=np.float64, copy=True)
         arr[mask] = np.nan
         _ds(vane, name, arr)

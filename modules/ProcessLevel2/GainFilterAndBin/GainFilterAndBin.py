@@ -58,7 +58,13 @@ def channel_mask(
     max_nan_fraction: float,
 ) -> np.ndarray:
     """Channels used by the gain filter and the binning, shape (B, C) bool (docs/level2.md#gainfilterandbin
-    step 2)."""
+    step 2).
+
+    ``tsys_k`` must be the noise-equivalent system temperature ``V_cold/G`` (K, vane K; what
+    ``utils.vane.vane_calibration`` returns, docs/level2.md#tsys-conventions): ``sigma_k`` is the white
+    noise of the data in vane K, so its radiometer expectation is ``tsys_k / sqrt(|Δν|/f_s)``. The legacy
+    Tsys, which leaves out the cold load, would set the threshold 6–7 % too low.
+    """
     tsys = np.asarray(tsys_k, dtype=np.float64)
     n_bands, n_chan = tsys.shape
     idx = np.arange(n_chan)
@@ -104,7 +110,7 @@ class GainFilterAndBin(StreamingStage):
         Width (fraction of the band) masked around the band-centre channel.
     max_rms_ratio : float
         Mask channels whose white noise exceeds this times the radiometer expectation
-        ``Tsys/sqrt(|Δν|/f_s)``.
+        ``Tsys/sqrt(|Δν|/f_s)``, with the noise-equivalent vane Tsys (docs/level2.md#tsys-conventions).
     max_nan_fraction : float
         Mask channels with more NaN samples than this fraction of the scan.
     min_z_ratio : float

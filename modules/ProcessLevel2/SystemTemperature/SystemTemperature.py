@@ -8,10 +8,13 @@ samples are selected by angle (docs/formats/level1.md#vane-conventions), and for
 span of the level-1 TOD is read once and averaged over the two states. The Y-factor gives
 
     Y    = V_hot / V_cold
-    Tsys = (T_hot − Y·T_c) / (Y − 1)                    [K]
     G    = (V_hot − V_cold) / (T_hot − T_c)            [counts/K]
+    Tsys = V_cold / G = (T_hot − T_c) / (Y − 1)        [K]
 
-with T_hot the shroud (hot-load) temperature and T_c the assumed cold-load (sky) temperature.
+with T_hot the shroud (hot-load) temperature and T_c the assumed cold-load (sky) temperature. Tsys is the
+noise-equivalent system temperature: the power on the sky in the units of the calibrated data (vane K), the
+quantity the radiometer equation needs (docs/level2.md#tsys-conventions). The legacy pipeline stored
+``(T_hot − Y·T_c)/(Y − 1) = Tsys − T_c`` (:func:`legacy_tsys_k`), which leaves out the cold load.
 A sky dip without a vane borrows the published ``level2/vane`` of obsid + 1.
 """
 
@@ -32,6 +35,7 @@ from utils import level2 as l2layout
 from utils.constants import FEATURE_VANE, ZERO_CELSIUS_K
 from utils.errors import BadCOMAPFile
 from utils.level1 import HK_SCALES, Level1File, runs
+from utils.vane import TSYS_CONVENTION, TSYS_CONVENTION_ATTR, TSYS_DEFINITION, noise_equivalent_tsys
 
 VANE_GROUP = L1.HK_VANE
 VANE_PATH = l2layout.VANE
@@ -44,6 +48,7 @@ __all__ = [
     "VaneResult",
     "find_vane_events",
     "hot_load_temperature_k",
+    "legacy_tsys_k",
     "masked_nanmean",
     "select_vane_states",
     "y_factor",
@@ -162,7 +167,7 @@ def masked_nanmean(raw: NDArray, mask: NDArray[np.bool_], min_count: int = 1) ->
 def y_factor(
     v_hot: NDArray, v_cold: NDArray, t_hot_k: float, t_cold_k: float
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Y-factor system temperature and gain.
+    """Y-factor noise-equivalent system temperature and gain (docs/level2.md#tsys-conventions).
 
     Parameters
     ----------
@@ -174,21 +179,31 @@ def y_factor(
     Returns
     -------
     tsys_k : ndarray of float64
-        ``(T_hot − Y T_c)/(Y − 1)``, K; NaN where Y ≤ 1, V_cold ≤ 0, T_hot ≤ T_c, Tsys ≤ 0 or a
-        value is not finite.
+        Noise-equivalent system temperature ``V_cold/G = (T_hot − T_c)/(Y − 1)``, K (vane K: the sky power
+        in the units of the calibrated data); NaN where Y ≤ 1, V_cold ≤ 0, T_hot ≤ T_c or a value is not
+        finite.
     gain : ndarray of float64
-        ``(V_hot − V_cold)/(T_hot − T_c)``, counts/K; NaN under the same conditions except Tsys ≤ 0.
+        ``(V_hot − V_cold)/(T_hot − T_c)``, counts/K; NaN under the same conditions.
     """
     v_hot = np.asarray(v_hot, dtype=np.float64)
     v_cold = np.asarray(v_cold, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         y = v_hot / v_cold
-        tsys = (t_hot_k - y * t_cold_k) / (y - 1.0)
+        tsys = (t_hot_k - t_cold_k) / (y - 1.0)
         gain = (v_hot - v_cold) / (t_hot_k - t_cold_k)
     ok = np.isfinite(y) & (y > 1.0) & (v_cold > 0.0) & bool(np.isfinite(t_hot_k) and t_hot_k > t_cold_k)
     gain = np.where(ok & np.isfinite(gain), gain, np.nan)
     tsys = np.where(ok & np.isfinite(tsys) & (tsys > 0.0), tsys, np.nan)
     return tsys, gain
+
+
+def legacy_tsys_k(tsys_k: NDArray, t_cold_k: float) -> NDArray[np.float64]:
+    """The legacy pipeline's vane Tsys, ``(T_hot − Y T_c)/(Y − 1) = Tsys − T_c`` (K).
+
+    It excludes the cold-load (sky) temperature and so lies T_c (≈ 2.7 K, 6–7 %) below the noise-equivalent
+    ``tsys_k``; kept only for comparison with legacy results (docs/level2.md#tsys-conventions).
+    """
+    return np.asarray(tsys_k, dtype=np.float64) - float(t_cold_k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +218,7 @@ class VaneResult:
     t_hot_k: NDArray[np.float64]  # (E,) K
     n_hot: NDArray[np.int32]  # (E,)
     n_cold: NDArray[np.int32]  # (E,)
-    system_temperature: NDArray[np.float32]  # (E, F, B, C) K
+    system_temperature: NDArray[np.float32]  # (E, F, B, C) K, noise-equivalent V_cold/G
     gain: NDArray[np.float32]  # (E, F, B, C) counts/K
     borrowed_from_obsid: int | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
@@ -216,7 +231,9 @@ class SystemTemperature(BaseCOMAPModule):
     (docs/level2.md#systemtemperature).
 
     Writes ``level2/vane`` (system_temperature and gain ``(E, F, B, C)`` float32, event_edges
-    ``(E, 2)``, mjd, t_hot_k, n_hot, n_cold) and sets ``median_tsys`` in the observation summary.
+    ``(E, 2)``, mjd, t_hot_k, n_hot, n_cold) and sets ``median_tsys`` in the observation summary. The
+    system temperature is the noise-equivalent ``V_cold/G`` (docs/level2.md#tsys-conventions); the group
+    attribute ``tsys_convention`` says so.
 
     Parameters
     ----------
@@ -411,7 +428,7 @@ class SystemTemperature(BaseCOMAPModule):
             grp = nl2[VANE_PATH]
             if "borrowed_from_obsid" in grp.attrs or grp["mjd"].shape[0] == 0:
                 raise BadCOMAPFile(f"{prefix} has no vane event")
-            their_tsys = grp["system_temperature"]
+            their_tsys = noise_equivalent_tsys(grp)
             if tuple(their_tsys.shape[2:]) != (n_bands, n_channels):
                 raise BadCOMAPFile(
                     f"{prefix} has vane data for {their_tsys.shape[2]} bands x {their_tsys.shape[3]} "
@@ -481,8 +498,11 @@ class SystemTemperature(BaseCOMAPModule):
                 ds = grp.create_dataset(name, data=data, track_times=False)
                 ds.attrs["unit"] = unit
                 ds.attrs["axes"] = ax
+                if name == "system_temperature":
+                    ds.attrs["definition"] = TSYS_DEFINITION
                 self.mark_complete(ds)
             grp.attrs["t_cold_k"] = self.t_cold_k
+            grp.attrs[TSYS_CONVENTION_ATTR] = TSYS_CONVENTION
             grp.attrs["hot_angle_margin_deg"] = self.hot_angle_margin_deg
             grp.attrs["cold_angle_min_deg"] = self.cold_angle_min_deg
             grp.attrs["feeds"] = np.asarray(feeds, dtype=np.int32)
