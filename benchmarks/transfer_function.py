@@ -12,8 +12,9 @@ difference of the twins is the sky as the chain saw it, without noise:
 * ``chain`` — the same for ``binned_cleaned_data`` (after PostBinCleaning too);
 * ``map`` — the same regression between the two twin-difference maps binned on a 1.5′ grid.
 
-On calibrator observations the flux that ``CalibratorFitting`` fits to the filtered TOD is compared
-with its fit to the TOD before the filter. ``white`` is the pair-difference white noise of the
+On calibrator observations (with NaN bursts on source crossings, :func:`calibrator_bursts`) the
+flux that ``CalibratorFitting`` fits to the filtered TOD is compared with its fit to the TOD before
+the filter. ``white`` is the pair-difference white noise of the
 filtered TOD of the sky-free twin over the radiometer σ of the bin (from the simulator's truth).
 
 Run: ``python -m benchmarks.transfer_function [--channels 1024] [--scans ces raster] [--out DIR]``.
@@ -35,7 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from utils.simulator.component_spec import SkyComponent
+from utils.simulator.component_spec import NaNBurst, SkyComponent
 from utils.simulator.spec import ObservationSpec
 from utils.simulator.variety import CALIBRATOR_SCANS, calibrator_observation, field_observation, sky_free_twin
 from utils.simulator.writer import simulate_observation
@@ -80,6 +81,17 @@ def spectra() -> dict[str, SkyComponent]:
             shape="gaussian", amplitude=0.3, index=-2.7, fwhm_arcmin=20.0, lon_deg=0.02, lat_deg=0.0
         ),
     }
+
+
+def calibrator_bursts() -> list[NaNBurst]:
+    """NaN bursts of the calibrator observations, placed where a filter is most easily hurt: 30 % of
+    every feed's channels for 2 s on the first crossing of the calibrator, all of feed 1's channels
+    for 1 s on its last crossing, and 10 % of every feed's channels for 1 s at 5 s into the scan."""
+    return [
+        NaNBurst(at_source=True, crossing=0, duration_s=2.0, fraction=0.3),
+        NaNBurst(at_source=True, crossing=-1, duration_s=1.0, feeds=[1], fraction=1.0),
+        NaNBurst(start_s=5.0, duration_s=1.0, fraction=0.1),
+    ]
 
 
 def field_spec(
@@ -270,7 +282,9 @@ def run(
             results["rows"].append(row)
             shutil.rmtree(sky_dir, ignore_errors=True)
         if calibrator:
-            cal = calibrator_observation(scan, obsid=obsid + 50, n_channels=n_channels).replace(**spec_kw)
+            cal = calibrator_observation(
+                scan, obsid=obsid + 50, n_channels=n_channels, nan_bursts=calibrator_bursts()
+            ).replace(**spec_kw)
             cal_dir = workdir / scan / "calibrator"
             cal_l1 = simulate_observation(cal, cal_dir, seed=seed)
             cal_free_l1 = simulate_observation(sky_free_twin(cal), cal_dir / "free", seed=seed)

@@ -251,6 +251,7 @@ class GainFilterAndBin(StreamingStage):
             "usable_feeds": 0,
             "stats": [],
             "degenerate": {},
+            "z_ratio": {},
         }
 
     @staticmethod
@@ -315,6 +316,7 @@ class GainFilterAndBin(StreamingStage):
         l2 = ctx.l2[l2layout.LEVEL2_GROUP]
         sl = slice(block.start, block.stop)
         z_ratio = z / omega_sum(m, sigma, mask) if z > 0 else 0.0
+        state["z_ratio"].setdefault(block.feed, []).append(z_ratio)
         if mask.any() and not z_ratio >= self.min_z_ratio:
             # the gain cannot be told from sky: remove none rather than noise or sky
             state["degenerate"].setdefault(block.feed, []).append((block.scan, z_ratio))
@@ -409,6 +411,10 @@ class GainFilterAndBin(StreamingStage):
             for j in range(n_bin)
         ]
         state["stats"].extend(rows)
+        ratios = state["z_ratio"].pop(int(feed), [])
+        self.logger.debug(
+            "obsid %d feed %d: z/Σω per scan %s", ctx.obsid, int(feed), " ".join(f"{r:.2e}" for r in ratios)
+        )
         degenerate = state["degenerate"].pop(int(feed), [])
         if degenerate:
             worst = min(r for _, r in degenerate)
