@@ -1,8 +1,10 @@
 """The gain filter's transfer function at default settings (docs/level2.md#gain-filter-transfer-function),
 measured with benchmarks/transfer_function.py on twin observations (sky + noise) − (noise).
 
-The twins share every noise term, so the measured ratios have no noise error; the targets are the
-issue's: point sources and free-free within 2 % of 1, AME-like and extended sources within 5 %
+The twins share every noise term, so the measured ratios have no noise error. Checked: the filter's
+own transfer (TOD and map, filtered against binned) and the level-2 TOD after the filter and after
+PostBinCleaning against the injected sky (level-1 twin difference over the vane gain, a free offset
+per scan). The targets are the issue's: point sources and free-free within 2 % of 1, AME-like and extended sources within 5 %
 (too bright fails as much as too faint), the calibrator flux within 2 % of the fit before the filter,
 and no added white noise (the filtered TOD's white noise within 5 % of that before the filter).
 The simulations have strong gain fluctuations (σ_g = 5×10⁻⁴ at 1 Hz, ten times the simulator's
@@ -32,7 +34,7 @@ def _check(results: dict, *, flux: bool) -> None:
     print(format_table(results))
     for row in results["rows"]:
         tol = TOLERANCE[row["sky"]]
-        for key in ("tod", "map"):
+        for key in ("tod", "map", "truth_filtered", "chain"):
             np.testing.assert_allclose(row[key], 1.0, atol=tol, err_msg=f"{key} {row['scan']} {row['sky']}")
         assert np.all(np.asarray(row["white"]) <= 1.05 * np.asarray(row["white_before"])), row
         if flux and "calibrator" in row:
