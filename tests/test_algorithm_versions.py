@@ -15,6 +15,7 @@ from modules.pipeline_control import cli
 from modules.pipeline_control.base import BaseCOMAPModule, describe_stale, stale_stages
 from modules.pipeline_control.provenance import ALGORITHM_VERSION_ATTR, recorded_algorithm_version, sha256_of
 from modules.ProcessLevel2.GainFilterAndBin.GainFilterAndBin import GainFilterAndBin
+from modules.ProcessLevel2.PostBinCleaning.PostBinCleaning import PostBinCleaning
 from modules.SQLModule.SQLModule import COMAPData
 
 CREATE_MAP = "modules.MapMaking.MapMakingModules.CreateMap.CreateMap"
@@ -218,6 +219,7 @@ def test_legacy_file_is_stale_only_for_stages_above_version_one(reduced, monkeyp
 
     # with every stage at version 1 the legacy file is current
     monkeypatch.setattr(GainFilterAndBin, "algorithm_version", 1)
+    monkeypatch.setattr(PostBinCleaning, "algorithm_version", 1)
     assert cli.main(["main.toml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "stale:" not in out and "0 to process (0 retries, 0 stale), 2 already done" in out, out

@@ -4,11 +4,11 @@ measured with benchmarks/transfer_function.py on twin observations (sky + noise)
 The twins share every noise term, so the measured ratios have no noise error. Checked: the filter's
 own transfer (TOD and map, filtered against binned) and the level-2 TOD after the filter and after
 PostBinCleaning against the injected sky (level-1 twin difference over the vane gain, a free offset
-per scan). The targets are the issue's: point sources and free-free within 2 % of 1, AME-like and extended sources within 5 %
-(too bright fails as much as too faint), the calibrator flux within 2 % of the fit before the filter,
-and no added white noise (the filtered TOD's white noise within 5 % of that before the filter).
-The simulations have strong gain fluctuations (σ_g = 5×10⁻⁴ at 1 Hz, ten times the simulator's
-default) so the filter does remove gain; the pipeline runs at its defaults.
+per scan). The targets are the issue's: point sources and free-free within 2 % of 1, AME-like and
+extended sources within 5 % (too bright fails as much as too faint), the calibrator flux within 2 %
+of the fit before the filter, and no added white noise (the filtered TOD's white noise within 5 % of
+that before the filter). The simulations have strong gain fluctuations (σ_g = 5×10⁻⁴ at 1 Hz, ten
+times the simulator's default) so the filter does remove gain; the pipeline runs at its defaults.
 """
 
 from __future__ import annotations

@@ -55,6 +55,20 @@ def _airmass_fit(
     return a, b, ok
 
 
+OUTLIER_DILATION = 10
+"""Samples on each side of an outlier that are also left out of the final running median."""
+
+
+def _dilate(mask: NDArray[np.bool_], half_width: int) -> NDArray[np.bool_]:
+    """``mask`` grown by ``half_width`` samples on each side along the last axis."""
+    if half_width <= 0 or not mask.any():
+        return mask
+    c = np.cumsum(
+        np.pad(mask.astype(np.int32), [(0, 0)] * (mask.ndim - 1) + [(half_width + 1, half_width)]), axis=-1
+    )
+    return (c[..., 2 * half_width + 1 :] - c[..., : -(2 * half_width + 1)]) > 0
+
+
 def clean_segments(
     x: NDArray,
     inv_sin_el: NDArray,
@@ -159,9 +173,11 @@ def clean_segments(
             changed[rows_ok] = True
             atmosphere_k[long_rows[rows_ok]] = b[ok]
     if subtract_running_median:
-        if changed.any():
-            med[changed] = running_median_nan(xp[changed], window)
-        y[long_rows] = xp - med
+        # the level under a bright source must come from the samples around it: a source crossed
+        # often in one window (a Lissajous on a calibrator) would otherwise lift the median by
+        # ~1.25·f·σ (f its share of the window) and be subtracted from itself
+        med = running_median_nan(np.where(_dilate(outlier, OUTLIER_DILATION), np.nan, xp), window)
+        y[long_rows] = xp - np.where(np.isfinite(med), med, running_median_nan(xp, window))
     else:
         y[long_rows] = xp - nanmedian_rows(xp)[:, None]
     return y, n_outliers, atmosphere_k, short
@@ -216,6 +232,8 @@ class PostBinCleaning(BaseCOMAPModule):
         l2layout.BINNED_FILTERED_DATA,
     )
     writes = (l2layout.BINNED_CLEANED_DATA,)
+    # 2: the final running median leaves out the outliers (docs/operations.md#algorithm-versions)
+    algorithm_version = 2
 
     def __init__(
         self,
