@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import warnings
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -59,6 +60,37 @@ OUTLIER_DILATION = 10
 """Samples on each side of an outlier that are also left out of the final running median."""
 
 
+EDGE_PIVOT_SAMPLES = 50
+"""Samples whose median is the pivot of the reflected padding at each segment end."""
+
+
+def _running_median(x: NDArray, window: int) -> NDArray:
+    """Running median along the last axis, padded at each end by point reflection about the median
+    of the first (last) ``EDGE_PIVOT_SAMPLES`` samples.
+
+    ``running_median_nan`` alone pads with the end sample ("nearest"): within a quarter window of
+    either end the median is pulled to that one sample, and its noise (σ) would be subtracted from
+    up to 15 s of data. Point reflection keeps a linear trend (a sky dip's airmass ramp) and puts
+    only the pivot's noise, ≈ 1.25σ/√50, at the ends.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    n = a.shape[-1]
+    half = int(window) // 2
+    k = min(EDGE_PIVOT_SAMPLES, n)
+    if half <= 0 or k - 1 + half > n - 1:
+        return running_median_nan(a, window)  # too short to reflect: nearest padding
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN end: NaN pivot, NaN padding
+        lo = np.nanmedian(a[..., :k], axis=-1, keepdims=True)
+        hi = np.nanmedian(a[..., n - k :], axis=-1, keepdims=True)
+    # reflect about the centre of each pivot block: sample −m ↔ k − 1 + m, n − 1 + m ↔ n − k − m
+    m = np.arange(half, 0, -1)
+    head = 2.0 * lo - np.take(a, k - 1 + m, axis=-1)
+    tail = 2.0 * hi - np.take(a, n - k - m[::-1], axis=-1)
+    padded = np.concatenate([head, a, tail], axis=-1).astype(np.asarray(x).dtype, copy=False)
+    return running_median_nan(padded, window)[..., half : half + n]
+
+
 def _dilate(mask: NDArray[np.bool_], half_width: int) -> NDArray[np.bool_]:
     """``mask`` grown by ``half_width`` samples on each side along the last axis."""
     if half_width <= 0 or not mask.any():
@@ -82,12 +114,14 @@ def clean_segments(
     segment per row.
 
     1. Rows with ``n_f ≤ medfilt_length`` finite samples: ``x − nanmedian(x)`` (short).
-    2. ``med = running_median_nan(x, L)``, ``r = x − med`` (all long rows in one call, threaded).
+    2. ``med`` = running median of ``x`` over L samples (window shrinking at the segment ends),
+       ``r = x − med`` (all long rows in one call, threaded).
     3. ``σ`` = clipped pair-difference rms of r; outliers ``O = |r| > outlier_sigma·σ``.
     4. Rows with ``fit_airmass``: fit ``a + b/sin(el)`` on finite samples outside O (at least 3)
        and subtract the model at **all** samples (outliers included; samples whose elevation is
        not finite become NaN).
-    5. ``y = x' − running_median_nan(x', L)`` if ``subtract_running_median``, else
+    5. ``y = x' −`` the running median of ``x'`` without the outliers and 10 samples around each,
+       if ``subtract_running_median``, else
        ``x' − nanmedian(x')``.
 
     Parameters
@@ -149,7 +183,7 @@ def clean_segments(
         return y, n_outliers, atmosphere_k, short
 
     xl = x[long_rows]
-    med = running_median_nan(xl, window)
+    med = _running_median(xl, window)
     resid = xl - med
     sigma = pair_difference_rms(resid, estimator="clipped_std")
     with np.errstate(invalid="ignore"):
@@ -176,8 +210,8 @@ def clean_segments(
         # the level under a bright source must come from the samples around it: a source crossed
         # often in one window (a Lissajous on a calibrator) would otherwise lift the median by
         # ~1.25·f·σ (f its share of the window) and be subtracted from itself
-        med = running_median_nan(np.where(_dilate(outlier, OUTLIER_DILATION), np.nan, xp), window)
-        y[long_rows] = xp - np.where(np.isfinite(med), med, running_median_nan(xp, window))
+        med = _running_median(np.where(_dilate(outlier, OUTLIER_DILATION), np.nan, xp), window)
+        y[long_rows] = xp - np.where(np.isfinite(med), med, _running_median(xp, window))
     else:
         y[long_rows] = xp - nanmedian_rows(xp)[:, None]
     return y, n_outliers, atmosphere_k, short
