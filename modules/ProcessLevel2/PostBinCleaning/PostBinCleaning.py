@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import warnings
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -60,35 +59,17 @@ OUTLIER_DILATION = 10
 """Samples on each side of an outlier that are also left out of the final running median."""
 
 
-EDGE_PIVOT_SAMPLES = 50
-"""Samples whose median is the pivot of the reflected padding at each segment end."""
-
-
 def _running_median(x: NDArray, window: int) -> NDArray:
-    """Running median along the last axis, padded at each end by point reflection about the median
-    of the first (last) ``EDGE_PIVOT_SAMPLES`` samples.
+    """Running median along the last axis whose window shrinks at the ends of the segment.
 
-    ``running_median_nan`` alone pads with the end sample ("nearest"): within a quarter window of
-    either end the median is pulled to that one sample, and its noise (σ) would be subtracted from
-    up to 15 s of data. Point reflection keeps a linear trend (a sky dip's airmass ramp) and puts
-    only the pivot's noise, ≈ 1.25σ/√50, at the ends.
+    ``running_median_nan`` pads with the end samples ("nearest"): within a quarter window of either
+    end the median is pulled to that one sample, and its noise would be subtracted from up to 15 s
+    of data. Padding with NaN makes the median there that of the samples that exist.
     """
-    a = np.asarray(x, dtype=np.float64)
-    n = a.shape[-1]
     half = int(window) // 2
-    k = min(EDGE_PIVOT_SAMPLES, n)
-    if half <= 0 or k - 1 + half > n - 1:
-        return running_median_nan(a, window)  # too short to reflect: nearest padding
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN end: NaN pivot, NaN padding
-        lo = np.nanmedian(a[..., :k], axis=-1, keepdims=True)
-        hi = np.nanmedian(a[..., n - k :], axis=-1, keepdims=True)
-    # reflect about the centre of each pivot block: sample −m ↔ k − 1 + m, n − 1 + m ↔ n − k − m
-    m = np.arange(half, 0, -1)
-    head = 2.0 * lo - np.take(a, k - 1 + m, axis=-1)
-    tail = 2.0 * hi - np.take(a, n - k - m[::-1], axis=-1)
-    padded = np.concatenate([head, a, tail], axis=-1).astype(np.asarray(x).dtype, copy=False)
-    return running_median_nan(padded, window)[..., half : half + n]
+    pad = [(0, 0)] * (np.ndim(x) - 1) + [(half, half)]
+    padded = np.pad(np.asarray(x), pad, constant_values=np.nan)
+    return running_median_nan(padded, window)[..., half : half + np.shape(x)[-1]]
 
 
 def _dilate(mask: NDArray[np.bool_], half_width: int) -> NDArray[np.bool_]:
@@ -183,7 +164,7 @@ def clean_segments(
         return y, n_outliers, atmosphere_k, short
 
     xl = x[long_rows]
-    med = _running_median(xl, window)
+    med = running_median_nan(xl, window)
     resid = xl - med
     sigma = pair_difference_rms(resid, estimator="clipped_std")
     with np.errstate(invalid="ignore"):
@@ -210,8 +191,23 @@ def clean_segments(
         # the level under a bright source must come from the samples around it: a source crossed
         # often in one window (a Lissajous on a calibrator) would otherwise lift the median by
         # ~1.25·f·σ (f its share of the window) and be subtracted from itself
-        med = _running_median(np.where(_dilate(outlier, OUTLIER_DILATION), np.nan, xp), window)
-        y[long_rows] = xp - np.where(np.isfinite(med), med, _running_median(xp, window))
+        # rows with outliers or a refit: the whole median again, outliers left out; the others keep
+        # the first median in the interior and only need the ends recomputed with a shrinking window
+        redo = changed | outlier.any(axis=-1)
+        if redo.any():
+            xr = xp[redo]
+            med_r = _running_median(np.where(_dilate(outlier[redo], OUTLIER_DILATION), np.nan, xr), window)
+            empty = ~np.isfinite(med_r) & np.isfinite(xr)  # a window of outliers only
+            if empty.any():
+                med_r = np.where(empty, _running_median(xr, window), med_r)
+            med[redo] = med_r
+        keep = ~redo
+        half = window // 2
+        if keep.any() and half > 0:
+            ends = min(2 * half, n)
+            med[keep, :half] = _running_median(xp[keep, :ends], window)[:, :half]
+            med[keep, n - half :] = _running_median(xp[keep, n - ends :], window)[:, ends - half :]
+        y[long_rows] = xp - med
     else:
         y[long_rows] = xp - nanmedian_rows(xp)[:, None]
     return y, n_outliers, atmosphere_k, short
