@@ -95,14 +95,13 @@ def clean_segments(
     segment per row.
 
     1. Rows with ``n_f ≤ medfilt_length`` finite samples: ``x − nanmedian(x)`` (short).
-    2. ``med`` = running median of ``x`` over L samples (window shrinking at the segment ends),
-       ``r = x − med`` (all long rows in one call, threaded).
+    2. ``med = running_median_nan(x, L)``, ``r = x − med`` (all long rows in one call, threaded).
     3. ``σ`` = clipped pair-difference rms of r; outliers ``O = |r| > outlier_sigma·σ``.
     4. Rows with ``fit_airmass``: fit ``a + b/sin(el)`` on finite samples outside O (at least 3)
        and subtract the model at **all** samples (outliers included; samples whose elevation is
        not finite become NaN).
     5. ``y = x' −`` the running median of ``x'`` without the outliers and 10 samples around each,
-       if ``subtract_running_median``, else
+       its window shrinking at the segment ends, if ``subtract_running_median``, else
        ``x' − nanmedian(x')``.
 
     Parameters
