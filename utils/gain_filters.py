@@ -42,6 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from utils.errors import BadCOMAPFile
+from utils.gain_baselines import gain_baselines, sky_pixels
 
 log = logging.getLogger("comap.GainFilterAndBin")
 
@@ -91,12 +92,17 @@ def fill_unusable(values: NDArray, usable: NDArray | None) -> NDArray[np.float64
     return np.interp(idx, idx[ok], v[ok])
 
 
-def omega_sum(m_k: NDArray, sigma_k: NDArray, mask: NDArray) -> float:
-    """Σω = Σ (m_i/σ_i)² over the used channels: the precision of ĝ if there were no sky templates."""
+def channel_omega(m_k: NDArray, sigma_k: NDArray, mask: NDArray) -> tuple[NDArray[np.bool_], NDArray]:
+    """The channels a filter can use and their weights ω_i = (m_i/σ_i)² (0 elsewhere), shape (B, C)."""
     m = np.asarray(m_k, dtype=np.float64)
     s = np.asarray(sigma_k, dtype=np.float64)
     use = np.asarray(mask, dtype=bool) & np.isfinite(m) & (m > 0) & np.isfinite(s) & (s > 0)
-    return float(np.sum((m[use] / s[use]) ** 2))
+    return use, np.where(use, (m / np.where(use, s, 1.0)) ** 2, 0.0)
+
+
+def omega_sum(m_k: NDArray, sigma_k: NDArray, mask: NDArray) -> float:
+    """Σω = Σ (m_i/σ_i)² over the used channels: the precision of ĝ if there were no sky templates."""
+    return float(channel_omega(m_k, sigma_k, mask)[1].sum())
 
 
 @dataclass
@@ -143,12 +149,10 @@ class GainFilter:
             ``1ᵀΩ(I − Π)1``; 0 when the gain is degenerate with the sky templates (flat m).
         """
         m = np.asarray(m_k, dtype=np.float64)
-        s = np.asarray(sigma_k, dtype=np.float64)
-        use = np.asarray(mask, dtype=bool) & np.isfinite(m) & (m > 0) & np.isfinite(s) & (s > 0)
+        use, omega = channel_omega(m, sigma_k, mask)
         w = np.zeros(m.shape)
         if not use.any():
             return w, 0.0
-        omega = np.where(use, (m / np.where(use, s, 1.0)) ** 2, 0.0)
         freq = np.asarray(freq_ghz, dtype=np.float64)
         fin = np.isfinite(freq)
         fmin, fmax = freq[fin].min(), freq[fin].max()
@@ -445,8 +449,6 @@ class GainFilterDestriped(GainFilter):
         feed: int | None = None,
         samples: ScanSamples | None = None,
     ) -> GainEstimate:
-        from utils.gain_baselines import gain_baselines, sky_pixels
-
         r = np.asarray(r_sum, dtype=np.float64)
         n = r.size
         info: dict[str, Any] = {"z": z, "sigma_y": np.nan, "sigma_step": np.nan, "sigma_level": np.nan}
