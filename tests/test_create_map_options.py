@@ -29,6 +29,7 @@ from modules.MapMaking.dispatch import Dispatcher, JobInputs
 from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import CreateMap
 from modules.MapMaking.read_data import Level2DataReader, scan_direction_samples
 from modules.MapMaking.segments import segment_hour_angle_deg
+from modules.pipeline_control.Pipeline import StageResult
 from utils.constants import GROUND_FEED
 from utils.coordinates import galactic_to_icrs
 from utils.level2 import BINNED_CLEANED_DATA, FLAG_BRIGHT_SOURCE, PIXEL_AZ, SAMPLE_FLAGS, SCAN_EDGES
@@ -105,6 +106,15 @@ def make_maps(job: CreateMap, observations, *, flags: dict | None = None) -> dic
     made = {}
     for out in outputs:
         made[out.suffix] = job.make(out, inputs, job.job_config_hash(out, observations, updated))
+    if job.write_difference:
+        result = StageResult(stage="MapMaking")
+        Dispatcher("MapMaking", "map")._write_differences(outputs, set(made.values()), result)
+        assert result.failed == 0
+        diff = outputs[0].output_path.with_name(
+            outputs[0].output_path.name.replace(outputs[0].suffix, "_diff")
+        )
+        if diff.exists():
+            made["_diff"] = diff
     return made
 
 
@@ -347,8 +357,14 @@ def test_scan_direction_samples_split_by_the_sign_of_the_azimuth_velocity():
 def test_scan_direction_split_shares_segments_but_no_sample(field, tmp_path):
     """Both maps take every segment; their weighted samples are disjoint, each sweeps one way in
     azimuth (read from the files), and together they hold all but the turnarounds."""
-    maps = make_maps(_job(tmp_path, split_mode="scan_direction"), field.observations)
-    assert sorted(maps) == ["_jkA", "_jkB"]
+    maps = make_maps(_job(tmp_path, split_mode="scan_direction", write_difference=True), field.observations)
+    assert sorted(maps) == ["_diff", "_jkA", "_jkB"]
+    np.testing.assert_allclose(
+        _hdu(maps["_diff"], "DESTRIPED"),
+        0.5 * (_hdu(maps["_jkA"], "DESTRIPED") - _hdu(maps["_jkB"], "DESTRIPED")),
+        rtol=1e-5,
+        atol=1e-7,
+    )
     n_seg = 2 * len(SCIENCE_FEEDS) * len(OBSIDS)
     assert _header(maps["_jkA"])["NSEGMENT"] == _header(maps["_jkB"])["NSEGMENT"] == n_seg
     # sample level: one file through the reader with each direction
@@ -559,3 +575,27 @@ def test_edge_clip_and_its_percentiles(field, tmp_path):
         n_clipped[hi] = int(expected.sum())
         assert f"{n_clipped[hi]} pixels clipped" in _header(path).comments["HIERARCH MASK EDGECLIP"]
     assert 0 < n_clipped[99.5] < n_clipped[90.0]
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        ("clip_percentiles=[10.0, 90.0]", "clip_percentiles acts only with edge_clip=True"),
+        ("edge_clip=True, clip_percentiles=[90.0, 10.0]", "clip_percentiles must be [low, high]"),
+        ("edge_clip=True, clip_percentiles=[5.0]", "clip_percentiles must be [low, high]"),
+    ],
+)
+def test_clip_percentiles_without_edge_clip_is_a_config_error(tmp_path, call, fragment):
+    """clip_percentiles only parametrise edge_clip: alone, or not an increasing pair within [0, 100],
+    they are refused when the config is loaded rather than silently doing nothing."""
+    from modules.pipeline_control.config import load_config
+    from modules.pipeline_control.config_model import ErrorCollector
+
+    cfg = tmp_path / "maps.toml"
+    cfg.write_text(
+        "[Master]\nsql_database = 'x.db'\npipeline = [\n"
+        f'  "modules.MapMaking.MapMakingModules.CreateMap.CreateMap({call})",\n]\n'
+    )
+    errors = ErrorCollector()
+    load_config(cfg, "map", errors)
+    assert [fragment in e.message for e in errors.errors] == [True]

@@ -187,6 +187,20 @@ class CreateMap(
         mode = params["split_mode"] or cls.default_split_mode
         if mode == "custom" and not isinstance(params["split_groups"], dict):
             problems.append("split_mode='custom' needs split_groups = {label: [obsids]}")
+        clip = params["clip_percentiles"]
+        if clip is not None:
+            # percentiles of the edge clipping (docs/mapmaking.md#name-and-hdus): alone they do nothing
+            if not params["edge_clip"]:
+                problems.append("clip_percentiles acts only with edge_clip=True")
+            if not (
+                isinstance(clip, list | tuple)
+                and len(clip) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in clip)
+                and 0 <= clip[0] < clip[1] <= 100
+            ):
+                problems.append(
+                    f"clip_percentiles must be [low, high] with 0 <= low < high <= 100, got {clip!r}"
+                )
         problems += super().parameter_rules(params)
         return problems
 
