@@ -3,7 +3,8 @@
 A **pre-pass** reads only small datasets (feeds, scan edges, MJD at scan boundaries, central
 frequencies, noise statistics) and accepts or rejects every segment (file, feed, scan), counting
 the reasons. The **read** then takes each accepted segment's samples of one (band, channel),
-zero-weights the samples whose level-2 sample flags exclude them (docs/level2.md#sample-flags),
+zero-weights the samples whose level-2 sample flags exclude them (docs/level2.md#sample-flags) and, for
+the ``scan_direction`` split, those sweeping the other way in azimuth,
 calibrates them to K_RJ, weights, detrends, flags spikes, down-weights bright-source samples (flag 16)
 in the destriper, converts the pointing to the map frame and to pixel indices, and appends them to
 arrays allocated once at the exact size.
