@@ -461,6 +461,23 @@ def sun_altitude_deg(mjd_utc: ArrayLike, *, site: Site = OVRO) -> NDArray[np.flo
     return np.asarray(sun.alt.to_value(u.deg), dtype=np.float64)
 
 
+def hour_angle_deg(
+    ra_deg: ArrayLike, dec_deg: ArrayLike, mjd_utc: ArrayLike, *, site: Site = OVRO
+) -> NDArray[np.float64]:
+    """Hour angle (deg, wrapped to [−180, 180); negative: east of the meridian, rising) of ICRS
+    positions at the times ``mjd_utc`` seen from ``site`` (astropy's HADec frame, no refraction)."""
+    from astropy import units as u
+    from astropy.coordinates import HADec, SkyCoord
+    from astropy.time import Time
+
+    configure_iers()
+    mjd = np.atleast_1d(np.asarray(mjd_utc, dtype=np.float64))
+    frame = HADec(obstime=Time(mjd, format="mjd", scale="utc"), location=earth_location(site))
+    sky = SkyCoord(np.atleast_1d(ra_deg) * u.deg, np.atleast_1d(dec_deg) * u.deg, frame="icrs")
+    ha = sky.transform_to(frame).ha.to_value(u.deg)
+    return (np.asarray(ha, dtype=np.float64) + 180.0) % 360.0 - 180.0
+
+
 __all__: Sequence[str] = (
     "OVRO",
     "Observer",
@@ -470,6 +487,7 @@ __all__: Sequence[str] = (
     "configure_iers",
     "earth_location",
     "galactic_to_icrs",
+    "hour_angle_deg",
     "icrs_to_azel",
     "icrs_to_azel_astropy",
     "icrs_to_galactic",

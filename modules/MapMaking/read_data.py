@@ -3,7 +3,8 @@
 A **pre-pass** reads only small datasets (feeds, scan edges, MJD at scan boundaries, central
 frequencies, noise statistics) and accepts or rejects every segment (file, feed, scan), counting
 the reasons. The **read** then takes each accepted segment's samples of one (band, channel),
-zero-weights the samples whose level-2 sample flags exclude them (docs/level2.md#sample-flags),
+zero-weights the samples whose level-2 sample flags exclude them (docs/level2.md#sample-flags) and, for
+the ``scan_direction`` split, those sweeping the other way in azimuth,
 calibrates them to K_RJ, weights, detrends, flags spikes, down-weights bright-source samples (flag 16)
 in the destriper, converts the pointing to the map frame and to pixel indices, and appends them to
 arrays allocated once at the exact size.
@@ -65,7 +66,8 @@ class ChannelSelection(SegmentSelection):
 class ReaderSettings(ChannelSelection):
     """Everything the continuum reader needs to know about one map (picklable): the segment cuts,
     detrending, spike flagging and the solver weight of bright-source samples (see CreateMap for the
-    meanings)."""
+    meanings). ``scan_direction`` (+1, −1 or None) keeps only the samples whose azimuth increases /
+    decreases (:func:`scan_direction_samples`), for the ``scan_direction`` split."""
 
     detrend: str
     detrend_order: int
@@ -75,6 +77,7 @@ class ReaderSettings(ChannelSelection):
     spike_dilate: int
     bright_downweight: float
     write_mean_azel: bool
+    scan_direction: int | None
 
 
 @dataclass
@@ -308,6 +311,43 @@ def spike_flags(
     return flagged
 
 
+#: Samples whose azimuth speed is below this fraction of the segment's median speed are turnarounds:
+#: they belong to neither direction of the ``scan_direction`` split.
+TURNAROUND_SPEED_FRACTION = 0.1
+
+
+def scan_direction_samples(az_deg: np.ndarray, direction: int) -> np.ndarray:
+    """Samples of one segment that sweep in azimuth direction ``direction`` (+1: azimuth increasing,
+    −1: decreasing; docs/mapmaking.md#createmap-and-its-variants).
+
+    The azimuth velocity is the central difference of the unwrapped azimuth smoothed over 5 samples;
+    samples slower than :data:`TURNAROUND_SPEED_FRACTION` of the segment's median speed (turnarounds,
+    a segment that does not move) and samples without a finite azimuth belong to neither direction.
+
+    Parameters
+    ----------
+    az_deg : ndarray, shape (N,)
+        Azimuth of the feed (deg).
+    direction : {+1, −1}
+
+    Returns
+    -------
+    ndarray of bool, shape (N,)
+    """
+    from scipy.ndimage import uniform_filter1d
+
+    az = np.asarray(az_deg, dtype=np.float64)
+    finite = np.isfinite(az)
+    if finite.sum() < 2:
+        return np.zeros(az.shape, dtype=bool)
+    idx = np.arange(az.size)
+    filled = np.interp(idx, idx[finite], np.unwrap(az[finite], period=360.0))
+    velocity = uniform_filter1d(np.gradient(filled), 5, mode="nearest")
+    speed = np.median(np.abs(velocity[finite]))
+    moving = np.abs(velocity) > TURNAROUND_SPEED_FRACTION * speed
+    return finite & moving & (np.sign(velocity) == np.sign(direction))
+
+
 def read_file_segments(
     path: str, plans: list[SegmentPlan], settings: ReaderSettings, geometry: MapGeometry
 ) -> dict[str, Any]:
@@ -335,6 +375,8 @@ def read_file_segments(
             w = np.full(p.n, 1.0 / sigma**2, dtype=np.float32)
             flags = read_sample_flags(l2, p.ifeed, sl)
             bad = ~np.isfinite(x) | excluded_samples(flags)
+            if settings.scan_direction is not None:
+                bad |= ~scan_direction_samples(l2[PIXEL_AZ][p.ifeed, sl], settings.scan_direction)
             w[bad] = 0.0
             x[bad] = 0.0
             ra = l2[PIXEL_RA][p.ifeed, sl]
@@ -528,4 +570,5 @@ __all__ = [
     "prepass_file",
     "read_segments",
     "sample_pointing",
+    "scan_direction_samples",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.level2 import FEEDS, MJD, NOISE_STATS, PIXEL_EL, SCAN_EDGES
+from utils.level2 import FEEDS, MJD, NOISE_STATS, PIXEL_DEC, PIXEL_EL, PIXEL_RA, SCAN_EDGES
 
 ELEVATION_REASON = "pointing not finite or elevation out of (0, 90)"
 
@@ -148,4 +148,58 @@ def elevation_ok(scans: ScanTable, ifeed: int, scan: int) -> bool:
     return bool(np.all(np.isfinite(elev)) and np.all((elev > 0) & (elev < 90)))
 
 
-__all__ = ["ELEVATION_REASON", "ScanTable", "SegmentSelection", "elevation_ok", "noise_group", "scan_table"]
+def segment_hour_angle_deg(plans: list[Any]) -> np.ndarray:
+    """Hour angle (deg) of each segment's mean pointing at its mid-time, for the ``rising_setting`` split
+    (docs/mapmaking.md#createmap-and-its-variants).
+
+    The mean pointing is the normalised mean of the unit vectors of the segment's finite ICRS
+    samples (its feed, ``[start, stop)``); a segment without any gives NaN.
+
+    Parameters
+    ----------
+    plans : list
+        Segments with ``path``, ``ifeed``, ``start``, ``stop`` and ``mjd_mid`` (MJD, UTC).
+
+    Returns
+    -------
+    ndarray of float64, shape (len(plans),)
+        Negative: the field is east of the meridian (rising); positive: setting.
+    """
+    import h5py
+
+    from utils.coordinates import hour_angle_deg
+
+    ra = np.full(len(plans), np.nan)
+    dec = np.full(len(plans), np.nan)
+    by_file: dict[str, list[int]] = {}
+    for k, p in enumerate(plans):
+        by_file.setdefault(p.path, []).append(k)
+    for path, ks in by_file.items():
+        with h5py.File(path, "r", locking=False) as l2:
+            for k in ks:
+                p = plans[k]
+                a = np.radians(np.asarray(l2[PIXEL_RA][p.ifeed, p.start : p.stop], dtype=np.float64))
+                d = np.radians(np.asarray(l2[PIXEL_DEC][p.ifeed, p.start : p.stop], dtype=np.float64))
+                ok = np.isfinite(a) & np.isfinite(d)
+                if not ok.any():
+                    continue
+                v = np.array([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])[:, ok].mean(axis=1)
+                ra[k] = math.degrees(math.atan2(v[1], v[0])) % 360.0
+                dec[k] = math.degrees(math.atan2(v[2], math.hypot(v[0], v[1])))
+    ha = np.full(len(plans), np.nan)
+    known = np.isfinite(ra)
+    if known.any():
+        mjd = np.array([p.mjd_mid for p in plans], dtype=np.float64)
+        ha[known] = hour_angle_deg(ra[known], dec[known], mjd[known])
+    return ha
+
+
+__all__ = [
+    "ELEVATION_REASON",
+    "ScanTable",
+    "SegmentSelection",
+    "elevation_ok",
+    "noise_group",
+    "scan_table",
+    "segment_hour_angle_deg",
+]

@@ -34,6 +34,7 @@ from modules.MapMaking.read_data import (
     compress_pixels,
     describe_counts,
 )
+from modules.MapMaking.segments import segment_hour_angle_deg
 
 SplitMode = Literal[
     "none",
@@ -43,12 +44,18 @@ SplitMode = Literal[
     "first_second_half",
     "alternate_obs",
     "custom",
+    "scan_direction",
+    "rising_setting",
+    "feed_halves",
 ]
 TWO_WAY = {
     "day_night": ("_day", "_night"),
     "odd_even_scans": ("_jkA", "_jkB"),
     "first_second_half": ("_jkA", "_jkB"),
     "alternate_obs": ("_jkA", "_jkB"),
+    "scan_direction": ("_jkA", "_jkB"),
+    "rising_setting": ("_jkA", "_jkB"),
+    "feed_halves": ("_jkA", "_jkB"),
 }
 
 
@@ -57,7 +64,8 @@ class MapJobSpec:
     """One concrete map: band, channel, split and the observations/segments it takes.
 
     ``obsids`` restricts the observations (None = the whole selection); ``segment_filter`` names a
-    segment-level split ('day', 'night', 'even', 'odd'); ``feeds`` restricts the feeds.
+    segment-level split ('day', 'night', 'even', 'odd', 'rising', 'setting'); ``feeds`` restricts the
+    feeds; ``scan_direction`` (+1/−1) keeps the samples sweeping in increasing/decreasing azimuth.
     """
 
     band: int
@@ -69,6 +77,7 @@ class MapJobSpec:
     label_feeds: list[int] = field(default_factory=list)
     output_path: Path = Path()
     pair: tuple[str, str] | None = None
+    scan_direction: int | None = None
 
 
 @dataclass(kw_only=True, eq=False)
@@ -109,7 +118,9 @@ class CreateMap(
         Destriper settings (samples, —, —, —, iterations).
     split_mode : str
         ``none``, ``per_feed``, ``day_night``, ``odd_even_scans``, ``first_second_half``,
-        ``alternate_obs`` or ``custom``.
+        ``alternate_obs``, ``custom``, ``scan_direction`` (samples by the sign of the azimuth velocity),
+        ``rising_setting`` (segments by the sign of the hour angle) or ``feed_halves`` (alternate
+        feeds); docs/mapmaking.md#createmap-and-its-variants.
     sun_elevation_threshold_deg : float
         Day/night boundary (Sun altitude at each scan's mid-time).
     split_groups : dict, optional
@@ -176,13 +187,30 @@ class CreateMap(
         mode = params["split_mode"] or cls.default_split_mode
         if mode == "custom" and not isinstance(params["split_groups"], dict):
             problems.append("split_mode='custom' needs split_groups = {label: [obsids]}")
+        clip = params["clip_percentiles"]
+        if clip is not None:
+            # percentiles of the edge clipping (docs/mapmaking.md#name-and-hdus): alone they do nothing
+            if not params["edge_clip"]:
+                problems.append("clip_percentiles acts only with edge_clip=True")
+            if not (
+                isinstance(clip, list | tuple)
+                and len(clip) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in clip)
+                and 0 <= clip[0] < clip[1] <= 100
+            ):
+                problems.append(
+                    f"clip_percentiles must be [low, high] with 0 <= low < high <= 100, got {clip!r}"
+                )
         problems += super().parameter_rules(params)
         return problems
 
     # --- outputs ---------------------------------------------------------------------------------
-    def reader_settings(self, band: int, channel: int, feeds: list[int] | None = None) -> ReaderSettings:
-        """The continuum reader's settings for one (band, channel), optionally restricted to ``feeds``."""
-        given: dict[str, Any] = {"band": band, "channel": channel}
+    def reader_settings(
+        self, band: int, channel: int, feeds: list[int] | None = None, scan_direction: int | None = None
+    ) -> ReaderSettings:
+        """The continuum reader's settings for one (band, channel), optionally restricted to ``feeds``
+        and to the samples sweeping in azimuth direction ``scan_direction`` (+1/−1)."""
+        given: dict[str, Any] = {"band": band, "channel": channel, "scan_direction": scan_direction}
         if feeds is not None:
             given["feeds"] = list(feeds)
         return self.settings(ReaderSettings, **given)
@@ -220,13 +248,21 @@ class CreateMap(
         elif mode == "custom":
             for label, ids in (self.split_groups or {}).items():
                 splits.append((f"_{label}", {"obsids": [int(i) for i in ids]}))
+        elif mode == "scan_direction":
+            splits += [("_jkA", {"scan_direction": 1}), ("_jkB", {"scan_direction": -1})]
+        elif mode == "rising_setting":
+            splits += [("_jkA", {"segment_filter": "rising"}), ("_jkB", {"segment_filter": "setting"})]
+        elif mode == "feed_halves":
+            # both halves carry the whole selection's feed label, so that A and B differ only by suffix
+            for suffix, half in (("_jkA", base_feeds[0::2]), ("_jkB", base_feeds[1::2])):
+                splits.append((suffix, {"feeds": [int(f) for f in half], "label_feeds": base_feeds}))
         pair = TWO_WAY.get(mode)
         jobs = []
         for band in self.bands:
             for channel in self.channels:
                 for suffix, kw in splits:
                     feeds = kw.get("feeds", self.feeds)
-                    label_feeds = kw.get("feeds", base_feeds)
+                    label_feeds = kw.get("label_feeds", kw.get("feeds", base_feeds))
                     name = f"{self.map_name}_band{band}_ch{channel}_{feed_label(label_feeds)}{suffix}.fits"
                     jobs.append(
                         MapJobSpec(
@@ -239,20 +275,22 @@ class CreateMap(
                             label_feeds=list(label_feeds),
                             output_path=Path(self.output_dir) / name,
                             pair=pair,
+                            scan_direction=kw.get("scan_direction"),
                         )
                     )
         return jobs
 
     def output_identity(self, output: MapJobSpec) -> dict[str, Any]:
-        return {
-            "job": {
-                "band": output.band,
-                "channel": output.channel,
-                "suffix": output.suffix,
-                "feeds": output.feeds,
-                "segment_filter": output.segment_filter,
-            }
+        job: dict[str, Any] = {
+            "band": output.band,
+            "channel": output.channel,
+            "suffix": output.suffix,
+            "feeds": output.feeds,
+            "segment_filter": output.segment_filter,
         }
+        if output.scan_direction is not None:  # absent otherwise: the hashes of older maps hold
+            job["scan_direction"] = output.scan_direction
+        return {"job": job}
 
     # --- making one map --------------------------------------------------------------------------
     def _geometry(self, inputs: JobInputs):
@@ -282,6 +320,11 @@ class CreateMap(
             day = alt >= threshold_deg
             want = spec.segment_filter == "day"
             return [p for p, d in zip(plans, day) if d == want]
+        if spec.segment_filter in ("rising", "setting"):
+            # hour angle of the segment's mean pointing at its mid-time; NaN (no pointing) goes nowhere
+            ha = segment_hour_angle_deg(plans)
+            keep = ha < 0 if spec.segment_filter == "rising" else ha >= 0
+            return [p for p, k in zip(plans, keep) if k]
         # odd/even: scans numbered in time order across the selection
         scans = sorted({(p.mjd_mid, p.obsid, p.scan) for p in plans})
         number = {(o, s): k for k, (_m, o, s) in enumerate(scans)}
@@ -295,7 +338,9 @@ class CreateMap(
         name = spec.output_path.name
         selected = [o for o in inputs.observations if spec.obsids is None or o.obsid in spec.obsids]
         reader = Level2DataReader(
-            self.reader_settings(spec.band, spec.channel, spec.feeds), inputs.table, inputs.flags
+            self.reader_settings(spec.band, spec.channel, spec.feeds, spec.scan_direction),
+            inputs.table,
+            inputs.flags,
         )
         plans = self._filter_segments(reader.prepass(selected), spec, self.sun_elevation_threshold_deg)
         if not plans:
