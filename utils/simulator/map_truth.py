@@ -218,11 +218,12 @@ def null_statistics(
 
     With z = diff/RMS on the N pixels of ``use``, χ²/N = mean(z²). For Gaussian z with correlation
     ρ_ij, Var(Σ z²) = 2 Σ_ij ρ_ij², so χ²/N scatters by sqrt(2/N_eff) with
-    N_eff = N² / Σ_ij ρ_ij² (N_eff = N for independent pixels). Σ_ij ρ_ij² is estimated from the
-    map's own autocorrelation: for each lag within ``max_lag`` pixels on either axis, n(lag) pixel
-    pairs with correlation ρ̂(lag) contribute n(lag)·ρ̂(lag)², minus 1 (the expectation of that term
-    for uncorrelated pixels, whose ρ̂ scatters by 1/sqrt(n)). Correlations beyond ``max_lag`` are
-    left out, so N_eff is an upper bound when the noise is correlated over longer distances.
+    N_eff = N² / Σ_ij ρ_ij² (N_eff = N for independent pixels). With S = Σ_ij ρ_ij² / N, the map's own
+    autocorrelation gives T = Σ_lag n(lag)·ρ̂(lag)² over the L non-zero lags within ``max_lag`` pixels
+    on either axis that have at least 10 pixel pairs n(lag). Each ρ̂ scatters by sqrt(S/n(lag))
+    (Bartlett), so E[T] ≈ (N·S − N) + L·S and S = (N + T)/(N + L); N_eff = N/S. Correlations beyond
+    ``max_lag`` are left out, so N_eff is an upper bound when the noise is correlated over longer
+    distances.
 
     Returns
     -------
@@ -246,11 +247,12 @@ def null_statistics(
     sl = (slice(max(cy - max_lag, 0), cy + max_lag + 1), slice(max(cx - max_lag, 0), cx + max_lag + 1))
     c, p = corr[sl], pairs[sl]
     ok = p >= 10
-    rho = np.where(ok, c / np.where(ok, p, 1.0) / var, 0.0)
-    term = np.where(ok, p * rho**2 - 1.0, 0.0)
-    term[cy - sl[0].start, cx - sl[1].start] = n  # lag 0: ρ = 1 exactly, n pairs
-    total = max(float(term.sum()), float(n))
-    return {"chi2_per_pixel": chi2, "n_pixels": n, "n_eff": float(n) ** 2 / total}
+    ok[cy - sl[0].start, cx - sl[1].start] = False  # lag 0 is n exactly
+    rho = c[ok] / p[ok] / var
+    t_sum = float(np.sum(p[ok] * rho**2))
+    n_lags = int(ok.sum())
+    s_mean = max((n + t_sum) / (n + n_lags), 1.0)
+    return {"chi2_per_pixel": chi2, "n_pixels": n, "n_eff": n / s_mean}
 
 
 def jackknife_row(diff_path: str | os.PathLike) -> dict[str, object]:
@@ -273,7 +275,7 @@ def jackknife_row(diff_path: str | os.PathLike) -> dict[str, object]:
     diff = diff - float(np.sum(w * diff[use]) / np.sum(w))
     stats = null_statistics(diff, rms, use)
     out.update({"chi2_per_pixel": stats["chi2_per_pixel"], "n_pixels": stats["n_pixels"]})
-    out["n_eff"] = float(stats["n_eff"])
+    out["n_eff"] = round(float(stats["n_eff"]))
     if "rms_white" in m:
         white = m["rms_white"].astype(np.float64)
         ok = use & np.isfinite(white) & (white > 0)
