@@ -129,7 +129,8 @@ def row_tsys(obs: ObservationFiles) -> dict[str, object]:
 def _gain_ratio(l1, idx) -> np.ndarray:
     """True gain / expected vane gain (mean over events), per (level-2 feed, band, channel)."""
     gain = l1["truth/instrument/gain"][...][idx]
-    expected = np.nanmean(l1["truth/vane/gain_expected"][...], axis=0)[idx]
+    # the level-2 (science) feeds only: the ground feed's all-NaN row would warn
+    expected = np.nanmean(l1["truth/vane/gain_expected"][...][:, idx], axis=0)
     return gain / expected
 
 
