@@ -102,7 +102,8 @@ def test_jackknife_difference_is_noise(truth_field, split_mode):
     mean is removed (one degree of freedom of N); pixels MASK = 0 with finite difference and RMS. N_eff =
     N²/Σ_ij ρ_ij² from the autocorrelation of diff/RMS (``null_statistics``): correlated pixels
     (the destriper's offsets run along the scans) count less; χ²/N then scatters by sqrt(2/N_eff),
-    and 10 % is a 3σ bound only when N_eff ≥ 1800."""
+    and 10 % is a 3σ bound only when N_eff ≥ 1800. No pixel is masked: the halves share the
+    calibration model and see the field at the same elevations, so the sky cancels."""
     name = f"JK_{split_mode}"
     files, log = truth_field.make_maps(name, split_mode=split_mode, write_difference=True)
     diff_files = [f for f in files if f.name.endswith("_diff.fits")]
@@ -111,7 +112,9 @@ def test_jackknife_difference_is_noise(truth_field, split_mode):
         pytest.fail(f"split_mode={split_mode!r} wrote no _diff map: " + " | ".join(errors or [log[-2000:]]))
     stats = jackknife_row(diff_files[0])
     tolerance = max(0.10, three_sigma(stats["n_eff"]))
-    assert stats["n_pixels"] > 500, stats
+    # rising and setting CES strips overlap only where they cross (~300 pixels here); the tolerance
+    # follows from N_eff, the floor keeps it below ±0.35
+    assert stats["n_pixels"] >= 200, stats
     assert abs(stats["chi2_per_pixel"] - 1.0) <= tolerance, {**stats, "tolerance": tolerance}
 
 
