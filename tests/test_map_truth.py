@@ -113,7 +113,7 @@ def test_jackknife_difference_is_noise(truth_field, split_mode):
     stats = jackknife_row(diff_files[0])
     tolerance = max(0.10, three_sigma(stats["n_eff"]))
     # rising and setting CES strips overlap only where they cross (~300 pixels here); the tolerance
-    # follows from N_eff, the floor keeps it below ±0.35
+    # follows from N_eff, the floor only keeps the test off a handful of pixels
     assert stats["n_pixels"] >= 200, stats
     assert abs(stats["chi2_per_pixel"] - 1.0) <= tolerance, {**stats, "tolerance": tolerance}
 

@@ -256,8 +256,8 @@ def null_statistics(
 
 
 def jackknife_row(diff_path: str | os.PathLike) -> dict[str, object]:
-    """χ²/N, N and N_eff of a ``_diff`` map against its RMS HDU (and, when the map has one, χ²/N
-    against the white-noise RMS_WHITE HDU).
+    """χ²/N, N, N_eff and the 3σ scatter 3·sqrt(2/N_eff) of a ``_diff`` map against its RMS HDU (and,
+    when the map has one, χ²/N against the white-noise RMS_WHITE HDU).
 
     Pixels: MASK = 0 with finite difference and RMS. The destriper leaves each half's zero level
     free, so the difference's weighted mean (weights 1/RMS²) is removed first: one degree of
@@ -276,6 +276,7 @@ def jackknife_row(diff_path: str | os.PathLike) -> dict[str, object]:
     stats = null_statistics(diff, rms, use)
     out.update({"chi2_per_pixel": stats["chi2_per_pixel"], "n_pixels": stats["n_pixels"]})
     out["n_eff"] = round(float(stats["n_eff"]))
+    out["3sigma"] = 3.0 * float(np.sqrt(2.0 / stats["n_eff"])) if stats["n_eff"] > 0 else float("nan")
     if "rms_white" in m:
         white = m["rms_white"].astype(np.float64)
         ok = use & np.isfinite(white) & (white > 0)
