@@ -127,6 +127,16 @@ def small_archive(tmp_path_factory) -> SimulatedArchive:
     return _build_archive(tmp_path_factory, "test-small")
 
 
+@pytest.fixture(scope="session")
+def truth_field(tmp_path_factory):
+    """A field with five crossing CES observations and a Tau A observation, reduced by the shipped
+    level-2 chain and the demo's CalibrationModel (tests/truth_field.py); ``truth_field.make_maps``
+    runs CreateMap jobs at default settings. About a minute of CPU."""
+    from truth_field import TruthField
+
+    return TruthField(tmp_path_factory.mktemp("truth-field"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Running the pipeline in a scratch directory
 # --------------------------------------------------------------------------------------------------

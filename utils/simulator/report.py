@@ -129,7 +129,8 @@ def row_tsys(obs: ObservationFiles) -> dict[str, object]:
 def _gain_ratio(l1, idx) -> np.ndarray:
     """True gain / expected vane gain (mean over events), per (level-2 feed, band, channel)."""
     gain = l1["truth/instrument/gain"][...][idx]
-    expected = np.nanmean(l1["truth/vane/gain_expected"][...], axis=0)[idx]
+    # the level-2 (science) feeds only: the ground feed's all-NaN row would warn
+    expected = np.nanmean(l1["truth/vane/gain_expected"][...][:, idx], axis=0)
     return gain / expected
 
 
@@ -227,132 +228,57 @@ def row_noise(obs: ObservationFiles) -> dict[str, object] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Maps against the truth sky (docs/mapmaking.md#end-to-end-map-validation)
+# Maps against the truth sky and jackknife differences (docs/mapmaking.md#end-to-end-map-validation)
 # --------------------------------------------------------------------------------------------------
-def _truth_sky(observations: list[ObservationFiles], source: str):
-    """(truth maps with their header, reference frequencies, components, l0, b0) of ``source``."""
-    maps = []
-    for obs in observations:
-        with h5py.File(obs.level1, "r", locking=False) as l1:
-            if str(l1["comap"].attrs.get("source", "")) != source or "truth/sky/map" not in l1:
-                continue
-            g = l1["truth/sky"]
-            header = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
-            comps = g["components"][...] if "components" in g else None
-            maps.append((g["map"][...], g["frequency_ghz"][...], header, comps))
-    return maps
+def _galactic_truth(level1: Path) -> bool:
+    with h5py.File(level1, "r", locking=False) as f:
+        return "truth/sky/map" in f and str(f["truth/sky"].attrs.get("kind", "")) == "galactic"
 
 
-def _sample_truth(truth, freq_ghz: float, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """Bilinear interpolation of the truth map nearest in frequency at (lon, lat) (deg)."""
-    from astropy.wcs import WCS
-    from scipy.ndimage import map_coordinates
-
-    data, freqs, header, _ = truth
-    k = int(np.argmin(np.abs(np.asarray(freqs) - freq_ghz)))
-    w = WCS(naxis=2)
-    w.wcs.ctype = [header["CTYPE1"], header["CTYPE2"]]
-    w.wcs.crpix = [header["CRPIX1"], header["CRPIX2"]]
-    w.wcs.cdelt = [header["CDELT1"], header["CDELT2"]]
-    w.wcs.crval = [header["CRVAL1"], header["CRVAL2"]]
-    x, y = w.world_to_pixel_values(lon, lat)
-    return map_coordinates(data[k].astype(np.float64), [y, x], order=1, mode="constant", cval=np.nan)
-
-
-def map_validation(
-    map_path: str | os.PathLike,
-    truth,
-    *,
-    min_hits: int = 20,
-    beams: float = 2.0,
-    beam_fwhm_arcmin: float = 4.5,
-) -> dict[str, object]:
-    """χ²/N of (map − a·truth − b)/RMS off the compact sources, and HII peak ratios
-    (docs/mapmaking.md#end-to-end-map-validation)."""
-    from astropy.io import fits
-    from scipy import ndimage
-
-    from utils.wcs import WCS_KEYS, MapGeometry, pixel_centres
-
-    with fits.open(map_path, memmap=False) as hdul:
-        header = hdul[0].header
-        sky = hdul["DESTRIPED"].data.astype(np.float64)
-        rms = hdul["RMS"].data.astype(np.float64)
-        hits = hdul["HITS"].data
-    geo = MapGeometry({k: header[k] for k in WCS_KEYS})
-    freq = float(header["FREQ"]) / 1e9
-    lon, lat = pixel_centres(geo)
-    truth_map = _sample_truth(truth, freq, lon, lat)
-    pix_arcmin = abs(float(header["CDELT1"])) * 60.0
-    fwhm = beam_fwhm_arcmin * 30.0 / freq
-    margin = max(1, int(round(beams * fwhm / pix_arcmin)))
-    inside = ndimage.binary_erosion(hits > 0, iterations=margin)
-    region = inside & (hits >= min_hits) & np.isfinite(sky) & np.isfinite(rms) & np.isfinite(truth_map)
-    _data, _freqs, th, comps = truth
-    l0, b0 = float(th.get("l0_deg", 0.0)), float(th.get("b0_deg", 0.0))
-    hii = (
-        [c for c in comps if (c["kind"].decode() if isinstance(c["kind"], bytes) else c["kind"]) == "hii"]
-        if comps is not None
-        else []
-    )
-    far = np.ones_like(region)
-    for c in hii:
-        d = np.hypot(
-            ((lon - l0 - c["dl_deg"] + 180) % 360 - 180) * np.cos(np.radians(lat)), lat - b0 - c["db_deg"]
-        )
-        far &= d * 60.0 > beams * fwhm
-    use = region & far
-    out: dict[str, object] = {"map": os.path.basename(str(map_path)), "freq_ghz": freq}
-    if use.sum() < 10:
-        return {**out, "note": "too few pixels for the comparison"}
-    w = 1.0 / rms[use] ** 2
-    design = np.stack([truth_map[use], np.ones(use.sum())], axis=1)
-    coef = np.linalg.lstsq(design * np.sqrt(w)[:, None], sky[use] * np.sqrt(w), rcond=None)[0]
-    chi2 = float(np.sum(w * (sky[use] - design @ coef) ** 2) / use.sum())
-    out.update({"chi2_per_pixel": chi2, "scale_a": float(coef[0]), "n_pixels": int(use.sum())})
-    for k, c in enumerate(hii[:2], start=1):
-        d = (
-            np.hypot(
-                ((lon - l0 - c["dl_deg"] + 180) % 360 - 180) * np.cos(np.radians(lat)), lat - b0 - c["db_deg"]
-            )
-            * 60.0
-        )
-        core = (d <= 0.5 * fwhm) & np.isfinite(sky) & (hits > 0)
-        ring = (d >= 2 * fwhm) & (d <= 3 * fwhm) & np.isfinite(sky) & np.isfinite(truth_map) & (hits > 0)
-        if core.sum() == 0 or ring.sum() < 5:
-            continue
-        peak = np.max(sky[core]) - np.median(sky[ring])
-        tpeak = np.nanmax(truth_map[core]) - np.nanmedian(truth_map[ring])
-        out[f"hii{k}_peak/truth"] = float(peak / tpeak)
-    return out
-
-
-def map_rows(root: str | os.PathLike, observations: list[ObservationFiles]) -> list[dict[str, object]]:
-    """One row per continuum map of a simulated field found under ``root`` (band 1, channel 0 first)."""
+def _continuum_maps(root: str | os.PathLike) -> list[tuple[Path, tuple[int, int]]]:
+    """(path, (OBSIDMIN, OBSIDMAX)) of the continuum FITS maps (a DESTRIPED primary HDU) under ``root``."""
     from astropy.io import fits
 
-    rows = []
-    maps = sorted(Path(root).rglob("*.fits"))
-    cache: dict[str, object] = {}
-    for path in maps:
-        if path.name.endswith("_diff.fits"):
-            continue
+    out = []
+    for path in sorted(Path(root).rglob("*.fits")):
         try:
             with fits.open(path, memmap=False) as hdul:
                 header = hdul[0].header
                 if "DESTRIPED" not in [h.name for h in hdul] and header.get("EXTNAME") != "DESTRIPED":
                     continue
-                obj = str(header.get("OBJECT", ""))
+                out.append((path, (int(header.get("OBSIDMIN", -1)), int(header.get("OBSIDMAX", -1)))))
         except OSError:
             continue
-        if obj not in cache:
-            truths = _truth_sky(observations, obj)
-            cache[obj] = truths[0] if truths else None
-        truth = cache[obj]
-        if truth is None or truth[2].get("kind") != "galactic":
+    return out
+
+
+def map_rows(root: str | os.PathLike, observations: list[ObservationFiles]) -> list[dict[str, object]]:
+    """One row per continuum map of a simulated Galactic field under ``root`` (not the ``_diff``
+    maps): scale a, offset b, χ²/N off the compact HII regions against the beam-convolved truth
+    binned like the data, and the HII peak ratios (utils/simulator/map_truth.py). The map's
+    observations are those with a level-2 file and a Galactic truth map whose obsid lies in the
+    map's OBSIDMIN–OBSIDMAX."""
+    from utils.simulator.map_truth import binned_truth, compare_with_truth, hii_positions
+
+    fields = [o for o in observations if o.level2 is not None and _galactic_truth(o.level1)]
+    rows = []
+    for path, (lo, hi) in _continuum_maps(root):
+        if path.name.endswith("_diff.fits"):
             continue
-        rows.append(map_validation(path, truth))
+        pairs = [(o.level1, o.level2) for o in fields if lo <= o.obsid <= hi]
+        if not pairs:
+            continue
+        truth = binned_truth(path, pairs)
+        rows.append(compare_with_truth(path, truth, hii_positions(pairs[0][0])))
     return rows
+
+
+def jackknife_rows(root: str | os.PathLike) -> list[dict[str, object]]:
+    """One row per jackknife difference map (``*_diff.fits``) under ``root``: χ²/N against the RMS
+    HDU (and RMS_WHITE where present), N and N_eff (utils/simulator/map_truth.py ``jackknife_row``)."""
+    from utils.simulator.map_truth import jackknife_row
+
+    return [jackknife_row(path) for path, _ in _continuum_maps(root) if path.name.endswith("_diff.fits")]
 
 
 ROW_KINDS: list[tuple[str, Callable[[ObservationFiles], dict[str, object] | None]]] = [
@@ -410,7 +336,22 @@ def build_report(root: str | os.PathLike) -> str:
             blocks.append(format_table(title, rows))
     rows = map_rows(root, observations)
     if rows:
-        blocks.append(format_table("Continuum maps vs truth sky (after fitting scale a and offset b)", rows))
+        blocks.append(
+            format_table(
+                "Continuum maps vs the beam-convolved truth binned like the data "
+                "(fitted scale a and offset b; χ²/N off the compact HII regions)",
+                rows,
+            )
+        )
+    rows = jackknife_rows(root)
+    if rows:
+        blocks.append(
+            format_table(
+                "Jackknife differences (A − B)/2: χ²/N against the RMS HDU (weighted mean removed), "
+                "N pixels and N_eff (χ²/N scatters by sqrt(2/N_eff))",
+                rows,
+            )
+        )
     from utils.simulator.cube_report import cube_rows
 
     rows = cube_rows(root, [o.level1 for o in observations])
