@@ -27,6 +27,7 @@ from modules.MapMaking.job_parameters import (
 )
 from modules.MapMaking.line_cube import (
     Cube,
+    channel_correlation,
     cube_from_sums,
     cube_quicklook_png,
     destripe_channels,
@@ -36,6 +37,7 @@ from modules.MapMaking.line_cube import (
 from modules.MapMaking.product import MapProduct
 from modules.MapMaking.read_data import describe_counts
 from modules.MapMaking.read_line_data import (
+    ONE_SIDED_NOTE,
     ContinuumMode,
     LineDataReader,
     LineReaderSettings,
@@ -322,7 +324,10 @@ class CreateLineMap(
         with inputs.read_progress(len({p.path for p in plans}), name) as bar:
             acc = reader.read(plans, geometry, executor=executor, progress=bar)
         for note in acc.notes:
-            log.info("%s: %s", name, note)
+            if ONE_SIDED_NOTE in note:  # docs/mapmaking.md#masked-channels
+                log.warning("%s: %s: the baseline is extrapolated across the line (LINE BASEk)", name, note)
+            else:
+                log.info("%s: %s", name, note)
         if acc.hit.size == 0 or not (acc.acc_w > 0).any():
             raise MapJobFailed(
                 f"no data for cube {name}: no sample with weight lands on the map "
@@ -352,7 +357,7 @@ class CreateLineMap(
                 path.with_suffix(".png"),
                 geometry,
                 acc.hit,
-                Cube(line, rms, continuum),
+                Cube(line, rms, continuum, correlation=channel_correlation(acc, settings)),
                 grid.velocities_kms,
                 settings.mask_kms,
                 mask.ravel()[acc.hit] != 0,
