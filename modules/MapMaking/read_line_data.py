@@ -10,12 +10,16 @@ counting the reasons. The **read** then, per accepted segment and line:
    (docs/level2.md#sample-flags), divides by the vane gain interpolated to the scan
    (docs/level2.md#calibration-per-scan) and by the calibration factor, and weights each channel
    by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
-2. subtracts each channel's median over the scan;
+2. subtracts each channel's level over the scan, from its quiet samples chosen without their own
+   noise (docs/mapmaking.md#channel-levels);
 3. subtracts a polynomial baseline in velocity fitted to the line-free channels of every sample
-   (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image;
+   (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image, and
+   flags a line whose line-free channels with weight lie on one side only
+   (docs/mapmaking.md#masked-channels);
 4. regrids the channels onto the LSRK radio-velocity grid with linear weights and accumulates
-   ``Σ f w y``, ``Σ f w`` and ``Σ f² w`` per pixel and velocity channel (Cython ``bin_cube``), or per
-   sample for the per-channel destriper.
+   ``Σ f w y`` and ``Σ f w`` per pixel and velocity channel (Cython ``bin_cube``), or per sample for
+   the per-channel destriper, with the noise variance of ``Σ f w y`` propagated through the levels,
+   the baseline and the deposit (docs/mapmaking.md#noise-of-the-cube).
 
 One worker handles one file and returns accumulators over the pixels that file hits; the
 coordinator adds them on the union of hit pixels, so memory follows the observed area

@@ -128,15 +128,16 @@ class CreateLineMap(
     continuum_subtraction : {'spectrum', 'pixel', 'none'}
         Per sample before binning (default), per pixel spectrum after binning, or none.
     level_stride : int
-        Every ``level_stride``-th sample enters each channel's median level over the scan. 1 (all
+        Every ``level_stride``-th sample enters each channel's level over the scan. 1 (all
         samples) by default: the level's noise is common to every pixel of the scan, so thinning it
         adds a fixed spectral pattern (at 1024 channels, stride 10 gives about 0.009 K per channel,
         more than the white noise of a 60-pixel average of a 4-minute raster).
-    quiet_fraction : float, optional
-        Take each channel's level from the samples whose line-free continuum is in this lowest
-        fraction of the scan (an emission-free reference), instead of the whole scan. Use it when a
-        line source fills much of the scan (a raster centred on it): the whole-scan median then
-        removes part of the line (23 % of the integrated intensity on ``rrl-fullres``).
+    quiet_fraction : float
+        Each channel's level comes from the samples whose continuum is in this faintest fraction of
+        the scan, chosen on one sample of each pair and measured on the other so that the noise
+        that makes a sample look quiet does not bias it (docs/mapmaking.md#channel-levels). 1 is
+        the median over the whole scan, which removes part of a line that fills the scan (23 % of
+        the integrated intensity on ``rrl-fullres``).
     spectral_axis : {'VRAD', 'FREQ'}
         Spectral axis of the FITS cube (FREQ is not allowed for a stack).
     destripe_channels : bool
