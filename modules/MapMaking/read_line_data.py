@@ -129,11 +129,13 @@ class LineReaderSettings(SegmentSelection):
     per_sample: bool
     level_stride: int
     quiet_fraction: float
+    mask_center_kms: float | None = None  # the velocity the mask is relative to; default the grid's
 
     @property
     def mask_kms(self) -> tuple[float, float]:
-        """The line mask in absolute LSRK velocity (km/s)."""
-        c = self.grid.center_kms
+        """The line mask in absolute LSRK velocity (km/s), about the requested centre (the grid's
+        centre may have moved onto a native channel)."""
+        c = self.grid.center_kms if self.mask_center_kms is None else self.mask_center_kms
         return c + float(self.line_mask_kms[0]), c + float(self.line_mask_kms[1])
 
 

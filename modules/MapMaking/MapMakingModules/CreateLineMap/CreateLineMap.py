@@ -122,7 +122,7 @@ class CreateLineMap(
         than half a channel onto a native channel (median LSRK correction), so that output channels
         are native ones and regridding neither widens the line nor correlates channels.
     line_mask_kms : [lo, hi]
-        Velocities relative to the centre (km/s) excluded from baseline fits.
+        Velocities relative to ``velocity_center_kms`` (km/s) excluded from baseline fits.
     baseline_order : int
         Polynomial order in velocity of the continuum baseline.
     continuum_subtraction : {'spectrum', 'pixel', 'none'}
@@ -263,6 +263,7 @@ class CreateLineMap(
             per_sample=bool(self.destripe_channels),
             level_stride=int(self.level_stride),
             quiet_fraction=float(self.quiet_fraction),
+            mask_center_kms=float(self.velocity_center_kms),
         )
 
     def output_identity(self, output: CubeSpec) -> dict[str, Any]:
