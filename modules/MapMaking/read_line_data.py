@@ -644,17 +644,17 @@ def read_line_file(
                 yt = np.ascontiguousarray(y.T, dtype=np.float32)
                 noise = window_noise(w, fit, j_lo, f_lo, n_v, level_samples(y.shape[1], settings), power)
                 valid = np.isfinite(y[w > 0]).all(axis=0)
+                on = valid & (local >= 0)
                 if settings.per_sample:
                     regrid_samples(yt, w, j_lo, f_lo, s_sum, s_w, np.zeros_like(s_q), touched)
                     s_q[valid] += noise.ratio[valid, None] * noise.diag[None, :]
                 else:
                     bin_cube(yt, local, w, j_lo, f_lo, acc_sum, acc_w, np.zeros_like(acc_q), touched)
-                    on = valid & (local >= 0)
                     np.add.at(acc_q, local[on], noise.ratio[on, None] * noise.diag[None, :])
-                    # the level's error is common to every sample of the scan: coherent per pixel
-                    n_pix = np.bincount(local[on], minlength=n_hit).astype(np.float64)
-                    acc_q += n_pix[:, None] ** 2 * noise.level_diag[None, :]
-                    chan_cov += float(noise.ratio[on].sum()) * noise.cov
+                # the level's error is common to every sample of the scan: coherent per pixel
+                n_pix = np.bincount(local[on], minlength=n_hit).astype(np.float64)
+                acc_q += n_pix[:, None] ** 2 * noise.level_diag[None, :]
+                chan_cov += float(noise.ratio[on].sum()) * noise.cov
             counted = (touched > 0) & (local >= 0)
             if not counted.any():
                 continue
