@@ -6,7 +6,8 @@ One module-scoped workspace holds four simulated observations reduced to level 2
 * 80001 — the ``rrl-fullres`` preset (raster on HII region 1, 1024 channels, 2026-03-01);
 * 80002 — the same raster on 2026-08-01, when the LSRK correction is ≥ 25 km/s different;
 * 80003 — a 256-channel raster of the same field with no line emission (R = 0);
-* 80004 — a demo-like 128-channel CES of the field (feeds 1–3) with R = 0.6, for the unresolved case.
+* 80004 — a demo-like 128-channel CES of the field (feeds 1–3) with R = 0.6, for the unresolved case;
+* 80005 — 80001 with region 1 at 101 km/s, 0.4 of a native channel from the nearest channel centre.
 
 Tolerances: each test derives the measurement noise from the cube's RMS (scaled by the fit's
 sqrt(χ²/dof) where channels or pixels are correlated) and asserts that the stated tolerance is at
@@ -40,6 +41,7 @@ LINE_JOB = "modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap"
 MAP_JOB = "modules.MapMaking.MapMakingModules.CreateMap.CreateMap"
 H_ALPHA = ["H58a", "H59a", "H60a", "H61a", "H62a"]
 V1 = 95.0  # LSRK velocity of HII region 1 (docs/simulator.md#galactic-field)
+V_OFF = 101.0  # region 1 of 80005: 0.4 of a native channel off the channel centres
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,17 @@ def rrl(tmp_path_factory):
                     HIIRegion(0.00, 0.00, 4.0, 6.0, -2.1, 0.6, 95.0, 25.0),
                     HIIRegion(0.35, -0.10, 3.0, 2.0, -2.1, 0.6, 60.0, 25.0),
                     HIIRegion(-0.40, 0.15, 6.0, 1.5, -2.1, 0.6, -20.0, 25.0),
+                ],
+            ),
+        ),
+        base.replace(
+            obsid=80005,
+            sky=SkySpec(
+                kind="galactic",
+                hii_regions=[
+                    HIIRegion(0.00, 0.00, 4.0, 6.0, -2.1, 0.15, V_OFF, 25.0),
+                    HIIRegion(0.35, -0.10, 3.0, 2.0, -2.1, 0.15, 60.0, 25.0),
+                    HIIRegion(-0.40, 0.15, 6.0, 1.5, -2.1, 0.15, -20.0, 25.0),
                 ],
             ),
         ),
@@ -157,38 +170,163 @@ def fit_gaussian_box(v, s, e, dv):
 # --------------------------------------------------------------------------------------------------
 # 1. Full resolution (rrl-fullres, H59a, VRAD)
 # --------------------------------------------------------------------------------------------------
-def test_full_resolution_line_centre_width_and_integrated_intensity(rrl):
-    l1 = rrl.l1[80001]
-    vc = native_center_kms(l1, "H59a", V1)
-    res = make_cubes(
-        rrl, "full", [f"{LINE_JOB}(map_name='R1', lines=['H59a'], obsids=[80001], velocity_center_kms={vc})"]
+def window_moments(cube, pixels, width: int, skip_kms: float):
+    """Zeroth moments (K km/s) of the mean spectrum of ``pixels`` over consecutive windows of
+    ``width`` channels whose centres lie more than ``skip_kms`` from v1 (line-free), shape (n_win,)."""
+    v = cube.velocities_kms
+    dv = float(np.median(np.diff(v)))
+    spectrum = cube.line[:, pixels].mean(axis=1)
+    free = np.flatnonzero((np.abs(v - V1) > skip_kms) & np.isfinite(spectrum))
+    out = []
+    for run in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1):
+        for k in range(0, run.size - width + 1, width):
+            out.append(spectrum[run[k : k + width]].sum() * dv)
+    return np.asarray(out)
+
+
+def test_full_resolution_absolute_intensity_at_defaults(rrl):
+    """Default settings on both dates of the raster centred on region 1 (the line fills the
+    scan): the on-source zeroth moment over three channels about v1 is within 10 % of the truth,
+    absolutely (no free zero level). Its noise is measured, not assumed: the same ON average over
+    three-channel windows of line-free channels (they carry the channel levels' error common to
+    all pixels of a scan, which the per-pixel RMS cannot spread over pixels); 3σ ≤ 10 % is
+    asserted. With the plain median over the scan (``quiet_fraction=1``) the line that fills the
+    scan is partly taken out (≈ 0.77 of the truth), which the test shows to be a real difference."""
+    both = "lines=['H59a'], obsids=[80001, 80002], velocity_center_kms=95.0"
+    make_cubes(
+        rrl,
+        "abs",
+        [f"{LINE_JOB}(map_name='A', {both})", f"{LINE_JOB}(map_name='M', quiet_fraction=1.0, {both})"],
     )
-    path = rrl.root / "cubes_full" / "R1_H59a.fits"
-    assert "R1_H59a.fits: 1 segment(s) from 1 observation(s), 45 velocity channels" in res.stderr
-    cube = read_cube(path)
-    dv = float(np.median(np.diff(cube.velocities_kms)))
-    assert abs(dv - SPEED_OF_LIGHT_KMS * (2.0 / 1024) / line_frequency_ghz("H59a")) < 1e-6
+    l1 = rrl.l1[80001]
+    ratios = {}
+    for name in ("A", "M"):
+        path = rrl.root / "cubes_abs" / f"{name}_H59a.fits"
+        cube = read_cube(path)
+        dv = float(np.median(np.diff(cube.velocities_kms)))
+        val = cube_validation(path, l1, window_kms=(V1 - 1.6 * dv, V1 + 1.6 * dv))
+        regions, beam30 = read_hii_truth(l1)
+        good = (cube.mask == 0) & np.isfinite(cube.line).all(axis=0)
+        r = angular_separation_deg(cube.lon_deg, cube.lat_deg, regions[0].l_deg, regions[0].b_deg) * 60.0
+        on = good & (r <= beam30 * 30.0 / cube.line_freqs_ghz[0])
+        noise = window_moments(cube, on, 3, 200.0)
+        assert noise.size >= 8, noise
+        sigma = float(np.sqrt(np.mean(noise**2))) / val["m0_on_truth"]
+        ratios[name] = (val["m0_on"] / val["m0_on_truth"], sigma)
+    ratio, sigma = ratios["A"]
+    assert 3 * sigma <= 0.10, ratios
+    assert abs(ratio - 1.0) <= 0.10, ratios
+    assert ratios["M"][0] < ratio - 3 * math.hypot(sigma, ratios["M"][1]), ratios
 
-    # Integrated intensity: M0(p) = a·truth(p) + c over every pixel, three channels about v1
-    # (c absorbs the zero level, see utils/simulator/cube_report.py).
-    val = cube_validation(path, l1, window_kms=(V1 - 1.6 * dv, V1 + 1.6 * dv))
-    sigma_a = val["scale_a_sigma"] * math.sqrt(max(val["chi2_dof"], 1.0))
-    assert 3 * sigma_a <= 0.10, val
-    assert abs(val["scale_a"] - 1.0) <= 0.10, val
 
-    # First moment of the ON spectrum (five channels about v1): within half a channel of v1
-    assert 3 * val["m1_sigma"] <= 0.5 * dv, val
-    assert abs(val["m1_kms"] - V1) <= 0.5 * dv, val
+def test_full_resolution_line_centre_and_width_at_defaults(rrl):
+    """Default grid on 80005, whose region 1 lies 0.4 of a native channel off the channel centres:
+    the grid centre moves onto a native channel (output channels are the native ones, so
+    regridding adds no width). A Gaussian averaged over the channel boxes fitted to the ON spectrum
+    gives the centre within half a channel (≥ 3σ) and the FWHM within 15 % of 25 km/s or 3σ,
+    whichever is larger (σ from the RMS cube scaled by sqrt(χ²/dof); a line 1.3 channels wide
+    between two channels measures its width to about ±1.6 km/s, 3σ ≤ 25 % is asserted). The same
+    channel width centred half a channel off the native channels (what the default grid did
+    before) adds f(1 − f)Δv² ≈ 88 (km/s)² to the line's variance and widens it by more than 3σ."""
+    l1 = rrl.l1[80005]
+    dv = SPEED_OF_LIGHT_KMS * (2.0 / 1024) / line_frequency_ghz("H59a")
+    native = native_center_kms(l1, "H59a", 95.0)
+    res = make_cubes(
+        rrl,
+        "full",
+        [
+            f"{LINE_JOB}(map_name='R5', lines=['H59a'], obsids=[80005], velocity_center_kms=95.0)",
+            f"{LINE_JOB}(map_name='U5', lines=['H59a'], obsids=[80005], "
+            f"velocity_center_kms={native + 0.5 * dv}, velocity_resolution_kms={dv})",
+        ],
+    )
+    assert "R5_H59a.fits: 1 segment(s) from 1 observation(s), 45 velocity channels" in res.stderr
+    offset = abs(V_OFF - native_center_kms(l1, "H59a", V_OFF)) / dv
+    assert 0.3 <= offset <= 0.5, offset  # the source is not centred on a channel
+    fits_ = {}
+    for name in ("R5", "U5"):
+        path = rrl.root / "cubes_full" / f"{name}_H59a.fits"
+        cube = read_cube(path)
+        assert abs(float(np.median(np.diff(cube.velocities_kms))) - dv) < 1e-6
+        s, e, _n_on = on_spectrum(cube, l1)
+        near = np.abs(cube.velocities_kms - V_OFF) <= 100.0
+        fits_[name] = fit_gaussian_box(cube.velocities_kms[near], s[near], e[near], dv)
+    centre = float(read_cube(rrl.root / "cubes_full" / "R5_H59a.fits").header["LINE VCENTER"])
+    assert abs(centre - native) <= 0.01 * dv, (centre, native)  # aligned (pipeline vs truth v_corr)
+    p, sig, chi2 = fits_["R5"]
+    assert 3 * sig[1] <= 0.5 * dv and abs(p[1] - V_OFF) <= 0.5 * dv, (p, sig)
+    assert 3 * sig[2] <= 0.25 * 25.0, (p, sig, chi2)
+    assert abs(p[2] - 25.0) <= max(0.15 * 25.0, 3 * sig[2]), (p, sig, chi2)
+    val = cube_validation(rrl.root / "cubes_full" / "R5_H59a.fits", l1, window_kms=(V_OFF - 30, V_OFF + 30))
+    assert val["v_truth_kms"] == V_OFF
+    assert abs(val["m1_kms"] - V_OFF) <= max(0.5 * dv, 3 * val["m1_sigma"]), val
+    pu, sigu, _ = fits_["U5"]
+    assert pu[2] - p[2] > 3 * math.hypot(sig[2], sigu[2]), (fits_["U5"], fits_["R5"])
 
-    # Width: a Gaussian averaged over the channel boxes fitted to the ON spectrum (the second
-    # moment's noise, ±2.7 km/s here, is too large to test 15 % at 3σ; it is checked loosely).
-    s, e, n_on = on_spectrum(cube, l1)
-    near = np.abs(cube.velocities_kms - V1) <= 100.0
-    p, sig, chi2 = fit_gaussian_box(cube.velocities_kms[near], s[near], e[near], dv)
-    assert 3 * sig[2] <= 0.15 * 25.0, (p, sig, chi2)
-    assert abs(p[2] / 25.0 - 1.0) <= 0.15, (p, sig, chi2)
-    assert abs(p[1] - V1) <= 0.5 * dv
-    assert abs(val["fwhm_kms"] / 25.0 - 1.0) <= 0.15 + 3 * val["fwhm_sigma"] / 25.0, val
+
+def test_rms_plane_matches_the_line_free_scatter(rrl):
+    """χ²/N of LINE/RMS over the line-free channels (|v − v1| > 160 km/s) and unmasked pixels of
+    single-date cubes at defaults is within 5 % of 1. Its σ is measured from the scatter of the
+    per-channel χ²/N (channels share the levels' error across pixels, so pixels are not all
+    independent), divided by sqrt(number of channels); 3σ ≤ 5 % is asserted."""
+    jobs = [
+        f"{LINE_JOB}(map_name='N{o}', lines=['H59a'], obsids=[{o}], velocity_center_kms=95.0)"
+        for o in (80001, 80002)
+    ]
+    make_cubes(rrl, "rmsplane", jobs)
+    per_channel = []
+    for o in (80001, 80002):
+        cube = read_cube(rrl.root / "cubes_rmsplane" / f"N{o}_H59a.fits")
+        good = (cube.mask == 0) & np.isfinite(cube.line).all(axis=0)
+        free = np.abs(cube.velocities_kms - V1) > 160.0
+        z = cube.line[free][:, good] / cube.rms[free][:, good]
+        per_channel.extend((z**2).mean(axis=1))
+    per_channel = np.asarray(per_channel)
+    chi2 = float(per_channel.mean())
+    sigma = float(per_channel.std(ddof=1) / math.sqrt(per_channel.size))
+    assert 3 * sigma <= 0.05, (chi2, sigma, per_channel.size)
+    assert abs(chi2 - 1.0) <= 0.05, (chi2, sigma)
+
+
+def test_moment0_sigma_includes_the_channel_correlations(rrl):
+    """A 12 km/s grid on 18.75 km/s native channels (every output channel shares input channels
+    with its neighbours; LINE CORR1 > 0.2): zeroth moments over windows of four line-free channels
+    (|v − v1| > 200 km/s) per unmasked pixel, divided by their σ from ``moment0_sigma_kkms`` with
+    the header's correlations, have χ²/N within 3σ of 1 (σ from the scatter of the per-window
+    χ²/N), and the σ that treats channels as independent is too small by more than that."""
+    from utils.rrl import moment0_sigma_kkms
+
+    make_cubes(
+        rrl,
+        "m0sigma",
+        [
+            f"{LINE_JOB}(map_name='S', lines=['H59a'], obsids=[80001], velocity_center_kms=95.0, "
+            "velocity_resolution_kms=12.0)"
+        ],
+    )
+    cube = read_cube(rrl.root / "cubes_m0sigma" / "S_H59a.fits")
+    rho1, rhob = cube.correlation
+    assert rho1 > 0.2, cube.correlation
+    v = cube.velocities_kms
+    dv = float(np.median(np.diff(v)))
+    measured = np.isfinite(cube.line).sum(axis=(1, 2))
+    chans = measured >= 0.5 * measured.max()  # edge channels reached by few native channels
+    good = (cube.mask == 0) & np.isfinite(cube.line[chans]).all(axis=0)
+    line, rms = cube.line[:, good].T, cube.rms[:, good].T  # (n_pix, n_v)
+    free = np.flatnonzero((np.abs(v - V1) > 200.0) & chans)
+    chi2, naive = [], []
+    for run in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1):
+        for k in range(0, run.size - 3, 4):
+            lo, hi = v[run[k]] - 0.1 * dv, v[run[k + 3]] + 0.1 * dv
+            sel = (v >= lo) & (v <= hi)
+            m0 = line[:, sel].sum(axis=1) * dv
+            chi2.append(np.mean((m0 / moment0_sigma_kkms(rms, v, (lo, hi), rho1, rhob)) ** 2))
+            naive.append(np.mean((m0 / moment0_sigma_kkms(rms, v, (lo, hi))) ** 2))
+    chi2, naive = np.asarray(chi2), np.asarray(naive)
+    assert chi2.size >= 6, chi2
+    sigma = float(chi2.std(ddof=1) / math.sqrt(chi2.size))
+    assert abs(chi2.mean() - 1.0) <= max(3 * sigma, 0.05), (chi2, sigma)  # 3σ, at least 5 %
+    assert naive.mean() > chi2.mean() + 3 * sigma, (naive, chi2, sigma)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +335,7 @@ def test_full_resolution_line_centre_width_and_integrated_intensity(rrl):
 def test_stack_of_five_lines(rrl):
     l1 = rrl.l1[80001]
     common = "obsids=[80001], velocity_center_kms=95.0, velocity_resolution_kms=20.0"
-    make_cubes(
+    res = make_cubes(
         rrl,
         "stack",
         [
@@ -219,9 +357,16 @@ def test_stack_of_five_lines(rrl):
         assert sum(shares) == pytest.approx(1.0) and min(shares) > 0.1
     window = (V1 - 50.0, V1 + 50.0)
     val = cube_validation(stack, l1, window_kms=window)
-    sigma_a = val["scale_a_sigma"] * math.sqrt(max(val["chi2_dof"], 1.0))
+    # absolute scale through the origin over every pixel (truth = weighted mean of the five
+    # lines' truths); its σ scaled by sqrt(χ²/N) for what the per-pixel σ leaves correlated
+    sigma_a = val["scale_abs_sigma"] * math.sqrt(max(val["m0_chi2"], 1.0))
     assert 3 * sigma_a <= 0.10, val
-    assert abs(val["scale_a"] - 1.0) <= 0.10, val  # truth = weighted mean of the five lines' truths
+    assert abs(val["scale_abs"] - 1.0) <= 0.10, val
+    # H62a loses the low side of its window to the band-0 centre-channel mask: flagged
+    assert "WARNING" in res.stderr and "R1_H62a.fits: H62a: baseline one-sided" in res.stderr
+    with fits.open(out / "R1_H62a.fits") as h62, fits.open(out / "R1_H59a.fits") as h59:
+        assert h62[0].header["LINE BASE1"] == "one-sided"
+        assert h59[0].header["LINE BASE1"] == "two-sided"
 
     # off-line noise of the stack against the single H59a line, both on the same 20 km/s grid
     def offline_rms(path):
@@ -257,7 +402,8 @@ def test_vrad_and_freq_axes_hold_the_same_values(rrl):
         assert hf["CTYPE3"] == "FREQ" and hf["CUNIT3"] == "Hz" and hf["SPECSYS"] == "LSRK"
         n_v = v[0].data.shape[0]
         dv = hv["LINE DV"]
-        v_j = 95.0 + (np.arange(n_v) - (n_v - 1) / 2) * dv
+        assert abs(hv["LINE VCENTER"] - 95.0) <= 0.5 * dv  # moved onto a native channel
+        v_j = hv["LINE VCENTER"] + (np.arange(n_v) - (n_v - 1) / 2) * dv
         world_v = WCS(hv).spectral.pixel_to_world_values(np.arange(n_v))
         world_f = WCS(hf).spectral.pixel_to_world_values(np.arange(n_v))
         np.testing.assert_allclose(world_v, v_j * 1e3, rtol=1e-9)
@@ -359,46 +505,42 @@ def test_demo_like_unresolved_stack(rrl):
     path = rrl.root / "cubes_demo" / "D_stackH58a-H62a.fits"
     val = cube_validation(path, rrl.l1[80004])
     assert val["peak_channel_contains_v"], val
-    sigma_a = val["scale_a_sigma"] * math.sqrt(max(val["chi2_dof"], 1.0))
+    sigma_a = val["scale_abs_sigma"] * math.sqrt(max(val["m0_chi2"], 1.0))
     assert 3 * sigma_a <= 0.20, val
-    assert abs(val["scale_a"] - 1.0) <= 0.20, val
+    assert abs(val["scale_abs"] - 1.0) <= 0.20, val
 
 
 # --------------------------------------------------------------------------------------------------
 # Options: per-pixel continuum subtraction, per-channel destriping, quiet reference
 # --------------------------------------------------------------------------------------------------
 def test_pixel_subtraction_and_channel_destriping_recover_the_line(rrl):
+    """The options at their other settings: the absolute zeroth moment over three channels about v1
+    (scale through the origin over every pixel, σ scaled by sqrt(χ²/N)) within 15 % at ≥ 3σ, and
+    the centroid within half a channel. The per-channel destriper needs offsets longer than the
+    raster's 2-s rows (``offset_length=1000``): with the default 100 samples an offset spans one
+    row and absorbs the line along it (0.42 of the truth); a known limit of destriping a raster
+    per channel, left open."""
     l1 = rrl.l1[80001]
-    vc = native_center_kms(l1, "H59a", V1)
-    common = f"lines=['H59a'], obsids=[80001], velocity_center_kms={vc}"
+    common = "lines=['H59a'], obsids=[80001], velocity_center_kms=95.0"
     make_cubes(
         rrl,
         "opts",
         [
             f"{LINE_JOB}(map_name='P', continuum_subtraction='pixel', {common})",
             f"{LINE_JOB}(map_name='D', destripe_channels=True, offset_length=1000, {common})",
-            f"{LINE_JOB}(map_name='Q', quiet_fraction=0.25, {common})",
-            f"{LINE_JOB}(map_name='M', {common})",
         ],
     )
     dv = SPEED_OF_LIGHT_KMS * (2.0 / 1024) / line_frequency_ghz("H59a")
     window = (V1 - 1.6 * dv, V1 + 1.6 * dv)
     out = rrl.root / "cubes_opts"
-    for name in ("P", "D", "Q"):
+    for name in ("P", "D"):
         val = cube_validation(out / f"{name}_H59a.fits", l1, window_kms=window)
-        sigma_a = val["scale_a_sigma"] * math.sqrt(max(val["chi2_dof"], 1.0))
+        sigma_a = val["scale_abs_sigma"] * math.sqrt(max(val["m0_chi2"], 1.0))
         assert 3 * sigma_a <= 0.15, (name, val)
-        assert abs(val["scale_a"] - 1.0) <= 0.15, (name, val)
+        assert abs(val["scale_abs"] - 1.0) <= 0.15, (name, val)
         assert abs(val["m1_kms"] - V1) <= 0.5 * dv, (name, val)
     with fits.open(out / "D_H59a.fits") as hdul:
         assert hdul[0].header["DESTRIPER DSTATUS"] == "converged"
-    # The absolute zeroth moment on region 1: the whole-scan median level takes out part of the
-    # line when the source fills the scan (about 23 % here without noise); the quiet reference
-    # takes the level from the faintest quarter of the scan and keeps most of it.
-    median_ref = cube_validation(out / "M_H59a.fits", l1, window_kms=window)
-    quiet_ref = cube_validation(out / "Q_H59a.fits", l1, window_kms=window)
-    assert median_ref["m0_on"] / median_ref["m0_on_truth"] < 0.9, median_ref
-    assert quiet_ref["m0_on"] > median_ref["m0_on"] + 3 * median_ref["m0_on_sigma"], (quiet_ref, median_ref)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Line names are ``<species><n><order>`` with species ``H``, ``He`` or ``C`` and o
 (Δn = 1), ``b``/``beta`` (2), ``g``/``gamma`` (3), ``d``/``delta`` (4) or ``e``/``epsilon`` (5),
 e.g. ``H59a``, ``H59alpha``, ``H72b``, ``He59a``, ``C59a``.
 
+Cube statistics shared by the cube writer and the truth report: the σ of a zeroth moment from an
+RMS cube and the header's channel correlations (:func:`moment0_sigma_kkms`).
+
 Velocities use the radio convention, ``v = c (ν0 − ν)/ν0``, in km/s. The LSRK radio velocity of a
 topocentric frequency ν is ``c (ν0 − ν)/ν0 + v_corr`` with ``v_corr = lsrk_correction_kms(...)``.
 """
@@ -259,6 +262,30 @@ def topocentric_to_lsrk_velocity_kms(
     return radio_velocity_kms(freq_ghz, rest_freq_ghz) + np.asarray(v_corr_kms, dtype=np.float64)
 
 
+def moment0_sigma_kkms(
+    rms: NDArray,
+    velocities_kms: NDArray,
+    window_kms: tuple[float, float],
+    rho1: float = 0.0,
+    rhob: float = 0.0,
+) -> NDArray:
+    """σ (K km/s) of the zeroth moment ``Δv Σ_j T_j`` over the channels whose centres lie in
+    ``window_kms``, from the RMS cube ``rms (..., n_v)`` (K) and the channel correlations of the
+    cube header, ``rho1`` (``LINE CORR1``) and ``rhob`` (``LINE CORRB``)
+    (docs/mapmaking.md#noise-of-the-cube)::
+
+        σ = Δv sqrt(Σ σ_j² + 2 ρ1 Σ σ_j σ_{j+1} + ρB Σ_{|j−j'|≥2} σ_j σ_j')
+
+    Channels are taken as contiguous; NaN σ count as 0."""
+    step = float(np.median(np.diff(velocities_kms))) if velocities_kms.size > 1 else 1.0
+    sel = (velocities_kms >= window_kms[0]) & (velocities_kms <= window_kms[1])
+    s = np.nan_to_num(np.asarray(rms, dtype=np.float64)[..., sel])
+    total, square = s.sum(axis=-1), (s**2).sum(axis=-1)
+    lag1 = (s[..., 1:] * s[..., :-1]).sum(axis=-1)
+    far = total**2 - square - 2.0 * lag1
+    return step * np.sqrt(np.maximum(square + 2.0 * rho1 * lag1 + rhob * far, 0.0))
+
+
 __all__ = [
     "ELECTRON_TO_CORE_MASS",
     "RYDBERG_C_HZ",
@@ -269,6 +296,7 @@ __all__ = [
     "line_name",
     "lines_in_range",
     "lsrk_correction_kms",
+    "moment0_sigma_kkms",
     "parse_line_name",
     "radio_frequency_ghz",
     "radio_velocity_kms",

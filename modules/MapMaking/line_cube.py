@@ -15,11 +15,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from modules.MapMaking.read_line_data import (
+    ONE_SIDED_NOTE,
     LineAccumulation,
     LineReaderSettings,
     LineSpec,
     line_free_channels,
 )
+from utils.rrl import moment0_sigma_kkms
 
 log = logging.getLogger("comap.LineMapMaking")
 
@@ -33,6 +35,7 @@ class Cube:
     rms: NDArray[np.float64]
     continuum: NDArray[np.float64]
     cards: dict[str, Any] = field(default_factory=dict)
+    correlation: tuple[float, float] = (0.0, 0.0)  # (ρ1, ρB) of channel_correlation
 
 
 def cube_from_sums(acc: LineAccumulation) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -131,8 +134,17 @@ def line_cards(
         if total_weight > 0:
             share = float(acc.line_weight[k - 1]) / total_weight
             cards[f"HIERARCH LINE W{k}"] = (share, f"share of {spec.label} in the weights")
+    for k, spec in enumerate(lines, start=1):
+        one_sided = any(n.startswith(f"{spec.label}: {ONE_SIDED_NOTE}") for n in acc.notes)
+        cards[f"HIERARCH LINE BASE{k}"] = (
+            "one-sided" if one_sided else "two-sided",
+            f"{spec.label} baseline: line-free channels on both sides of the mask?",
+        )
+    rho1, rhob = channel_correlation(acc, settings)
     cards.update(
         {
+            "HIERARCH LINE CORR1": (rho1, "noise correlation of neighbouring channels in the mask"),
+            "HIERARCH LINE CORRB": (rhob, "noise correlation of channels >= 2 apart in the mask"),
             "HIERARCH LINE CONTSUB": settings.continuum_subtraction,
             "HIERARCH LINE BASEORD": int(settings.baseline_order),
             "HIERARCH LINE MASKLO": (settings.mask_kms[0], "km/s LSRK"),
@@ -143,6 +155,26 @@ def line_cards(
         }
     )
     return cards
+
+
+def channel_correlation(acc: LineAccumulation, settings: LineReaderSettings) -> tuple[float, float]:
+    """Mean noise correlation of output channels inside the line mask (docs/mapmaking.md#noise-of-the-cube):
+    between neighbours (the linear deposit shares input channels between them, and the baseline
+    extrapolated across the mask is common to all) and between channels two or more apart (the
+    baseline only). From the accumulated per-sample covariance ``acc.chan_cov``; (0, 0) without it."""
+    cov = acc.chan_cov
+    if cov is None or not np.any(np.diag(cov) > 0):
+        return 0.0, 0.0
+    v = settings.grid.velocities_kms
+    inside = np.flatnonzero((v >= settings.mask_kms[0]) & (v <= settings.mask_kms[1]) & (np.diag(cov) > 0))
+    if inside.size < 2:
+        return 0.0, 0.0
+    d = np.sqrt(np.diag(cov)[inside])
+    corr = cov[np.ix_(inside, inside)] / np.outer(d, d)
+    lag = np.abs(inside[:, None] - inside[None, :])
+    rho1 = float(corr[lag == 1].mean()) if (lag == 1).any() else 0.0
+    rhob = float(corr[lag >= 2].mean()) if (lag >= 2).any() else 0.0
+    return rho1, rhob
 
 
 def moment0_kkms(line: NDArray, velocities_kms: NDArray, window_kms: tuple[float, float]) -> NDArray:
@@ -168,9 +200,7 @@ def cube_quicklook_png(
 
     m0 = moment0_kkms(cube.line, velocities_kms, mask_kms)
     m0 = np.where(masked | ~np.isfinite(cube.line).any(axis=1), np.nan, m0)
-    m0_sigma = np.sqrt(
-        moment0_kkms(cube.rms**2, velocities_kms, mask_kms) * np.median(np.diff(velocities_kms))
-    )
+    m0_sigma = moment0_sigma_kkms(cube.rms, velocities_kms, mask_kms, *cube.correlation)
     with np.errstate(divide="ignore", invalid="ignore"):
         significance = np.where(m0_sigma > 0, m0 / m0_sigma, np.nan)
     image = np.full(geometry.n_pixels, np.nan)
@@ -212,6 +242,8 @@ __all__ = [
     "cube_quicklook_png",
     "destripe_channels",
     "line_cards",
+    "channel_correlation",
     "moment0_kkms",
+    "moment0_sigma_kkms",
     "pixel_baselines",
 ]

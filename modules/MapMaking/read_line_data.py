@@ -10,12 +10,16 @@ counting the reasons. The **read** then, per accepted segment and line:
    (docs/level2.md#sample-flags), divides by the vane gain interpolated to the scan
    (docs/level2.md#calibration-per-scan) and by the calibration factor, and weights each channel
    by ``1/σ_k²`` from the level-1 white noise (``AUTO_RMS``);
-2. subtracts each channel's median over the scan;
+2. subtracts each channel's level over the scan, from its quiet samples chosen without their own
+   noise (docs/mapmaking.md#channel-levels);
 3. subtracts a polynomial baseline in velocity fitted to the line-free channels of every sample
-   (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image;
+   (``continuum_subtraction='spectrum'``), keeping its constant term for the CONTINUUM image, and
+   flags a line whose line-free channels with weight lie on one side only
+   (docs/mapmaking.md#masked-channels);
 4. regrids the channels onto the LSRK radio-velocity grid with linear weights and accumulates
-   ``Σ f w y``, ``Σ f w`` and ``Σ f² w`` per pixel and velocity channel (Cython ``bin_cube``), or per
-   sample for the per-channel destriper.
+   ``Σ f w y`` and ``Σ f w`` per pixel and velocity channel (Cython ``bin_cube``), or per sample for
+   the per-channel destriper, with the noise variance of ``Σ f w y`` propagated through the levels,
+   the baseline and the deposit (docs/mapmaking.md#noise-of-the-cube).
 
 One worker handles one file and returns accumulators over the pixels that file hits; the
 coordinator adds them on the union of hit pixels, so memory follows the observed area
@@ -124,12 +128,14 @@ class LineReaderSettings(SegmentSelection):
     alpha_min: float | None
     per_sample: bool
     level_stride: int
-    quiet_fraction: float | None
+    quiet_fraction: float
+    mask_center_kms: float | None = None  # the velocity the mask is relative to; default the grid's
 
     @property
     def mask_kms(self) -> tuple[float, float]:
-        """The line mask in absolute LSRK velocity (km/s)."""
-        c = self.grid.center_kms
+        """The line mask in absolute LSRK velocity (km/s), about the requested centre (the grid's
+        centre may have moved onto a native channel)."""
+        c = self.grid.center_kms if self.mask_center_kms is None else self.mask_center_kms
         return c + float(self.line_mask_kms[0]), c + float(self.line_mask_kms[1])
 
 
@@ -300,29 +306,39 @@ def channel_levels(
     y: NDArray[np.float32],
     proxy_channels: NDArray[np.bool_],
     stride: int = 1,
-    quiet_fraction: float | None = None,
+    quiet_fraction: float = 1.0,
 ) -> NDArray[np.float64]:
-    """Per-channel level of a window ``y (n_win, n)`` (K): the median over the scan of each channel
-    (docs/mapmaking.md#reading step 4), or over its quietest samples.
+    """Per-channel level of a window ``y (n_win, n)`` (K) over a scan: the median of each channel over
+    the scan's quietest samples (docs/mapmaking.md#channel-levels).
 
-    With ``quiet_fraction`` q, only the samples whose mean over ``proxy_channels`` (a continuum
-    brightness) lies in the lowest q of the scan are used: an emission-free reference when a line
-    source fills much of the scan. The proxy must weight every channel of the window alike: the
-    selection then favours negative noise equally in all channels, a constant offset that the
-    baseline removes. (A proxy of the line-free channels only biased them low against the masked
-    ones by 0.015 K on ``rrl-fullres``.) A line adds little to the proxy (a few of the window's
-    channels). All-NaN channels get level 0.
+    With ``quiet_fraction`` q < 1 the samples are taken in pairs ``(2i, 2i + 1)``: the pairs whose
+    even sample has a mean over ``proxy_channels`` (a continuum brightness) in the lowest q of the
+    scan give their odd samples, and vice versa, and the level is the mean of the medians of the
+    two halves. The sample that chooses is never the sample that is averaged, so the white noise
+    that makes a sample look quiet does not bias the level (choosing and averaging the same samples
+    biased every channel low by about 1.27 σ/√n_proxy at q = 0.25). Neighbouring samples see the
+    same sky, so the choice still follows the emission. A line source that fills the scan then
+    leaves the level of its faintest part, not its median. q = 1 is the plain median over the scan.
+    All-NaN channels get level 0.
     """
     sub = y[:, :: max(1, int(stride))]
+    q = float(quiet_fraction)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows and columns
-        if quiet_fraction is not None and proxy_channels.any():
-            proxy = np.nanmean(sub[proxy_channels], axis=0)
-            finite = np.isfinite(proxy)
-            if finite.any():
-                quiet = finite & (proxy <= np.nanquantile(proxy, float(quiet_fraction)))
-                sub = sub[:, quiet]
-        level = np.nanmedian(sub, axis=1)
+        if q >= 1.0 or not proxy_channels.any() or sub.shape[1] < 4:
+            level = np.nanmedian(sub, axis=1)
+        else:
+            n2 = sub.shape[1] // 2
+            even, odd = sub[:, 0 : 2 * n2 : 2], sub[:, 1 : 2 * n2 : 2]
+            halves = []
+            for chooser, used in ((even, odd), (odd, even)):
+                proxy = np.nanmean(chooser[proxy_channels], axis=0)
+                finite = np.isfinite(proxy) & np.isfinite(used).any(axis=0)
+                if not finite.any():
+                    continue
+                quiet = finite & (proxy <= np.quantile(proxy[finite], q))
+                halves.append(np.nanmedian(used[:, quiet], axis=1))
+            level = np.mean(halves, axis=0) if halves else np.nanmedian(sub, axis=1)
     return np.where(np.isfinite(level), level, 0.0)
 
 
@@ -369,6 +385,107 @@ def subtract_baseline(y: NDArray[np.float32], fit: BaselineFit, weights: NDArray
     return const
 
 
+ONE_SIDED_NOTE = "baseline one-sided"
+
+
+def one_sided_baseline(
+    v_kms: NDArray, weights: NDArray, free: NDArray[np.bool_], mask_kms: tuple[float, float]
+) -> str:
+    """``'low'`` or ``'high'`` when no weighted line-free channel lies on that side of the line mask
+    (the baseline is then extrapolated across the line, docs/mapmaking.md#masked-channels), else ``''``."""
+    used = free & (np.asarray(weights) > 0)
+    v = np.asarray(v_kms, dtype=np.float64)
+    if not (used & (v < mask_kms[0])).any():
+        return "low"
+    if not (used & (v > mask_kms[1])).any():
+        return "high"
+    return ""
+
+
+def level_samples(n: int, settings: LineReaderSettings) -> float:
+    """Effective number of samples behind each channel level (docs/mapmaking.md#channel-levels): the
+    median of m samples has the variance of a mean of 2m/π, so two independent half medians of
+    q n/2 samples each average to ``2 q n / π`` (the plain median over the strided scan:
+    ``2 n / (π stride)``)."""
+    m = max(1.0, n / max(1, settings.level_stride))
+    q = float(settings.quiet_fraction)
+    if q >= 1.0 or m < 4:
+        return 2.0 * m / math.pi
+    return max(1.0, 2.0 * q * m / math.pi)
+
+
+def residual_noise_scale(y: NDArray[np.float32], weights: NDArray, fit: BaselineFit | None) -> float:
+    """Measured over predicted white-noise variance of a processed window ``y (n_win, n)``
+    (docs/mapmaking.md#noise-of-the-cube): the median over weighted channels of half the mean square
+    of differences of sample pairs ``(2i, 2i + 1)``, over the variance ``[(I − H) diag(1/w) (I − H)ᵀ]_kk``
+    the weights predict. The levels and the per-sample baseline have removed the sky and the
+    gain drifts common to the channels, which the level-1 pair-difference rms still contains (a few
+    per cent on a scan across a bright source). 1.0 when it cannot be measured."""
+    w = np.asarray(weights, dtype=np.float64)
+    used = w > 0
+    n2 = y.shape[1] // 2
+    if not used.any() or n2 < 10:
+        return 1.0
+    var = np.where(used, 1.0 / np.where(used, w, 1.0), 0.0)
+    resid = np.eye(w.size) if fit is None else np.eye(w.size) - fit.design @ fit.projector
+    predicted = (resid**2) @ var
+    d = (y[used, 1 : 2 * n2 : 2] - y[used, 0 : 2 * n2 : 2]).astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels
+        measured = 0.5 * np.nanmean(d**2, axis=1)
+    ratio = measured / predicted[used]
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    return float(np.median(ratio)) if ratio.size else 1.0
+
+
+@dataclass
+class WindowNoise:
+    """Noise of one channel window after levels, baseline and regridding
+    (docs/mapmaking.md#noise-of-the-cube).
+
+    ``diag`` (n_v,) and ``cov`` (n_v, n_v) are the per-sample variance numerators ``[G C Gᵀ]`` of
+    the regridded sums ``Σ f w y`` (K² K⁻⁴), with ``G = F diag(w)`` the deposit and ``C`` the
+    covariance of the baseline-subtracted channels; ``level_diag`` is the same for the channel
+    levels' error, common to every sample of the scan; ``ratio`` (n,) is each sample's noise
+    variance relative to the scan's (its total power squared over the scan mean)."""
+
+    diag: NDArray[np.float64]
+    cov: NDArray[np.float64]
+    level_diag: NDArray[np.float64]
+    ratio: NDArray[np.float64]
+
+
+def window_noise(
+    weights: NDArray,
+    fit: BaselineFit | None,
+    j_lo: NDArray,
+    f_lo: NDArray,
+    n_v: int,
+    n_level: float,
+    power: NDArray,
+) -> WindowNoise:
+    """Propagate white channel noise ``σ_k² = 1/w_k`` through ``y ← (I − H)(y − level)`` and the linear
+    deposit (docs/mapmaking.md#noise-of-the-cube). ``n_level`` is the effective number of samples
+    behind each level (:func:`level_samples`); ``power`` (n,) the total power of each sample."""
+    w = np.asarray(weights, dtype=np.float64)
+    n_win = w.size
+    var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), 0.0)
+    resid = np.eye(n_win) if fit is None else np.eye(n_win) - fit.design @ fit.projector
+    c_white = (resid * var[None, :]) @ resid.T
+    c_level = c_white * 0.0 if n_level <= 0 else (resid * (var / n_level)[None, :]) @ resid.T
+    g = np.zeros((n_v, n_win))
+    k = np.arange(n_win)
+    for j, f in ((j_lo, f_lo), (j_lo + 1, 1.0 - f_lo)):
+        inside = (j >= 0) & (j < n_v) & (f > 0)
+        g[j[inside], k[inside]] = f[inside] * w[inside]
+    cov = g @ c_white @ g.T
+    level_diag = np.einsum("jk,kl,jl->j", g, c_level, g)
+    p2 = np.asarray(power, dtype=np.float64) ** 2
+    mean_p2 = float(np.nanmean(p2)) if np.isfinite(p2).any() else math.nan
+    ratio = np.where(np.isfinite(p2) & (mean_p2 > 0), p2 / mean_p2, 1.0)
+    return WindowNoise(np.diag(cov).copy(), cov, level_diag, ratio)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading one file (runs in a worker)
 # --------------------------------------------------------------------------------------------------
@@ -391,6 +508,7 @@ class LineFileResult:
     line_weight: NDArray[np.float64] | None = None
     samples: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    chan_cov: NDArray[np.float64] | None = None  # (n_v, n_v) Σ over samples of the noise covariance
 
 
 def read_line_file(
@@ -439,6 +557,8 @@ def read_line_file(
         mjds: list[float] = []
         n_samples = 0
         truncated: set[str] = set()
+        one_sided: dict[str, set[str]] = {}
+        chan_cov = np.zeros((n_v, n_v))
         lo_mask, hi_mask = settings.mask_kms
         v_need = settings.halfwidth_kms + grid.step_kms
         for p, pix, excluded in zip(plans, pix_full, dropped):
@@ -497,8 +617,12 @@ def read_line_file(
                 scale = np.where(ok, 1.0 / (np.where(ok, gain, 1.0) * use.factor), np.nan)
                 y = raw * scale.astype(np.float32)[:, None]
                 y[:, excluded] = np.nan
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (excluded) samples
+                    power = np.nanmean(y[ok], axis=0)  # total power per sample (K)
                 level = channel_levels(y, ok, settings.level_stride, settings.quiet_fraction)
                 y -= level.astype(np.float32)[:, None]
+                fit = None
                 if settings.continuum_subtraction == "spectrum":
                     free = line_free_channels(v_k, dv_k, (lo_mask, hi_mask))
                     fit = baseline_fit(
@@ -507,17 +631,30 @@ def read_line_file(
                     if fit is None:
                         counts["too few line-free channels"] += 1
                         continue
+                    side = one_sided_baseline(v_k, w, free, (lo_mask, hi_mask))
+                    if side:
+                        one_sided.setdefault(line.label, set()).add(side)
                     const = subtract_baseline(y, fit, w)
                     good = np.isfinite(const) & (local >= 0)
                     np.add.at(cont_sum, local[good], fit.w_const * const[good])
                     np.add.at(cont_w, local[good], fit.w_const)
+                w = w / residual_noise_scale(y, w, fit)
                 j_lo, f_lo = grid.deposit(v_k)
                 line_weight[use.line] += float(w.sum()) * int(np.count_nonzero(local >= 0))
                 yt = np.ascontiguousarray(y.T, dtype=np.float32)
+                noise = window_noise(w, fit, j_lo, f_lo, n_v, level_samples(y.shape[1], settings), power)
+                valid = np.isfinite(y[w > 0]).all(axis=0)
+                on = valid & (local >= 0)
                 if settings.per_sample:
-                    regrid_samples(yt, w, j_lo, f_lo, s_sum, s_w, s_q, touched)
+                    regrid_samples(yt, w, j_lo, f_lo, s_sum, s_w, np.zeros_like(s_q), touched)
+                    s_q[valid] += noise.ratio[valid, None] * noise.diag[None, :]
                 else:
-                    bin_cube(yt, local, w, j_lo, f_lo, acc_sum, acc_w, acc_q, touched)
+                    bin_cube(yt, local, w, j_lo, f_lo, acc_sum, acc_w, np.zeros_like(acc_q), touched)
+                    np.add.at(acc_q, local[on], noise.ratio[on, None] * noise.diag[None, :])
+                # the level's error is common to every sample of the scan: coherent per pixel
+                n_pix = np.bincount(local[on], minlength=n_hit).astype(np.float64)
+                acc_q += n_pix[:, None] ** 2 * noise.level_diag[None, :]
+                chan_cov += float(noise.ratio[on].sum()) * noise.cov
             counted = (touched > 0) & (local >= 0)
             if not counted.any():
                 continue
@@ -543,6 +680,8 @@ def read_line_file(
                     }
                 )
         bytes_read = int(l1.bytes_read_tod)
+    for label, sides in one_sided.items():
+        notes.append(f"{label}: {ONE_SIDED_NOTE} ({', '.join(sorted(sides))} side has no weighted channel)")
     samples = None
     if settings.per_sample:
         samples = {
@@ -564,6 +703,7 @@ def read_line_file(
         line_weight=line_weight,
         samples=samples,
         notes=notes,
+        chan_cov=chan_cov,
     )
 
 
@@ -618,6 +758,7 @@ class LineAccumulation:
     samples: list[dict[str, Any]] | None = None
     segment_starts: NDArray[np.int64] | None = None
     notes: list[str] = field(default_factory=list)
+    chan_cov: NDArray[np.float64] | None = None
 
 
 def read_line_segments(
@@ -651,6 +792,7 @@ def read_line_segments(
     notes: list[str] = []
     samples: list[dict[str, Any]] | None = [] if settings.per_sample else None
     line_weight = np.zeros(len(settings.lines))
+    chan_cov = np.zeros((n_v, n_v))
     for r in done:
         if r.line_weight is not None:
             line_weight += r.line_weight
@@ -665,6 +807,8 @@ def read_line_segments(
         used.extend(r.used)
         mjds.extend(r.mjd)
         notes.extend(n for n in r.notes if n not in notes)
+        if r.chan_cov is not None:
+            chan_cov += r.chan_cov
         if samples is not None and r.samples is not None:
             samples.extend(r.samples["parts"])
     starts = None
@@ -688,6 +832,7 @@ def read_line_segments(
         samples=samples,
         segment_starts=starts,
         notes=notes,
+        chan_cov=chan_cov,
     )
 
 

@@ -6,13 +6,16 @@ at a position is ``R · T_i (ν/30)^β · θ²/(θ² + FWHM(ν)²) · exp(−4 l
 stacked cube is compared with the weighted mean of its lines' truths, weighted by the cube's ``LINE Wk``
 cards.
 
-Zeroth moments are compared in two ways:
+Zeroth moments are compared absolutely, with no free zero level (docs/mapmaking.md#truth-tests):
 
-* ``scale_a``: a weighted fit ``M0(p) = a · T0(p) + c`` over every unmasked pixel. The free ``c``
-  absorbs the cube's zero level, which is set by the per-channel median over each scan
-  (docs/mapmaking.md#reading) and is not defined by the data where a line source fills the scan; ``a`` is the
-  recovered fraction of the integrated intensity.
-* ``m0_on/truth``: the mean zeroth moment within one beam FWHM of the brightest region, absolute.
+* ``m0_on/truth``: the mean zeroth moment within one beam FWHM of the region, over its truth;
+* ``scale_abs``: the weighted fit ``M0(p) = a · T0(p)`` over every unmasked pixel, and ``m0_chi2``,
+  the mean of ``(M0 − T0)²/σ²`` over them, with σ from :func:`utils.rrl.moment0_sigma_kkms` (the
+  RMS cube and the channel correlations of the header).
+
+``scale_a``, a fit ``M0(p) = a · T0(p) + c`` with a free zero level ``c``, is kept as an extra
+column: the difference between ``a`` and ``scale_abs`` shows how much of the line the cube's
+channel levels (docs/mapmaking.md#channel-levels) have taken out.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from utils.rrl import SPEED_OF_LIGHT_KMS
+from utils.rrl import SPEED_OF_LIGHT_KMS, moment0_sigma_kkms
 
 FWHM_TO_SIGMA = 1.0 / math.sqrt(8.0 * math.log(2.0))
 GAUSS_AREA = math.sqrt(math.pi / (4.0 * math.log(2.0)))  # ∫ Gaussian of unit peak and unit FWHM
@@ -100,6 +103,7 @@ class CubeData:
     line_weights: list[float]
     mask_kms: tuple[float, float]
     header: dict
+    correlation: tuple[float, float] = (0.0, 0.0)  # (LINE CORR1, LINE CORRB)
 
 
 def read_cube(path: str | os.PathLike) -> CubeData:
@@ -144,6 +148,7 @@ def read_cube(path: str | os.PathLike) -> CubeData:
         weights,
         (float(h["LINE MASKLO"]), float(h["LINE MASKHI"])),
         dict(h),
+        (float(h.get("LINE CORR1", 0.0)), float(h.get("LINE CORRB", 0.0))),
     )
 
 
@@ -195,7 +200,7 @@ def cube_validation(
 
     edge_lo, edge_hi = float(v[sel].min()) - 0.5 * dv, float(v[sel].max()) + 0.5 * dv
     m0 = cube.line[sel][:, good].sum(axis=0) * dv
-    m0_var = (cube.rms[sel][:, good] ** 2).sum(axis=0) * dv**2
+    m0_var = moment0_sigma_kkms(cube.rms[:, good].T, v, window, *cube.correlation) ** 2
     truth_m0 = np.zeros(lon.size)
     for reg in regions:
         frac = _gauss_fraction(edge_lo, edge_hi, reg.v_lsr_kms, reg.line_fwhm_kms)
@@ -205,8 +210,16 @@ def cube_validation(
         "n_lines": len(cube.line_freqs_ghz),
         "dv_kms": dv,
     }
-    # scale of the integrated intensity with a free zero level
+    # absolute: scale through the origin and χ² against the truth
     w = 1.0 / m0_var
+    out.update(
+        {
+            "scale_abs": float(np.sum(w * m0 * truth_m0) / np.sum(w * truth_m0**2)),
+            "scale_abs_sigma": float(1.0 / np.sqrt(np.sum(w * truth_m0**2))),
+            "m0_chi2": float(np.mean(w * (m0 - truth_m0) ** 2)),
+        }
+    )
+    # scale of the integrated intensity with a free zero level (extra column)
     design = np.stack([truth_m0, np.ones(lon.size)], axis=1)
     normal = design.T @ (w[:, None] * design)
     cov = np.linalg.inv(normal)
@@ -232,7 +245,7 @@ def cube_validation(
     if on.sum() == 0:
         return {**out, "note": "region not in the cube"}
     out["m0_on"] = float(m0[on].mean())
-    out["m0_on_sigma"] = float(np.sqrt(m0_var[on].sum()) / on.sum())
+    out["m0_on_sigma"] = float(np.sqrt(m0_var[on].sum()) / on.sum())  # pixels taken as independent
     out["m0_on_truth"] = float(truth_m0[on].mean())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # channels not measured anywhere stay NaN
@@ -292,9 +305,11 @@ def cube_rows(root: str | os.PathLike, level1_paths: list[Path]) -> list[dict[st
                 "cube": res["cube"],
                 "lines": res["n_lines"],
                 "dv_kms": res["dv_kms"],
-                "m0_scale_a": res.get("scale_a"),
-                "±": res["scale_a_sigma"] * math.sqrt(max(res["chi2_dof"], 1.0)),
                 "m0_on/truth": res["m0_on"] / res["m0_on_truth"] if "m0_on" in res else float("nan"),
+                "±": res["m0_on_sigma"] / res["m0_on_truth"] if "m0_on" in res else float("nan"),
+                "m0_scale_abs": res["scale_abs"],
+                "m0_chi2/N": res["m0_chi2"],
+                "m0_scale_a (free zero)": res.get("scale_a"),
                 "peak_channel_has_v1": res.get("peak_channel_contains_v"),
                 "m1-v1_kms": res["m1_kms"] - res["v_truth_kms"] if "m1_kms" in res else float("nan"),
             }

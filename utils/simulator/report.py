@@ -358,8 +358,8 @@ def build_report(root: str | os.PathLike) -> str:
     if rows:
         blocks.append(
             format_table(
-                "RRL cubes vs truth (zeroth moment: scale a with a free zero level, and on region 1; "
-                "docs/mapmaking.md#truth-tests)",
+                "RRL cubes vs truth (absolute zeroth moment on region 1 and over the map; the scale "
+                "with a free zero level as an extra column; docs/mapmaking.md#truth-tests)",
                 rows,
             )
         )

@@ -27,6 +27,7 @@ from modules.MapMaking.job_parameters import (
 )
 from modules.MapMaking.line_cube import (
     Cube,
+    channel_correlation,
     cube_from_sums,
     cube_quicklook_png,
     destripe_channels,
@@ -36,6 +37,7 @@ from modules.MapMaking.line_cube import (
 from modules.MapMaking.product import MapProduct
 from modules.MapMaking.read_data import describe_counts
 from modules.MapMaking.read_line_data import (
+    ONE_SIDED_NOTE,
     ContinuumMode,
     LineDataReader,
     LineReaderSettings,
@@ -116,23 +118,26 @@ class CreateLineMap(
         LSRK radio velocity of the cube centre and the cube half-width (km/s).
     velocity_resolution_kms : float, optional
         Output channel width (km/s); default the native channel width ``c |Δν| / ν0`` (the widest
-        of the stacked lines).
+        of the stacked lines), and then the grid centre moves from ``velocity_center_kms`` by less
+        than half a channel onto a native channel (median LSRK correction), so that output channels
+        are native ones and regridding neither widens the line nor correlates channels.
     line_mask_kms : [lo, hi]
-        Velocities relative to the centre (km/s) excluded from baseline fits.
+        Velocities relative to ``velocity_center_kms`` (km/s) excluded from baseline fits.
     baseline_order : int
         Polynomial order in velocity of the continuum baseline.
     continuum_subtraction : {'spectrum', 'pixel', 'none'}
         Per sample before binning (default), per pixel spectrum after binning, or none.
     level_stride : int
-        Every ``level_stride``-th sample enters each channel's median level over the scan. 1 (all
+        Every ``level_stride``-th sample enters each channel's level over the scan. 1 (all
         samples) by default: the level's noise is common to every pixel of the scan, so thinning it
         adds a fixed spectral pattern (at 1024 channels, stride 10 gives about 0.009 K per channel,
         more than the white noise of a 60-pixel average of a 4-minute raster).
-    quiet_fraction : float, optional
-        Take each channel's level from the samples whose line-free continuum is in this lowest
-        fraction of the scan (an emission-free reference), instead of the whole scan. Use it when a
-        line source fills much of the scan (a raster centred on it): the whole-scan median then
-        removes part of the line (23 % of the integrated intensity on ``rrl-fullres``).
+    quiet_fraction : float
+        Each channel's level comes from the samples whose continuum is in this faintest fraction of
+        the scan, chosen on one sample of each pair and measured on the other so that the noise
+        that makes a sample look quiet does not bias it (docs/mapmaking.md#channel-levels). 1 is
+        the median over the whole scan, which removes part of a line that fills the scan (23 % of
+        the integrated intensity on ``rrl-fullres``).
     spectral_axis : {'VRAD', 'FREQ'}
         Spectral axis of the FITS cube (FREQ is not allowed for a stack).
     destripe_channels : bool
@@ -166,7 +171,7 @@ class CreateLineMap(
     baseline_order: Annotated[int, Range(ge=0)] = 1
     continuum_subtraction: ContinuumMode = "spectrum"
     level_stride: Annotated[int, Range(ge=1)] = 1
-    quiet_fraction: Annotated[float, Range(gt=0, le=1)] | None = None
+    quiet_fraction: Annotated[float, Range(gt=0, le=1)] = 0.25
     spectral_axis: SpectralAxisName = "VRAD"
     destripe_channels: bool = False
     channel_rms_cap_k: float = 1.0
@@ -233,11 +238,11 @@ class CreateLineMap(
             return [CubeSpec(label, tuple(specs), out / f"{self.map_name}_{label}.fits")]
         return [CubeSpec(s.label, (s,), out / f"{self.map_name}_{s.label}.fits") for s in specs]
 
-    def reader_settings(self, cube: CubeSpec, step_kms: float):
-        """The reader settings of one cube on a grid of ``step_kms`` channels."""
-        grid = VelocityGrid.build(
-            float(self.velocity_center_kms), float(self.velocity_halfwidth_kms), float(step_kms)
-        )
+    def reader_settings(self, cube: CubeSpec, step_kms: float, center_kms: float | None = None):
+        """The reader settings of one cube on a grid of ``step_kms`` channels centred on ``center_kms``
+        (default ``velocity_center_kms``)."""
+        center = float(self.velocity_center_kms) if center_kms is None else float(center_kms)
+        grid = VelocityGrid.build(center, float(self.velocity_halfwidth_kms), float(step_kms))
         return LineReaderSettings(
             lines=tuple(cube.lines),
             grid=grid,
@@ -257,7 +262,8 @@ class CreateLineMap(
             tod_data_name=str(self.tod_data_name),
             per_sample=bool(self.destripe_channels),
             level_stride=int(self.level_stride),
-            quiet_fraction=None if self.quiet_fraction is None else float(self.quiet_fraction),
+            quiet_fraction=float(self.quiet_fraction),
+            mask_center_kms=float(self.velocity_center_kms),
         )
 
     def output_identity(self, output: CubeSpec) -> dict[str, Any]:
@@ -272,6 +278,23 @@ class CreateLineMap(
         width_ghz = float(np.median(np.abs(np.diff(freq, axis=1))))
         return max(SPEED_OF_LIGHT_KMS * width_ghz / s.rest_freq_ghz for s in cube.lines)
 
+    @staticmethod
+    def _aligned_center_kms(cube: CubeSpec, plans: list, step_kms: float, center_kms: float) -> float:
+        """The grid centre nearest ``center_kms`` on which the native channels of the cube's widest
+        line fall (docs/mapmaking.md#velocity-regridding-and-accumulation): ``c (ν0 − ν_k)/ν0 +
+        v_corr`` with the median LSRK correction of the segments. Output channels then coincide with
+        native ones and the linear deposit does not mix neighbours (exactly for that correction)."""
+        widest = max(range(len(cube.lines)), key=lambda i: 1.0 / cube.lines[i].rest_freq_ghz)
+        users = [p for p in plans if any(u.line == widest for u in p.uses)] or plans
+        band = next((u.band for u in users[0].uses if u.line == widest), users[0].uses[0].band)
+        with h5py.File(users[0].path, "r", locking=False) as l2:
+            freq = np.asarray(l2[FREQUENCY][band], dtype=np.float64)
+        nu0 = cube.lines[widest].rest_freq_ghz
+        v_corr = float(np.median([p.v_corr_kms for p in users]))
+        v_native = SPEED_OF_LIGHT_KMS * (nu0 - freq[freq.size // 2]) / nu0 + v_corr
+        phase = (v_native - center_kms) / step_kms
+        return center_kms + (phase - round(phase)) * step_kms
+
     def make(self, output: CubeSpec, inputs: JobInputs, config_sha: str, executor=None) -> Path:
         """Pre-pass, read, assemble and write one cube (docs/mapmaking.md)."""
         cube, log = output, inputs.log
@@ -280,24 +303,33 @@ class CreateLineMap(
         plans = reader.prepass(inputs.observations)
         if not plans:
             raise MapJobFailed(f"no data for cube {name}: {describe_counts(reader.counts)}")
-        step = self.velocity_resolution_kms or self._native_step_kms(cube, plans[0].path)
-        settings = self.reader_settings(cube, float(step))
+        center = float(self.velocity_center_kms)
+        if self.velocity_resolution_kms is None:
+            step = self._native_step_kms(cube, plans[0].path)
+            center = self._aligned_center_kms(cube, plans, step, center)
+        else:
+            step = float(self.velocity_resolution_kms)
+        settings = self.reader_settings(cube, float(step), center)
         reader.settings = settings
         grid = settings.grid
         geometry = geometry_for(self, lambda: plans)
         log.info(
-            "%s: %d segment(s) from %d observation(s), %d velocity channels of %.2f km/s; %s",
+            "%s: %d segment(s) from %d observation(s), %d velocity channels of %.2f km/s about %.2f km/s; %s",
             name,
             len(plans),
             len({p.obsid for p in plans}),
             grid.n_v,
             grid.step_kms,
+            grid.center_kms,
             describe_counts(reader.counts),
         )
         with inputs.read_progress(len({p.path for p in plans}), name) as bar:
             acc = reader.read(plans, geometry, executor=executor, progress=bar)
         for note in acc.notes:
-            log.info("%s: %s", name, note)
+            if ONE_SIDED_NOTE in note:  # docs/mapmaking.md#masked-channels
+                log.warning("%s: %s: the baseline is extrapolated across the line (LINE BASEk)", name, note)
+            else:
+                log.info("%s: %s", name, note)
         if acc.hit.size == 0 or not (acc.acc_w > 0).any():
             raise MapJobFailed(
                 f"no data for cube {name}: no sample with weight lands on the map "
@@ -327,7 +359,7 @@ class CreateLineMap(
                 path.with_suffix(".png"),
                 geometry,
                 acc.hit,
-                Cube(line, rms, continuum),
+                Cube(line, rms, continuum, correlation=channel_correlation(acc, settings)),
                 grid.velocities_kms,
                 settings.mask_kms,
                 mask.ravel()[acc.hit] != 0,
