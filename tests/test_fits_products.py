@@ -396,3 +396,38 @@ def test_cubes_carry_rest_frequencies_common_beam_and_obslist(products):
         for r in table:
             key = (int(r["OBSID"]), int(r["FEED"]), int(r["SCAN"]))
             assert (r["MJDSTART"], r["MJDSTOP"], int(r["NSAMPLE"])) == pytest.approx(truth[key], abs=1e-9)
+
+
+def test_difference_map_carries_the_segments_of_both_halves(tmp_path):
+    from modules.MapMaking.fits_metadata import SegmentRecord
+    from modules.MapMaking.fits_output import MapInfo, write_difference_map, write_map_fits
+
+    geometry = small_geometry()
+    rng = np.random.default_rng(2)
+    paths = []
+    for half, scans in (("A", (0, 2)), ("B", (1, 3))):
+        segments = [
+            SegmentRecord(7, 1, 0, s, 61000.0 + s / 100, 61000.0 + (s + 0.5) / 100, 500) for s in scans
+        ]
+        info = MapInfo("X", 0, 0, [1], [7], 61000.0, 61000.1, 27e9, 1e9, 2, 1000, segments=segments)
+        image = rng.standard_normal(geometry.shape)
+        paths.append(
+            write_map_fits(
+                tmp_path / f"{half}.fits",
+                geometry,
+                destriped=image,
+                naive=image,
+                hits=np.full(geometry.shape, 10),
+                weights=np.full(geometry.shape, 100.0),
+                info=info,
+                params={},
+                config_sha="x",
+            )
+        )
+    out = write_difference_map(paths[0], paths[1], tmp_path / "diff.fits")
+    with fits.open(out) as hdul:
+        assert [h.name for h in hdul][-1] == "OBSLIST"
+        assert sorted(int(s) for s in hdul["OBSLIST"].data["SCAN"]) == [0, 1, 2, 3]
+        with fits.open(paths[0]) as a:
+            assert a[0].header["MJD-OBS"] == pytest.approx(61000.0)
+            assert a[0].header["MJD-END"] == pytest.approx(61000.025)
