@@ -67,7 +67,10 @@ def test_hit_map_counts_the_valid_samples_of_each_pixel(workspace_factory, tiny_
     (level2,) = ws.level2_files()
     path = ws.root / "maps" / "H_band1_ch0_feed01to02_hits.fits"
     with fits.open(path) as hdul:
-        assert [h.name for h in hdul] == ["HITS", "TIME"]
+        assert [h.name for h in hdul] == ["HITS", "TIME", "OBSLIST"]
+        segments = hdul["OBSLIST"].data
+        assert len(segments) == hdul[0].header["NSEGMENT"]
+        assert hdul[0].header["MJD-OBS"] == segments["MJDSTART"].min()
         hits = hdul["HITS"].data
         seconds = hdul["TIME"].data
         wcs = WCS(hdul[0].header).celestial

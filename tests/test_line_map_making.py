@@ -393,7 +393,7 @@ def test_vrad_and_freq_axes_hold_the_same_values(rrl):
     out = rrl.root / "cubes_axes"
     nu0 = line_frequency_ghz("H59a") * 1e9
     with fits.open(out / "V_H59a.fits") as v, fits.open(out / "F_H59a.fits") as f:
-        assert [h.name for h in v] == ["LINE", "RMS", "HITS", "CONTINUUM", "MASK"]
+        assert [h.name for h in v] == ["LINE", "RMS", "HITS", "CONTINUUM", "MASK", "OBSLIST"]
         np.testing.assert_array_equal(v["LINE"].data, f["LINE"].data)
         np.testing.assert_array_equal(v["RMS"].data, f["RMS"].data)
         hv, hf = v[0].header, f[0].header

@@ -58,7 +58,7 @@ def test_tau_a_map_and_its_fits_file(workspace_factory, small_archive):
     path = files[0]
     assert path.with_suffix(".png").exists() and path.with_name(path.stem + ".config.toml").exists()
     with fits.open(path) as hdul:
-        assert [h.name for h in hdul] == ["DESTRIPED", "NAIVE", "HITS", "RMS", "MASK"]
+        assert [h.name for h in hdul] == ["DESTRIPED", "NAIVE", "HITS", "RMS", "MASK", "OBSLIST"]
         h = hdul[0].header
         for key in (
             "BUNIT",

@@ -22,6 +22,7 @@ from typing import Any
 
 import h5py
 
+from modules.MapMaking.fits_metadata import calibrator_beam_table
 from modules.MapMaking.fits_output import read_configsha, write_difference_map
 from modules.MapMaking.read_data import describe_counts
 from modules.MapMaking.segments import noise_group
@@ -58,6 +59,9 @@ class JobInputs:
         obsid → {(feed, band, channel): is_good}, with ``use_quality_flags``.
     log : logging.Logger
         The running stage's logger.
+    beams : dict
+        (feed, band) → (median calibrator-fitted FWHM at 30 GHz in arcmin, number of fits), from the
+        database's ``calibration_flux`` rows (docs/map_products.md#beam-brightness-and-provenance).
     """
 
     observations: list[Any]
@@ -66,6 +70,7 @@ class JobInputs:
     table: Any
     flags: dict
     log: logging.Logger
+    beams: dict = field(default_factory=dict)
     _shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def shared(self, key: str, make):
@@ -281,10 +286,11 @@ class Dispatcher:
                 for o in observations:
                     rows = facade.get_quality_flags(o.obsid)
                     flags[o.obsid] = {key: bool(row.is_good) for key, row in rows.items()}
+            beams = calibrator_beam_table(facade.query_calibration_flux(None, feeds=feeds or None))
         finally:
             if own:
                 facade.disconnect()
-        return JobInputs(observations, updated, feeds, table, flags, self.log)
+        return JobInputs(observations, updated, feeds, table, flags, self.log, beams)
 
     def run_job(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from modules.MapMaking.fits_metadata import merge_obslists, obslist_hdu
 from modules.pipeline_control.config import dump_toml
 from modules.pipeline_control.provenance import code_version, fits_history_cards
 from utils.wcs import MapGeometry
@@ -29,7 +30,12 @@ MASK_EDGE_CLIPPED = 4
 
 @dataclass
 class MapInfo:
-    """Observation, destriper and calibration facts recorded in the FITS header of a map."""
+    """Observation, destriper and calibration facts recorded in the FITS header of a map.
+
+    ``cards`` are further primary-header cards (beam, brightness scale;
+    docs/map_products.md#beam-brightness-and-provenance); ``segments`` (SegmentRecord list) become the
+    OBSLIST table.
+    """
 
     object_name: str
     band: int
@@ -45,6 +51,8 @@ class MapInfo:
     destriper: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     mean_azel_mjd: tuple[float, float, float] | None = None
+    cards: dict[str, Any] = field(default_factory=dict)
+    segments: list[Any] | None = None
 
 
 def hit_mask(hits: np.ndarray, *, hit_percentile: float = 5.0, min_hits: int = 1) -> tuple[np.ndarray, float]:
@@ -97,10 +105,14 @@ def base_header(geometry: MapGeometry, info: MapInfo, params: Mapping[str, Any],
     h["INSTRUME"] = "COMAP"
     h["OBJECT"] = info.object_name
     h["DATE"] = (_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"), "file creation (UTC)")
-    if np.isfinite(info.mjd_min):
-        h["DATE-OBS"] = Time(info.mjd_min, format="mjd", scale="utc").isot
-        h["MJD-OBS"] = (float(info.mjd_min), "first sample (MJD, UTC)")
-        h["MJD-END"] = (float(info.mjd_max), "last sample (MJD, UTC)")
+    mjd_min, mjd_max = info.mjd_min, info.mjd_max
+    if info.segments:  # the segments' first and last samples (mjd_min/max are segment mid-times)
+        mjd_min = min(r.mjd_start for r in info.segments)
+        mjd_max = max(r.mjd_stop for r in info.segments)
+    if np.isfinite(mjd_min):
+        h["DATE-OBS"] = Time(mjd_min, format="mjd", scale="utc").isot
+        h["MJD-OBS"] = (float(mjd_min), "first sample (MJD, UTC)")
+        h["MJD-END"] = (float(mjd_max), "last sample (MJD, UTC)")
     h["FREQ"] = (float(info.freq_hz), "Hz, weighted mean of central_freqs")
     h["BANDWID"] = (float(info.bandwidth_hz), "Hz")
     if info.band >= 0:
@@ -122,6 +134,8 @@ def base_header(geometry: MapGeometry, info: MapInfo, params: Mapping[str, Any],
         h["MEAN_AZ"] = (float(az), "deg")
         h["MEAN_EL"] = (float(el), "deg")
         h["MEAN_MJD"] = float(mjd)
+    for key, value in info.cards.items():  # beam and brightness scale (modules/MapMaking/fits_metadata.py)
+        h[key] = value
     h["HIERARCH COMAP VERSION"] = code_version()
     h["HIERARCH COMAP CONFIGSHA"] = config_sha
     for line in fits_history_cards(params):
@@ -180,7 +194,8 @@ def write_map_fits(
     clip_percentiles: tuple[float, float] = (0.5, 99.5),
     resolved_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS and MASK HDUs (docs/mapmaking.md#name-and-hdus).
+    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS, MASK (and OBSLIST) HDUs
+    (docs/mapmaking.md#name-and-hdus).
 
     Parameters
     ----------
@@ -221,6 +236,8 @@ def write_map_fits(
         h = wcs_header.copy()
         h["BUNIT"] = {"NAIVE": "K", "HITS": "", "RMS": "K", "MASK": ""}[name]
         hdus.append(fits.ImageHDU(data, header=h, name=name))
+    if info.segments is not None:
+        hdus.append(obslist_hdu(info.segments))
     remove_stale_partials(path)
     out = write_atomic_fits(path, hdus)
     if resolved_config is not None:
@@ -302,7 +319,7 @@ def write_cube_fits(
     min_hits: int = 1,
     resolved_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write an RRL cube: LINE, RMS, HITS, CONTINUUM and MASK HDUs (docs/mapmaking.md#fits-cube).
+    """Write an RRL cube: LINE, RMS, HITS, CONTINUUM, MASK (and OBSLIST) HDUs (docs/mapmaking.md#fits-cube).
 
     The data are given on the hit pixels only and the full planes are assembled one velocity
     channel at a time while streaming to disk, so memory follows the observed area.
@@ -344,7 +361,7 @@ def write_cube_fits(
     cube_header["HIERARCH MASK HITMIN"] = int(min_hits)
     cube_header["HIERARCH MASK HITTHR"] = float(threshold)
     for key, value in line_cards.items():
-        cube_header.append(fits.Card(key, *(value if isinstance(value, tuple) else (value,))), end=True)
+        cube_header[key] = value
     cube_header.extend([c for c in header.cards if c.keyword == "HISTORY"])
 
     rms_header = _streaming_header((n_v, *geometry.shape), primary=False)
@@ -381,6 +398,9 @@ def write_cube_fits(
             h = wcs2.copy()
             h["BUNIT"] = unit
             fits.append(tmp, data, header=fits.ImageHDU(data, header=h, name=name).header)
+        if info.segments is not None:
+            table = obslist_hdu(info.segments)
+            fits.append(tmp, table.data, header=table.header)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -415,6 +435,9 @@ def write_difference_map(a_path: Path, b_path: Path, out_path: Path) -> Path:
             fits.ImageHDU(rms.astype(np.float32), header=a["RMS"].header, name="RMS"),
             fits.ImageHDU(mask, header=a["MASK"].header, name="MASK"),
         ]
+        table = merge_obslists(*(h["OBSLIST"] for h in (a, b) if "OBSLIST" in h))
+        if table is not None:
+            hdus.append(table)
     return write_atomic_fits(out_path, hdus)
 
 

@@ -123,14 +123,12 @@ def destripe_channels(
 def line_cards(
     lines: tuple[LineSpec, ...], settings: LineReaderSettings, acc: LineAccumulation
 ) -> dict[str, Any]:
-    """The cube header's line keywords: the lines and their shares of the weights, the continuum
+    """The cube header's line keywords: the lines' shares of the weights, the continuum
     subtraction, the velocity grid and the level-1 bytes read."""
     grid = settings.grid
     cards: dict[str, Any] = {"STACKED": len(lines) > 1}
     total_weight = float(acc.line_weight.sum()) if acc.line_weight is not None else 0.0
-    for k, spec in enumerate(lines, start=1):
-        cards[f"LINE{k}"] = spec.label
-        cards[f"RFREQ{k}"] = (spec.rest_freq_ghz * 1e9, "Hz")
+    for k, spec in enumerate(lines, start=1):  # LINEk and RESTFk: fits_metadata.rest_frequency_cards
         if total_weight > 0:
             share = float(acc.line_weight[k - 1]) / total_weight
             cards[f"HIERARCH LINE W{k}"] = (share, f"share of {spec.label} in the weights")

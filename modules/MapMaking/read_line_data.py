@@ -130,6 +130,13 @@ class LineReaderSettings(SegmentSelection):
     level_stride: int
     quiet_fraction: float
     mask_center_kms: float | None = None  # the velocity the mask is relative to; default the grid's
+    per_line: bool = False
+    """Keep one accumulator per line (shape (n_lines, n_hit, n_v)) for smoothing to a common beam
+    before stacking (docs/mapmaking.md#common-beam-stacking)."""
+
+    @property
+    def n_accumulators(self) -> int:
+        return len(self.lines) if self.per_line else 1
 
     @property
     def mask_kms(self) -> tuple[float, float]:
@@ -545,9 +552,10 @@ def read_line_file(
         allpix = np.concatenate(pix_full) if pix_full else np.zeros(0, np.int64)
         hit = np.unique(allpix[allpix >= 0])
         n_hit = hit.size
-        acc_sum = np.zeros((n_hit, n_v))
-        acc_w = np.zeros((n_hit, n_v))
-        acc_q = np.zeros((n_hit, n_v))
+        shape = (settings.n_accumulators, n_hit, n_v) if settings.per_line else (n_hit, n_v)
+        acc_sum = np.zeros(shape)
+        acc_w = np.zeros(shape)
+        acc_q = np.zeros(shape)
         hits = np.zeros(n_hit, dtype=np.int64)
         cont_sum = np.zeros(n_hit)
         cont_w = np.zeros(n_hit)
@@ -649,11 +657,16 @@ def read_line_file(
                     regrid_samples(yt, w, j_lo, f_lo, s_sum, s_w, np.zeros_like(s_q), touched)
                     s_q[valid] += noise.ratio[valid, None] * noise.diag[None, :]
                 else:
-                    bin_cube(yt, local, w, j_lo, f_lo, acc_sum, acc_w, np.zeros_like(acc_q), touched)
-                    np.add.at(acc_q, local[on], noise.ratio[on, None] * noise.diag[None, :])
+                    k = use.line if settings.per_line else slice(None)
+                    bin_cube(yt, local, w, j_lo, f_lo, acc_sum[k], acc_w[k], np.zeros_like(acc_q[k]), touched)
+                    np.add.at(acc_q[k], local[on], noise.ratio[on, None] * noise.diag[None, :])
                 # the level's error is common to every sample of the scan: coherent per pixel
                 n_pix = np.bincount(local[on], minlength=n_hit).astype(np.float64)
-                acc_q += n_pix[:, None] ** 2 * noise.level_diag[None, :]
+                level_q = n_pix[:, None] ** 2 * noise.level_diag[None, :]
+                if settings.per_line and not settings.per_sample:
+                    acc_q[use.line] += level_q
+                else:
+                    acc_q += level_q
                 chan_cov += float(noise.ratio[on].sum()) * noise.cov
             counted = (touched > 0) & (local >= 0)
             if not counted.any():
@@ -743,7 +756,7 @@ class LineAccumulation:
     """The merged accumulators of a cube over its hit pixels (``hit``: full-grid indices)."""
 
     hit: NDArray[np.int64]
-    acc_sum: NDArray[np.float64]  # (n_hit, n_v)
+    acc_sum: NDArray[np.float64]  # (n_hit, n_v); (n_lines, n_hit, n_v) with settings.per_line
     acc_w: NDArray[np.float64]
     acc_q: NDArray[np.float64]
     hits: NDArray[np.int64]
@@ -780,9 +793,10 @@ def read_line_segments(
     done = [r for r in results if r is not None]
     hit = np.unique(np.concatenate([r.hit for r in done])) if done else np.zeros(0, np.int64)
     n_v = settings.grid.n_v
-    acc_sum = np.zeros((hit.size, n_v))
-    acc_w = np.zeros((hit.size, n_v))
-    acc_q = np.zeros((hit.size, n_v))
+    shape = (settings.n_accumulators, hit.size, n_v) if settings.per_line else (hit.size, n_v)
+    acc_sum = np.zeros(shape)
+    acc_w = np.zeros(shape)
+    acc_q = np.zeros(shape)
     hits = np.zeros(hit.size, dtype=np.int64)
     cont_sum = np.zeros(hit.size)
     cont_w = np.zeros(hit.size)
@@ -797,9 +811,9 @@ def read_line_segments(
         if r.line_weight is not None:
             line_weight += r.line_weight
         idx = np.searchsorted(hit, r.hit)
-        acc_sum[idx] += r.acc_sum
-        acc_w[idx] += r.acc_w
-        acc_q[idx] += r.acc_q
+        acc_sum[..., idx, :] += r.acc_sum
+        acc_w[..., idx, :] += r.acc_w
+        acc_q[..., idx, :] += r.acc_q
         hits[idx] += r.hits
         cont_sum[idx] += r.cont_sum
         cont_w[idx] += r.cont_w

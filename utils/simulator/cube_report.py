@@ -132,8 +132,8 @@ def read_cube(path: str | os.PathLike) -> CubeData:
         lon, lat = icrs_to_galactic(lon, lat)
     freqs, weights = [], []
     k = 1
-    while f"RFREQ{k}" in h:
-        freqs.append(float(h[f"RFREQ{k}"]) / 1e9)
+    while f"RESTF{k}" in h or f"RFREQ{k}" in h:  # RFREQk in cubes written before RESTFk
+        freqs.append(float(h.get(f"RESTF{k}", h.get(f"RFREQ{k}"))) / 1e9)
         weights.append(float(h.get(f"LINE W{k}", 1.0)))
         k += 1
     return CubeData(
@@ -195,8 +195,15 @@ def cube_validation(
             "note": "no measured pixels",
         }
 
+    # a stack smoothed to a common beam (BEAMSRC = 'common') has every line at the widest true beam
+    common = cube.header.get("BEAMSRC") == "common"
+    f_low = min(cube.line_freqs_ghz)
+
     def amp(reg: HIIRegionTruth) -> NDArray[np.float64]:
-        return sum(w * reg.line_peak_k(f, lon, lat, beam30) for w, f in zip(weights, cube.line_freqs_ghz))
+        return sum(
+            w * reg.line_peak_k(f, lon, lat, beam30 * f / f_low if common else beam30)
+            for w, f in zip(weights, cube.line_freqs_ghz)
+        )
 
     edge_lo, edge_hi = float(v[sel].min()) - 0.5 * dv, float(v[sel].max()) + 0.5 * dv
     m0 = cube.line[sel][:, good].sum(axis=0) * dv

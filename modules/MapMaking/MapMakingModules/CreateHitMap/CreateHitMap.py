@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from modules.MapMaking.dispatch import JobInputs, MapJobFailed
+from modules.MapMaking.fits_metadata import obslist_hdu, segment_records
 from modules.MapMaking.fits_output import MapInfo, base_header, remove_stale_partials, write_atomic_fits
 from modules.MapMaking.geometry import geometry_for
 from modules.MapMaking.job_parameters import (
@@ -168,7 +169,8 @@ class CreateHitMap(
         return self._write(output, geometry, plans, hits, seconds, config_sha)
 
     def _write(self, output: HitMapSpec, geometry, plans, hits, seconds, config_sha: str) -> Path:
-        """HITS (primary) and TIME images with the map header (WCS, observations, provenance)."""
+        """HITS (primary) and TIME images with the map header (WCS, observations, provenance) and the
+        OBSLIST table (docs/map_products.md#obslist)."""
         from astropy.io import fits
 
         mjds = [p.mjd_mid for p in plans]
@@ -184,6 +186,7 @@ class CreateHitMap(
             bandwidth_hz=float(np.nanmedian([p.bandwidth_ghz for p in plans])) * 1e9,
             n_segment=len(plans),
             n_sample=int(hits.sum()),
+            segments=segment_records(plans, lambda _p: [output.band]),
         )
         params = dict(self.parameters)
         params.update(band=output.band, channel=output.channel)
@@ -197,7 +200,7 @@ class CreateHitMap(
             seconds.reshape(geometry.shape).astype(np.float32), header=time_header, name="TIME"
         )
         remove_stale_partials(output.output_path)
-        path = write_atomic_fits(output.output_path, [primary, time_hdu])
+        path = write_atomic_fits(output.output_path, [primary, time_hdu, obslist_hdu(info.segments)])
         if self.quicklook:
             _quicklook(
                 path, hits.reshape(geometry.shape), f"{self.map_name} band {output.band} ch {output.channel}"

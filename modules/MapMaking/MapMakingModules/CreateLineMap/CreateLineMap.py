@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 import h5py
 import numpy as np
 
+from modules.MapMaking.common_beam import stack_common_beam
 from modules.MapMaking.dispatch import JobInputs, MapJobFailed
+from modules.MapMaking.fits_metadata import (
+    Beam,
+    jy_per_k,
+    map_beam,
+    product_cards,
+    rest_frequency_cards,
+    segment_records,
+)
 from modules.MapMaking.fits_output import MapInfo, SpectralAxis, hit_mask, write_cube_fits
 from modules.MapMaking.geometry import geometry_for
 from modules.MapMaking.job_parameters import (
@@ -108,6 +117,10 @@ class CreateLineMap(
         Line names instead of frequencies, e.g. ``['H58a', 'H59a', 'H60a', 'H61a', 'H62a']``.
     stack_lines : bool
         Several lines → one stacked cube (inverse-variance mean in velocity); False → one cube each.
+    common_beam : bool
+        Before stacking, smooth every line to the beam of the lowest-frequency (widest-beam) line, so
+        that the stack has one beam (docs/mapmaking.md#common-beam-stacking); False averages the lines
+        as observed, a mixture of beams. Not with ``destripe_channels``.
     map_name, output_dir : str
         Output prefix and directory.
     source, source_group, feeds, database_file, obsids, obsid_list_file, min_obsid, max_obsid
@@ -163,6 +176,7 @@ class CreateLineMap(
     line_frequency: float | list = 31.223315
     lines: list | None = None
     stack_lines: bool = True
+    common_beam: bool = True
     output_dir: str = "outputs/line_maps"
     velocity_center_kms: float = 0.0
     velocity_halfwidth_kms: Annotated[float, Range(gt=0)] = 400.0
@@ -197,6 +211,11 @@ class CreateLineMap(
                 )
         if params["spectral_axis"] == "FREQ" and len(specs) > 1 and params["stack_lines"]:
             problems.append("spectral_axis='FREQ' is not allowed when stacking lines (use 'VRAD')")
+        if len(specs) > 1 and params["stack_lines"] and params["common_beam"] and params["destripe_channels"]:
+            problems.append(
+                "common_beam (smoothing each line before stacking) does not work with destripe_channels; "
+                "set common_beam = false or destripe_channels = false"
+            )
         mask = params["line_mask_kms"]
         if not (
             isinstance(mask, list | tuple)
@@ -264,7 +283,23 @@ class CreateLineMap(
             level_stride=int(self.level_stride),
             quiet_fraction=float(self.quiet_fraction),
             mask_center_kms=float(self.velocity_center_kms),
+            per_line=self._smooths(cube),
         )
+
+    def _smooths(self, cube: CubeSpec) -> bool:
+        """True if this cube's lines are smoothed to a common beam before stacking."""
+        return bool(self.common_beam) and len(cube.lines) > 1 and not bool(self.destripe_channels)
+
+    @staticmethod
+    def line_beams(cube: CubeSpec, plans, used, beams) -> list[Beam]:
+        """Each line's beam at its rest frequency from the feeds and bands that observed it
+        (docs/map_products.md#beam-brightness-and-provenance)."""
+        feeds = sorted({f for _o, f, _s in used})
+        out = []
+        for i, spec in enumerate(cube.lines):
+            bands = sorted({u.band for p in plans for u in p.uses if u.line == i}) or [0]
+            out.append(map_beam(beams, feeds, bands, spec.rest_freq_ghz))
+        return out
 
     def output_identity(self, output: CubeSpec) -> dict[str, Any]:
         return {"cube": {"label": output.label, "lines": [(s.label, s.rest_freq_ghz) for s in output.lines]}}
@@ -335,6 +370,24 @@ class CreateLineMap(
                 f"no data for cube {name}: no sample with weight lands on the map "
                 f"({describe_counts(acc.counts)})"
             )
+        line_beams = self.line_beams(cube, plans, acc.used, inputs.beams)
+        beam = line_beams[0]
+        if acc.acc_sum.ndim == 3:  # one accumulator per line: smooth to the widest beam, then stack
+            acc.acc_sum, acc.acc_w, acc.acc_q, common = stack_common_beam(
+                acc.acc_sum, acc.acc_w, acc.acc_q, acc.hit, geometry, [b.fwhm_deg for b in line_beams]
+            )
+            widest = max(line_beams, key=lambda b: b.fwhm_deg)
+            beam = Beam(common, widest.freq_ghz, "common", sum(b.n_fit for b in line_beams))
+            log.info(
+                "%s: lines smoothed to a common beam of %.2f arcmin (beams before: %s)",
+                name,
+                common * 60.0,
+                ", ".join(f"{s.label} {b.fwhm_deg * 60:.2f}'" for s, b in zip(cube.lines, line_beams)),
+            )
+        elif len(cube.lines) > 1:  # stacked as observed: a mixture, the weight-mean FWHM is recorded
+            share = acc.line_weight / acc.line_weight.sum() if acc.line_weight is not None else None
+            fwhm = float(np.average([b.fwhm_deg for b in line_beams], weights=share))
+            beam = Beam(fwhm, cube.lines[0].rest_freq_ghz, "mixed", sum(b.n_fit for b in line_beams))
         line, rms = cube_from_sums(acc)
         with np.errstate(divide="ignore", invalid="ignore"):
             continuum = np.where(acc.cont_w > 0, acc.cont_sum / acc.cont_w, np.nan)
@@ -345,8 +398,16 @@ class CreateLineMap(
             )
         if settings.continuum_subtraction == "pixel":
             line, continuum = pixel_baselines(line, acc.acc_w, settings)
+        cards = self._header_cards(cube, acc, plans, beam, line_beams, inputs)
         path = self._write(
-            cube, geometry, settings, acc, plans, Cube(line, rms, continuum), destriper_cards, config_sha
+            cube,
+            geometry,
+            settings,
+            acc,
+            plans,
+            Cube(line, rms, continuum, cards),
+            destriper_cards,
+            config_sha,
         )
         log.info("%s: %d samples, %.1f MB of level-1 TOD read", name, acc.n_samples, acc.bytes_read / 1e6)
         if self.quicklook:
@@ -366,6 +427,30 @@ class CreateLineMap(
                 f"{self.map_name} {cube.label}",
             )
         return path
+
+    def _header_cards(self, cube: CubeSpec, acc, plans, beam: Beam, line_beams, inputs) -> dict[str, Any]:
+        """Beam, brightness scale and rest frequencies
+        (docs/map_products.md#beam-brightness-and-provenance)."""
+        elements = sorted({(p.feed, u.band, u.bin) for p in plans for u in p.uses})
+        first = cube.lines[0]
+        cards = product_cards(
+            beam,
+            first.rest_freq_ghz,
+            calibration=str(self.calibration),
+            calib_source=str(self.calib_source),
+            table=inputs.table,
+            elements=elements,
+            mjd=0.5 * (acc.mjd_range[0] + acc.mjd_range[1]),
+        )
+        cards.update(rest_frequency_cards(cube.lines))
+        if len(cube.lines) > 1:
+            for k, (spec, b) in enumerate(zip(cube.lines, line_beams), start=1):
+                cards[f"JYPERK{k}"] = (
+                    float(jy_per_k(spec.rest_freq_ghz, beam)),
+                    f"[Jy/beam per K] {spec.label}",
+                )
+                cards[f"BMAJ{k}"] = (float(b.fwhm_deg), f"[deg] beam of {spec.label} before smoothing")
+        return cards
 
     def _write(
         self, cube: CubeSpec, geometry, settings, acc, plans, result: Cube, destriper_cards, config_sha: str
@@ -393,6 +478,12 @@ class CreateLineMap(
         )
         spectral = SpectralAxis(
             self.spectral_axis, grid.center_kms, grid.step_kms, grid.n_v, first.rest_freq_ghz * 1e9
+        )
+        info.cards = result.cards
+        used = set(acc.used)
+        info.segments = segment_records(
+            [p for p in plans if (p.obsid, p.feed, p.scan) in used],
+            lambda p: sorted({u.band for u in p.uses}),
         )
         params = dict(self.parameters)
         params.update(cube=cube.label)

@@ -15,6 +15,7 @@ import numpy as np
 
 from modules.MapMaking.destriper import destripe
 from modules.MapMaking.dispatch import JobInputs, MapJobFailed
+from modules.MapMaking.fits_metadata import map_beam, product_cards, segment_records
 from modules.MapMaking.fits_output import MapInfo, write_map_fits
 from modules.MapMaking.geometry import geometry_for
 from modules.MapMaking.job_parameters import (
@@ -378,9 +379,32 @@ class CreateMap(
                 res.n_iter,
                 float(np.min(res.residuals)),
             )
-        return self._write(spec, geometry, hit, out, res, plans, config_sha)
+        return self._write(spec, geometry, hit, out, res, plans, config_sha, inputs=inputs)
 
-    def _write(self, spec: MapJobSpec, geometry, hit, out, res, plans, config_sha: str) -> Path:
+    def _header_cards(self, spec: MapJobSpec, out, plans, inputs: JobInputs | None) -> dict[str, Any]:
+        """Beam and brightness-scale cards (docs/map_products.md#beam-brightness-and-provenance)."""
+        beam = map_beam(inputs.beams if inputs else None, out.feeds, [spec.band], out.freq_ghz)
+        return product_cards(
+            beam,
+            out.freq_ghz,
+            calibration=str(self.calibration),
+            calib_source=str(self.calib_source),
+            table=inputs.table if inputs else None,
+            elements=[(f, spec.band, spec.channel) for f in out.feeds],
+            mjd=0.5 * (out.mjd_range[0] + out.mjd_range[1]),
+        )
+
+    def _write(
+        self,
+        spec: MapJobSpec,
+        geometry,
+        hit,
+        out,
+        res,
+        plans,
+        config_sha: str,
+        inputs: JobInputs | None = None,
+    ) -> Path:
         """The FITS file of one destriped map (and its quicklook)."""
 
         def grid(values, fill=np.nan, dtype=np.float64):
@@ -415,6 +439,8 @@ class CreateMap(
                 "MEDFACT": float(np.median([p.factor for p in plans])),
             },
             mean_azel_mjd=out.mean_azel_mjd,
+            cards=self._header_cards(spec, out, plans, inputs),
+            segments=segment_records(plans, lambda _p: [spec.band]),
         )
         params = dict(self.parameters)
         params.update(band=spec.band, channel=spec.channel, split=spec.suffix or "none")
