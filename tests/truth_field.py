@@ -43,7 +43,7 @@ from conftest import REPO_ROOT, PipelineWorkspace
 
 from utils.simulator import make_archive
 from utils.simulator.spec import ArchiveSpec, ScanSpec
-from utils.simulator.variety import calibrator_observation, field_observation
+from utils.simulator.variety import calibrator_observation, field_observation, scaled_sky
 
 N_CHANNELS = 16
 FEEDS = (1, 2, 3)
@@ -53,11 +53,13 @@ CALIBRATOR_OBSID = 93001
 MAP_BAND, MAP_CHANNEL = 1, 0
 
 
-def truth_field_archive() -> ArchiveSpec:
-    """The observations of the module docstring's table, in time order of their obsids."""
+def truth_field_archive(sky_scale: float = 1.0) -> ArchiveSpec:
+    """The observations of the module docstring's table, in time order of their obsids; the field's
+    sky multiplied by ``sky_scale`` (the calibrator's is not)."""
 
     def field(obsid: int, date: str, ha: float):
-        return field_observation(obsid, ha, n_channels=N_CHANNELS, feeds=FEEDS).replace(date=date)
+        spec = field_observation(obsid, ha, n_channels=N_CHANNELS, feeds=FEEDS).replace(date=date)
+        return spec if sky_scale == 1.0 else scaled_sky(spec, sky_scale)
 
     # the demo's Tau A scan (presets 'demo'): a 150 s Lissajous of ±0.5 deg
     taua = calibrator_observation(
@@ -108,10 +110,10 @@ class TruthField:
         Wall-clock cost of each step (``simulate``, ``level2``, and one entry per map job).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sky_scale: float = 1.0) -> None:
         self.seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.level1 = make_archive(truth_field_archive(), root / "archive", seed=11)
+        self.level1 = make_archive(truth_field_archive(sky_scale), root / "archive", seed=11)
         self.seconds["simulate"] = time.perf_counter() - t0
         self.ws = PipelineWorkspace(root / "ws", self.level1)
         self.ws.write_configs(

@@ -15,7 +15,7 @@ from .archive import make_archive, read_index
 from .component_spec import NaNBurst, SkyComponent
 from .presets import PRESETS
 from .spec import ArchiveSpec, HIIRegion, ObservationSpec, ScanSpec, SkySpec
-from .variety import sky_free_twin
+from .variety import scaled_sky, sky_free_twin
 from .writer import SIMULATOR_VERSION, simulate_observation
 
 __all__ = [
@@ -31,5 +31,6 @@ __all__ = [
     "make_archive",
     "read_index",
     "simulate_observation",
+    "scaled_sky",
     "sky_free_twin",
 ]

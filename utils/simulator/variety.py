@@ -198,12 +198,21 @@ def nan_burst_observation(*, obsid: int = 91004, n_channels: int = 64, **kwargs)
     )
 
 
+def scaled_sky(spec: ObservationSpec, factor: float) -> ObservationSpec:
+    """Copy of ``spec`` whose sky emission is ``factor`` times that of ``spec``: the Galactic base sky
+    (``base_scale``) and every component's amplitude and gradient (docs/simulator.md#noise-twins).
+    Pointing, vane placement, noise, gain fluctuations and NaN bursts are those of ``spec``."""
+    f = float(factor)
+    comps = [
+        dataclasses.replace(c, amplitude=c.amplitude * f, gradient_k_per_deg=c.gradient_k_per_deg * f)
+        for c in spec.sky.components
+    ]
+    return spec.replace(sky={"base_scale": spec.sky.base_scale * f, "components": comps})
+
+
 def sky_free_twin(spec: ObservationSpec) -> ObservationSpec:
-    """Copy of ``spec`` without sky emission: ``base_scale = 0`` and every component's amplitude and
-    gradient 0 (docs/simulator.md#noise-twins). Pointing, vane placement, noise, gain fluctuations
-    and NaN bursts are those of ``spec``."""
-    comps = [dataclasses.replace(c, amplitude=0.0, gradient_k_per_deg=0.0) for c in spec.sky.components]
-    return spec.replace(sky={"base_scale": 0.0, "components": comps})
+    """Copy of ``spec`` without sky emission (:func:`scaled_sky` with factor 0)."""
+    return scaled_sky(spec, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
