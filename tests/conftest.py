@@ -137,6 +137,16 @@ def truth_field(tmp_path_factory):
     return TruthField(tmp_path_factory.mktemp("truth-field"))
 
 
+@pytest.fixture(scope="session")
+def faint_truth_field(tmp_path_factory):
+    """The ``truth_field`` observations with the field's sky times ``FAINT_SKY_SCALE`` (the Tau A
+    calibrator unchanged): a noise-dominated field, on which χ²/N tests the map's noise model rather
+    than the signal's systematics (tests/truth_field.py)."""
+    from truth_field import FAINT_SKY_SCALE, TruthField
+
+    return TruthField(tmp_path_factory.mktemp("faint-truth-field"), sky_scale=FAINT_SKY_SCALE)
+
+
 # --------------------------------------------------------------------------------------------------
 # Running the pipeline in a scratch directory
 # --------------------------------------------------------------------------------------------------
