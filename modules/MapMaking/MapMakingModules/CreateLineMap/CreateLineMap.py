@@ -373,7 +373,7 @@ class CreateLineMap(
         line_beams = self.line_beams(cube, plans, acc.used, inputs.beams)
         beam = line_beams[0]
         if acc.acc_sum.ndim == 3:  # one accumulator per line: smooth to the widest beam, then stack
-            acc.acc_sum, acc.acc_w, acc.acc_q, common = stack_common_beam(
+            acc.acc_sum, acc.acc_w, acc.acc_q, common, acc.line_weight = stack_common_beam(
                 acc.acc_sum, acc.acc_w, acc.acc_q, acc.hit, geometry, [b.fwhm_deg for b in line_beams]
             )
             widest = max(line_beams, key=lambda b: b.fwhm_deg)
