@@ -146,24 +146,18 @@ def two_fields(tmp_path_factory):
     return white, red
 
 
-@pytest.mark.parametrize("kind, limit, offset_length", [("white", 0.10, 1000), ("red", 0.5, 100)])
-def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind, limit, offset_length):
-    """(A − B)/2 of odd/even scans with RMS_diff = ½√(RMS_A² + RMS_B²) has χ²/N within 10 % of 1 for
-    white noise and ≤ 1.5 with 1/f noise (docs/mapmaking.md#createmap-and-its-variants). With ~400 pixels the
-    χ²/N of pure noise scatters by sqrt(2/400) ≈ 7 %.
+@pytest.mark.parametrize("kind", ["white", "red"])
+def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind):
+    """(A − B)/2 of odd/even scans at DEFAULT settings (default gain filter, offset length and noise
+    realisations) with RMS_diff = ½√(RMS_A² + RMS_B²) has χ²/N ≈ 1, for white and for 1/f noise
+    (docs/mapmaking.md#map-noise).
 
-    The RMS HDU is 1/sqrt(Σ w) (docs/mapmaking.md#model-and-equations): it leaves out the noise of the fitted
-    offsets, which with these short halves (~13 crossings per 3′ pixel) adds 10–20 % to the variance at L =
-    100 (measured: naive χ²/N 1.02–1.12, destriped 1.21–1.28 with two observations). The white-noise case
-    therefore uses four observations and L = 1000 samples, where that term is negligible; the 1/f case uses
-    the default L = 100.
-
-    The white case runs the default gain filter (GainFilterDestriped): with no gain fluctuations its
-    detection test removes nothing, so it adds no noise. The 1/f case runs GainFilterBase, whose added
-    estimator noise is white and so part of auto_rms and of the RMS map. The low-frequency residual of
-    the default filter is not in the white RMS map: the same data give χ²/N 2.6 with
-    GainFilterDestriped and 2.2–2.8 with GainFilterWithPrior (measured); an RMS that includes correlated
-    noise is the map-noise issue's work."""
+    The RMS HDU holds the map noise from noise-only simulations through the same destriper: the noise of
+    the fitted offsets and the 1/f left after destriping are in it. Tolerance: χ²/N of N independent
+    pixels scatters by sqrt(2/N); neighbouring pixels share offsets, so N_eff is taken as N/4 (a 2×2
+    block of 3′ pixels per beam-sized, offset-correlated patch), and the test allows 3 sqrt(2/N_eff)
+    plus 5 % for the finite number of realisations behind the RMS (its smoothed ratio has a few per cent
+    error). Measured before the map-noise change: χ²/N 1.21–1.28 (white) and 2.2–2.8 (1/f)."""
     files = two_fields[0] if kind == "white" else two_fields[1]
     ws = workspace_factory(files)
     with_maps(
@@ -171,9 +165,8 @@ def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind, limi
         [
             f"{CREATE_MAP}(map_name='JK', source='GField30', band=1, channel=0, "
             "split_mode='odd_even_scans', write_difference=True, hit_percentile=0.0, min_hits=20, "
-            f"dynamic_wcs_cdelt=0.05, offset_length={offset_length})"
+            "dynamic_wcs_cdelt=0.05)"
         ],
-        gain_filter=None if kind == "white" else "GainFilterBase",
     )
     res = ws.run()
     assert res.returncode == 0, res.stderr
@@ -188,11 +181,11 @@ def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind, limi
         rms = hdul["RMS"].data.astype(np.float64)
         ok = np.isfinite(diff) & np.isfinite(rms) & (hdul["HITS"].data >= 20)
         chi2 = float(np.mean((diff[ok] / rms[ok]) ** 2))
-    assert ok.sum() > 200
-    if kind == "white":
-        assert abs(chi2 - 1.0) <= limit
-    else:
-        assert chi2 <= 1.0 + limit
+    n = int(ok.sum())
+    assert n > 200
+    tolerance = 3.0 * np.sqrt(2.0 / (n / 4.0)) + 0.05
+    print(f"jackknife {kind}: chi2/N = {chi2:.3f} over {n} pixels (tolerance {tolerance:.3f})")
+    assert abs(chi2 - 1.0) <= tolerance, (chi2, n, tolerance)
 
 
 def test_feed_labels():
