@@ -58,7 +58,15 @@ def test_tau_a_map_and_its_fits_file(workspace_factory, small_archive):
     path = files[0]
     assert path.with_suffix(".png").exists() and path.with_name(path.stem + ".config.toml").exists()
     with fits.open(path) as hdul:
-        assert [h.name for h in hdul] == ["DESTRIPED", "NAIVE", "HITS", "RMS", "MASK"]
+        assert [h.name for h in hdul] == [
+            "DESTRIPED",
+            "NAIVE",
+            "HITS",
+            "RMS",
+            "MASK",
+            "RMS_WHITE",
+            "SEGNOISE",
+        ]
         h = hdul[0].header
         for key in (
             "BUNIT",
@@ -78,6 +86,9 @@ def test_tau_a_map_and_its_fits_file(workspace_factory, small_archive):
             "MASK HITTHR",
             "CALIB MODE",
             "COMAP TEMPTYPE",
+            "NOISE METHOD",
+            "NOISE NREAL",
+            "NOISE RATIO",
         ):
             assert key in h, key
         assert h["BUNIT"] == "K" and h["COMAP TEMPTYPE"] == "K_RJ" and h["DESTRIPER DSTATUS"] == "converged"

@@ -3,8 +3,9 @@ of a continuum map (docs/mapmaking.md#map-noise).
 
 Steps (all on the arrays the destriper was given):
 
-1. :func:`residual_segment_noise` — after a first destriping, the residual ``r = d − P m`` of every segment
-   (the sky of the destriped map removed; white noise, 1/f noise and offsets left) gives a white-noise rms
+1. :func:`residual_segment_noise` — after a first destriping, the residual ``r = d − P m₋ⱼ`` of every segment
+   j against the destriped map of the other segments (sky removed; the segment's white noise, 1/f noise and
+   offsets left) gives a white-noise rms
    (clipped pair differences), a log-binned periodogram and a 1/f fit per segment, with the same estimators
    as NoiseStatsLevel2 (docs/level2.md#noisestatslevel2) but without the sky.
 2. :func:`segment_verdicts` — the ``sigma_red_cutoff_k`` and ``fknee_max_hz`` cuts on those statistics.
@@ -84,13 +85,20 @@ def residual_segment_noise(
     weights: NDArray[np.float32],
     map_weights: NDArray[np.float32],
     segment_starts: NDArray[np.integer],
-    sky: NDArray[np.float64],
+    result: Any,
+    offset_length: int,
     sample_rate_hz: float,
     *,
     f_ref_hz: float = 0.1,
     n_psd_bins: int = 100,
 ) -> SegmentNoise:
-    """Noise statistics of every segment from the residual ``r = d − P m`` (docs/mapmaking.md#map-noise).
+    """Noise statistics of every segment from its residual against the map of the OTHER segments
+    (docs/mapmaking.md#map-noise).
+
+    For segment j, ``m₋ⱼ = (Σ_{t∉j} w_t (d_t − (Fa)_t)) / Σ_{t∉j} w_t`` per pixel (map weights, the offsets
+    ``a`` of the destriping ``result``) and ``r = d − P m₋ⱼ``: the sky is removed, the segment's own noise
+    (white, 1/f and offsets) is left whole — a map that included the segment would have absorbed part of it
+    where few segments cross — and the other segments add their map noise, ~σ²/h for h hits.
 
     Parameters
     ----------
@@ -99,32 +107,50 @@ def residual_segment_noise(
     pixels : ndarray of int, shape (n,)
         Compressed pixel index, −1 off the map.
     segment_starts : ndarray of int, shape (n_seg,)
-    sky : ndarray of float64, shape (n_pixels,)
-        The destriped map (K), NaN where unseen.
+    result : DestriperResult
+        The destriping of these arrays (its map, weights and offsets).
+    offset_length : int
+        Samples per offset of that destriping.
     sample_rate_hz : float
     f_ref_hz, n_psd_bins : float, int
         As NoiseStatsLevel2 (docs/level2.md#noisestatslevel2).
 
     Notes
     -----
-    Samples with zero map weight or off the map are gaps (filled by the estimator with a local level plus
-    white noise); samples whose solver weight is below their map weight are the level-2 bright-source
-    samples (docs/level2.md#source-mask), left out of the pair differences and filled like gaps, since a
-    source's structure inside a pixel survives ``d − P m``.
+    Samples with zero map weight, off the map or in a pixel no other segment sees are gaps (filled by the
+    estimator with a local level plus white noise); samples whose solver weight is below their map weight
+    are the level-2 bright-source samples (docs/level2.md#source-mask), left out of the pair differences
+    and filled like gaps, since a source's structure inside a pixel survives the subtraction.
     """
     n_seg = len(segment_starts)
     nan = np.full(n_seg, np.nan)
     out = SegmentNoise(nan.copy(), nan.copy(), nan.copy(), nan.copy(), [None] * n_seg, float(sample_rate_hz))
+    total_w = np.asarray(result.weights, dtype=np.float64)
+    total_s = np.where(total_w > 0, np.nan_to_num(result.map) * total_w, 0.0)
+    offsets = np.asarray(result.offsets, dtype=np.float64)
+    first_offset = 0
     for k, (a, b) in enumerate(_segment_bounds(segment_starts, tod.size)):
+        n_off = -(-(b - a) // int(offset_length))
+        fa = np.repeat(offsets[first_offset : first_offset + n_off], int(offset_length))[: b - a]
+        first_offset += n_off
         pix = pixels[a:b]
-        on = pix >= 0
+        wm = map_weights[a:b].astype(np.float64)
+        d = tod[a:b].astype(np.float64)
+        on = (pix >= 0) & (wm > 0)
         model = np.full(b - a, np.nan)
-        model[on] = sky[pix[on]]
-        good = (map_weights[a:b] > 0) & np.isfinite(model)
-        r = np.where(good, tod[a:b].astype(np.float64) - model, np.nan)
-        bright = good & (weights[a:b] < map_weights[a:b])
+        if on.any():
+            u, inv = np.unique(pix[on], return_inverse=True)
+            own_w = np.bincount(inv, weights=wm[on])
+            own_s = np.bincount(inv, weights=wm[on] * (d[on] - fa[on]))
+            rest_w = total_w[u] - own_w
+            other = rest_w > 1e-6 * total_w[u]
+            m_other = np.where(other, (total_s[u] - own_s) / np.where(other, rest_w, 1.0), np.nan)
+            model[on] = m_other[inv]
+        good = on & np.isfinite(model)
         if good.sum() < 20:
             continue
+        r = np.where(good, d - model, np.nan)
+        bright = good & (weights[a:b] < map_weights[a:b])
         stats = segment_noise_stats(
             r[None, :],
             sample_rate_hz,
@@ -239,18 +265,45 @@ class MapNoise:
 
 
 def _smooth_on_grid(
-    values: NDArray[np.float64], hit: NDArray[np.integer], shape: tuple[int, int], sigma_pix: float
+    ratio: NDArray[np.float64],
+    hit: NDArray[np.integer],
+    shape: tuple[int, int],
+    sigma_pix: float,
+    n_realisations: int,
 ) -> NDArray[np.float64]:
-    """Normalised Gaussian average of ``values`` (one per hit pixel) over the hit pixels of the grid."""
-    from scipy import ndimage
+    """Edge-preserving (bilateral) average of the variance ratios ``ratio`` (one per hit pixel) over the hit
+    pixels of the grid (docs/mapmaking.md#map-noise).
 
-    grid = np.zeros(int(np.prod(shape)))
-    mask = np.zeros_like(grid)
-    grid[hit] = values
-    mask[hit] = 1.0
-    num = ndimage.gaussian_filter(grid.reshape(shape), sigma_pix, mode="constant")
-    den = ndimage.gaussian_filter(mask.reshape(shape), sigma_pix, mode="constant")
-    return (num / np.maximum(den, 1e-12)).ravel()[hit]
+    Neighbour j of pixel i gets the weight ``exp(−d²/2σ_pix²) · exp(−(ln r_i − ln r_j)²/2s²)`` with
+    ``s = 2 sqrt(2/n)``, twice the scatter of ln r of one pixel with n realisations: ratios that differ by
+    their noise are averaged, ratios that differ by far more (the edge of a region seen from one scan
+    direction) are not. The average is taken of the ratios themselves, which are unbiased.
+    """
+    ny, nx = shape
+    grid = np.full(ny * nx, np.nan)
+    grid[hit] = ratio
+    grid = grid.reshape(shape)
+    seen = np.isfinite(grid) & (grid > 0)
+    logr = np.where(seen, np.log(np.where(seen, grid, 1.0)), 0.0)
+    s2 = 2.0 * (2.0 * math.sqrt(2.0 / max(int(n_realisations), 1))) ** 2
+    radius = int(math.ceil(3 * sigma_pix))
+    num = np.zeros(shape)
+    den = np.zeros(shape)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            w_space = math.exp(-(dx * dx + dy * dy) / (2 * sigma_pix**2))
+            if w_space < 1e-3:
+                continue
+            ys = slice(max(dy, 0), ny + min(dy, 0))  # neighbour rows
+            yt = slice(max(-dy, 0), ny + min(-dy, 0))  # target rows
+            xs = slice(max(dx, 0), nx + min(dx, 0))
+            xt = slice(max(-dx, 0), nx + min(-dx, 0))
+            ok = seen[ys, xs] & seen[yt, xt]
+            w = np.where(ok, w_space * np.exp(-((logr[ys, xs] - logr[yt, xt]) ** 2) / s2), 0.0)
+            num[yt, xt] += w * np.where(ok, grid[ys, xs], 0.0)
+            den[yt, xt] += w
+    out = np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
+    return out.ravel()[hit]
 
 
 def monte_carlo_rms(
@@ -328,7 +381,9 @@ def monte_carlo_rms(
     ratio[seen] = var_mc[seen] / white_rms[seen] ** 2
     smooth = np.ones(n_hit)
     if seen.any():
-        smooth[seen] = _smooth_on_grid(ratio[seen], np.asarray(hit)[seen], shape, SMOOTH_SIGMA_PIX)
+        smooth[seen] = _smooth_on_grid(
+            ratio[seen], np.asarray(hit)[seen], shape, SMOOTH_SIGMA_PIX, int(n_realisations)
+        )
     rms = np.where(seen, white_rms * np.sqrt(np.maximum(smooth, 0.0)), np.nan)
     ratio_median = float(np.median(np.sqrt(smooth[seen]))) if seen.any() else 1.0
     wall = time.perf_counter() - t0

@@ -336,7 +336,14 @@ class CreateMap(
         res = self._destripe(out, comp, hit)
         # sky-free segment noise, the red-noise cuts on it and the new weights (docs/mapmaking.md#map-noise)
         noise = residual_segment_noise(
-            out.tod, comp, out.weights, out.map_weights, out.segment_starts, res.map, out.sample_rate_hz
+            out.tod,
+            comp,
+            out.weights,
+            out.map_weights,
+            out.segment_starts,
+            res,
+            int(self.offset_length),
+            out.sample_rate_hz,
         )
         factors = np.array([p.factor for p in out.plans])
         reasons = segment_verdicts(noise, factors, float(self.sigma_red_cutoff_k), self.fknee_max_hz)
