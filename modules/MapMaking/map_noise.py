@@ -122,10 +122,11 @@ def residual_segment_noise(
 
     Notes
     -----
-    Samples with zero map weight, off the map or in a pixel no other segment sees are gaps (filled by the
-    estimator with a local level plus white noise); samples whose solver weight is below their map weight
-    are the level-2 bright-source samples (docs/level2.md#source-mask), left out of the pair differences
-    and filled like gaps, since a source's structure inside a pixel survives the subtraction.
+    Samples with zero map weight or off the map are gaps (filled by the estimator with a local level plus
+    white noise); in a pixel no other segment sees, the map with the segment is subtracted. Samples whose
+    solver weight is below their map weight are the level-2 bright-source samples
+    (docs/level2.md#source-mask), left out of the pair differences and filled like gaps, since a source's
+    structure inside a pixel survives the subtraction.
     """
     n_seg = len(segment_starts)
     nan = np.full(n_seg, np.nan)
@@ -151,6 +152,9 @@ def residual_segment_noise(
             other = rest_w > 1e-6 * total_w[u]
             m_other = np.where(other, (total_s[u] - own_s) / np.where(other, rest_w, 1.0), np.nan)
             model[on] = m_other[inv]
+            # pixels no other segment sees: the map with this segment (it absorbs some of the noise there)
+            alone = on & ~np.isfinite(model)
+            model[alone] = np.asarray(result.map, dtype=np.float64)[pix[alone]]
         good = on & np.isfinite(model)
         if good.sum() < 20:
             continue
