@@ -123,7 +123,8 @@ def residual_segment_noise(
     Notes
     -----
     Samples with zero map weight or off the map are gaps (filled by the estimator with a local level plus
-    white noise); in a pixel no other segment sees, the map with the segment is subtracted. Samples whose
+    white noise), and so are samples in pixels no other segment sees, unless they are most of the segment:
+    then the residual is the destriped one, ``d − Fa − P m``. Samples whose
     solver weight is below their map weight are the level-2 bright-source samples
     (docs/level2.md#source-mask), left out of the pair differences and filled like gaps, since a source's
     structure inside a pixel survives the subtraction.
@@ -152,9 +153,10 @@ def residual_segment_noise(
             other = rest_w > 1e-6 * total_w[u]
             m_other = np.where(other, (total_s[u] - own_s) / np.where(other, rest_w, 1.0), np.nan)
             model[on] = m_other[inv]
-            # pixels no other segment sees: the map with this segment (it absorbs some of the noise there)
-            alone = on & ~np.isfinite(model)
-            model[alone] = np.asarray(result.map, dtype=np.float64)[pix[alone]]
+            if np.isfinite(model[on]).sum() < 0.5 * on.sum():
+                # most of the segment is seen by no other segment (a lone raster): there the map and the
+                # offsets are degenerate, so take the destriped residual d − Fa − P m (a lower bound)
+                model[on] = np.asarray(result.map, dtype=np.float64)[pix[on]] + fa[on]
         good = on & np.isfinite(model)
         if good.sum() < 20:
             continue
