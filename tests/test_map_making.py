@@ -168,7 +168,7 @@ def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind):
     pixels scatters by sqrt(2/N); neighbouring pixels share offsets, so N_eff is taken as N/4, and the
     test allows 3 sqrt(2/N_eff) plus 5 % for the finite number of realisations behind the RMS. Measured
     with the white RMS (before the map-noise change): χ²/N 1.15 (white) and 2.59 (1/f); with the new
-    RMS 0.91 and 1.17 (the χ²/N against RMS_WHITE, printed, is the former)."""
+    RMS 0.94 and 1.10 (the χ²/N against RMS_WHITE is printed beside it)."""
     files = two_fields[0] if kind == "white" else two_fields[1]
     ws = workspace_factory(files)
     with_maps(
