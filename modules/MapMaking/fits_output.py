@@ -187,6 +187,9 @@ def write_map_fits(
     info: MapInfo,
     params: Mapping[str, Any],
     config_sha: str,
+    rms: np.ndarray | None = None,
+    noise_cards: Mapping[str, Any] | None = None,
+    segment_table: Mapping[str, np.ndarray] | None = None,
     hit_percentile: float = 5.0,
     min_hits: int = 1,
     edge_clip_enabled: bool = False,
@@ -194,13 +197,20 @@ def write_map_fits(
     clip_percentiles: tuple[float, float] = (0.5, 99.5),
     resolved_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS, MASK (and OBSLIST) HDUs
-    (docs/mapmaking.md#name-and-hdus).
+    """Write a continuum map: DESTRIPED, NAIVE, HITS, RMS, MASK and RMS_WHITE HDUs, OBSLIST when
+    ``info.segments`` is given and SEGNOISE when ``segment_table`` is given
+    (docs/mapmaking.md#name-and-hdus, docs/mapmaking.md#map-noise).
 
     Parameters
     ----------
     destriped, naive, hits, weights : ndarray, shape (ny, nx)
         Maps on the full grid (K), hit counts and Σ of map weights per pixel (K⁻²).
+    rms : ndarray, shape (ny, nx), optional
+        The map's total noise rms (K); default the white-noise rms ``1/sqrt(weights)``.
+    noise_cards : mapping, optional
+        ``HIERARCH NOISE <key>`` cards of the primary header (method, realisations, seed, ratio).
+    segment_table : mapping of column name → ndarray, optional
+        Per-segment noise and cut reasons, written as the SEGNOISE binary table.
     """
     from astropy.io import fits
 
@@ -212,7 +222,9 @@ def write_map_fits(
             np.asarray(destriped), mask, width=edge_clip_width, percentiles=clip_percentiles
         )
     with np.errstate(divide="ignore", invalid="ignore"):
-        rms = np.where(weights > 0, 1.0 / np.sqrt(np.where(weights > 0, weights, 1.0)), np.nan)
+        rms_white = np.where(weights > 0, 1.0 / np.sqrt(np.where(weights > 0, weights, 1.0)), np.nan)
+    if rms is None:
+        rms = rms_white
     masked = mask != 0
 
     def image(a):
@@ -223,6 +235,8 @@ def write_map_fits(
     header["HIERARCH MASK HITMIN"] = int(min_hits)
     header["HIERARCH MASK HITTHR"] = float(threshold)
     header["HIERARCH MASK EDGECLIP"] = (bool(edge_clip_enabled), f"{n_clipped} pixels clipped")
+    for key, value in (noise_cards or {"METHOD": "white"}).items():
+        header[f"HIERARCH NOISE {key}"] = value
     wcs_header = geometry.fits_header()
     primary = fits.PrimaryHDU(image(destriped), header=header)
     primary.header["EXTNAME"] = "DESTRIPED"
@@ -232,17 +246,39 @@ def write_map_fits(
         ("HITS", hits.astype(np.int32)),
         ("RMS", image(rms)),
         ("MASK", mask),
+        ("RMS_WHITE", image(rms_white)),
     ):
         h = wcs_header.copy()
-        h["BUNIT"] = {"NAIVE": "K", "HITS": "", "RMS": "K", "MASK": ""}[name]
+        h["BUNIT"] = {"NAIVE": "K", "HITS": "", "RMS": "K", "MASK": "", "RMS_WHITE": "K"}[name]
         hdus.append(fits.ImageHDU(data, header=h, name=name))
     if info.segments is not None:
         hdus.append(obslist_hdu(info.segments))
+    if segment_table is not None:
+        hdus.append(segment_noise_hdu(segment_table))
     remove_stale_partials(path)
     out = write_atomic_fits(path, hdus)
     if resolved_config is not None:
         write_config_beside(out, resolved_config)
     return out
+
+
+SEGNOISE_UNITS = {"sigma_white": "K", "sigma_red": "K", "fknee_hz": "Hz", "level2_auto_rms": "K"}
+
+
+def segment_noise_hdu(columns: Mapping[str, np.ndarray]):
+    """The SEGNOISE binary table: one row per segment read, its sky-free noise (calibrated K) and the cut
+    that dropped it ('' if used), docs/mapmaking.md#map-noise."""
+    from astropy.table import Table
+
+    table = Table({k.upper(): np.asarray(v) for k, v in columns.items()})
+    for name, unit in SEGNOISE_UNITS.items():
+        if name.upper() in table.colnames:
+            table[name.upper()].unit = unit
+    from astropy.io import fits
+
+    hdu = fits.table_to_hdu(table)
+    hdu.name = "SEGNOISE"
+    return hdu
 
 
 @dataclass(frozen=True)
@@ -411,7 +447,8 @@ def write_cube_fits(
 
 
 def write_difference_map(a_path: Path, b_path: Path, out_path: Path) -> Path:
-    """Jackknife difference ``(A − B)/2`` of two maps on the same grid (RMS ½√(RMS_A²+RMS_B²))."""
+    """Jackknife difference ``(A − B)/2`` of two maps on the same grid (RMS ½√(RMS_A²+RMS_B²), from the total
+    RMS of each half, and the same for RMS_WHITE; docs/mapmaking.md#map-noise)."""
     from astropy.io import fits
 
     with fits.open(a_path, memmap=False) as a, fits.open(b_path, memmap=False) as b:
@@ -419,6 +456,11 @@ def write_difference_map(a_path: Path, b_path: Path, out_path: Path) -> Path:
             raise ValueError(f"{a_path.name} and {b_path.name} are on different grids")
         diff = 0.5 * (a["DESTRIPED"].data - b["DESTRIPED"].data)
         rms = 0.5 * np.sqrt(a["RMS"].data.astype(np.float64) ** 2 + b["RMS"].data.astype(np.float64) ** 2)
+        white = None
+        if "RMS_WHITE" in a and "RMS_WHITE" in b:
+            white = 0.5 * np.sqrt(
+                a["RMS_WHITE"].data.astype(np.float64) ** 2 + b["RMS_WHITE"].data.astype(np.float64) ** 2
+            )
         hdr = a[0].header.copy()
         hdr["OBJECT"] = f"{hdr.get('OBJECT', '')} (A-B)/2"
         hdr["HIERARCH COMAP DIFFA"] = a_path.name
@@ -435,6 +477,10 @@ def write_difference_map(a_path: Path, b_path: Path, out_path: Path) -> Path:
             fits.ImageHDU(rms.astype(np.float32), header=a["RMS"].header, name="RMS"),
             fits.ImageHDU(mask, header=a["MASK"].header, name="MASK"),
         ]
+        if white is not None:
+            hdus.append(
+                fits.ImageHDU(white.astype(np.float32), header=a["RMS_WHITE"].header, name="RMS_WHITE")
+            )
         table = merge_obslists(*(h["OBSLIST"] for h in (a, b) if "OBSLIST" in h))
         if table is not None:
             hdus.append(table)

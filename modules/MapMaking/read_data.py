@@ -120,6 +120,8 @@ class ReaderOutput:
     n_segments: int
     mean_azel_mjd: tuple[float, float, float] | None = None
     counts: Counter = field(default_factory=Counter)
+    plans: list[SegmentPlan] = field(default_factory=list)
+    sample_rate_hz: float = float("nan")
 
 
 def prepass_file(
@@ -368,6 +370,7 @@ def read_file_segments(
     band, chan = settings.band, settings.channel
     with h5py.File(path, "r", locking=False) as l2:
         data = l2[settings.tod_data_name]
+        sample_rate_hz = float(l2[settings.noise_group].attrs.get("sample_rate_hz", np.nan))
         for p in plans:
             sl = slice(p.start, p.stop)
             x = np.asarray(data[p.ifeed, band, chan, sl], dtype=np.float32) / np.float32(p.factor)
@@ -415,6 +418,7 @@ def read_file_segments(
         "map_weights": mwt,
         "starts": np.asarray(starts, np.int64),
         "azelmjd": (az_sum, el_sum, mjd_sum, n_sum),
+        "sample_rate_hz": sample_rate_hz,
     }
 
 
@@ -477,6 +481,7 @@ def read_segments(
     if settings.write_mean_azel and sums[3] > 0:
         mean = (sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3])
     mjds = [p.mjd_mid for p in plans]
+    rates = [r["sample_rate_hz"] for r in results if np.isfinite(r["sample_rate_hz"])]
     return ReaderOutput(
         tod=tod,
         pixels=pix,
@@ -490,6 +495,8 @@ def read_segments(
         bandwidth_ghz=bw,
         n_segments=len(plans),
         mean_azel_mjd=mean,
+        plans=[p for segs in by_file.values() for p in segs],
+        sample_rate_hz=float(np.median(rates)) if rates else float("nan"),
     )
 
 

@@ -7,9 +7,9 @@ and read of :mod:`modules.MapMaking.read_data` (files in parallel through its pi
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
@@ -27,15 +27,26 @@ from modules.MapMaking.job_parameters import (
     OutputParameters,
     SelectionParameters,
 )
+from modules.MapMaking.map_noise import (
+    MC_SEED,
+    SMOOTH_SIGMA_PIX,
+    MapNoise,
+    SegmentNoise,
+    monte_carlo_rms,
+    residual_segment_noise,
+    segment_verdicts,
+)
 from modules.MapMaking.product import MapProduct, feed_label
 from modules.MapMaking.read_data import (
     Detrend,
     Level2DataReader,
+    ReaderOutput,
     ReaderSettings,
     compress_pixels,
     describe_counts,
 )
 from modules.MapMaking.segments import segment_hour_angle_deg
+from modules.pipeline_control.parameters import Range
 
 SplitMode = Literal[
     "none",
@@ -94,7 +105,7 @@ class CreateMap(
 ):
     """Destriped continuum maps of a selection of observations, one per band, channel and split.
 
-    Each map is a FITS file with DESTRIPED, NAIVE, HITS, RMS and MASK HDUs.
+    Each map is a FITS file with DESTRIPED, NAIVE, HITS, RMS, MASK, RMS_WHITE and SEGNOISE HDUs.
 
     Parameters
     ----------
@@ -131,7 +142,12 @@ class CreateMap(
     write_mean_azel : bool
         Record the mean az/el/MJD in the header.
     feeds, use_quality_flags, auto_rms_cap_k, sigma_red_cutoff_k, fknee_max_hz
-        Segment selection (docs/mapmaking.md#pre-pass-and-segment-selection).
+        Segment selection (docs/mapmaking.md#pre-pass-and-segment-selection); the red-noise cuts
+        (``sigma_red_cutoff_k``, ``fknee_max_hz``) are applied to the sky-free noise of the destriped
+        residual (docs/mapmaking.md#map-noise).
+    noise_realizations : int
+        Noise-only simulations through the destriper behind the RMS HDU (docs/mapmaking.md#map-noise);
+        0 writes the white-noise RMS.
     calibration, calib_source, calib_min_factor, calib_max_factor, missing_calibration
         Calibration factors from CalibrationModel (``'model'``) or none.
     detrend, detrend_order, detrend_mask_abs_b_deg
@@ -174,6 +190,7 @@ class CreateMap(
     edge_clip: bool = False
     edge_clip_width: int = 2
     clip_percentiles: list | None = None
+    noise_realizations: Annotated[int, Range(ge=0)] = 16
 
     def __post_init__(self) -> None:
         if self.split_mode is None:
@@ -210,11 +227,15 @@ class CreateMap(
         self, band: int, channel: int, feeds: list[int] | None = None, scan_direction: int | None = None
     ) -> ReaderSettings:
         """The continuum reader's settings for one (band, channel), optionally restricted to ``feeds``
-        and to the samples sweeping in azimuth direction ``scan_direction`` (+1/−1)."""
+        and to the samples sweeping in azimuth direction ``scan_direction`` (+1/−1).
+
+        The pre-pass does not apply the red-noise cuts: the level-2 statistics include the sky, so
+        ``sigma_red_cutoff_k`` and ``fknee_max_hz`` are applied after a first destriping to the residual's
+        statistics (docs/mapmaking.md#map-noise)."""
         given: dict[str, Any] = {"band": band, "channel": channel, "scan_direction": scan_direction}
         if feeds is not None:
             given["feeds"] = list(feeds)
-        return self.settings(ReaderSettings, **given)
+        return replace(self.settings(ReaderSettings, **given), sigma_red_cutoff_k=np.inf, fknee_max_hz=None)
 
     def expand(self, observations: list[Any], selection_feeds: list[int]) -> list[MapJobSpec]:
         """Concrete maps for this selection: band × channel × split (docs/mapmaking.md#orchestration step 1,
@@ -358,18 +379,50 @@ class CreateMap(
         hit, comp = compress_pixels(out.pixels, out.weights, out.map_weights)
         if hit.size == 0:
             raise MapJobFailed(f"no data for map {name}: no sample lands on the map with non-zero weight")
-        res = destripe(
+        res = self._destripe(out, comp, hit)
+        # sky-free segment noise, the red-noise cuts on it and the new weights (docs/mapmaking.md#map-noise)
+        noise = residual_segment_noise(
             out.tod,
             comp,
             out.weights,
+            out.map_weights,
+            out.segment_starts,
+            res,
             int(self.offset_length),
-            int(hit.size),
-            tol=float(self.tol),
-            max_iter=int(self.max_iter),
-            segment_starts=out.segment_starts,
-            map_weights=out.map_weights,
-            lambda_ridge=float(self.lambda_ridge),
-            good_fraction=float(self.good_fraction),
+            out.sample_rate_hz,
+        )
+        factors = np.array([p.factor for p in out.plans])
+        reasons = segment_verdicts(noise, factors, float(self.sigma_red_cutoff_k), self.fknee_max_hz)
+        table = _segment_table(out.plans, noise, reasons)
+        keep = np.array([r is None for r in reasons])
+        for r in reasons:
+            if r is not None:
+                out.counts[r] += 1
+                out.counts["accepted"] -= 1
+        if not keep.any():
+            raise MapJobFailed(f"no data for map {name}: {describe_counts(out.counts)}")
+        old_sigma = np.array([p.auto_rms_k / p.factor for p in out.plans])
+        new_sigma = np.where(
+            np.isfinite(noise.sigma_white) & (noise.sigma_white > 0), noise.sigma_white, old_sigma
+        )
+        scale = (old_sigma / new_sigma) ** 2
+        noise.sigma_white = new_sigma  # the Monte Carlo's white level: the rms the weights now assume
+        if not keep.all() or np.any(np.abs(scale - 1.0) > 0.05):
+            out, noise = _reweight(out, noise, keep, scale)
+            hit, comp = compress_pixels(out.pixels, out.weights, out.map_weights)
+            res = self._destripe(out, comp, hit)
+        log.info(
+            "%s: sky-free segment noise: %d of %d segment(s) kept (%s); median sigma_white %.3g K, "
+            "median sigma_red %.3g K, median fknee %.3g Hz",
+            name,
+            int(keep.sum()),
+            keep.size,
+            describe_counts(out.counts),
+            float(np.nanmedian(table["sigma_white"])) if keep.size else float("nan"),
+            float(np.nanmedian(table["sigma_red"]))
+            if np.isfinite(table["sigma_red"]).any()
+            else float("nan"),
+            float(np.nanmedian(table["fknee_hz"])) if np.isfinite(table["fknee_hz"]).any() else float("nan"),
         )
         if res.status != "converged":
             log.warning(
@@ -379,7 +432,54 @@ class CreateMap(
                 res.n_iter,
                 float(np.min(res.residuals)),
             )
-        return self._write(spec, geometry, hit, out, res, plans, config_sha, inputs=inputs)
+        map_noise = monte_carlo_rms(
+            noise,
+            pixels=comp,
+            weights=out.weights,
+            map_weights=out.map_weights,
+            segment_starts=out.segment_starts,
+            white_rms=res.rms,
+            hit=hit,
+            shape=geometry.shape,
+            n_realisations=int(self.noise_realizations),
+            seed=(MC_SEED, int(spec.band), int(spec.channel)),
+            destriper=self._destriper_settings(),
+        )
+        log.info(
+            "%s: map noise from %d realisation(s): median RMS/RMS_WHITE %.3f (%.1f s)",
+            name,
+            map_noise.n_realisations,
+            map_noise.ratio_median,
+            map_noise.wall_time_s,
+        )
+        return self._write(
+            spec, geometry, hit, out, res, out.plans, config_sha, map_noise, table, inputs=inputs
+        )
+
+    def _destriper_settings(self) -> dict[str, Any]:
+        return {
+            "offset_length": int(self.offset_length),
+            "tol": float(self.tol),
+            "max_iter": int(self.max_iter),
+            "lambda_ridge": float(self.lambda_ridge),
+            "good_fraction": float(self.good_fraction),
+        }
+
+    def _destripe(self, out: ReaderOutput, comp: np.ndarray, hit: np.ndarray):
+        d = self._destriper_settings()
+        return destripe(
+            out.tod,
+            comp,
+            out.weights,
+            d["offset_length"],
+            int(hit.size),
+            tol=d["tol"],
+            max_iter=d["max_iter"],
+            segment_starts=out.segment_starts,
+            map_weights=out.map_weights,
+            lambda_ridge=d["lambda_ridge"],
+            good_fraction=d["good_fraction"],
+        )
 
     def _header_cards(self, spec: MapJobSpec, out, plans, inputs: JobInputs | None) -> dict[str, Any]:
         """Beam and brightness-scale cards (docs/map_products.md#beam-brightness-and-provenance)."""
@@ -403,6 +503,8 @@ class CreateMap(
         res,
         plans,
         config_sha: str,
+        noise: MapNoise,
+        table: dict,
         inputs: JobInputs | None = None,
     ) -> Path:
         """The FITS file of one destriped map (and its quicklook)."""
@@ -451,6 +553,16 @@ class CreateMap(
             naive=grid(res.naive_map),
             hits=grid(res.hits, 0, np.int64),
             weights=grid(res.weights, 0.0),
+            rms=grid(noise.rms),
+            noise_cards={
+                "METHOD": "monte_carlo" if noise.n_realisations > 0 else "white",
+                "NREAL": int(noise.n_realisations),
+                "SEED": ",".join(str(int(v)) for v in noise.seed),
+                "RATIO": float(noise.ratio_median),
+                "SMOOTH": SMOOTH_SIGMA_PIX,
+                "TIME": round(float(noise.wall_time_s), 2),
+            },
+            segment_table=table,
             info=info,
             params=params,
             config_sha=config_sha,
@@ -469,6 +581,71 @@ class CreateMap(
         if self.quicklook:
             quicklook_png(path)
         return path
+
+
+def _median(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else float("nan")
+
+
+def _segment_table(plans: list[Any], noise: SegmentNoise, reasons: list[str | None]) -> dict[str, np.ndarray]:
+    """Columns of the SEGNOISE HDU: every segment read, its sky-free noise and why it was dropped."""
+    return {
+        "obsid": np.array([p.obsid for p in plans], dtype=np.int64),
+        "feed": np.array([p.feed for p in plans], dtype=np.int16),
+        "scan": np.array([p.scan for p in plans], dtype=np.int16),
+        "sigma_white": noise.sigma_white.copy(),
+        "sigma_red": noise.sigma_red.copy(),
+        "alpha": noise.alpha.copy(),
+        "fknee_hz": noise.fknee_hz.copy(),
+        "level2_auto_rms": np.array([p.auto_rms_k / p.factor for p in plans]),
+        "reason": np.array([r or "" for r in reasons]),
+    }
+
+
+def _reweight(
+    out: ReaderOutput, noise: SegmentNoise, keep: np.ndarray, scale: np.ndarray
+) -> tuple[ReaderOutput, SegmentNoise]:
+    """The reader output without the dropped segments, each kept segment's weights multiplied by ``scale``
+    (level-2 white rms replaced by the sky-free one, docs/mapmaking.md#map-noise)."""
+    n = out.tod.size
+    edges = [int(s) for s in out.segment_starts] + [n]
+    sel = np.zeros(n, dtype=bool)
+    weights = out.weights.copy()
+    map_weights = out.map_weights.copy()
+    starts, pos = [], 0
+    for k in range(len(edges) - 1):
+        a, b = edges[k], edges[k + 1]
+        weights[a:b] *= np.float32(scale[k])
+        map_weights[a:b] *= np.float32(scale[k])
+        if keep[k]:
+            sel[a:b] = True
+            starts.append(pos)
+            pos += b - a
+    plans = [p for p, k in zip(out.plans, keep) if k]
+    new = replace(
+        out,
+        tod=out.tod[sel],
+        pixels=out.pixels[sel],
+        weights=weights[sel],
+        map_weights=map_weights[sel],
+        segment_starts=np.asarray(starts, dtype=np.int64),
+        obsids=sorted({p.obsid for p in plans}),
+        feeds=sorted({p.feed for p in plans}),
+        mjd_range=(min(p.mjd_mid for p in plans), max(p.mjd_mid for p in plans)),
+        n_segments=len(plans),
+        plans=plans,
+    )
+    idx = np.flatnonzero(keep)
+    kept = SegmentNoise(
+        noise.sigma_white[idx],
+        noise.sigma_red[idx],
+        noise.alpha[idx],
+        noise.fknee_hz[idx],
+        [noise.spectra[i] for i in idx],
+        noise.sample_rate_hz,
+    )
+    return new, kept
 
 
 def quicklook_png(fits_path: Path) -> Path:
