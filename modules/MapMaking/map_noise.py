@@ -51,6 +51,10 @@ MC_TOL = 1e-4
 """Destriper tolerance of the Monte Carlo solves (the map's own ``tol`` if that is looser): at 1e-4 the median
 RMS/RMS_WHITE ratio moved by 1e-4 against 1e-6 and the Monte Carlo took 27 % less time (measured,
 docs/mapmaking.md#map-noise)."""
+MIN_GOOD_FRACTION = 0.25
+"""A segment's residual spectrum is measured when at least this fraction of its samples is usable: the
+``scan_direction`` split keeps under half of every segment (one sweep direction), and a segment without
+a spectrum would enter the Monte Carlo as white noise."""
 MIN_FIT_SAMPLES = 512
 """Segments shorter than this get a white-noise rms but no 1/f fit (their cuts pass)."""
 
@@ -167,7 +171,7 @@ def residual_segment_noise(
             sample_rate_hz,
             f_ref_hz=f_ref_hz,
             n_psd_bins=n_psd_bins,
-            min_good_fraction=0.5,
+            min_good_fraction=MIN_GOOD_FRACTION,
             min_samples=MIN_FIT_SAMPLES,
             bright=bright[None, :],
             seeds=[(MC_SEED, k)],
@@ -250,6 +254,86 @@ def noise_realisation(
             spec[-1] = amp[-1] * rng.standard_normal()
         out[a:b] = np.fft.irfft(spec, n=m)
     return out
+
+
+CALIBRATION_REALISATIONS = 2
+"""Noise realisations whose residual spectra measure the estimator's response
+(docs/mapmaking.md#map-noise)."""
+CALIBRATION_ITERATIONS = 2
+"""Fixed-point iterations of the noise spectrum against the estimator's response."""
+CALIBRATION_KEY = 1_000_000
+"""Realisation keys of the calibration draws (the map's realisations are 0 … n − 1)."""
+RESPONSE_BINS = 40
+"""Log-spaced frequency bins of the pooled response."""
+
+
+def _fft_freqs(n: int, sample_rate_hz: float) -> NDArray[np.float64]:
+    """Frequencies k·f_s/n of the rfft of n samples (k = 0 … n//2), Hz."""
+    return np.arange(n // 2 + 1) * float(sample_rate_hz) / max(int(n), 1)
+
+
+def spectral_response(
+    measured: list[SegmentNoise],
+    target: list[NDArray[np.float64]],
+    amplitudes: list[NDArray[np.float64]],
+    bounds: list[tuple[int, int]],
+    sample_rate_hz: float,
+):
+    """The residual estimator's response ``R(f)``: the power it measures on noise realisations over the
+    power they were drawn with, pooled over segments and realisations (median per log-frequency bin).
+
+    Parameters
+    ----------
+    measured : list of SegmentNoise
+        :func:`residual_segment_noise` of noise-only realisations drawn with ``amplitudes``.
+    amplitudes : list of ndarray
+        Fourier amplitudes of every segment's noise (:func:`_amplitudes`).
+    bounds : list of (start, stop)
+        Sample ranges of the segments.
+    sample_rate_hz : float
+
+    Returns
+    -------
+    callable or None
+        ``R(f_hz) -> ndarray`` (interpolated in log f, flat beyond the ends), or None without data.
+    """
+    freqs, ratios = [], []
+    for sim in measured:
+        for j, (a, b) in enumerate(bounds):
+            if sim.spectra[j] is None or not math.isfinite(float(sim.sigma_white[j])):
+                continue
+            p_target = target[j] ** 2
+            p_out = _amplitudes(b - a, float(sim.sigma_white[j]), sim.spectra[j], sample_rate_hz) ** 2
+            f = _fft_freqs(b - a, sample_rate_hz)
+            ok = (p_target > 0) & (f > 0)
+            freqs.append(f[ok])
+            ratios.append(p_out[ok] / p_target[ok])
+    if not freqs:
+        return None
+    f_all, r_all = np.concatenate(freqs), np.concatenate(ratios)
+    edges = np.geomspace(f_all.min(), f_all.max() * (1 + 1e-9), RESPONSE_BINS + 1)
+    which = np.clip(np.searchsorted(edges, f_all, side="right") - 1, 0, RESPONSE_BINS - 1)
+    centres, values = [], []
+    for k in range(RESPONSE_BINS):
+        sel = which == k
+        if sel.sum() >= 10:
+            centres.append(float(np.sqrt(edges[k] * edges[k + 1])))
+            values.append(float(np.median(r_all[sel])))
+    if not centres:
+        return None
+    log_f, log_r = np.log(centres), np.log(np.clip(values, 0.2, 5.0))
+    log.info(
+        "map noise: residual-spectrum response %s",
+        ", ".join(
+            f"{c:.3g} Hz: {v:.3f}" for c, v in list(zip(centres, values))[:: max(1, len(centres) // 8)]
+        ),
+    )
+
+    def response(f_hz: NDArray[np.float64]) -> NDArray[np.float64]:
+        f = np.maximum(np.asarray(f_hz, dtype=np.float64), np.exp(log_f[0]))
+        return np.exp(np.interp(np.log(f), log_f, log_r))
+
+    return response
 
 
 @dataclass
@@ -369,10 +453,12 @@ def monte_carlo_rms(
         for k, (a, b) in enumerate(bounds)
     ]
     sum_sq = np.zeros(n_hit)
+    w_white = np.where(seen, 1.0 / np.where(seen, white_rms, 1.0) ** 2, 0.0)
     used = (weights > 0) | (map_weights > 0)
-    for k in range(int(n_realisations)):
-        rng = np.random.default_rng((*seed, k))
-        tod = noise_realisation(rng, bounds, amps, n)
+
+    def realisation(key: int, amplitudes: list[NDArray[np.float64]]):
+        rng = np.random.default_rng((*seed, key))
+        tod = noise_realisation(rng, bounds, amplitudes, n)
         tod[~used] = 0.0
         res = destripe(
             tod,
@@ -387,7 +473,43 @@ def monte_carlo_rms(
             lambda_ridge=float(destriper["lambda_ridge"]),
             good_fraction=float(destriper["good_fraction"]),
         )
-        sum_sq += np.where(seen, np.nan_to_num(res.map), 0.0) ** 2
+        return tod, res
+
+    # The residual's spectrum also holds the other segments' map noise along the segment's track: measure
+    # that bias on noise of known spectrum and divide it out (docs/mapmaking.md#map-noise step 5).
+    data_amps = amps
+    for iteration in range(CALIBRATION_ITERATIONS):
+        calibration = []
+        for j in range(CALIBRATION_REALISATIONS):
+            tod, res = realisation(CALIBRATION_KEY + CALIBRATION_REALISATIONS * iteration + j, amps)
+            calibration.append(
+                residual_segment_noise(
+                    tod,
+                    pixels,
+                    weights,
+                    map_weights,
+                    segment_starts,
+                    res,
+                    int(destriper["offset_length"]),
+                    noise.sample_rate_hz,
+                )
+            )
+        # the estimator's output on noise drawn with ``amps`` against the data's: the next guess of the
+        # noise spectrum is the current one times data/measured (a fixed-point iteration)
+        response = spectral_response(calibration, data_amps, amps, bounds, noise.sample_rate_hz)
+        if response is None:
+            break
+        amps = [
+            a / np.sqrt(response(_fft_freqs(b - a_, noise.sample_rate_hz)))
+            for a, (a_, b) in zip(amps, bounds)
+        ]
+    for k in range(int(n_realisations)):
+        _tod, res = realisation(k, amps)
+        # the map's zero level is not constrained by the data (the destriper's gauge fixes it by
+        # convention), so the noise of the map is that of its departures from its weighted mean
+        m = np.where(seen, np.nan_to_num(res.map), 0.0)
+        m[seen] -= float(np.sum(m[seen] * w_white[seen]) / np.sum(w_white[seen]))
+        sum_sq += m**2
     var_mc = sum_sq / float(n_realisations)
     ratio = np.ones(n_hit)
     ratio[seen] = var_mc[seen] / white_rms[seen] ** 2
