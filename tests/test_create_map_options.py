@@ -123,9 +123,13 @@ def _job(tmp_path, **params) -> CreateMap:
 
 
 def _reason_counts(text: str) -> Counter:
-    """The reason counts of the last 'N segment(s) from ...' log line."""
-    line = [ln for ln in text.splitlines() if "segment(s) from" in ln][-1]
-    return Counter({k.strip(): int(v) for k, v in re.findall(r"([^;:]+): (\d+)", line.split("; ", 1)[1])})
+    """The reason counts of the last map's log: the pre-pass line ('N segment(s) from ...; reason: n')
+    or, when the map got that far, the line after the sky-free noise cuts ('... segment(s) kept
+    (reason: n; ...)'), which holds the pre-pass reasons too (docs/mapmaking.md#map-noise)."""
+    lines = [ln for ln in text.splitlines() if "segment(s) from" in ln or "segment(s) kept (" in ln]
+    line = lines[-1]
+    body = line.split(" kept (", 1)[1].split(")", 1)[0] if " kept (" in line else line.split("; ", 1)[1]
+    return Counter({k.strip(): int(v) for k, v in re.findall(r"([^;:]+): (\d+)", body)})
 
 
 def red_noise(
@@ -244,16 +248,11 @@ def test_sigma_red_cutoff_drops_the_segment_with_strong_red_noise(field, noisy, 
     assert 0.9 * 3000 <= gained <= 3000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NoiseStatsLevel2 marks 19 % of this segment's samples as outliers of a 1 s running median "
-    "(good fraction 0.81 < min_good_fraction 0.95), so it fits nothing: NaN statistics pass every cut "
-    "(issue 10: noise statistics and cuts on sky-free data)",
-)
 def test_sigma_red_cutoff_drops_red_noise_with_power_at_high_frequencies(field, tmp_path, caplog):
     """Red noise of 1.5 K at 0.1 Hz with α = −2 (knee ≈ 15 Hz) on one segment: far above the default
-    cutoff, so the segment must be dropped. Strict xfail: this documents the current defect and
-    fails as soon as the cut works."""
+    cutoff, so the segment is dropped. NoiseStatsLevel2 cannot fit it (19 % of its samples are outliers
+    of a 1 s running median, so its level-2 statistics are NaN and used to pass every cut); the map
+    maker's own fit on the sky-free residual does (docs/mapmaking.md#map-noise)."""
     observations = [_with_red_noise(field, "noisy_flat", [(1, 0, 1.5, -2.0)]), *field.observations[1:]]
     with caplog.at_level(logging.INFO, logger=LOG):
         make_maps(_job(tmp_path), observations)
@@ -261,16 +260,27 @@ def test_sigma_red_cutoff_drops_red_noise_with_power_at_high_frequencies(field, 
 
 
 def test_fknee_max_drops_the_segment_with_a_high_knee(field, noisy, tmp_path, caplog):
-    """Segment Y has red noise below the sigma_red cutoff but a knee near 3 Hz (clean segments: about
-    1 Hz). Without a limit (default) it is mapped; fknee_max_hz = 2 drops it and only it."""
+    """Segment Y has red noise below the sigma_red cutoff but a knee above every clean segment's. Without
+    a limit (default) it is mapped; a limit between its knee and the clean segments' highest drops it
+    and only it. The knees are the map maker's own, measured on the sky-free residual and listed in the
+    SEGNOISE HDU (docs/mapmaking.md#map-noise)."""
     observations = [noisy, *field.observations[1:]]
-    clean = np.concatenate([_stats(p, "fknee_hz").ravel() for p in field.level2])
-    assert np.nanmax(clean) < 2.0  # the limit below leaves every clean segment in
     with caplog.at_level(logging.INFO, logger=LOG):
         default = make_maps(_job(tmp_path / "a"), observations)[""]
         default_counts = _reason_counts(caplog.text)
-        caplog.clear()
-        limited = make_maps(_job(tmp_path / "b", fknee_max_hz=2.0), observations)[""]
+    with fits.open(default) as hdul:
+        seg = hdul["SEGNOISE"].data
+        obsid, feed, scan, knee = (np.asarray(seg[c]) for c in ("OBSID", "FEED", "SCAN", "FKNEE_HZ"))
+    is_y = (obsid == OBSIDS[0]) & (feed == RED_Y[0]) & (scan == RED_Y[1])
+    is_x = (obsid == OBSIDS[0]) & (feed == RED_X[0]) & (scan == RED_X[1])
+    clean = knee[~is_x & ~is_y]
+    assert is_y.sum() == 1 and np.isfinite(clean).all()
+    knee_y = float(knee[is_y][0])
+    assert knee_y > clean.max(), (knee_y, clean.max())
+    limit = float(np.sqrt(knee_y * clean.max()))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOG):
+        limited = make_maps(_job(tmp_path / "b", fknee_max_hz=limit), observations)[""]
         limited_counts = _reason_counts(caplog.text)
     assert default_counts["fknee above limit"] == 0
     assert limited_counts["fknee above limit"] == 1
@@ -541,8 +551,8 @@ def test_bright_mask_map_is_a_level2_option(tmp_path):
 
 def test_bright_source_flag_from_level2_lowers_the_solver_weight(field, tmp_path):
     """A catalogue source at the field centre, given to CreateLevel2File, sets sample flag 16 within
-    its 6′ radius; CreateMap keeps those samples in the map (NAIVE and HITS as with
-    bright_downweight = 1) and gives them bright_downweight (default 0.1) of their destriper weight,
+    its 6′ radius; CreateMap keeps those samples in the map (HITS as with bright_downweight = 1,
+    NAIVE within a tenth of the noise) and gives them bright_downweight (default 0.1) of their destriper weight,
     which changes the destriped map."""
     with h5py.File(field.level2[EDITED], "r") as l2:
         ra0 = float(np.median(l2["spectrometer/pixel_pointing/pixel_ra"][0]))
@@ -564,8 +574,14 @@ def test_bright_source_flag_from_level2_lowers_the_solver_weight(field, tmp_path
     low = make_maps(_job(tmp_path / "low"), obs)[""]
     full = make_maps(_job(tmp_path / "full", bright_downweight=1.0), obs)[""]
     np.testing.assert_array_equal(_hdu(low, "HITS"), _hdu(full, "HITS"))
-    np.testing.assert_allclose(_hdu(low, "NAIVE"), _hdu(full, "NAIVE"), rtol=1e-6, atol=1e-9)
-    assert np.nanmax(np.abs(_hdu(low, "DESTRIPED") - _hdu(full, "DESTRIPED"))) > 1e-4
+    # NAIVE is binned with the map weights, which bright_downweight does not touch; they are re-estimated
+    # from the residual of the first destriping (docs/mapmaking.md#map-noise), which does depend on it,
+    # so NAIVE moves by a small fraction of the noise while DESTRIPED moves by more
+    rms = float(np.nanmedian(_hdu(full, "RMS")))
+    naive_shift = float(np.nanmax(np.abs(_hdu(low, "NAIVE") - _hdu(full, "NAIVE"))))
+    destriped_shift = float(np.nanmax(np.abs(_hdu(low, "DESTRIPED") - _hdu(full, "DESTRIPED"))))
+    assert naive_shift <= 0.1 * rms, (naive_shift, rms)
+    assert destriped_shift > 3 * naive_shift, (destriped_shift, naive_shift)
 
 
 # --------------------------------------------------------------------------------------------------
