@@ -552,8 +552,8 @@ def test_bright_mask_map_is_a_level2_option(tmp_path):
 def test_bright_source_flag_from_level2_lowers_the_solver_weight(field, tmp_path):
     """A catalogue source at the field centre, given to CreateLevel2File, sets sample flag 16 within
     its 6′ radius; CreateMap keeps those samples in the map (HITS as with bright_downweight = 1,
-    NAIVE within a tenth of the noise) and gives them bright_downweight (default 0.1) of their destriper weight,
-    which changes the destriped map."""
+    NAIVE within a tenth of the noise) and gives them bright_downweight (default 0.1) of their
+    destriper weight, which changes the destriped map."""
     with h5py.File(field.level2[EDITED], "r") as l2:
         ra0 = float(np.median(l2["spectrometer/pixel_pointing/pixel_ra"][0]))
         dec0 = float(np.median(l2["spectrometer/pixel_pointing/pixel_dec"][0]))
