@@ -31,19 +31,10 @@ from utils.simulator.map_truth import (
     read_map,
 )
 
-_FEW_SEGMENTS = (
-    "the RMS of a map of few segments per pixel is 6–8 % high (docs/mapmaking.md#map-noise): "
-    "χ²/N {value} measured (1.17–1.20 with RMS_WHITE)"
-)
 SPLIT_MODES = (
     "odd_even_scans",
-    pytest.param(
-        "first_second_half",
-        marks=pytest.mark.xfail(strict=True, reason=_FEW_SEGMENTS.format(value="0.86")),
-    ),
-    pytest.param(
-        "day_night", marks=pytest.mark.xfail(strict=True, reason=_FEW_SEGMENTS.format(value="0.88"))
-    ),
+    "first_second_half",
+    "day_night",
     "feed_halves",
     pytest.param(
         "scan_direction",
@@ -51,7 +42,7 @@ SPLIT_MODES = (
             strict=True,
             reason="the two directions share the noise slower than a sweep, which cancels in their "
             "difference: "
-            "the independent-halves RMS of the _diff map is too large (χ²/N 0.84 measured, 1.47 with "
+            "the independent-halves RMS of the _diff map is too large (χ²/N 0.86 measured, 1.47 with "
             "RMS_WHITE); a joint Monte Carlo of the two halves would be needed",
         ),
     ),

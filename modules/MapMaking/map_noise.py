@@ -263,8 +263,8 @@ CALIBRATION_ITERATIONS = 2
 """Fixed-point iterations of the noise spectrum against the estimator's response."""
 CALIBRATION_KEY = 1_000_000
 """Realisation keys of the calibration draws (the map's realisations are 0 … n − 1)."""
-RESPONSE_BINS = 40
-"""Log-spaced frequency bins of the pooled response."""
+RESPONSE_BINS = 20
+"""Log-spaced frequency bins in which a segment's response is smoothed."""
 
 
 def _fft_freqs(n: int, sample_rate_hz: float) -> NDArray[np.float64]:
@@ -275,65 +275,71 @@ def _fft_freqs(n: int, sample_rate_hz: float) -> NDArray[np.float64]:
 def spectral_response(
     measured: list[SegmentNoise],
     target: list[NDArray[np.float64]],
-    amplitudes: list[NDArray[np.float64]],
     bounds: list[tuple[int, int]],
     sample_rate_hz: float,
-):
-    """The residual estimator's response ``R(f)``: the power it measures on noise realisations over the
-    power they were drawn with, pooled over segments and realisations (median per log-frequency bin).
+) -> list[NDArray[np.float64] | None] | None:
+    """The residual estimator's response of every segment: the power it measures on noise realisations
+    drawn with the current spectra over the data's power ``target``, per FFT frequency, averaged over the
+    realisations and smoothed as the median in :data:`RESPONSE_BINS` log-frequency bins
+    (docs/mapmaking.md#map-noise).
+
+    Per segment rather than pooled: how much of the other segments' map noise a segment's residual
+    holds depends on how many segments cross it (a pooled response left maps of few segments per
+    pixel 6–8 % high in RMS).
 
     Parameters
     ----------
     measured : list of SegmentNoise
-        :func:`residual_segment_noise` of noise-only realisations drawn with ``amplitudes``.
-    amplitudes : list of ndarray
-        Fourier amplitudes of every segment's noise (:func:`_amplitudes`).
+        :func:`residual_segment_noise` of noise-only realisations drawn with the current spectra.
+    target : list of ndarray
+        Fourier amplitudes of the data's residual spectra (:func:`_amplitudes`).
     bounds : list of (start, stop)
         Sample ranges of the segments.
     sample_rate_hz : float
 
     Returns
     -------
-    callable or None
-        ``R(f_hz) -> ndarray`` (interpolated in log f, flat beyond the ends), or None without data.
+    list or None
+        Per segment, the response at its FFT frequencies (None for a segment without a measured
+        spectrum); None when no segment has one.
     """
-    freqs, ratios = [], []
+    per_seg: dict[int, list] = {}
     for sim in measured:
         for j, (a, b) in enumerate(bounds):
             if sim.spectra[j] is None or not math.isfinite(float(sim.sigma_white[j])):
                 continue
             p_target = target[j] ** 2
             p_out = _amplitudes(b - a, float(sim.sigma_white[j]), sim.spectra[j], sample_rate_hz) ** 2
-            f = _fft_freqs(b - a, sample_rate_hz)
-            ok = (p_target > 0) & (f > 0)
-            freqs.append(f[ok])
-            ratios.append(p_out[ok] / p_target[ok])
-    if not freqs:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_seg.setdefault(j, []).append(np.where(p_target > 0, p_out / p_target, np.nan))
+    if not per_seg:
         return None
-    f_all, r_all = np.concatenate(freqs), np.concatenate(ratios)
-    edges = np.geomspace(f_all.min(), f_all.max() * (1 + 1e-9), RESPONSE_BINS + 1)
-    which = np.clip(np.searchsorted(edges, f_all, side="right") - 1, 0, RESPONSE_BINS - 1)
-    centres, values = [], []
-    for k in range(RESPONSE_BINS):
-        sel = which == k
-        if sel.sum() >= 10:
-            centres.append(float(np.sqrt(edges[k] * edges[k + 1])))
-            values.append(float(np.median(r_all[sel])))
-    if not centres:
-        return None
-    log_f, log_r = np.log(centres), np.log(np.clip(values, 0.2, 5.0))
-    log.info(
-        "map noise: residual-spectrum response %s",
-        ", ".join(
-            f"{c:.3g} Hz: {v:.3f}" for c, v in list(zip(centres, values))[:: max(1, len(centres) // 8)]
-        ),
-    )
-
-    def response(f_hz: NDArray[np.float64]) -> NDArray[np.float64]:
-        f = np.maximum(np.asarray(f_hz, dtype=np.float64), np.exp(log_f[0]))
-        return np.exp(np.interp(np.log(f), log_f, log_r))
-
-    return response
+    out = []
+    for j, (a, b) in enumerate(bounds):
+        if j not in per_seg:
+            out.append(None)
+            continue
+        stack = np.stack(per_seg[j])
+        finite = np.isfinite(stack)
+        n_ok = finite.sum(axis=0)
+        r = np.where(n_ok > 0, np.where(finite, stack, 0.0).sum(axis=0) / np.maximum(n_ok, 1), np.nan)
+        f = _fft_freqs(b - a, sample_rate_hz)
+        ok = np.isfinite(r) & (f > 0)
+        if ok.sum() < 2:
+            out.append(None)
+            continue
+        edges = np.geomspace(f[ok].min(), f[ok].max() * (1 + 1e-9), RESPONSE_BINS + 1)
+        which = np.clip(np.searchsorted(edges, f[ok], side="right") - 1, 0, RESPONSE_BINS - 1)
+        cen, val = [], []
+        for k in range(RESPONSE_BINS):
+            sel = which == k
+            if sel.any():
+                cen.append(float(np.sqrt(edges[k] * edges[k + 1])))
+                val.append(float(np.median(r[ok][sel])))
+        out.append(
+            np.exp(np.interp(np.log(np.maximum(f, cen[0])), np.log(cen), np.log(np.clip(val, 0.2, 5.0))))
+        )
+    return out
 
 
 @dataclass
@@ -496,13 +502,10 @@ def monte_carlo_rms(
             )
         # the estimator's output on noise drawn with ``amps`` against the data's: the next guess of the
         # noise spectrum is the current one times data/measured (a fixed-point iteration)
-        response = spectral_response(calibration, data_amps, amps, bounds, noise.sample_rate_hz)
+        response = spectral_response(calibration, data_amps, bounds, noise.sample_rate_hz)
         if response is None:
             break
-        amps = [
-            a / np.sqrt(response(_fft_freqs(b - a_, noise.sample_rate_hz)))
-            for a, (a_, b) in zip(amps, bounds)
-        ]
+        amps = [a if r is None else a / np.sqrt(r) for a, r in zip(amps, response)]
     for k in range(int(n_realisations)):
         _tod, res = realisation(k, amps)
         # the map's zero level is not constrained by the data (the destriper's gauge fixes it by
