@@ -127,6 +127,16 @@ def small_archive(tmp_path_factory) -> SimulatedArchive:
     return _build_archive(tmp_path_factory, "test-small")
 
 
+def small_line_raster():
+    """A 120 s raster of 13 rows 1′ apart over ±0.1° at 0.1°/s: the compact RRL raster the cube tests
+    observe their HII region with (enough samples per 1′ pixel for the line's noise)."""
+    from utils.simulator import ScanSpec
+
+    return ScanSpec(
+        kind="raster", duration_s=120.0, n_rows=13, step_arcmin=1.0, half_width_deg=0.1, speed_deg_s=0.1
+    )
+
+
 @pytest.fixture(scope="session")
 def truth_field(tmp_path_factory):
     """A field with five crossing CES observations and a Tau A observation, reduced by the shipped

@@ -19,7 +19,7 @@ import pytest
 from astropy import constants as const
 from astropy import units as u
 from astropy.io import fits
-from conftest import LEVEL2_THROUGH_NOISE_STATS, PipelineWorkspace
+from conftest import LEVEL2_THROUGH_NOISE_STATS, PipelineWorkspace, small_line_raster
 from scipy.optimize import curve_fit
 
 from modules.MapMaking.common_beam import stack_common_beam
@@ -246,7 +246,6 @@ FIT_RMS, N_CAL_OBS = 0.02, 4
 def products(tmp_path_factory):
     from modules.SQLModule.SQLModule import db
     from utils.simulator import PRESETS, simulate_observation
-    from utils.simulator.spec import ScanSpec
 
     ws = PipelineWorkspace(tmp_path_factory.mktemp("fits_products"), [])
     spec = (
@@ -255,14 +254,7 @@ def products(tmp_path_factory):
         .replace(
             obsid=81001,
             n_channels=256,
-            scan=ScanSpec(
-                kind="raster",
-                duration_s=120.0,
-                n_rows=13,
-                step_arcmin=1.0,
-                half_width_deg=0.1,
-                speed_deg_s=0.1,
-            ),
+            scan=small_line_raster(),
         )
     )
     simulate_observation(spec, ws.level1, seed=3)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
-from conftest import LEVEL2_THROUGH_NOISE_STATS, PipelineWorkspace
+from conftest import LEVEL2_THROUGH_NOISE_STATS, PipelineWorkspace, small_line_raster
 from scipy.optimize import curve_fit
 from scipy.special import erf
 
@@ -55,14 +55,7 @@ def rrl(tmp_path_factory):
         base.replace(
             obsid=80003,
             n_channels=256,
-            scan=ScanSpec(
-                kind="raster",
-                duration_s=120.0,
-                n_rows=13,
-                step_arcmin=1.0,
-                half_width_deg=0.1,
-                speed_deg_s=0.1,
-            ),
+            scan=small_line_raster(),
             sky=SkySpec(kind="galactic", hii_regions=[HIIRegion(line_ratio=0.0)]),
         ),
         base.replace(

@@ -55,15 +55,20 @@ def three_sigma(n_eff: float) -> float:
     return 3.0 * float(np.sqrt(2.0 / n_eff))
 
 
+def _default_map(field, name: str):
+    """The default map ``name`` of a reduced truth field, its binned truth and the comparison."""
+    files, log = field.make_maps(name)
+    assert len(files) == 1, log
+    path = files[0]
+    truth = binned_truth(path, field.observation_pairs())
+    hii = hii_positions(field.level1[1])
+    return path, truth, compare_with_truth(path, truth, hii)
+
+
 @pytest.fixture(scope="module")
 def field_map(truth_field):
     """The default map of the field, its binned truth and the comparison."""
-    files, log = truth_field.make_maps("Field")
-    assert len(files) == 1, log
-    path = files[0]
-    truth = binned_truth(path, truth_field.observation_pairs())
-    hii = hii_positions(truth_field.level1[1])
-    return path, truth, compare_with_truth(path, truth, hii)
+    return _default_map(truth_field, "Field")
 
 
 def test_map_is_calibrated_by_the_tau_a_model(field_map):
@@ -96,12 +101,7 @@ def test_hii_region_peaks_against_truth(field_map):
 @pytest.fixture(scope="module")
 def faint_field_map(faint_truth_field):
     """The default map of the noise-dominated copy of the field, its binned truth and the comparison."""
-    files, log = faint_truth_field.make_maps("Faint")
-    assert len(files) == 1, log
-    path = files[0]
-    truth = binned_truth(path, faint_truth_field.observation_pairs())
-    hii = hii_positions(faint_truth_field.level1[1])
-    return path, truth, compare_with_truth(path, truth, hii)
+    return _default_map(faint_truth_field, "Faint")
 
 
 def _chi2_bounds(field_map) -> tuple[dict, dict]:
