@@ -10,7 +10,7 @@ DOCS_STAMP := $(VENV)/.comap-docs-installed
 $(STAMP): pyproject.toml setup.py $(wildcard utils/kernels/*.pyx)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,mpi,postgres]"
 	@touch $(STAMP)
 
 env: $(STAMP)

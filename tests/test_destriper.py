@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sla
 import scipy.sparse as sp
+from components import mpi_environment, mpiexec_path
 from threadpoolctl import threadpool_limits
 
 from modules.MapMaking.destriper import (
@@ -473,33 +472,21 @@ if rank == 0:
 """
 
 
-def _mpiexec() -> str | None:
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return None
-    return shutil.which("mpiexec") or shutil.which("mpirun")
-
-
 @pytest.mark.parametrize(("lam", "partial", "empty_rank"), [(0.0, False, False), (0.01, True, True)])
 def test_mpi_matches_serial(tmp_path, lam, partial, empty_rank):
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("mpi4py or mpiexec not available")
+    mpiexec = mpiexec_path()
     script = tmp_path / "mpi_destripe.py"
     script.write_text(
         textwrap.dedent(MPI_SCRIPT).format(
             repo=str(REPO), tests=str(REPO / "tests"), lam=lam, partial=partial, empty_rank=empty_rank
         )
     )
-    env = dict(
-        os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1"
-    )
+    env = mpi_environment()
     proc = subprocess.run(
         [mpiexec, "-n", "2", sys.executable, str(script)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
