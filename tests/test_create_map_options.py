@@ -577,10 +577,12 @@ def test_bright_source_flag_from_level2_lowers_the_solver_weight(field, tmp_path
     # NAIVE is binned with the map weights, which bright_downweight does not touch; they are re-estimated
     # from the residual of the first destriping (docs/mapmaking.md#map-noise), which does depend on it,
     # so NAIVE moves by a small fraction of the noise while DESTRIPED moves by more
-    rms = float(np.nanmedian(_hdu(full, "RMS")))
-    naive_shift = float(np.nanmax(np.abs(_hdu(low, "NAIVE") - _hdu(full, "NAIVE"))))
-    destriped_shift = float(np.nanmax(np.abs(_hdu(low, "DESTRIPED") - _hdu(full, "DESTRIPED"))))
-    assert naive_shift <= 0.1 * rms, (naive_shift, rms)
+    # The noise scale is the white rms of each pixel (RMS_WHITE, exact), not the Monte Carlo RMS: the latter's
+    # median over this one-observation map moves by ~5 % between sets of random draws.
+    rms_white = _hdu(full, "RMS_WHITE")
+    naive_shift = float(np.nanmax(np.abs(_hdu(low, "NAIVE") - _hdu(full, "NAIVE")) / rms_white))
+    destriped_shift = float(np.nanmax(np.abs(_hdu(low, "DESTRIPED") - _hdu(full, "DESTRIPED")) / rms_white))
+    assert naive_shift <= 0.1, naive_shift
     assert destriped_shift > 3 * naive_shift, (destriped_shift, naive_shift)
 
 

@@ -14,6 +14,7 @@ This module knows no product: it drives jobs through the protocol of
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from modules.MapMaking.fits_metadata import calibrator_beam_table
 from modules.MapMaking.fits_output import read_configsha, write_difference_map
 from modules.MapMaking.read_data import describe_counts
 from modules.MapMaking.segments import noise_group
-from modules.pipeline_control.executors import LocalPoolExecutor
+from modules.pipeline_control.executors import LocalPoolExecutor, make_executor
 from modules.pipeline_control.logging_setup import Progress
 from modules.pipeline_control.Pipeline import RunContext, StageResult
 from utils.constants import SUPPORTED_LEVEL2_FORMAT_VERSIONS
@@ -108,6 +109,24 @@ class PoolReader:
             outcome = self.executor.wait()
             in_flight -= 1
             yield outcome
+
+
+def make_on_every_rank(world: Any, job: Any, output: Any, inputs: JobInputs, config_sha: str) -> Any:
+    """One output of a distributed product, run on every rank of an MPI run
+    (docs/mapmaking.md#distributed-map-making); rank 0 reports a failure, the other ranks drop it."""
+    try:
+        return job.make(output, inputs, config_sha, None, world=world)
+    except MapJobFailed:
+        if world.rank == 0:
+            raise
+        return None  # every rank raised it (docs/mapmaking.md#distributed-map-making); rank 0 reports
+    except Exception as exc:
+        if world.rank == 0:
+            raise
+        # not agreed between the ranks: say so at once, rank 0 may be waiting in a collective
+        print(f"rank {world.rank}: {output.output_path.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        logging.getLogger("comap.mpi").debug("traceback on rank %d", world.rank, exc_info=True)
+        return None
 
 
 def wrong_products(entries: list[Any], stage: str, product: str) -> list[str]:
@@ -242,14 +261,17 @@ class Dispatcher:
         """Run every job of a config; one pool of ``nprocess`` readers serves them all."""
         result = StageResult(stage=self.stage)
         n = self.context.nprocess if self.context.nprocess is not None else master.get("nprocess") or 1
+        world = self._world()
         pool = None
-        if max(1, int(n)) > 1:
+        if max(1, int(n)) > 1 or world is not None:
             import multiprocessing
 
             log_queue = None
             if self.context.logging is not None:
                 log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
-            pool = LocalPoolExecutor(max(1, int(n)), log_queue=log_queue, log_level=self.context.log_level)
+            pool = make_executor(
+                max(2, int(n)), log_queue=log_queue, log_level=self.context.log_level, world=world
+            )
             pool.start(call_read_task)
         try:
             for spec in entries:
@@ -260,6 +282,11 @@ class Dispatcher:
                 if self.context.logging is not None:
                     self.context.logging.stop_queue()
         return result
+
+    def _world(self):
+        """The MPIWorld of an MPI run of more than one rank, else None."""
+        world = self.context.mpi
+        return world if world is not None and world.size > 1 else None
 
     def _gather(self, job: Any, files: list[Any] | None, master: dict[str, Any], result: StageResult):
         """Selection, level-2 facts, calibration table and quality flags of one job; None (and a
@@ -314,7 +341,11 @@ class Dispatcher:
             sha = job.job_config_hash(out, inputs.observations, inputs.updated)
 
             def make(out=out, sha=sha):
-                job.make(out, inputs, sha, reader)
+                world = self._world()
+                if world is not None and job.distributed:
+                    world.collective(make_on_every_rank, job, out, inputs, sha)
+                else:
+                    job.make(out, inputs, sha, reader)
 
             if self._make_output(job, out.output_path, sha, make, result):
                 made.add(out.output_path)
@@ -364,4 +395,12 @@ class Dispatcher:
                 result.record_failure(diff_path.name, f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["Dispatcher", "JobInputs", "MapJobFailed", "PoolReader", "call_read_task", "wrong_products"]
+__all__ = [
+    "Dispatcher",
+    "JobInputs",
+    "MapJobFailed",
+    "PoolReader",
+    "call_read_task",
+    "make_on_every_rank",
+    "wrong_products",
+]

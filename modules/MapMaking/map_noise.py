@@ -84,6 +84,10 @@ class SegmentNoise:
 
 
 def _segment_bounds(segment_starts: NDArray[np.integer], n: int) -> list[tuple[int, int]]:
+    """(start, stop) of every segment; none when there is no sample (a rank without data in a distributed
+    map holds one empty segment for the destriper's sake)."""
+    if int(n) == 0:
+        return []
     edges = [int(s) for s in segment_starts] + [int(n)]
     return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
 
@@ -100,6 +104,7 @@ def residual_segment_noise(
     *,
     f_ref_hz: float = 0.1,
     n_psd_bins: int = 100,
+    segment_ids: NDArray[np.integer] | None = None,
 ) -> SegmentNoise:
     """Noise statistics of every segment from its residual against the map of the OTHER segments
     (docs/mapmaking.md#map-noise).
@@ -123,6 +128,9 @@ def residual_segment_noise(
     sample_rate_hz : float
     f_ref_hz, n_psd_bins : float, int
         As NoiseStatsLevel2 (docs/level2.md#noisestatslevel2).
+    segment_ids : ndarray of int, optional
+        Index of each segment in the whole map (default 0 … n_seg − 1): seeds the gap filling, so that a
+        segment's statistics do not depend on which rank holds it.
 
     Notes
     -----
@@ -133,7 +141,8 @@ def residual_segment_noise(
     (docs/level2.md#source-mask), left out of the pair differences and filled like gaps, since a source's
     structure inside a pixel survives the subtraction.
     """
-    n_seg = len(segment_starts)
+    n_seg = len(_segment_bounds(segment_starts, tod.size))
+    ids = np.arange(n_seg) if segment_ids is None else np.asarray(segment_ids)
     nan = np.full(n_seg, np.nan)
     out = SegmentNoise(nan.copy(), nan.copy(), nan.copy(), nan.copy(), [None] * n_seg, float(sample_rate_hz))
     total_w = np.asarray(result.weights, dtype=np.float64)
@@ -174,7 +183,7 @@ def residual_segment_noise(
             min_good_fraction=MIN_GOOD_FRACTION,
             min_samples=MIN_FIT_SAMPLES,
             bright=bright[None, :],
-            seeds=[(MC_SEED, k)],
+            seeds=[(MC_SEED, int(ids[k]))],
             keep_spectra=[0],
         )
         out.sigma_white[k] = stats.auto_rms[0]
@@ -240,15 +249,20 @@ def _amplitudes(n: int, sigma_white: float, spectrum, sample_rate_hz: float) -> 
 
 
 def noise_realisation(
-    rng: np.random.Generator,
+    seed: tuple,
+    segment_ids: NDArray[np.integer],
     bounds: list[tuple[int, int]],
     amplitudes: list[NDArray[np.float64]],
     n: int,
 ) -> NDArray[np.float32]:
-    """One Gaussian noise TOD (K), each segment with its spectrum's Fourier amplitudes (zero mean)."""
+    """One Gaussian noise TOD (K), each segment with its spectrum's Fourier amplitudes (zero mean).
+
+    Segment ``k`` is drawn from ``default_rng((*seed, segment_ids[k]))``: its own stream, so that a
+    segment's noise is the same whichever rank of an MPI run holds it."""
     out = np.empty(n, dtype=np.float32)
-    for (a, b), amp in zip(bounds, amplitudes):
+    for (a, b), amp, sid in zip(bounds, amplitudes, segment_ids):
         m = b - a
+        rng = np.random.default_rng((*seed, int(sid)))
         spec = amp * (rng.standard_normal(amp.size) + 1j * rng.standard_normal(amp.size))
         if m % 2 == 0 and amp.size > 1:
             spec[-1] = amp[-1] * rng.standard_normal()
@@ -420,6 +434,8 @@ def monte_carlo_rms(
     n_realisations: int,
     seed: tuple,
     destriper: dict[str, Any],
+    ranks: Any = None,
+    segment_ids: NDArray[np.integer] | None = None,
 ) -> MapNoise:
     """Map rms from noise-only realisations through the same destriper (docs/mapmaking.md#map-noise).
 
@@ -436,10 +452,15 @@ def monte_carlo_rms(
     n_realisations : int
         Number of noise TODs; 0 returns the white rms.
     seed : tuple
-        Seed of realisation k: ``default_rng((*seed, k))``.
+        Seed of segment j in realisation k: ``default_rng((*seed, k, segment_ids[j]))``.
     destriper : dict
         Settings of the map's :func:`destripe` (offset_length, tol, max_iter, lambda_ridge, good_fraction);
         the tolerance is loosened to ``MC_TOL``.
+    ranks : Ranks, optional
+        The ranks of a distributed map (:class:`~modules.MapMaking.distributed.Ranks`): the inputs are this
+        rank's segments, the maps are the whole map's (docs/mapmaking.md#distributed-map-making).
+    segment_ids : ndarray of int, optional
+        Index of each segment in the whole map (default 0 … n_segments − 1).
 
     Returns
     -------
@@ -454,6 +475,8 @@ def monte_carlo_rms(
     if n_realisations <= 0 or n_hit == 0:
         return MapNoise(white_rms.copy(), white_rms.copy(), 1.0, 0, tuple(seed), time.perf_counter() - t0)
     bounds = _segment_bounds(segment_starts, n)
+    ids = np.arange(len(bounds)) if segment_ids is None else np.asarray(segment_ids)
+    comm = getattr(ranks, "comm", None)
     amps = [
         _amplitudes(b - a, float(noise.sigma_white[k]), noise.spectra[k], noise.sample_rate_hz)
         for k, (a, b) in enumerate(bounds)
@@ -463,8 +486,7 @@ def monte_carlo_rms(
     used = (weights > 0) | (map_weights > 0)
 
     def realisation(key: int, amplitudes: list[NDArray[np.float64]]):
-        rng = np.random.default_rng((*seed, key))
-        tod = noise_realisation(rng, bounds, amplitudes, n)
+        tod = noise_realisation((*seed, key), ids, bounds, amplitudes, n)
         tod[~used] = 0.0
         res = destripe(
             tod,
@@ -478,6 +500,7 @@ def monte_carlo_rms(
             map_weights=map_weights,
             lambda_ridge=float(destriper["lambda_ridge"]),
             good_fraction=float(destriper["good_fraction"]),
+            comm=comm,
         )
         return tod, res
 
@@ -498,12 +521,16 @@ def monte_carlo_rms(
                     res,
                     int(destriper["offset_length"]),
                     noise.sample_rate_hz,
+                    segment_ids=ids,
                 )
             )
         # the estimator's output on noise drawn with ``amps`` against the data's: the next guess of the
         # noise spectrum is the current one times data/measured (a fixed-point iteration)
         response = spectral_response(calibration, data_amps, bounds, noise.sample_rate_hz)
-        if response is None:
+        if ranks is not None and ranks.any(response is not None):
+            if response is None:  # no measured spectrum on this rank; the others go on
+                continue
+        elif response is None:
             break
         amps = [a if r is None else a / np.sqrt(r) for a, r in zip(amps, response)]
     for k in range(int(n_realisations)):
@@ -524,10 +551,11 @@ def monte_carlo_rms(
     rms = np.where(seen, white_rms * np.sqrt(np.maximum(smooth, 0.0)), np.nan)
     ratio_median = float(np.median(np.sqrt(smooth[seen]))) if seen.any() else 1.0
     wall = time.perf_counter() - t0
-    log.info(
-        "map noise: %d noise realisations, median RMS/RMS_WHITE %.3f, %.1f s",
-        int(n_realisations),
-        ratio_median,
-        wall,
-    )
+    if ranks is None or ranks.is_root:
+        log.info(
+            "map noise: %d noise realisations, median RMS/RMS_WHITE %.3f, %.1f s",
+            int(n_realisations),
+            ratio_median,
+            wall,
+        )
     return MapNoise(rms, white_rms.copy(), ratio_median, int(n_realisations), tuple(seed), wall)

@@ -51,9 +51,14 @@ class MapProduct(MapJob):
 
     ``product`` names what the job makes (``'map'``, ``'cube'``); a stage runs the jobs whose
     ``product`` is its own and rejects the others when the config is loaded.
+
+    Under MPI (docs/mapmaking.md#distributed-map-making) a product whose ``distributed`` is True has its
+    ``make`` called on every rank with ``world=``; the others run on rank 0 and their file reads go
+    through ``executor``, a dynamic queue over the ranks.
     """
 
     product: ClassVar[str] = "map"
+    distributed: ClassVar[bool] = False
     __abstract_module__ = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -122,6 +122,14 @@ class ReaderOutput:
     counts: Counter = field(default_factory=Counter)
     plans: list[SegmentPlan] = field(default_factory=list)
     sample_rate_hz: float = float("nan")
+    azelmjd_sums: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    n_samples_total: int | None = None
+
+    @property
+    def n_samples(self) -> int:
+        """Samples of the whole map: this process's, or every rank's in a distributed map
+        (docs/mapmaking.md#distributed-map-making)."""
+        return int(self.tod.size) if self.n_samples_total is None else int(self.n_samples_total)
 
 
 def prepass_file(
@@ -497,6 +505,7 @@ def read_segments(
         mean_azel_mjd=mean,
         plans=[p for segs in by_file.values() for p in segs],
         sample_rate_hz=float(np.median(rates)) if rates else float("nan"),
+        azelmjd_sums=sums,
     )
 
 

@@ -24,7 +24,7 @@ from modules.pipeline_control import jobs
 from modules.pipeline_control.base import describe_stale, stale_stages
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
 from modules.pipeline_control.config_dump import tomlable
-from modules.pipeline_control.executors import LocalPoolExecutor, PoolInitError, make_executor
+from modules.pipeline_control.executors import PoolInitError, make_executor
 from modules.pipeline_control.logging_setup import Progress, obsid_context
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult, StreamingStage
@@ -449,6 +449,9 @@ class Level2Pipeline(PipelineStage):
         if ctx.nprocess is not None:
             nprocess = int(ctx.nprocess)
         nprocess = max(1, min(nprocess, len(tasks)))
+        world = ctx.mpi if ctx.mpi is not None and ctx.mpi.size > 1 else None
+        if world is not None:
+            nprocess = world.size  # every rank is a worker (docs/operations.md#running-under-mpi)
         options = WorkerOptions(
             hk_time_offset_s=self.hk_time_offset_s,
             on_parameter_change=self.on_parameter_change,
@@ -464,7 +467,7 @@ class Level2Pipeline(PipelineStage):
             import multiprocessing
 
             log_queue = ctx.logging.start_queue(multiprocessing.get_context("spawn"))
-        executor = make_executor(nprocess, log_queue=log_queue, log_level=ctx.log_level)
+        executor = make_executor(nprocess, log_queue=log_queue, log_level=ctx.log_level, world=world)
 
         ordered = self._order(tasks)
         queued = {t.fields["obsid"] for t in ordered}
@@ -479,7 +482,12 @@ class Level2Pipeline(PipelineStage):
         finished: set[int] = set()
         in_flight: set[int] = set()
         streak_reason, streak = None, 0
-        log.info("processing %d observation(s) with %d worker(s)", len(ordered), nprocess)
+        log.info(
+            "processing %d observation(s) with %d worker(s)%s",
+            len(ordered),
+            nprocess,
+            f" on {world.size} MPI ranks" if world is not None else "",
+        )
         bar = Progress(len(ordered), desc="level-2 observations", logger=log, unit="obs")
         t_start = time.perf_counter()
         started = False
@@ -526,7 +534,7 @@ class Level2Pipeline(PipelineStage):
             bar.close()
             if started:
                 executor.shutdown(terminate=result.interrupted)
-            if isinstance(executor, LocalPoolExecutor) and ctx.logging is not None:
+            if log_queue is not None:
                 ctx.logging.stop_queue()
         if result.fatal:
             n = db.release_jobs(ctx.run_id)

@@ -543,7 +543,7 @@ class RunContext:
     force: bool = False
     retry_failed: bool = False
     dry_run: bool = False
-    mpi: bool = False
+    mpi: Any = None  # the MPIWorld of an MPI run (docs/operations.md#running-under-mpi)
     log_level: int = logging.INFO
     logging: RunLogging | None = None
     log_dir: Path = Path("logs")

@@ -247,8 +247,9 @@ class LocalPoolExecutor:
                 return
         raise RuntimeError("no free worker; call wait() first")
 
-    def wait(self) -> TaskOutcome:
-        """Block until an item finishes (or its worker dies) and return its outcome."""
+    def wait(self, timeout: float | None = None) -> TaskOutcome | None:
+        """Block until an item finishes (or its worker dies) and return its outcome; with ``timeout``
+        (s), None when nothing finished in that time."""
         while not self._done:
             if not any(w.task is not None for w in self._workers):
                 raise RuntimeError("wait() called with nothing in flight")
@@ -256,7 +257,9 @@ class LocalPoolExecutor:
             for w in self._workers:
                 waitables[w.conn] = w
                 waitables[w.process.sentinel] = w
-            ready = multiprocessing.connection.wait(list(waitables))
+            ready = multiprocessing.connection.wait(list(waitables), timeout=timeout)
+            if not ready and timeout is not None:
+                return None
             handled: set[int] = set()
             for obj in ready:
                 w = waitables[obj]
@@ -338,8 +341,12 @@ def _map_unordered(ex, fn, items, initializer, initargs) -> Iterator[TaskOutcome
         ex.shutdown(terminate=sys.exc_info()[0] is not None)
 
 
-def make_executor(nprocess: int, *, log_queue: Any = None, log_level: int = logging.INFO):
-    """``SerialExecutor`` for ``nprocess == 1``, else a ``LocalPoolExecutor``."""
+def make_executor(nprocess: int, *, log_queue: Any = None, log_level: int = logging.INFO, world: Any = None):
+    """``MPIExecutor`` over the ranks of an MPI run of more than one rank (``world``; ``nprocess`` is then
+    ignored: N ranks give N workers), else ``SerialExecutor`` for ``nprocess == 1`` and a
+    ``LocalPoolExecutor`` for more."""
+    if world is not None and world.size > 1:
+        return world.executor(log_queue=log_queue, log_level=log_level)
     if int(nprocess) <= 1:
         return SerialExecutor()
     return LocalPoolExecutor(nprocess, log_queue=log_queue, log_level=log_level)
@@ -347,7 +354,7 @@ def make_executor(nprocess: int, *, log_queue: Any = None, log_level: int = logg
 
 def mpi_requested(flag: bool = False) -> bool:
     """True when MPI mode is detected from the launcher environment or forced with ``--mpi``
-    (docs/operations.md#top-level-stages-under-mpi)."""
+    (docs/operations.md#running-under-mpi)."""
     if flag:
         return True
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):

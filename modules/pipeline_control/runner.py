@@ -113,21 +113,64 @@ def run_pipeline(
 
     from modules.pipeline_control.executors import mpi_requested
 
+    world = None
     if mpi_requested(mpi):
         try:
-            import mpi4py  # noqa: F401
-        except ImportError:
+            from modules.pipeline_control.mpi import start_mpi
+
+            world = start_mpi()
+        except Exception as exc:  # ImportError (no mpi4py) or RuntimeError (no MPI library)
             print(
-                "usage error: MPI mode requested but mpi4py is not installed (pip install -e .[mpi])",
+                f"usage error: MPI mode requested but MPI is not usable ({type(exc).__name__}: {exc}); "
+                "install it with pip install -e '.[mpi]'",
                 file=sys.stderr,
             )
             return EXIT_CONFIG
-        print(
-            "usage error: MPI execution is not available in this version; run without mpiexec/--mpi",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
+        if not world.is_coordinator:
+            from modules.pipeline_control.mpi import serve
 
+            return serve(world, logging.getLevelName(log_level.upper()))
+    status = EXIT_FATAL
+    try:
+        status = _coordinate(
+            config_path,
+            world,
+            overrides,
+            timestamp=timestamp,
+            run_id=run_id,
+            dry_run=dry_run,
+            obsids=obsids,
+            nprocess=nprocess,
+            force=force,
+            retry_failed=retry_failed,
+            log_level=log_level,
+            console=console,
+        )
+        return status
+    finally:
+        if world is not None and world.size > 1:
+            if status in (EXIT_OK, EXIT_FAILURES, EXIT_CONFIG):
+                world.stop()
+            else:  # interrupted or fatal: ranks may be busy, end them all now
+                world.abort(status)  # docs/operations.md#running-under-mpi
+
+
+def _coordinate(
+    config_path: str | Path,
+    world: Any,
+    overrides: dict[str, Any],
+    *,
+    timestamp: str,
+    run_id: str,
+    dry_run: bool,
+    obsids: list[int] | None,
+    nprocess: int | None,
+    force: bool,
+    retry_failed: bool,
+    log_level: str,
+    console: bool,
+) -> int:
+    """Rank 0's (or the only process's) part of :func:`run_pipeline`."""
     try:
         run_config = load_run_config(config_path, master_overrides=overrides)
     except (ConfigErrors, ConfigError) as exc:
@@ -143,6 +186,8 @@ def run_pipeline(
         run_id=run_id,
     )
     run_logging = setup_logging(log_path, log_level, console=console)
+    if world is not None:
+        world.log_handlers = list(run_logging.handlers)
     try:
         return _run(
             run_config,
@@ -156,8 +201,11 @@ def run_pipeline(
             retry_failed=retry_failed,
             log_level=log_level,
             config_file=config_file,
+            world=world,
         )
     finally:
+        if world is not None:
+            world.drain_logs()
         run_logging.close()
         try:
             from modules.SQLModule.SQLModule import db
@@ -180,6 +228,7 @@ def _run(
     retry_failed: bool,
     log_level: str,
     config_file: Path,
+    world: Any = None,
 ) -> int:
     main = run_config.main
     log.info(
@@ -190,6 +239,12 @@ def _run(
         " (dry run)" if dry_run else "",
     )
     log.info("log file: %s", run_logging.log_file)
+    if world is not None:
+        log.info(
+            "MPI: %d rank(s), %d thread(s) per rank; rank 0 coordinates and writes the database",
+            world.size,
+            world.n_threads,
+        )
     if run_config.implicit_level2:
         log.info("%s holds only per-observation modules; running it as Level2Pipeline", config_file)
 
@@ -215,6 +270,7 @@ def _run(
         force=force,
         retry_failed=retry_failed,
         dry_run=dry_run,
+        mpi=world,
         log_level=logging.getLevelName(log_level.upper()) if isinstance(log_level, str) else log_level,
         logging=run_logging,
         log_dir=run_logging.log_file.parent if run_logging.log_file else Path("logs"),

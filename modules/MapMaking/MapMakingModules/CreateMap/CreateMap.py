@@ -6,6 +6,7 @@ and read of :mod:`modules.MapMaking.read_data` (files in parallel through its pi
 ``_read_task``), the destriper on the job's one geometry, and the FITS writer.
 """
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,16 @@ import numpy as np
 
 from modules.MapMaking.destriper import destripe
 from modules.MapMaking.dispatch import JobInputs, MapJobFailed
+from modules.MapMaking.distributed import (
+    Ranks,
+    complete_output,
+    compress_pixels_global,
+    gather_plans,
+    gather_rows,
+    restrict_output,
+    segment_ids,
+    share_of_files,
+)
 from modules.MapMaking.fits_metadata import map_beam, product_cards, segment_records
 from modules.MapMaking.fits_output import MapInfo, write_map_fits
 from modules.MapMaking.geometry import geometry_for
@@ -42,7 +53,6 @@ from modules.MapMaking.read_data import (
     Level2DataReader,
     ReaderOutput,
     ReaderSettings,
-    compress_pixels,
     describe_counts,
 )
 from modules.MapMaking.segments import segment_hour_angle_deg
@@ -166,6 +176,7 @@ class CreateMap(
     """
 
     product = "map"
+    distributed = True  # make() runs on every rank of an MPI run (docs/mapmaking.md#distributed-map-making)
     default_split_mode = "none"
     moved_parameters = {
         name: "the bright-source mask is configured in level 2 (CreateLevel2File source_catalogue, "
@@ -353,33 +364,58 @@ class CreateMap(
         parity = 0 if spec.segment_filter == "even" else 1
         return [p for p in plans if number[(p.obsid, p.scan)] % 2 == parity]
 
-    def make(self, output: MapJobSpec, inputs: JobInputs, config_sha: str, executor=None) -> Path:
-        """Read, destripe and write one concrete map (docs/mapmaking.md)."""
+    def make(
+        self, output: MapJobSpec, inputs: JobInputs, config_sha: str, executor=None, world=None
+    ) -> Path | None:
+        """Read, destripe and write one concrete map (docs/mapmaking.md).
+
+        With ``world`` (an MPI run, docs/mapmaking.md#distributed-map-making) every rank calls this with the
+        same arguments: each reads its share of the files and holds only its share of the TOD, the
+        destriper and the noise simulations combine the ranks, and rank 0 writes the file (the other
+        ranks return None)."""
         spec, log = output, inputs.log
-        geometry = inputs.shared("geometry", lambda: self._geometry(inputs))
+        ranks = Ranks(world.comm if world is not None else None)
         name = spec.output_path.name
-        selected = [o for o in inputs.observations if spec.obsids is None or o.obsid in spec.obsids]
         reader = Level2DataReader(
             self.reader_settings(spec.band, spec.channel, spec.feeds, spec.scan_direction),
             inputs.table,
             inputs.flags,
         )
-        plans = self._filter_segments(reader.prepass(selected), spec, self.sun_elevation_threshold_deg)
-        if not plans:
-            raise MapJobFailed(f"no data for map {name}: {describe_counts(reader.counts)}")
-        log.info(
-            "%s: %d segment(s) from %d observation(s); %s",
-            name,
-            len(plans),
-            len({p.obsid for p in plans}),
-            describe_counts(reader.counts),
-        )
-        with inputs.read_progress(len({p.path for p in plans}), name) as bar:
-            out = reader.read(plans, geometry, executor=executor, progress=bar)
-        hit, comp = compress_pixels(out.pixels, out.weights, out.map_weights)
+
+        def prepass():
+            geometry = inputs.shared("geometry", lambda: self._geometry(inputs))
+            selected = [o for o in inputs.observations if spec.obsids is None or o.obsid in spec.obsids]
+            plans = self._filter_segments(reader.prepass(selected), spec, self.sun_elevation_threshold_deg)
+            if not plans:
+                raise MapJobFailed(f"no data for map {name}: {describe_counts(reader.counts)}")
+            return geometry, plans, reader.counts
+
+        geometry, plans, reader.counts = ranks.on_root(prepass)
+        if ranks.is_root:
+            log.info(
+                "%s: %d segment(s) from %d observation(s)%s; %s",
+                name,
+                len(plans),
+                len({p.obsid for p in plans}),
+                f" on {ranks.size} MPI ranks" if ranks.size > 1 else "",
+                describe_counts(reader.counts),
+            )
+        mine = share_of_files(plans, ranks)
+        if not ranks.is_root:
+            reader.counts = Counter()  # the pre-pass counts are rank 0's; the read's are summed over ranks
+
+        def read():
+            if not ranks.is_root:
+                return reader.read(mine, geometry)
+            with inputs.read_progress(len({p.path for p in mine}), name) as bar:
+                return reader.read(mine, geometry, executor=executor, progress=bar)
+
+        out = complete_output(ranks.agree(read), plans, ranks)
+        ids = segment_ids(out.plans, plans)
+        hit, comp = compress_pixels_global(out.pixels, ranks, out.weights, out.map_weights)
         if hit.size == 0:
             raise MapJobFailed(f"no data for map {name}: no sample lands on the map with non-zero weight")
-        res = self._destripe(out, comp, hit)
+        res = self._destripe(out, comp, hit, ranks)
         # sky-free segment noise, the red-noise cuts on it and the new weights (docs/mapmaking.md#map-noise)
         noise = residual_segment_noise(
             out.tod,
@@ -390,16 +426,18 @@ class CreateMap(
             res,
             int(self.offset_length),
             out.sample_rate_hz,
+            segment_ids=ids,
         )
         factors = np.array([p.factor for p in out.plans])
         reasons = segment_verdicts(noise, factors, float(self.sigma_red_cutoff_k), self.fknee_max_hz)
-        table = _segment_table(out.plans, noise, reasons)
-        keep = np.array([r is None for r in reasons])
-        for r in reasons:
-            if r is not None:
-                out.counts[r] += 1
-                out.counts["accepted"] -= 1
-        if not keep.any():
+        rows, row_ids = _segment_table(out.plans, noise, reasons), ids
+        keep = np.array([r is None for r in reasons], dtype=bool)
+        dropped: Counter = Counter(r for r in reasons if r is not None)
+        for counted in ranks.allgather(dict(dropped)):
+            for r, k in counted.items():
+                out.counts[r] += k
+                out.counts["accepted"] -= k
+        if not ranks.any(keep.any()):
             raise MapJobFailed(f"no data for map {name}: {describe_counts(out.counts)}")
         old_sigma = np.array([p.auto_rms_k / p.factor for p in out.plans])
         new_sigma = np.where(
@@ -407,24 +445,13 @@ class CreateMap(
         )
         scale = (old_sigma / new_sigma) ** 2
         noise.sigma_white = new_sigma  # the Monte Carlo's white level: the rms the weights now assume
-        if not keep.all() or np.any(np.abs(scale - 1.0) > 0.05):
+        if ranks.any(not keep.all() or bool(np.any(np.abs(scale - 1.0) > 0.05))):
             out, noise = _reweight(out, noise, keep, scale)
-            hit, comp = compress_pixels(out.pixels, out.weights, out.map_weights)
-            res = self._destripe(out, comp, hit)
-        log.info(
-            "%s: sky-free segment noise: %d of %d segment(s) kept (%s); median sigma_white %.3g K, "
-            "median sigma_red %.3g K, median fknee %.3g Hz",
-            name,
-            int(keep.sum()),
-            keep.size,
-            describe_counts(out.counts),
-            float(np.nanmedian(table["sigma_white"])) if keep.size else float("nan"),
-            float(np.nanmedian(table["sigma_red"]))
-            if np.isfinite(table["sigma_red"]).any()
-            else float("nan"),
-            float(np.nanmedian(table["fknee_hz"])) if np.isfinite(table["fknee_hz"]).any() else float("nan"),
-        )
-        if res.status != "converged":
+            ids = ids[keep]
+            out = restrict_output(out, [p for part in ranks.allgather(out.plans) for p in part], ranks)
+            hit, comp = compress_pixels_global(out.pixels, ranks, out.weights, out.map_weights)
+            res = self._destripe(out, comp, hit, ranks)
+        if ranks.is_root and res.status != "converged":
             log.warning(
                 "%s: destriper %s after %d iterations (residual %.3g); map written with DSTATUS",
                 name,
@@ -444,6 +471,24 @@ class CreateMap(
             n_realisations=int(self.noise_realizations),
             seed=(MC_SEED, int(spec.band), int(spec.channel)),
             destriper=self._destriper_settings(),
+            ranks=ranks,
+            segment_ids=ids,
+        )
+        # gathered last: a failure while merging on rank 0 cannot leave the other ranks in a collective
+        table = gather_rows(row_ids, rows, ranks)
+        kept_plans = gather_plans(ids, out.plans, ranks)
+        if not ranks.is_root:
+            return None
+        log.info(
+            "%s: sky-free segment noise: %d of %d segment(s) kept (%s); median sigma_white %.3g K, "
+            "median sigma_red %.3g K, median fknee %.3g Hz",
+            name,
+            int(np.sum(table["reason"] == "")),
+            table["reason"].size,
+            describe_counts(out.counts),
+            _median(table["sigma_white"]),
+            _median(table["sigma_red"]),
+            _median(table["fknee_hz"]),
         )
         log.info(
             "%s: map noise from %d realisation(s): median RMS/RMS_WHITE %.3f (%.1f s)",
@@ -453,7 +498,7 @@ class CreateMap(
             map_noise.wall_time_s,
         )
         return self._write(
-            spec, geometry, hit, out, res, out.plans, config_sha, map_noise, table, inputs=inputs
+            spec, geometry, hit, out, res, kept_plans, config_sha, map_noise, table, inputs=inputs
         )
 
     def _destriper_settings(self) -> dict[str, Any]:
@@ -465,7 +510,7 @@ class CreateMap(
             "good_fraction": float(self.good_fraction),
         }
 
-    def _destripe(self, out: ReaderOutput, comp: np.ndarray, hit: np.ndarray):
+    def _destripe(self, out: ReaderOutput, comp: np.ndarray, hit: np.ndarray, ranks: Ranks):
         d = self._destriper_settings()
         return destripe(
             out.tod,
@@ -479,6 +524,7 @@ class CreateMap(
             map_weights=out.map_weights,
             lambda_ridge=d["lambda_ridge"],
             good_fraction=d["good_fraction"],
+            comm=ranks.comm,
         )
 
     def _header_cards(self, spec: MapJobSpec, out, plans, inputs: JobInputs | None) -> dict[str, Any]:
@@ -525,7 +571,7 @@ class CreateMap(
             freq_hz=out.freq_ghz * 1e9,
             bandwidth_hz=out.bandwidth_ghz * 1e9,
             n_segment=out.n_segments,
-            n_sample=int(out.tod.size),
+            n_sample=out.n_samples,
             destriper={
                 "OFFLEN": int(self.offset_length),
                 "LAMBDA": float(self.lambda_ridge),
@@ -598,8 +644,8 @@ def _segment_table(plans: list[Any], noise: SegmentNoise, reasons: list[str | No
         "sigma_red": noise.sigma_red.copy(),
         "alpha": noise.alpha.copy(),
         "fknee_hz": noise.fknee_hz.copy(),
-        "level2_auto_rms": np.array([p.auto_rms_k / p.factor for p in plans]),
-        "reason": np.array([r or "" for r in reasons]),
+        "level2_auto_rms": np.array([p.auto_rms_k / p.factor for p in plans], dtype=np.float64),
+        "reason": np.array([r or "" for r in reasons], dtype=str),
     }
 
 
@@ -609,7 +655,7 @@ def _reweight(
     """The reader output without the dropped segments, each kept segment's weights multiplied by ``scale``
     (level-2 white rms replaced by the sky-free one, docs/mapmaking.md#map-noise)."""
     n = out.tod.size
-    edges = [int(s) for s in out.segment_starts] + [n]
+    edges = [int(s) for s in out.segment_starts] + [n] if n else [0]  # no sample: no segment
     sel = np.zeros(n, dtype=bool)
     weights = out.weights.copy()
     map_weights = out.map_weights.copy()
@@ -629,10 +675,10 @@ def _reweight(
         pixels=out.pixels[sel],
         weights=weights[sel],
         map_weights=map_weights[sel],
-        segment_starts=np.asarray(starts, dtype=np.int64),
+        segment_starts=np.asarray(starts or [0], dtype=np.int64),
         obsids=sorted({p.obsid for p in plans}),
         feeds=sorted({p.feed for p in plans}),
-        mjd_range=(min(p.mjd_mid for p in plans), max(p.mjd_mid for p in plans)),
+        mjd_range=(min(p.mjd_mid for p in plans), max(p.mjd_mid for p in plans)) if plans else out.mjd_range,
         n_segments=len(plans),
         plans=plans,
     )
