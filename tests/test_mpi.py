@@ -8,9 +8,11 @@ like any other; a rank killed with SIGKILL ends the run, and the next run takes 
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FRAGILE = '''
 import os
 import signal
+import time
 from pathlib import Path
 
 from modules.ProcessLevel2.CreateLevel2File.CreateLevel2File import CreateLevel2File
@@ -45,6 +48,10 @@ class Fragile(CreateLevel2File):
             raise RuntimeError("injected failure")
         if (markers / "kill_rank1").exists() and os.environ.get("PMI_RANK") == "1":
             os.kill(os.getpid(), signal.SIGKILL)
+        if (markers / "hold").exists():
+            (markers / f"started_{file_info.obsid}").write_text("")
+            while (markers / "hold").exists():
+                time.sleep(0.05)
         super().run(file_info)
 '''
 
@@ -171,19 +178,26 @@ def test_maps_equal_the_serial_run(serial_and_mpi):
             assert a[0].header["NSAMPLE"] == b[0].header["NSAMPLE"]
 
 
-@pytest.mark.timeout(600)
-def test_failures_on_a_rank_and_a_dead_rank(workspace_factory, small_archive, tmp_path):
+@pytest.fixture()
+def fragile_ws(workspace_factory, small_archive, tmp_path):
+    """The small archive with a level-2 list whose second module fails, kills rank 1 or holds on markers."""
     pkg = tmp_path / "pkgs" / "mylab_mpitest"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "fragile.py").write_text(FRAGILE)
     ws = workspace_factory(small_archive.paths)
     ws.extra_path.append(str(pkg.parent))
-    markers = ws.root / "markers"
-    markers.mkdir()
+    (ws.root / "markers").mkdir()
     check = "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()"
     fragile = "mylab_mpitest.fragile.Fragile(output_dir='level2', marker_dir='markers')"
     ws.write_configs([check, fragile], module_paths=["mylab_mpitest."])
+    return ws
+
+
+@pytest.mark.timeout(600)
+def test_failures_on_a_rank_and_a_dead_rank(fragile_ws, small_archive):
+    ws = fragile_ws
+    markers = ws.root / "markers"
 
     # rank 1 dies (SIGKILL) in its first observation: the launcher ends every rank and says so
     (markers / "kill_rank1").write_text("")
@@ -205,6 +219,41 @@ def test_failures_on_a_rank_and_a_dead_rank(workspace_factory, small_archive, tm
     assert jobs[failing][0] == "failed" and "injected failure" in jobs[failing][1]
     assert Counter(s for s, _e in jobs.values()) == Counter({"done": 2, "failed": 1})
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_returns_the_jobs_and_ends_every_rank(fragile_ws):
+    """SIGINT to mpiexec (what Ctrl-C sends) while both ranks hold an observation: exit 130, the jobs back to
+    pending, no process of the run left."""
+    import psutil
+
+    ws = fragile_ws
+    markers = ws.root / "markers"
+    (markers / "hold").write_text("")
+    env = mpi_environment(**{k: v for k, v in ws.env().items() if k == "PYTHONPATH"})
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, str(REPO / "run.py"), "main.toml"]
+    proc = subprocess.Popen(
+        cmd, cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(markers.glob("started_*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(markers.glob("started_*"))) == 2, "both ranks should be busy"
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        (markers / "hold").unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "jobs returned to pending" in out
+    assert {s for s, _e in _jobs(ws).values()} == {"pending"}
+    time.sleep(0.5)
+    assert not [
+        p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def test_mpi_requested_without_a_usable_library(workspace_factory, tiny_archive, tmp_path):
