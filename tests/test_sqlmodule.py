@@ -50,9 +50,10 @@ def dbfile(tmp_path) -> Path:
 
 
 @pytest.fixture
-def fdb(dbfile):
-    """A fresh facade connected to a new SQLite file."""
-    facade = SQLModule().connect(dbfile)
+def fdb(db_url):
+    """A fresh facade connected to a new database: a SQLite file, or a PostgreSQL database on the
+    session's server (the ``db_url`` fixture of tests/conftest.py)."""
+    facade = SQLModule().connect(db_url)
     yield facade
     facade.disconnect()
 
@@ -138,11 +139,11 @@ def test_not_connected_raises():
 # --------------------------------------------------------------------------------------------------
 # connection, pragmas, schema version, read-only
 # --------------------------------------------------------------------------------------------------
-def test_connect_creates_schema_and_pragmas(fdb, dbfile):
-    assert dbfile.is_file()
+def test_connect_creates_schema_and_pragmas(fdb):
     assert fdb.schema_version() == 1
     names = set(inspect(fdb.engine).get_table_names())
     assert names == {
+        "alembic_version",
         "comap_data",
         "observation_summary",
         "quality_flags",
@@ -151,10 +152,12 @@ def test_connect_creates_schema_and_pragmas(fdb, dbfile):
         "processing_jobs",
         "schema_info",
     }
-    assert pragma(fdb, "journal_mode") == "wal"
-    assert pragma(fdb, "foreign_keys") == 1
-    assert pragma(fdb, "synchronous") == 1  # NORMAL
-    assert pragma(fdb, "busy_timeout") == 30000
+    if fdb.engine.dialect.name == "sqlite":
+        assert Path(fdb.url.database).is_file()
+        assert pragma(fdb, "journal_mode") == "wal"
+        assert pragma(fdb, "foreign_keys") == 1
+        assert pragma(fdb, "synchronous") == 1  # NORMAL
+        assert pragma(fdb, "busy_timeout") == 30000
     indexes = {ix["name"] for ix in inspect(fdb.engine).get_indexes("processing_jobs")}
     assert "ix_processing_jobs_stage_status" in indexes
     uniques = inspect(fdb.engine).get_unique_constraints("quality_flags")
