@@ -212,6 +212,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as exc:
         return 0 if exc.code == 0 else 2
+    display = "<invalid target>"
     try:
         url, display, path = _resolve_target(args.db)
         if path is not None and not path.is_file():
@@ -240,7 +241,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(f"DatabaseError: {exc}", file=sys.stderr)
         return 3
     except Exception as exc:  # database and Alembic errors
-        print(f"DatabaseError: database {args.db}: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"DatabaseError: database {display}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 3
     print(f"{display}: {args.action} {args.revision} done")
     return 0
