@@ -326,7 +326,6 @@ def test_connect_upgrades_to_a_new_head(db_url, tmp_path, monkeypatch):
     with_next = tmp_path / "migrations"
     shutil.copytree(SCHEMA.MIGRATIONS_DIR, with_next, ignore=shutil.ignore_patterns("__pycache__"))
     (with_next / "versions" / "0002_note.py").write_text(NEXT_REVISION)
-    SCHEMA.head_revision.cache_clear()
     try:
         monkeypatch.setattr(SCHEMA, "MIGRATIONS_DIR", with_next)
         assert SCHEMA.head_revision() == "0002"
@@ -342,7 +341,6 @@ def test_connect_upgrades_to_a_new_head(db_url, tmp_path, monkeypatch):
         assert _revision(db_url) == "0002"
     finally:
         monkeypatch.undo()
-        SCHEMA.head_revision.cache_clear()
     # back on the shipped code, the database is newer than the code knows
     with pytest.raises(DatabaseError, match="newer than this code supports"):
         SQLModule().connect(db_url)
@@ -380,3 +378,54 @@ def test_read_only_connection_refuses_writes(db_url):
             assert s.scalars(select(ProcessingJob.obsid)).all() == []
     finally:
         ro.disconnect()
+
+
+def test_deadlock_is_rolled_back_and_retried(pg_url, monkeypatch, caplog):
+    """PostgreSQL aborts one transaction of a deadlock; the facade runs it again."""
+    import threading
+
+    sleeps = []
+    monkeypatch.setattr(sys.modules["modules.SQLModule.engine"], "_sleep", sleeps.append)
+    facade = SQLModule().connect(pg_url)
+    _claim(facade, [1, 2], "setup")
+    other = psycopg_connect(pg_url)
+    other_has_2, facade_has_1 = threading.Event(), threading.Event()
+
+    def other_run():  # locks job 2, then waits for job 1
+        other.execute("UPDATE processing_jobs SET error = 'other' WHERE obsid = 2")
+        other_has_2.set()
+        facade_has_1.wait(30)
+        other.execute("UPDATE processing_jobs SET error = 'other' WHERE obsid = 1")
+        other.commit()
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    attempts = []
+
+    def write(s):  # locks job 1, then waits for job 2 once the other transaction waits for job 1
+        attempts.append(1)
+        if len(attempts) == 1:
+            other_has_2.wait(30)
+        s.execute(text("UPDATE processing_jobs SET error = 'facade' WHERE obsid = 1"))
+        if len(attempts) == 1:
+            facade_has_1.set()
+            time.sleep(0.5)  # the other transaction is waiting now (deadlock_timeout is 0.1 s)
+        s.execute(text("UPDATE processing_jobs SET error = 'facade' WHERE obsid = 2"))
+        return len(attempts)
+
+    try:
+        caplog.set_level("WARNING", logger="comap.db")
+        assert facade._run_write("deadlock test", write) == 2
+    finally:
+        thread.join(60)
+        other.close()
+    assert sleeps == [0.5] and "deadlock test" in caplog.text
+    assert {j.error for j in facade.job_table("level2")} == {"facade"}  # the retry ran after the other
+    facade.disconnect()
+
+
+def psycopg_connect(url: str):
+    import psycopg
+
+    u = make_url(url)
+    return psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database)

@@ -63,10 +63,14 @@ def alembic_config(connection: Connection | None = None, url: str | None = None)
     return cfg
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
+def _scripts(location: Path) -> ScriptDirectory:
+    return ScriptDirectory(str(location))
+
+
 def head_revision() -> str:
     """The head revision of the packaged migrations."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = _scripts(MIGRATIONS_DIR).get_current_head()
     if head is None:  # pragma: no cover - the package always ships the base revision
         raise DatabaseError(f"no Alembic revisions in {MIGRATIONS_DIR}")
     return head
@@ -74,7 +78,7 @@ def head_revision() -> str:
 
 def known_revisions() -> set[str]:
     """Every revision of the packaged migrations."""
-    return {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    return {s.revision for s in _scripts(MIGRATIONS_DIR).walk_revisions()}
 
 
 @dataclass(frozen=True)
