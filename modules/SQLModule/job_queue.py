@@ -35,9 +35,10 @@ class ClaimResult:
     claimed : list of int
         Jobs now ``running`` for this run (including reclaimed stale jobs).
     skipped_done : list of int
-        ``done`` jobs left alone (``force=False``).
+        ``done`` jobs left alone (``force=False``, or finished by another run since ``seen``).
     skipped_failed : list of int
-        ``failed`` jobs left alone (``retry_failed=False`` and ``force=False``).
+        ``failed`` jobs left alone (``retry_failed=False`` and ``force=False``, or changed since
+        ``seen``).
     busy : list of int
         ``running`` jobs of another live run.
     reclaimed_stale : list of int
