@@ -349,3 +349,41 @@ def reduce_in_process(level1_path, out_dir, modules, *, source_group=None):
     from modules.ProcessLevel2.observation import reduce_in_process as reduce
 
     return reduce(level1_path, out_dir, modules, source_group=source_group)
+
+
+# --------------------------------------------------------------------------------------------------
+# Database back-ends: SQLite files and a PostgreSQL server started once per session
+# (docs/developer.md#postgresql-in-the-tests)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """The session's PostgreSQL server (tests/pg_server.py); skips, or fails under
+    ``COMAP_REQUIRE=postgres``, when the binaries or psycopg are missing."""
+    from components import missing
+    from pg_server import PostgresServer, ServerUnavailable
+
+    try:
+        server = PostgresServer()
+    except ServerUnavailable as exc:
+        missing("postgres", str(exc))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """SQLAlchemy URL of a fresh, empty PostgreSQL database (dropped after the test)."""
+    url = pg_server.new_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """A fresh, empty database on each back-end: a SQLite path, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db" / "test.db")
+    return request.getfixturevalue("pg_url")

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from modules.SQLModule.migrate import main, migrate
@@ -287,7 +288,7 @@ def test_nothing_to_migrate_and_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing.db")]) == 3
     assert "does not exist" in capsys.readouterr().err
     assert main([]) == 2
-    assert main(["postgresql+psycopg://u:secret@localhost/x"]) == 2
+    assert main(["mysql://u:secret@localhost/x"]) == 2  # no automatic backup there
     assert "secret" not in capsys.readouterr().err
     unknown = tmp_path / "v7.db"
     con = sqlite3.connect(unknown)
@@ -297,3 +298,66 @@ def test_nothing_to_migrate_and_errors(tmp_path, capsys):
     con.close()
     with pytest.raises(DatabaseError, match="schema version '7'"):
         migrate(unknown)
+
+
+def _copy_to(legacy: Path, url: str) -> None:
+    """Copy the legacy SQLite database table by table into the (empty) database at ``url``."""
+    src = create_engine(f"sqlite:///{legacy}")
+    dst = create_engine(url)
+    try:
+        meta = MetaData()
+        meta.reflect(src)
+        for table in meta.tables.values():
+            for column in table.columns:
+                column.type = column.type.as_generic()  # DATETIME -> TIMESTAMP etc.
+            for fk in list(table.foreign_key_constraints):  # SQLite did not enforce them: orphans
+                table.constraints.discard(fk)
+        meta.create_all(dst)
+        with src.connect() as s, dst.begin() as d:
+            for table in meta.sorted_tables:
+                rows = [dict(r._mapping) for r in s.execute(table.select())]
+                if rows:
+                    d.execute(table.insert(), rows)
+    finally:
+        src.dispose()
+        dst.dispose()
+
+
+def test_migration_of_a_legacy_postgresql_database(legacy, pg_url, capsys):
+    """The same legacy database on the PostgreSQL server: the same report; the legacy tables are
+    kept in a schema of their own as the backup; the result is usable and at the head revision."""
+    _copy_to(legacy, pg_url)
+    with pytest.raises(DatabaseError, match="schema version legacy"):
+        SQLModule().connect(pg_url)
+    report = migrate(pg_url)
+    _check_counts(report)
+    keep = report.backup.rsplit(" ", 1)[1]
+    assert keep.startswith("comap_legacy_")
+    engine = create_engine(pg_url)
+    try:
+        insp = inspect(engine)
+        assert set(insp.get_table_names(schema=keep)) == {
+            "comap_data",
+            "observation_summary",
+            "quality_flags",
+            "calibration_flux",
+            "calibration_model_fit",
+            "old_path_data",
+        }
+        assert not any(n.startswith("_legacy_") or n == "old_path_data" for n in insp.get_table_names())
+        with engine.connect() as conn:
+            assert conn.execute(text(f'SELECT count(*) FROM "{keep}".quality_flags')).scalar() == 27
+    finally:
+        engine.dispose()
+    db = SQLModule().connect(pg_url, create=False)
+    try:
+        assert db.schema_version() == 1
+        assert db.query_all_obsids() == [1001, 1002, 1003]
+        assert sorted(db.get_quality_flags(1001)) == [(1, 0, 0), (2, 2, 1)]
+        assert [m.poly_coeffs for m in db.query_calibration_models("TauA") if m.feed == 3] == [[1.0, 0.01]]
+        db.set_quality_flags(1001, feeds=[1], observer_ok=False)
+        assert db.is_good(1001, 1, 0, 0) is False
+    finally:
+        db.disconnect()
+    assert main([pg_url]) == 0
+    assert "already has schema version 1; nothing to do" in capsys.readouterr().out

@@ -50,9 +50,10 @@ def dbfile(tmp_path) -> Path:
 
 
 @pytest.fixture
-def fdb(dbfile):
-    """A fresh facade connected to a new SQLite file."""
-    facade = SQLModule().connect(dbfile)
+def fdb(db_url):
+    """A fresh facade connected to a new database: a SQLite file, or a PostgreSQL database on the
+    session's server (the ``db_url`` fixture of tests/conftest.py)."""
+    facade = SQLModule().connect(db_url)
     yield facade
     facade.disconnect()
 
@@ -138,11 +139,11 @@ def test_not_connected_raises():
 # --------------------------------------------------------------------------------------------------
 # connection, pragmas, schema version, read-only
 # --------------------------------------------------------------------------------------------------
-def test_connect_creates_schema_and_pragmas(fdb, dbfile):
-    assert dbfile.is_file()
+def test_connect_creates_schema_and_pragmas(fdb):
     assert fdb.schema_version() == 1
     names = set(inspect(fdb.engine).get_table_names())
     assert names == {
+        "alembic_version",
         "comap_data",
         "observation_summary",
         "quality_flags",
@@ -151,10 +152,12 @@ def test_connect_creates_schema_and_pragmas(fdb, dbfile):
         "processing_jobs",
         "schema_info",
     }
-    assert pragma(fdb, "journal_mode") == "wal"
-    assert pragma(fdb, "foreign_keys") == 1
-    assert pragma(fdb, "synchronous") == 1  # NORMAL
-    assert pragma(fdb, "busy_timeout") == 30000
+    if fdb.engine.dialect.name == "sqlite":
+        assert Path(fdb.url.database).is_file()
+        assert pragma(fdb, "journal_mode") == "wal"
+        assert pragma(fdb, "foreign_keys") == 1
+        assert pragma(fdb, "synchronous") == 1  # NORMAL
+        assert pragma(fdb, "busy_timeout") == 30000
     indexes = {ix["name"] for ix in inspect(fdb.engine).get_indexes("processing_jobs")}
     assert "ix_processing_jobs_stage_status" in indexes
     uniques = inspect(fdb.engine).get_unique_constraints("quality_flags")
@@ -959,13 +962,13 @@ def _concurrent_writer(path: str, start: int, barrier, queue) -> None:
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def test_two_processes_write_concurrently(dbfile):
-    SQLModule().connect(dbfile).disconnect()  # create the schema first
+def test_two_processes_write_concurrently(db_url):
+    SQLModule().connect(db_url).disconnect()  # create the schema first
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_concurrent_writer, args=(str(dbfile), s, barrier, queue)) for s in (1000, 2000)
+        ctx.Process(target=_concurrent_writer, args=(str(db_url), s, barrier, queue)) for s in (1000, 2000)
     ]
     for p in procs:
         p.start()
@@ -976,15 +979,16 @@ def test_two_processes_write_concurrently(dbfile):
             p.join(timeout=60)
     assert outcomes and all(status == "ok" for status, _ in outcomes), outcomes
     assert all(p.exitcode == 0 for p in procs)
-    facade = SQLModule().connect(dbfile)
+    facade = SQLModule().connect(db_url)
     try:
         expected = list(range(1000, 1000 + N_CONCURRENT)) + list(range(2000, 2000 + N_CONCURRENT))
         assert facade.query_all_obsids() == expected
         stats = facade.query_statistics("n_spikes")
         assert len(stats) == 2 * N_CONCURRENT
         assert sorted(r["n_spikes"] for r in stats) == sorted(list(range(N_CONCURRENT)) * 2)
-        with facade.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        if facade.engine.dialect.name == "sqlite":
+            with facade.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
         summaries = facade.query_observation_summaries()
         assert len(summaries) == 2 * N_CONCURRENT
     finally:

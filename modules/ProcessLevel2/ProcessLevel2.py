@@ -241,6 +241,8 @@ class Level2Pipeline(PipelineStage):
             "fields": {},
             "stale": {},
             "force": force,
+            # the job states this classification is based on; claim_jobs re-checks them under its lock
+            "seen": {o: (j.status, j.updated_utc) for o, j in job_rows.items()},
         }
         for o in observations:
             fields = _fields(o)
@@ -363,6 +365,7 @@ class Level2Pipeline(PipelineStage):
             retry_failed=ctx.retry_failed,
             force=True,
             stale_after_s=self.stale_job_timeout_s,
+            seen=info["seen"],
         )
         if claim.busy:
             log.warning(

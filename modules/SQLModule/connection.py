@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Self, TypeVar
 
-from sqlalchemy import inspect, select
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -32,7 +31,7 @@ from modules.SQLModule.engine import (
     backoff,
     make_engine,
 )
-from modules.SQLModule.models import SCHEMA_VERSION, Base, SchemaInfo
+from modules.SQLModule.schema import ensure_schema
 from modules.SQLModule.values import _one_line
 from utils.errors import DatabaseError
 
@@ -82,8 +81,11 @@ class Connection:
             A filesystem path (becomes ``sqlite:///<absolute path>``; parent directories are
             created) or any SQLAlchemy URL (detected by ``://``).
         create : bool
-            Create the schema in an empty database. With ``create=False`` a missing file or an
-            empty database raises.
+            Create the schema in an empty database (and stamp it at the head Alembic revision).
+            With ``create=False`` a missing file or an empty database raises. Either way a
+            writable connection stamps a version-1 database without an Alembic revision at the
+            base revision and upgrades an older revision to the head, under a lock
+            (docs/database.md#schema-migrations).
         read_only : bool
             Open read-only (SQLite: URI ``file:...?mode=ro``; the file must exist). Write methods
             then raise :class:`DatabaseError`.
@@ -162,44 +164,7 @@ class Connection:
 
     @staticmethod
     def _check_schema_once(engine: Engine, display: str, *, create: bool, read_only: bool) -> None:
-        with engine.connect() as conn:
-            names = set(inspect(conn).get_table_names())
-            version_value: str | None = None
-            if "schema_info" in names:
-                version_value = conn.execute(
-                    select(SchemaInfo.value).where(SchemaInfo.key == "schema_version")
-                ).scalar_one_or_none()
-        if not names:
-            if not create:
-                why = "opened read-only" if read_only else "create=False"
-                raise DatabaseError(f"database {display} is empty (no tables; {why})")
-            with engine.execution_options(comap_write=True).begin() as conn:
-                Base.metadata.create_all(conn, checkfirst=True)
-                have = conn.execute(
-                    select(SchemaInfo.value).where(SchemaInfo.key == "schema_version")
-                ).scalar_one_or_none()
-                if have is None:
-                    conn.execute(SchemaInfo.__table__.insert().values(key="schema_version", value="1"))
-            log.info("created database %s (schema version %d)", display, SCHEMA_VERSION)
-            return
-        try:
-            version = int(version_value) if version_value is not None else None
-        except ValueError:
-            version = None
-        if version is None or version < SCHEMA_VERSION:
-            raise DatabaseError(
-                f"database {display} has schema version {version_value or 'legacy'}, "
-                f"expected {SCHEMA_VERSION}; "
-                f"run: python -m modules.SQLModule.migrate {display}"
-            )
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"database {display} has schema version {version}, newer than this code supports "
-                f"({SCHEMA_VERSION}); upgrade comap-reduce"
-            )
-        if create and not set(Base.metadata.tables) <= names:
-            with engine.execution_options(comap_write=True).begin() as conn:
-                Base.metadata.create_all(conn, checkfirst=True)
+        ensure_schema(engine, display, create=create, read_only=read_only)
 
     def disconnect(self) -> None:
         """Dispose of the engine (no-op if not connected). Deferred mode is unaffected."""

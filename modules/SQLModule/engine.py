@@ -28,9 +28,14 @@ _SQLITE_JOURNAL_MODES = ("DELETE", "TRUNCATE", "PERSIST", "MEMORY", "WAL", "OFF"
 _sleep = time.sleep
 
 
+_LOCK_CONFLICTS = ("locked", "busy", "deadlock", "could not serialize", "lock not available")
+
+
 def _is_locked(exc: BaseException) -> bool:
+    """True for a lock conflict that a retry of the whole transaction resolves: SQLite ``database is
+    locked``/busy, PostgreSQL deadlocks and serialisation failures (docs/database.md#concurrent-runs)."""
     text = str(getattr(exc, "orig", None) or exc).lower()
-    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text or "deadlock" in text)
+    return isinstance(exc, OperationalError) and any(word in text for word in _LOCK_CONFLICTS)
 
 
 def backoff(delay: float) -> float:
@@ -129,7 +134,7 @@ def make_engine(
         if read_only and engine.dialect.name in ("postgresql", "mysql", "mariadb"):
 
             @event.listens_for(engine, "begin")
-            def _read_only_transaction(conn):  # pragma: no cover - needs a server
+            def _read_only_transaction(conn):
                 conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
         return engine

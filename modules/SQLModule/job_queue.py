@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from modules.SQLModule.deferred import DeferredWrites, write_op
@@ -34,9 +35,10 @@ class ClaimResult:
     claimed : list of int
         Jobs now ``running`` for this run (including reclaimed stale jobs).
     skipped_done : list of int
-        ``done`` jobs left alone (``force=False``).
+        ``done`` jobs left alone (``force=False``, or finished by another run since ``seen``).
     skipped_failed : list of int
-        ``failed`` jobs left alone (``retry_failed=False`` and ``force=False``).
+        ``failed`` jobs left alone (``retry_failed=False`` and ``force=False``, or changed since
+        ``seen``).
     busy : list of int
         ``running`` jobs of another live run.
     reclaimed_stale : list of int
@@ -75,6 +77,50 @@ class _Claim:
     stale_after_s: float
 
 
+Seen = tuple[str | None, datetime | None]
+"""A job as the caller saw it before claiming: ``(status, updated_utc)``, ``(None, None)`` = no row."""
+
+
+def _lock_job_rows(s: Session, ids: list[int], stage: str, now: datetime) -> dict[int, ProcessingJob]:
+    """Create the missing job rows and return every row of ``ids``, locked for this transaction
+    (docs/database.md#concurrent-runs).
+
+    Rows are inserted with ``INSERT ... ON CONFLICT DO NOTHING``: a row another run inserts at the
+    same moment is not an error, the insert waits for that run's transaction and then leaves the
+    row alone. On PostgreSQL the rows are then locked with ``SELECT ... FOR UPDATE`` in obsid order
+    (two runs lock overlapping sets in the same order, so they queue instead of deadlocking) and
+    read after the lock is granted, i.e. as the previous owner committed them. On SQLite the
+    transaction began with ``BEGIN IMMEDIATE`` and already excludes every other writer.
+    """
+    dialect = s.get_bind().dialect.name
+    order = sorted(ids)
+    table = ProcessingJob.__table__
+    for chunk in _chunks(order):
+        rows = [dict(obsid=o, stage=stage, status="pending", attempts=0, created_utc=now) for o in chunk]
+        if dialect in ("postgresql", "sqlite"):
+            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            s.execute(insert(table).on_conflict_do_nothing(index_elements=["obsid", "stage"]), rows)
+        else:  # other back-ends: rows that exist are skipped (no row lock before the insert)
+            stmt = select(table.c.obsid).where(table.c.stage == stage, table.c.obsid.in_(chunk))
+            have = set(s.scalars(stmt))
+            new = [r for r in rows if r["obsid"] not in have]
+            if new:
+                s.execute(table.insert(), new)
+    existing: dict[int, ProcessingJob] = {}
+    for chunk in _chunks(order):
+        stmt = (
+            select(ProcessingJob)
+            .where(ProcessingJob.stage == stage, ProcessingJob.obsid.in_(chunk))
+            .order_by(ProcessingJob.obsid)
+            .execution_options(populate_existing=True)
+        )
+        if dialect != "sqlite":
+            stmt = stmt.with_for_update()
+        for job in s.scalars(stmt):
+            existing[job.obsid] = job
+    return existing
+
+
 def _pid_alive(pid: int) -> bool:
     """Return True if a process with this pid exists on this host (unknown counts as alive)."""
     if pid is None or pid <= 0:
@@ -106,10 +152,14 @@ class JobQueue(DeferredWrites):
         retry_failed: bool = False,
         force: bool = False,
         stale_after_s: float = 21600,
+        seen: Mapping[int, Seen] | None = None,
     ) -> ClaimResult:
         """Claim jobs for this run in ONE transaction (docs/operations.md#job-states).
 
-        Missing job rows are created. Each obsid is classified:
+        Missing job rows are created (``INSERT ... ON CONFLICT DO NOTHING``), then every row is
+        locked and classified inside the same transaction, so two runs claiming the same obsids at
+        the same instant never both get one (docs/database.md#concurrent-runs). Each obsid is
+        classified:
 
         - ``pending`` (or new) → **claimed**;
         - ``done`` → **skipped_done**, unless ``force``;
@@ -122,13 +172,16 @@ class JobQueue(DeferredWrites):
 
         Claimed rows become ``running`` with the owner fields, ``started_utc``, a cleared
         ``error``/``last_module``, and ``attempts += 1``. For stage ``level2`` the summary's
-        ``processing_status`` becomes ``running``.
+        ``processing_status`` becomes ``running``. Lock conflicts (SQLite ``database is locked``,
+        PostgreSQL deadlocks and serialisation failures) roll the transaction back and retry it
+        with backoff; after the last retry one :class:`DatabaseError` is raised.
 
         The coordinator decides itself whether a ``done`` observation needs work (its level-2
         file passes every module's done-check, docs/level2.md#level2pipeline). It therefore calls
-        ``claim_jobs`` only for the obsids it has decided to process, with ``force=True`` for those that are
-        ``done`` but need work (a newly added module, or ``--force``); with ``force=False`` a ``done`` job is
-        never claimed.
+        ``claim_jobs`` only for the obsids it has decided to process, with ``force=True`` and the
+        job states it based that decision on (``seen``): a ``done`` or ``failed`` job is then taken
+        over only if it is still exactly as seen; a job another run finished in the meantime is
+        classified as if ``force`` were False. With ``force=False`` a ``done`` job is never claimed.
 
         Parameters
         ----------
@@ -145,6 +198,10 @@ class JobQueue(DeferredWrites):
             Claim ``done`` and ``failed`` jobs too (``--force``, or a module added).
         stale_after_s : float
             Age of ``updated_utc`` after which a running job is stale (``stale_job_timeout_s``).
+        seen : mapping of int to (str or None, datetime or None), or None
+            ``obsid → (status, updated_utc)`` of the job rows as the caller read them
+            (``(None, None)``: no row; obsids not in the mapping count as no row). ``force`` then
+            applies only to jobs that still match. None: ``force`` applies unconditionally.
 
         Returns
         -------
@@ -168,24 +225,21 @@ class JobQueue(DeferredWrites):
             force=bool(force),
             stale_after_s=float(stale_after_s),
         )
-        return self._run_write("claim_jobs", lambda s: self._claim_jobs(s, ids, str(stage), claim))
+        if seen is not None:
+            seen = {_int(k, "obsid"): (v[0], v[1]) for k, v in seen.items()}
+        return self._run_write("claim_jobs", lambda s: self._claim_jobs(s, ids, str(stage), claim, seen))
 
-    def _claim_jobs(self, s: Session, ids: list[int], stage: str, claim: _Claim) -> ClaimResult:
+    def _claim_jobs(
+        self, s: Session, ids: list[int], stage: str, claim: _Claim, seen: Mapping[int, Seen] | None
+    ) -> ClaimResult:
         now = utcnow()
-        existing: dict[int, ProcessingJob] = {}
-        for chunk in _chunks(ids):
-            stmt = select(ProcessingJob).where(ProcessingJob.stage == stage, ProcessingJob.obsid.in_(chunk))
-            if s.get_bind().dialect.name != "sqlite":
-                stmt = stmt.with_for_update()
-            for job in s.scalars(stmt):
-                existing[job.obsid] = job
+        existing = _lock_job_rows(s, ids, stage, now)
         result = ClaimResult()
         for obsid in ids:
-            job = existing.get(obsid)
-            if job is None:
-                job = ProcessingJob(obsid=obsid, stage=stage, status="pending", attempts=0, created_utc=now)
-                s.add(job)
-                existing[obsid] = job
+            job = existing[obsid]
+            # ``force`` takes over a done/failed job only if nobody touched it since the caller looked.
+            unchanged = seen is None or seen.get(obsid, (None, None)) == (job.status, job.updated_utc)
+            force = claim.force and unchanged
             if job.status == "running":
                 if job.run_id == claim.run_id:
                     result.claimed.append(obsid)
@@ -205,10 +259,10 @@ class JobQueue(DeferredWrites):
                     reason,
                 )
                 result.reclaimed_stale.append(obsid)
-            elif job.status == "done" and not claim.force:
+            elif job.status == "done" and not force:
                 result.skipped_done.append(obsid)
                 continue
-            elif job.status == "failed" and not (claim.retry_failed or claim.force):
+            elif job.status == "failed" and not (claim.retry_failed or force):
                 result.skipped_failed.append(obsid)
                 continue
             job.status = "running"

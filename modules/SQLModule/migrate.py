@@ -28,7 +28,9 @@ them (columns it does not know are reported as "not carried")::
 Legacy → version 1
 ------------------
 1. Back up the database: SQLite is copied (consistently, with the SQLite backup API) to
-   ``<db>.bak-<YYYYmmddTHHMMSS>``. Other back-ends need ``--skip-backup`` after a manual dump.
+   ``<db>.bak-<YYYYmmddTHHMMSS>``. On PostgreSQL the legacy tables are kept instead of dropped,
+   moved into the schema ``comap_legacy_<YYYYmmddTHHMMSS>`` by the migration transaction itself.
+   Other back-ends need ``--skip-backup`` after a manual dump.
 2. In **one transaction**: rename the legacy tables to ``_legacy_<name>`` (dropping their
    indexes), create the version-1 tables, and copy:
 
@@ -46,9 +48,10 @@ Legacy → version 1
      ``level2/central_freqs`` when the file is readable, else left NULL with a warning.
    - ``calibration_model_fit``: mapped the same way, with ``source`` = ``--model-source``
      (default TauA; the legacy table had no source column).
-   - ``old_path_data`` is dropped, as are the ``_legacy_*`` tables; ``schema_version = 1`` is
-     written. No ``processing_jobs`` rows are created: legacy level-2 files predate level-2
-     format version 1 and are reprocessed.
+   - ``old_path_data`` is dropped, as are the ``_legacy_*`` tables (kept on PostgreSQL, see 1.);
+     ``schema_version = 1`` is written and the database is stamped at the head Alembic revision
+     (docs/database.md#schema-migrations). No ``processing_jobs`` rows are created: legacy
+     level-2 files predate level-2 format version 1 and are reprocessed.
 3. Print a report of rows copied, mapped and dropped per table. ``--dry-run`` reads the database
    read-only, computes the same report and writes nothing (no backup either).
 
@@ -73,6 +76,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from alembic import command
 from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -92,6 +96,7 @@ from modules.SQLModule.models import (
     SchemaInfo,
     good_flag_values,
 )
+from modules.SQLModule.schema import alembic_config, lock_schema
 from modules.SQLModule.source_groups import classify
 from modules.SQLModule.values import _clean, mjd_from_utc_start, utcnow
 from utils.constants import GROUND_FEED
@@ -592,7 +597,9 @@ def _backup(path: Path) -> Path:
     return dest
 
 
-def _run(conn: Connection, report: MigrationReport, *, dry_run: bool, model_source: str) -> None:
+def _run(
+    conn: Connection, report: MigrationReport, *, dry_run: bool, model_source: str, keep_in: str | None = None
+) -> None:
     present = set(inspect(conn).get_table_names())
     if "comap_data" not in present:
         raise DatabaseError(f"database {report.target} has no comap_data table; not a legacy COMAP database")
@@ -603,7 +610,7 @@ def _run(conn: Connection, report: MigrationReport, *, dry_run: bool, model_sour
     if not dry_run:
         for t in names:
             for index in inspect(conn).get_indexes(t):
-                if index.get("name"):
+                if index.get("name") and not index.get("duplicates_constraint"):
                     conn.exec_driver_sql(f'DROP INDEX "{index["name"]}"')
             conn.exec_driver_sql(f'ALTER TABLE "{t}" RENAME TO "_legacy_{t}"')
             names[t] = f"_legacy_{t}"
@@ -644,9 +651,15 @@ def _run(conn: Connection, report: MigrationReport, *, dry_run: bool, model_sour
     )
     if dry_run:
         return
-    for t in reversed(LEGACY_TABLES):  # children first
-        if t in names:
-            conn.exec_driver_sql(f'DROP TABLE "{names[t]}"')
+    if keep_in is not None:  # PostgreSQL backup: the legacy tables move, under their own names
+        conn.exec_driver_sql(f'CREATE SCHEMA "{keep_in}"')
+        for t in names:
+            conn.exec_driver_sql(f'ALTER TABLE "{names[t]}" SET SCHEMA "{keep_in}"')
+            conn.exec_driver_sql(f'ALTER TABLE "{keep_in}"."{names[t]}" RENAME TO "{t}"')
+    else:
+        for t in reversed(LEGACY_TABLES):  # children first
+            if t in names:
+                conn.exec_driver_sql(f'DROP TABLE "{names[t]}"')
     conn.execute(SchemaInfo.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
 
 
@@ -666,8 +679,9 @@ def migrate(
     dry_run : bool
         Open read-only, compute the report, write nothing (no backup).
     backup : bool
-        Back up first (SQLite: ``<db>.bak-<timestamp>``). Must be False for other back-ends,
-        after a manual dump.
+        Back up first (SQLite: ``<db>.bak-<timestamp>``; PostgreSQL: the legacy tables are kept
+        in the schema ``comap_legacy_<timestamp>``). Must be False for other back-ends, after a
+        manual dump.
     model_source : str
         Calibrator assigned to legacy ``calibration_model_fit`` rows.
 
@@ -681,14 +695,14 @@ def migrate(
         Missing database, unknown schema version, not a COMAP database, or a database error (the
         migration transaction is then rolled back; the backup stays).
     ValueError
-        ``backup=True`` for a non-SQLite database.
+        ``backup=True`` for a database that is neither SQLite nor PostgreSQL.
     """
     url, display, path = _resolve_target(target)
     report = MigrationReport(target=display, dry_run=dry_run)
     if url.get_backend_name() == "sqlite":
         if path is None or not path.is_file():
             raise DatabaseError(f"database {display} does not exist")
-    elif backup and not dry_run:
+    elif backup and not dry_run and url.get_backend_name() != "postgresql":
         raise ValueError(
             f"cannot back up {display} automatically; dump it with the database's own tools "
             "and re-run with --skip-backup"
@@ -709,16 +723,22 @@ def migrate(
                 f"database {display} has schema version {version!r}; this code can only migrate legacy "
                 f"databases to version {SCHEMA_VERSION}"
             )
+        keep_in = None
         if backup and not dry_run and path is not None:
             report.backup = str(_backup(path))
             log.info("backed up %s to %s", display, report.backup)
+        elif backup and not dry_run:
+            keep_in = f"comap_legacy_{datetime.now().strftime('%Y%m%dT%H%M%S')}"
+            report.backup = f"legacy tables kept in schema {keep_in}"
         try:
             if dry_run:
                 with engine.connect() as conn:
                     _run(conn, report, dry_run=True, model_source=model_source)
             else:
                 with engine.execution_options(comap_write=True).begin() as conn:
-                    _run(conn, report, dry_run=False, model_source=model_source)
+                    lock_schema(conn)
+                    _run(conn, report, dry_run=False, model_source=model_source, keep_in=keep_in)
+                    command.stamp(alembic_config(connection=conn), "head")  # tables made from the models
         except SQLAlchemyError as exc:
             raise DatabaseError(
                 f"database {display}: migration failed and was rolled back: "
@@ -745,7 +765,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument(
         "--skip-backup",
         action="store_true",
-        help="do not back up first (required for non-SQLite databases, after a manual dump)",
+        help="do not back up first (required for back-ends other than SQLite and PostgreSQL, "
+        "after a manual dump)",
     )
     try:
         args = parser.parse_args(None if argv is None else list(argv))
