@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
-from modules.SQLModule.migrate import main, migrate
+from modules.SQLModule.migrate import LEGACY_TABLES, main, migrate
 from modules.SQLModule.SQLModule import SQLModule, mjd_from_utc_start
 from utils.errors import DatabaseError
 
@@ -336,14 +336,7 @@ def test_migration_of_a_legacy_postgresql_database(legacy, pg_url, capsys):
     engine = create_engine(pg_url)
     try:
         insp = inspect(engine)
-        assert set(insp.get_table_names(schema=keep)) == {
-            "comap_data",
-            "observation_summary",
-            "quality_flags",
-            "calibration_flux",
-            "calibration_model_fit",
-            "old_path_data",
-        }
+        assert set(insp.get_table_names(schema=keep)) == set(LEGACY_TABLES)
         assert not any(n.startswith("_legacy_") or n == "old_path_data" for n in insp.get_table_names())
         with engine.connect() as conn:
             assert conn.execute(text(f'SELECT count(*) FROM "{keep}".quality_flags')).scalar() == 27
