@@ -14,6 +14,7 @@ import re
 import sys
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,23 @@ from utils.errors import ConfigError, ConfigErrors, DatabaseError
 log = logging.getLogger("comap.runner")
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asked of one run (the arguments of :func:`run_pipeline`)."""
+
+    config_file: Path
+    timestamp: str
+    run_id: str
+    dry_run: bool = False
+    obsids: list[int] | None = None
+    nprocess: int | None = None
+    force: bool = False
+    retry_failed: bool = False
+    log_level: str = "INFO"
+    console: bool = True
+    world: Any = None  # the MPIWorld of an MPI run (docs/operations.md#running-under-mpi)
 
 
 def make_timestamp(now: _dt.datetime | None = None) -> str:
@@ -130,22 +148,22 @@ def run_pipeline(
             from modules.pipeline_control.mpi import serve
 
             return serve(world, logging.getLevelName(log_level.upper()))
+    request = RunRequest(
+        config_file=Path(config_path),
+        timestamp=timestamp,
+        run_id=run_id,
+        dry_run=dry_run,
+        obsids=obsids,
+        nprocess=nprocess,
+        force=force,
+        retry_failed=retry_failed,
+        log_level=log_level,
+        console=console,
+        world=world,
+    )
     status = EXIT_FATAL
     try:
-        status = _coordinate(
-            config_path,
-            world,
-            overrides,
-            timestamp=timestamp,
-            run_id=run_id,
-            dry_run=dry_run,
-            obsids=obsids,
-            nprocess=nprocess,
-            force=force,
-            retry_failed=retry_failed,
-            log_level=log_level,
-            console=console,
-        )
+        status = _coordinate(request, overrides)
         return status
     finally:
         if world is not None and world.size > 1:
@@ -155,22 +173,9 @@ def run_pipeline(
                 world.abort(status)  # docs/operations.md#running-under-mpi
 
 
-def _coordinate(
-    config_path: str | Path,
-    world: Any,
-    overrides: dict[str, Any],
-    *,
-    timestamp: str,
-    run_id: str,
-    dry_run: bool,
-    obsids: list[int] | None,
-    nprocess: int | None,
-    force: bool,
-    retry_failed: bool,
-    log_level: str,
-    console: bool,
-) -> int:
+def _coordinate(request: RunRequest, overrides: dict[str, Any]) -> int:
     """Rank 0's (or the only process's) part of :func:`run_pipeline`."""
+    config_path, world = request.config_file, request.world
     try:
         run_config = load_run_config(config_path, master_overrides=overrides)
     except (ConfigErrors, ConfigError) as exc:
@@ -178,31 +183,17 @@ def _coordinate(
         return EXIT_CONFIG
 
     main = run_config.main
-    config_file = Path(config_path)
     log_path = log_file_path(
         str(main.master.get("log_file") or "logs/{timestamp}_{config}.log"),
-        timestamp=timestamp,
-        config=config_file,
-        run_id=run_id,
+        timestamp=request.timestamp,
+        config=request.config_file,
+        run_id=request.run_id,
     )
-    run_logging = setup_logging(log_path, log_level, console=console)
+    run_logging = setup_logging(log_path, request.log_level, console=request.console)
     if world is not None:
         world.log_handlers = list(run_logging.handlers)
     try:
-        return _run(
-            run_config,
-            run_logging,
-            timestamp=timestamp,
-            run_id=run_id,
-            dry_run=dry_run,
-            obsids=obsids,
-            nprocess=nprocess,
-            force=force,
-            retry_failed=retry_failed,
-            log_level=log_level,
-            config_file=config_file,
-            world=world,
-        )
+        return _run(run_config, run_logging, request)
     finally:
         if world is not None:
             world.drain_logs()
@@ -215,21 +206,9 @@ def _coordinate(
             pass
 
 
-def _run(
-    run_config: RunConfig,
-    run_logging: RunLogging,
-    *,
-    timestamp: str,
-    run_id: str,
-    dry_run: bool,
-    obsids: list[int] | None,
-    nprocess: int | None,
-    force: bool,
-    retry_failed: bool,
-    log_level: str,
-    config_file: Path,
-    world: Any = None,
-) -> int:
+def _run(run_config: RunConfig, run_logging: RunLogging, request: RunRequest) -> int:
+    timestamp, run_id, dry_run, world = request.timestamp, request.run_id, request.dry_run, request.world
+    config_file, log_level = request.config_file, request.log_level
     main = run_config.main
     log.info(
         "comap-reduce %s, run %s, config %s%s",
@@ -265,10 +244,10 @@ def _run(
         run_id=run_id,
         timestamp=timestamp,
         config=run_config,
-        obsids=obsids,
-        nprocess=nprocess,
-        force=force,
-        retry_failed=retry_failed,
+        obsids=request.obsids,
+        nprocess=request.nprocess,
+        force=request.force,
+        retry_failed=request.retry_failed,
         dry_run=dry_run,
         mpi=world,
         log_level=logging.getLevelName(log_level.upper()) if isinstance(log_level, str) else log_level,
