@@ -2,7 +2,10 @@
 
 Every ``utils/kernels/*.pyx`` becomes ``utils.kernels.<name>``; compiled with -O3 and OpenMP when
 the compiler accepts ``-fopenmp`` (checked by compiling a tiny program, so a compiler without
-OpenMP still builds serial kernels).
+OpenMP still builds serial kernels). The per-sample kernels of the streaming level-2 stages
+(``REASSOCIATE``) may also reorder floating-point sums, so the compiler vectorises their float64
+reductions; NaN and infinity keep their IEEE meaning (no ``-ffast-math``), and the sums differ from
+the sequential ones only by float64 rounding (docs/level2.md#streaming).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
+#: kernels built with reassociation allowed (vectorised reductions), and the flags that allow it
+REASSOCIATE = {"block_stats"}
+REASSOCIATE_ARGS = ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
 
 def _compiler_supports_openmp() -> bool:
@@ -60,7 +66,7 @@ def _extensions() -> list[Extension]:
                 name,
                 [os.path.relpath(pyx, HERE)],
                 include_dirs=[numpy.get_include()],
-                extra_compile_args=compile_args,
+                extra_compile_args=compile_args + (REASSOCIATE_ARGS if Path(pyx).stem in REASSOCIATE else []),
                 extra_link_args=link_args,
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             )

@@ -85,6 +85,40 @@ def pair_difference_rms_and_nans(
     return out.reshape(lead), nan.reshape(lead)
 
 
+def masked_nanmean(
+    raw: ArrayLike, mask: ArrayLike, min_count: int = 1, *, n_threads: int | None = None
+) -> NDArray[np.float64]:
+    """Mean over the selected samples of the last axis, ignoring NaN and ±inf, summed in float64
+    (docs/level2.md#systemtemperature).
+
+    One pass of the Cython kernel over ``raw`` (rows in parallel) instead of a copy of the selected
+    samples, a finiteness mask and a zero-filled copy.
+
+    Parameters
+    ----------
+    raw : array_like, shape (..., n)
+        Spectrometer counts (float32).
+    mask : array_like of bool, shape (n,)
+        Samples to average.
+    min_count : int
+        Entries with fewer finite selected samples get NaN.
+
+    Returns
+    -------
+    ndarray of float64, shape raw.shape[:-1]
+    """
+    rows, lead = _rows(raw)
+    sel = np.ascontiguousarray(np.asarray(mask, dtype=bool).reshape(-1), dtype=np.uint8)
+    if sel.shape[0] != rows.shape[1]:
+        raise ValueError(f"mask has {sel.shape[0]} samples, raw has {rows.shape[1]}")
+    total = np.zeros(rows.shape[0])
+    count = np.zeros(rows.shape[0], dtype=np.int64)
+    _stats.masked_sums(rows, sel, total, count, _threads(n_threads))
+    out = np.full(rows.shape[0], np.nan)
+    np.divide(total, count, out=out, where=count >= max(int(min_count), 1))
+    return out.reshape(lead)
+
+
 @dataclass
 class AirmassFit:
     """Per-channel fit ``y = offset + tau * x`` (arrays of the channel shape)."""

@@ -33,6 +33,7 @@ from utils.h5io import H5OpenError, RetryH5PY, one_line, to_python, to_str
 from utils.level1_checks import Level1Checks
 from utils.level1_hdf5 import (
     CountingFile,
+    DirectReader,
     Index,
     Sel,
     check_position,
@@ -155,6 +156,10 @@ class Level1File(Level1Checks):
         (docs/operations.md#measurement-details B2). Slower; meant for benchmarks.
     rdcc_nbytes : int
         HDF5 chunk cache in bytes (file default and the ``spectrometer/tod`` dataset cache).
+    direct_reads : bool
+        Read boxes of ``spectrometer/tod`` straight from the file when it is stored unfiltered
+        (:class:`utils.level1_hdf5.DirectReader`, docs/formats/level1.md#direct-tod-reads); False
+        always reads through HDF5. The values are the same either way.
     retry : dict, optional
         Extra keywords for ``RetryH5PY`` (``max_retries``, ``retry_delay_s``, …).
 
@@ -172,6 +177,7 @@ class Level1File(Level1Checks):
         *,
         rdcc_nbytes: int = DEFAULT_RDCC_NBYTES,
         retry: dict[str, Any] | None = None,
+        direct_reads: bool = True,
     ) -> None:
         self.path: str = os.fspath(path)
         self.name: str = os.path.basename(self.path)
@@ -182,6 +188,8 @@ class Level1File(Level1Checks):
         self._f: h5py.File | None = None
         self._fobj: CountingFile | None = None
         self._tod: h5py.Dataset | None = None
+        self.direct_reads = bool(direct_reads)
+        self._direct: DirectReader | None | bool = None  # None: not looked at yet; False: not possible
         self._arrays: dict[str, NDArray] = {}
         self._attrs: dict[str, Any] | None = None
         self._feed_pos: dict[int, int] | None = None
@@ -219,6 +227,11 @@ class Level1File(Level1Checks):
     def close(self) -> None:
         """Close the HDF5 file (and the counting file object). Cached arrays stay usable."""
         self._tod = None
+        if isinstance(self._direct, DirectReader):
+            if self.count_bytes:
+                self._bytes_closed += self._direct.bytes_read
+            self._direct.close()
+        self._direct = None
         if self._f is not None:
             try:
                 self._f.close()
@@ -274,16 +287,22 @@ class Level1File(Level1Checks):
     def _count_tod(self) -> Iterator[None]:
         fobj = self._fobj
         before = fobj.bytes_read if fobj is not None else 0
+        direct_before = self._direct_bytes()
         try:
             yield
         finally:
             if fobj is not None:
-                self._bytes_tod += fobj.bytes_read - before
+                self._bytes_tod += fobj.bytes_read - before + self._direct_bytes() - direct_before
+
+    def _direct_bytes(self) -> int:
+        return self._direct.bytes_read if isinstance(self._direct, DirectReader) else 0
 
     @property
     def bytes_read_total(self) -> int:
         """Bytes HDF5 read from the file so far (all datasets and metadata); 0 unless ``count_bytes``."""
-        return self._bytes_closed + (self._fobj.bytes_read if self._fobj is not None else 0)
+        if self._fobj is None:
+            return self._bytes_closed
+        return self._bytes_closed + self._fobj.bytes_read + self._direct_bytes()
 
     @property
     def bytes_read_tod(self) -> int:
@@ -518,8 +537,18 @@ class Level1File(Level1Checks):
         if 0 in counts:
             return out
         with self._count_tod():
-            read_hyperslab(tod, starts, counts, steps, out)
+            direct = self._direct_reader() if all(st == 1 for st in steps) else None
+            if direct is None or not out.flags.c_contiguous or not direct.read(starts, counts, out):
+                read_hyperslab(tod, starts, counts, steps, out)
         return out
+
+    def _direct_reader(self) -> DirectReader | None:
+        """The reader of docs/formats/level1.md#direct-tod-reads for the TOD, or None (HDF5 reads)."""
+        if not self.direct_reads:
+            return None
+        if self._direct is None:
+            self._direct = DirectReader.for_dataset(self._tod_dataset(), self.path) or False
+        return self._direct or None
 
     def pointing(
         self, ifeed: Index, sample_slice: Sel = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,3 +136,118 @@ def read_hyperslab(
         tmp = np.empty(out.shape, dtype=out.dtype)
         ds.id.read(h5py.h5s.create_simple(tmp.shape if tmp.ndim else (1,)), fspace, tmp)
         out[...] = tmp
+
+
+# --------------------------------------------------------------------------------------------------
+# Direct reads of an unfiltered dataset (docs/formats/level1.md#direct-tod-reads)
+# --------------------------------------------------------------------------------------------------
+class DirectReader:
+    """Boxes of an unfiltered little-endian float32 dataset read with ``os.preadv``, without HDF5.
+
+    h5py serialises every HDF5 call through one global lock, so a TOD block read by HDF5 in a
+    prefetch thread stalls every level-2 write of the main thread until it ends. Reading the bytes
+    straight from the file needs the lock only once, to list where the chunks are. Each run of the
+    box along the last axis is a contiguous range of the file; runs that follow each other in the
+    file (all rows of a chunk the box covers in full) are read by one ``preadv`` scattering them
+    straight into the output, as HDF5 does, so no byte outside the box is read and nothing is
+    copied twice. The reads run in the Cython kernel ``utils.kernels.direct_io`` without the GIL.
+    ``bytes_read`` counts every byte read.
+
+    Use :meth:`for_dataset`, which returns None for a layout this class does not read (filters,
+    external storage, another dtype or byte order).
+    """
+
+    ITEMSIZE = 4
+
+    def __init__(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...] | None, offsets: Any):
+        self.shape = tuple(int(n) for n in shape)
+        self.chunks = None if chunks is None else tuple(int(c) for c in chunks)
+        self._offsets = offsets  # int (contiguous) or {chunk origin: byte offset}
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self.bytes_read = 0
+
+    @classmethod
+    def for_dataset(cls, ds: h5py.Dataset, path: str) -> DirectReader | None:
+        """A reader for ``ds`` of the file ``path``, or None when its storage is not plain bytes."""
+        try:
+            if ds.dtype != np.dtype("<f4") or sys.byteorder != "little" or ds.ndim < 1:
+                return None
+            dcpl = ds.id.get_create_plist()
+            if dcpl.get_nfilters() != 0 or dcpl.get_external_count() != 0:
+                return None
+            layout = dcpl.get_layout()
+            if layout == h5py.h5d.CONTIGUOUS:
+                offset = ds.id.get_offset()
+                return None if offset is None else cls(path, ds.shape, None, int(offset))
+            if layout != h5py.h5d.CHUNKED:
+                return None
+            offsets: dict[tuple[int, ...], int] = {}
+
+            def add(info: Any) -> None:
+                if info.byte_offset is not None and info.filter_mask == 0:
+                    offsets[tuple(int(c) for c in info.chunk_offset)] = int(info.byte_offset)
+
+            ds.id.chunk_iter(add)
+            return cls(path, ds.shape, ds.chunks, offsets)
+        except (AttributeError, OSError, RuntimeError, ValueError, TypeError):
+            return None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def read(self, starts: Sequence[int], counts: Sequence[int], out: NDArray) -> bool:
+        """Read the box ``[starts, starts + counts)`` into the C-contiguous ``out`` (as many elements,
+        any shape). False, with ``out`` untouched, when a chunk of the box has no storage (HDF5 then
+        supplies the fill value). OSError when the file is shorter than its index says."""
+        from utils.kernels.direct_io import read_runs
+
+        box = [(int(s), int(s) + int(c)) for s, c in zip(starts, counts)]
+        if any(hi <= lo for lo, hi in box):
+            return True
+        extent = self.chunks or self.shape
+        # chunk grid of the box: per axis, the chunk indices it touches
+        grid = [np.arange(lo // c, (hi - 1) // c + 1) for (lo, hi), c in zip(box, extent)]
+        if self.chunks is None:
+            chunk_offset = np.full((1,) * len(box), self._offsets, dtype=np.int64)
+        else:
+            chunk_offset = np.empty([len(g) for g in grid], dtype=np.int64)
+            for idx in np.ndindex(chunk_offset.shape):
+                origin = tuple(int(g[i]) * c for g, i, c in zip(grid, idx, extent))
+                offset = self._offsets.get(origin)
+                if offset is None:
+                    return False
+                chunk_offset[idx] = offset
+        elem_in_chunk = np.cumprod((1, *extent[:0:-1]))[::-1].astype(np.int64)  # element strides
+        elem_in_dest = np.cumprod((1, *[hi - lo for lo, hi in box][:0:-1]))[::-1].astype(np.int64)
+        # every index of the leading axes, and the pieces of the last axis cut at chunk edges
+        lo_l, hi_l = box[-1]
+        cuts = np.unique(np.clip(np.concatenate([[lo_l, hi_l], grid[-1] * extent[-1]]), lo_l, hi_l))
+        piece_a, piece_b = cuts[:-1], cuts[1:]
+        file_elem = np.zeros(1, dtype=np.int64)
+        dest_elem = np.zeros(1, dtype=np.int64)
+        chunk_flat = np.zeros(1, dtype=np.int64)
+        chunk_grid_strides = np.cumprod((1, *chunk_offset.shape[:0:-1]))[::-1]
+        for d, (lo, hi) in enumerate(box[:-1]):
+            i = np.arange(lo, hi, dtype=np.int64)
+            file_elem = (file_elem[:, None] + ((i % extent[d]) * elem_in_chunk[d])[None, :]).reshape(-1)
+            dest_elem = (dest_elem[:, None] + ((i - lo) * elem_in_dest[d])[None, :]).reshape(-1)
+            rel = i // extent[d] - grid[d][0]
+            chunk_flat = (chunk_flat[:, None] + (rel * chunk_grid_strides[d])[None, :]).reshape(-1)
+        rel_l = piece_a // extent[-1] - grid[-1][0]
+        file_elem = file_elem[:, None] + ((piece_a % extent[-1]) * elem_in_chunk[-1])[None, :]
+        dest_elem = dest_elem[:, None] + ((piece_a - lo_l) * elem_in_dest[-1])[None, :]
+        chunk_flat = chunk_flat[:, None] + (rel_l * chunk_grid_strides[-1])[None, :]
+        file_pos = (chunk_offset.reshape(-1)[chunk_flat] + self.ITEMSIZE * file_elem).reshape(-1)
+        dest_pos = (self.ITEMSIZE * dest_elem).reshape(-1)
+        length = np.broadcast_to(self.ITEMSIZE * (piece_b - piece_a), chunk_flat.shape).reshape(-1)
+        order = np.argsort(file_pos, kind="stable")
+        file_pos, dest_pos, length = (np.ascontiguousarray(a[order]) for a in (file_pos, dest_pos, length))
+        flat = out.reshape(-1).view(np.uint8)
+        got = read_runs(self._fd, flat, file_pos, dest_pos, length)
+        if got < 0:
+            raise OSError(f"short read of {self.path} at byte {int(file_pos[-1 - got])}")
+        self.bytes_read += int(got)
+        return True

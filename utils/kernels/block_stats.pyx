@@ -33,16 +33,17 @@ cdef inline void _mean_std(const double* d, Py_ssize_t count, double centre, dou
                            double* mean, double* std, Py_ssize_t* kept) noexcept nogil:
     """Mean and ddof=1 std of the finite ``d[:count]`` with |d − centre| <= lim, in one branch-free
     pass over sums of ``d − centre`` and its square (the shift keeps the variance well conditioned;
-    NaN differences fail the comparison and are skipped)."""
+    NaN differences fail the comparison and are skipped). The loop has no branch and this module is
+    built with reassociation allowed (setup.py), so the compiler vectorises the three sums."""
     cdef Py_ssize_t j
-    cdef double v, s1 = 0.0, s2 = 0.0, c = 0.0, m, var
+    cdef double v, k, s1 = 0.0, s2 = 0.0, c = 0.0, m, var
     for j in range(count):
         v = d[j] - centre
+        k = 1.0 if fabs(v) <= lim else 0.0
         v = v if fabs(v) <= lim else 0.0
         s1 += v
         s2 += v * v
-    for j in range(count):
-        c += 1.0 if fabs(d[j] - centre) <= lim else 0.0
+        c += k
     kept[0] = <Py_ssize_t>c
     if c == 0:
         mean[0] = NAN
@@ -116,6 +117,7 @@ def airmass_sums(const real[:, ::1] raw, const double[::1] scale, const double[:
     are finite."""
     cdef Py_ssize_t i, t, rows = raw.shape[0], n = raw.shape[1]
     cdef double y, xv, c, sx, sy, sxx, sxy, sc
+    cdef bint ok
     for i in prange(rows, nogil=True, num_threads=n_threads, schedule="static"):
         c = 0.0
         sx = 0.0
@@ -124,14 +126,17 @@ def airmass_sums(const real[:, ::1] raw, const double[::1] scale, const double[:
         sxy = 0.0
         sc = scale[i]
         for t in range(n):
+            # branch-free (vectorised): a sample with a non-finite y or x adds zeros
             y = raw[i, t] * sc
             xv = x[t]
-            if y == y and fabs(y) < 1e300 and xv == xv and fabs(xv) < 1e300:
-                c = c + 1.0
-                sx = sx + xv
-                sy = sy + y
-                sxx = sxx + xv * xv
-                sxy = sxy + xv * y
+            ok = (fabs(y) < 1e300) & (fabs(xv) < 1e300)
+            y = y if ok else 0.0
+            xv = xv if ok else 0.0
+            c = c + (1.0 if ok else 0.0)
+            sx = sx + xv
+            sy = sy + y
+            sxx = sxx + xv * xv
+            sxy = sxy + xv * y
         out[i, 0] = c
         out[i, 1] = sx
         out[i, 2] = sy
@@ -178,3 +183,22 @@ def decimated_median(const real[:, ::1] raw, const double[::1] scale, const doub
         else:
             for i in prange(rows, schedule="static"):
                 out[i] = NAN
+
+
+def masked_sums(const real[:, ::1] raw, const unsigned char[::1] mask, double[::1] total,
+                long long[::1] count, int n_threads):
+    """Per row: ``total[row]`` = Σ and ``count[row]`` = number of the finite ``raw[row, t]`` with
+    ``mask[t] != 0`` (one branch-free, vectorised pass; no copy of the selected samples)."""
+    cdef Py_ssize_t i, t, rows = raw.shape[0], n = raw.shape[1]
+    cdef double v, s, c
+    cdef bint ok
+    for i in prange(rows, nogil=True, num_threads=n_threads, schedule="static"):
+        s = 0.0
+        c = 0.0
+        for t in range(n):
+            v = raw[i, t]
+            ok = (mask[t] != 0) & (fabs(v) <= 1.7976931348623157e308)
+            s = s + (v if ok else 0.0)
+            c = c + (1.0 if ok else 0.0)
+        total[i] = s
+        count[i] = <long long>c

@@ -32,6 +32,7 @@ from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
 from modules.pipeline_control.provenance import is_complete, mark_incomplete
 from utils import level1_layout as L1
 from utils import level2 as l2layout
+from utils.block_ops import masked_nanmean
 from utils.constants import FEATURE_VANE, ZERO_CELSIUS_K
 from utils.errors import BadCOMAPFile
 from utils.level1 import HK_SCALES, Level1File, runs
@@ -137,31 +138,6 @@ def hot_load_temperature_k(
         return float("nan")
     mid = 0.5 * (event_mjd_start + event_mjd_last)
     return float(np.interp(mid, t[good], tsh[good])) + ZERO_CELSIUS_K
-
-
-def masked_nanmean(raw: NDArray, mask: NDArray[np.bool_], min_count: int = 1) -> NDArray[np.float64]:
-    """Mean over the selected samples of the last axis, ignoring NaN, accumulated in float64.
-
-    Parameters
-    ----------
-    raw : ndarray of float32, shape (..., n)
-        Spectrometer counts.
-    mask : ndarray of bool, shape (n,)
-        Samples to average.
-    min_count : int
-        Entries with fewer finite selected samples get NaN.
-
-    Returns
-    -------
-    ndarray of float64, shape raw.shape[:-1]
-    """
-    sub = raw[..., np.asarray(mask, dtype=bool)]
-    finite = np.isfinite(sub)
-    total = np.where(finite, sub, 0).sum(axis=-1, dtype=np.float64)
-    count = finite.sum(axis=-1)
-    out = np.full(total.shape, np.nan)
-    np.divide(total, count, out=out, where=count >= max(int(min_count), 1))
-    return out
 
 
 def y_factor(

@@ -1,0 +1,73 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Scatter reads of file byte ranges into an array, without the GIL (docs/formats/level1.md#direct-tod-reads).
+
+Do not call this module directly: use :class:`utils.level1_hdf5.DirectReader`.
+"""
+
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t
+from posix.types cimport off_t
+from posix.uio cimport iovec, preadv
+
+cdef enum:
+    MAX_IOV = 1024
+
+
+cdef int64_t _preadv_all(int fd, iovec* iov, int cnt, int64_t pos, int64_t want) noexcept nogil:
+    """``preadv`` until ``want`` bytes are in, retrying on EINTR and short reads; bytes read."""
+    cdef int64_t done = 0
+    cdef Py_ssize_t r, skip
+    cdef int first = 0
+    while done < want and first < cnt:
+        r = preadv(fd, &iov[first], cnt - first, <off_t>(pos + done))
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return done
+        if r == 0:
+            return done
+        done += r
+        while first < cnt and r >= <Py_ssize_t>iov[first].iov_len:  # drop the iovecs filled
+            r -= iov[first].iov_len
+            first += 1
+        if first < cnt and r > 0:  # part of one
+            skip = r
+            iov[first].iov_base = <void*>(<char*>iov[first].iov_base + skip)
+            iov[first].iov_len -= skip
+    return done
+
+
+def read_runs(int fd, unsigned char[::1] dest, const int64_t[::1] file_pos, const int64_t[::1] dest_pos,
+              const int64_t[::1] length):
+    """Read run k, the file bytes ``[file_pos[k], file_pos[k] + length[k])``, into
+    ``dest[dest_pos[k]:dest_pos[k] + length[k]]``.
+
+    Runs must be sorted by ``file_pos``; runs that follow each other in the file are read by one
+    ``preadv`` (at most 1024 at a time). Returns the number of bytes read, or ``-1 - k`` when the
+    read of the group starting at run k failed or came up short (end of file).
+    """
+    cdef Py_ssize_t n = file_pos.shape[0], k = 0, start, cnt
+    cdef int64_t pos, want, got, total = 0, failed = -1
+    cdef iovec iov[MAX_IOV]
+    cdef char* base
+    if n == 0:
+        return 0
+    base = <char*>&dest[0]
+    with nogil:
+        while k < n:
+            start = k
+            pos = file_pos[k]
+            cnt = 0
+            want = 0
+            while k < n and cnt < MAX_IOV and file_pos[k] == pos + want:
+                iov[cnt].iov_base = <void*>(base + dest_pos[k])
+                iov[cnt].iov_len = <size_t>length[k]
+                want += length[k]
+                cnt += 1
+                k += 1
+            got = _preadv_all(fd, iov, <int>cnt, pos, want)
+            total += got
+            if got != want:
+                failed = start
+                break
+    return total if failed < 0 else -1 - failed
