@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -109,3 +110,33 @@ def test_mpi_detection(monkeypatch):
     assert not mpi_requested()
     monkeypatch.setenv("PMIX_RANK", "0")
     assert mpi_requested()
+
+
+def test_a_worker_traceback_reaches_the_log_file_but_not_the_console():
+    """A record logged with exc_info in a worker crosses the queue with its traceback in ``exc_text``:
+    the file handler writes it, the console handler prints one line without it
+    (docs/operations.md#logging)."""
+    import io
+    import pickle
+    import queue
+
+    from modules.pipeline_control.logging_setup import _ConsoleFormatter, _ObsidQueueHandler, _UTCFormatter
+
+    q: queue.Queue = queue.Queue()
+    handler = _ObsidQueueHandler(q)
+    logger = logging.getLogger("comap.test_worker_traceback")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise RuntimeError("injected failure")
+        except RuntimeError:
+            logger.error("Fragile: %s", "RuntimeError: injected failure", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    record = pickle.loads(pickle.dumps(q.get_nowait()))  # what crosses the process boundary
+    console = _ConsoleFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert console == "ERROR comap.test_worker_traceback: Fragile: RuntimeError: injected failure"
+    in_file = _UTCFormatter("%(message)s").format(record)
+    assert in_file.startswith("Fragile: RuntimeError: injected failure\nTraceback (most recent call last):")
+    assert io.StringIO(in_file).read().count("RuntimeError: injected failure") == 2

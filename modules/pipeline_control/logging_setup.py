@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import datetime as _dt
 import logging
 import logging.handlers
@@ -173,12 +174,19 @@ def setup_worker_logging(queue, level: int) -> None:
 
 
 class _ObsidQueueHandler(logging.handlers.QueueHandler):
-    """QueueHandler that formats the traceback into the record before pickling it."""
+    """QueueHandler that sends the message and the formatted traceback as separate fields.
+
+    The standard ``prepare`` folds the traceback into the message, where the console handler (one
+    line per record, no traceback) could no longer leave it out; here the traceback stays in
+    ``exc_text``, which only the log file's formatter prints (docs/operations.md#logging)."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record = super().prepare(record)
+        record = copy.copy(record)
+        record.msg = record.getMessage()
+        record.args = None
+        record.exc_info = None  # not picklable; its text is in exc_text
         return record
 
 
