@@ -163,6 +163,9 @@ def faint_truth_field(tmp_path_factory):
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
+MAP_HDUS = ("DESTRIPED", "NAIVE", "HITS", "RMS", "MASK", "RMS_WHITE", "OBSLIST", "SEGNOISE")
+"""The HDUs of a CreateMap FITS file, in order (docs/mapmaking.md#name-and-hdus)."""
+
 DEFAULT_LEVEL2_MODULES = [
     "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
     "modules.ProcessLevel2.CreateLevel2File.CreateLevel2File.CreateLevel2File(output_dir='level2')",

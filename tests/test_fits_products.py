@@ -19,7 +19,7 @@ import pytest
 from astropy import constants as const
 from astropy import units as u
 from astropy.io import fits
-from conftest import LEVEL2_THROUGH_NOISE_STATS, PipelineWorkspace, small_line_raster
+from conftest import LEVEL2_THROUGH_NOISE_STATS, MAP_HDUS, PipelineWorkspace, small_line_raster
 from scipy.optimize import curve_fit
 
 from modules.MapMaking.common_beam import stack_common_beam
@@ -345,16 +345,7 @@ def test_continuum_maps_carry_beam_brightness_scale_and_obslist(products):
     band0 = fits.open(out / "fld_band0_ch0_feed01.fits")
     band3 = fits.open(out / "fld_band3_ch0_feed01.fits")
     with band0, band3:
-        assert [h.name for h in band0] == [
-            "DESTRIPED",
-            "NAIVE",
-            "HITS",
-            "RMS",
-            "MASK",
-            "RMS_WHITE",
-            "OBSLIST",
-            "SEGNOISE",
-        ]
+        assert [h.name for h in band0] == list(MAP_HDUS)
         h0, h3 = band0[0].header, band3[0].header
         f0, f3 = h0["FREQ"] / 1e9, h3["FREQ"] / 1e9
         # band 0 has a calibrator fit in the database: 4.8′ at 30 GHz scaled to the map frequency

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
-from conftest import LEVEL2_THROUGH_NOISE_STATS
+from conftest import LEVEL2_THROUGH_NOISE_STATS, MAP_HDUS
 
 from utils.coordinates import galactic_to_icrs, icrs_to_galactic
 from utils.simulator import PRESETS, simulate_observation
@@ -58,16 +58,7 @@ def test_tau_a_map_and_its_fits_file(workspace_factory, small_archive):
     path = files[0]
     assert path.with_suffix(".png").exists() and path.with_name(path.stem + ".config.toml").exists()
     with fits.open(path) as hdul:
-        assert [h.name for h in hdul] == [
-            "DESTRIPED",
-            "NAIVE",
-            "HITS",
-            "RMS",
-            "MASK",
-            "RMS_WHITE",
-            "OBSLIST",
-            "SEGNOISE",
-        ]
+        assert [h.name for h in hdul] == list(MAP_HDUS)
         h = hdul[0].header
         for key in (
             "BUNIT",
