@@ -8,8 +8,24 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
+
+# --------------------------------------------------------------------------------------------------
+# The reliability campaign (docs/reliability.md): every test under tests/reliability/ carries the
+# ``reliability`` marker, so ``pytest -m reliability`` runs it alone. (The hook lives here, not in a
+# conftest of that folder, because a second ``conftest`` module would shadow this one for the test
+# files that import helpers from it.)
+# --------------------------------------------------------------------------------------------------
+_RELIABILITY_DIR = Path(__file__).resolve().parent / "reliability"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _RELIABILITY_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.reliability)
+
 
 # --------------------------------------------------------------------------------------------------
 # No network except loopback
