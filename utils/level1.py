@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from utils.constants import GROUND_FEED, HK_TIME_OFFSET_S, obsid_from_level1_name
 from utils.errors import Level1FormatError
-from utils.h5io import H5OpenError, RetryH5PY, one_line, to_python, to_str
+from utils.h5io import H5OpenError, RetryH5PY, TransientIOError, one_line, retry_transient, to_python, to_str
 from utils.level1_checks import Level1Checks
 from utils.level1_hdf5 import (
     CountingFile,
@@ -536,11 +536,26 @@ class Level1File(Level1Checks):
                 raise ValueError("out is read-only")
         if 0 in counts:
             return out
-        with self._count_tod():
+
+        def read() -> None:
             direct = self._direct_reader() if all(st == 1 for st in steps) else None
             if direct is None or not out.flags.c_contiguous or not direct.read(starts, counts, out):
                 read_hyperslab(tod, starts, counts, steps, out)
+
+        with self._count_tod():
+            try:
+                retry_transient(
+                    read, f"reading {TOD} of {self.path}", before_retry=self._reopen_direct, **self._retry
+                )
+            except TransientIOError as exc:
+                exc.obsid = self._error_obsid()
+                raise
         return out
+
+    def _reopen_direct(self) -> None:
+        """Before a read is retried: a new descriptor for the direct reads (HDF5 keeps its own)."""
+        if isinstance(self._direct, DirectReader):
+            self._direct.reopen()
 
     def _direct_reader(self) -> DirectReader | None:
         """The reader of docs/formats/level1.md#direct-tod-reads for the TOD, or None (HDF5 reads)."""
