@@ -175,7 +175,8 @@ def retry_transient(
     max_retries, retry_delay_s, backoff_factor, jitter
         As for :class:`RetryH5PY`.
     before_retry : callable, optional
-        Called before each retry (e.g. to reopen a file descriptor); its own errors propagate.
+        Called before each retry (e.g. to reopen a file descriptor); its errors count as the
+        attempt's (a transient one is retried, any other propagates).
     sleep, rng : optional
         Replace the module hooks :data:`sleep` and :data:`rng`.
 
@@ -192,10 +193,9 @@ def retry_transient(
     n_attempts = int(max_retries) + 1
     last: BaseException | None = None
     for k in range(n_attempts):
-        if k:
-            if before_retry is not None:
-                before_retry()
         try:
+            if k and before_retry is not None:
+                before_retry()
             return operation()
         except Exception as exc:  # classified below: transient → retry, else propagate unchanged
             if not is_transient(exc):
