@@ -230,3 +230,83 @@ def test_string_helpers(h5file):
     assert to_python(np.array([b"A:LSB", b"A:USB"], dtype="S8")) == ["A:LSB", "A:USB"]
     assert to_python(np.array([1, 2])) == [1, 2]
     assert to_python(np.array(4)) == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Reads retried (docs/reliability.md#transient-io-errors-and-full-disks)
+# --------------------------------------------------------------------------------------------------
+def test_retry_transient_retries_then_returns(no_sleep, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    calls, reopened = [], []
+
+    def read():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError(errno.ESTALE, "Can't synchronously read data (file read failed: errno = 116, …)")
+        return "data"
+
+    got = h5io.retry_transient(
+        read, "reading x of f.h5", before_retry=lambda: reopened.append(1), rng=FixedRNG(0.5)
+    )
+    assert got == "data" and len(calls) == 3 and len(reopened) == 2
+    assert no_sleep == pytest.approx([1.0, 2.0])
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    stale = "[Errno 116] Stale file handle"
+    assert warnings == [
+        f"transient error reading x of f.h5 (attempt 1 of 6): {stale}; retrying in 1.00 s",
+        f"transient error reading x of f.h5 (attempt 2 of 6): {stale}; retrying in 2.00 s",
+    ]
+
+
+def test_retry_transient_gives_up_with_one_line_and_lets_other_errors_through(no_sleep):
+    def stale():
+        raise OSError(errno.ESTALE, "stale")
+
+    with pytest.raises(h5io.TransientIOError) as info:
+        h5io.retry_transient(stale, "reading x of f.h5", max_retries=2)
+    assert str(info.value) == "reading x of f.h5: failed 3 times: [Errno 116] Stale file handle"
+    assert info.value.attempts == 3 and len(no_sleep) == 2
+    assert isinstance(info.value, BadCOMAPFile) and pickle.loads(pickle.dumps(info.value)).attempts == 3
+    eio = OSError(errno.EIO, "Input/output error")
+
+    def broken():
+        raise eio
+
+    with pytest.raises(OSError) as info2:
+        h5io.retry_transient(broken, "reading x of f.h5")
+    assert info2.value is eio and len(no_sleep) == 2  # not retried, unchanged
+
+
+# --------------------------------------------------------------------------------------------------
+# Full disks (docs/reliability.md#transient-io-errors-and-full-disks)
+# --------------------------------------------------------------------------------------------------
+def test_full_disk_while_writing_raises_enospc_at_the_end_of_the_block(tmp_path, monkeypatch):
+    """ENOSPC after the first 64 kB written: HDF5 never sees it (it would crash on close), the block
+    ends with OSError(ENOSPC) naming the file. The real full file system is in
+    tests/reliability/test_transient_io.py."""
+    real_pwrite, written = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        if written[0] + len(data) > 65536:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written[0] += len(data)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    path = tmp_path / "l2.h5"
+    with pytest.raises(OSError) as info:
+        with RetryH5PY(path, "a") as f:
+            for i in range(20):
+                f.create_dataset(f"d{i}", data=np.zeros(4096))
+    assert info.value.errno == errno.ENOSPC and str(path) in str(info.value)
+    monkeypatch.undo()
+    path.unlink()  # the caller removes the incomplete file (a level-2 staging file is discarded)
+    with RetryH5PY(path, "a") as f:
+        f["x"] = [1]
+    with RetryH5PY(tmp_path / "ok.h5", "w") as f:
+        f["y"] = np.arange(3)
+    with RetryH5PY(tmp_path / "ok.h5", "a") as f:
+        assert f["y"][2] == 2
+        f["y"][0] = 5
+    with RetryH5PY(tmp_path / "ok.h5") as f:
+        assert f["y"][...].tolist() == [5, 1, 2]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal, NoReturn
 
 import h5py
@@ -29,7 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from utils.constants import GROUND_FEED, HK_TIME_OFFSET_S, obsid_from_level1_name
 from utils.errors import Level1FormatError
-from utils.h5io import H5OpenError, RetryH5PY, one_line, to_python, to_str
+from utils.h5io import H5OpenError, RetryH5PY, TransientIOError, one_line, retry_transient, to_python, to_str
 from utils.level1_checks import Level1Checks
 from utils.level1_hdf5 import (
     CountingFile,
@@ -324,7 +325,8 @@ class Level1File(Level1Checks):
         """Whole (small) dataset, cached read-only."""
         arr = self._arrays.get(path)
         if arr is None:
-            arr = np.asarray(self._dset(path)[...], dtype=dtype)
+            ds = self._dset(path)
+            arr = np.asarray(self._read(path, lambda: ds[...]), dtype=dtype)
             arr = readonly(arr)
             self._arrays[path] = arr
         return arr
@@ -445,7 +447,8 @@ class Level1File(Level1Checks):
 
     def band_names(self) -> list[str]:
         """Band names from ``spectrometer/bands`` (informational)."""
-        return [to_str(b) for b in self._dset(BANDS)[...].ravel().tolist()]
+        ds = self._dset(BANDS)
+        return [to_str(b) for b in self._read(BANDS, lambda: ds[...]).ravel().tolist()]
 
     def features(self) -> NDArray[np.uint32]:
         """Feature word per sample (docs/formats/level1.md#the-features-bit-word); shape (n_tod,), uint32,
@@ -536,11 +539,33 @@ class Level1File(Level1Checks):
                 raise ValueError("out is read-only")
         if 0 in counts:
             return out
-        with self._count_tod():
+
+        def read() -> None:
             direct = self._direct_reader() if all(st == 1 for st in steps) else None
             if direct is None or not out.flags.c_contiguous or not direct.read(starts, counts, out):
                 read_hyperslab(tod, starts, counts, steps, out)
+
+        with self._count_tod():
+            self._read(TOD, read, before_retry=self._reopen_direct)
         return out
+
+    def _read(
+        self, dataset: str, read: Callable[[], Any], before_retry: Callable[[], Any] | None = None
+    ) -> Any:
+        """``read()`` of ``dataset``, retried on a transient error
+        (docs/reliability.md#transient-io-errors-and-full-disks)."""
+        try:
+            return retry_transient(
+                read, f"reading {dataset} of {self.path}", before_retry=before_retry, **self._retry
+            )
+        except TransientIOError as exc:
+            exc.obsid = self._error_obsid()
+            raise
+
+    def _reopen_direct(self) -> None:
+        """Before a read is retried: a new descriptor for the direct reads (HDF5 keeps its own)."""
+        if isinstance(self._direct, DirectReader):
+            self._direct.reopen()
 
     def _direct_reader(self) -> DirectReader | None:
         """The reader of docs/formats/level1.md#direct-tod-reads for the TOD, or None (HDF5 reads)."""
@@ -576,7 +601,7 @@ class Level1File(Level1Checks):
             s, c, st, _ = normalise_selection(sample_slice, ds.shape[1], 1)
             arr = np.empty(c, dtype=np.float64)
             if c:
-                read_hyperslab(ds, [i, s], [1, c], [1, st], arr)
+                self._read(path, partial(read_hyperslab, ds, [i, s], [1, c], [1, st], arr))
             result.append(arr)
         return result[0], result[1]
 
@@ -616,7 +641,8 @@ class Level1File(Level1Checks):
         ndarray, shape (n_hk,)
             Stored dtype when ``scale`` is None, else float64.
         """
-        raw = self._dset(_norm_hk(path))[...]
+        ds = self._dset(_norm_hk(path))
+        raw = self._read(_norm_hk(path), lambda: ds[...])
         if scale is None:
             return raw
         return raw.astype(np.float64) * float(scale)

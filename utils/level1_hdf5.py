@@ -198,10 +198,18 @@ class DirectReader:
             os.close(self._fd)
             self._fd = -1
 
+    def reopen(self) -> None:
+        """Open the file again under a new descriptor (before retrying a read that failed with a
+        transient error: a stale NFS handle stays stale on the old descriptor)."""
+        self.close()
+        self._fd = os.open(self.path, os.O_RDONLY)
+
     def read(self, starts: Sequence[int], counts: Sequence[int], out: NDArray) -> bool:
         """Read the box ``[starts, starts + counts)`` into the C-contiguous ``out`` (as many elements,
         any shape). False, with ``out`` untouched, when a chunk of the box has no storage (HDF5 then
-        supplies the fill value). OSError when the file is shorter than its index says."""
+        supplies the fill value). OSError when the file is shorter than its index says (no errno),
+        or with the ``errno`` of a failed ``preadv`` (EAGAIN, ESTALE, … are retried by the caller,
+        docs/reliability.md#transient-io-errors-and-full-disks)."""
         from utils.kernels.direct_io import read_runs
 
         box = [(int(s), int(s) + int(c)) for s, c in zip(starts, counts)]
@@ -246,8 +254,13 @@ class DirectReader:
         order = np.argsort(file_pos, kind="stable")
         file_pos, dest_pos, length = (np.ascontiguousarray(a[order]) for a in (file_pos, dest_pos, length))
         flat = out.reshape(-1).view(np.uint8)
-        got = read_runs(self._fd, flat, file_pos, dest_pos, length)
+        err = np.zeros(1, dtype=np.intc)
+        got = read_runs(self._fd, flat, file_pos, dest_pos, length, err)
         if got < 0:
-            raise OSError(f"short read of {self.path} at byte {int(file_pos[-1 - got])}")
+            at = int(file_pos[-1 - got])
+            if err[0]:
+                code = int(err[0])
+                raise OSError(code, f"{os.strerror(code)} (reading {self.path} at byte {at})", self.path)
+            raise OSError(f"short read of {self.path} at byte {at}")
         self.bytes_read += int(got)
         return True

@@ -31,6 +31,7 @@ from modules.pipeline_control.executors import LocalPoolExecutor, make_executor
 from modules.pipeline_control.logging_setup import Progress
 from modules.pipeline_control.Pipeline import RunContext, StageResult
 from utils.constants import SUPPORTED_LEVEL2_FORMAT_VERSIONS
+from utils.disk import is_no_space, no_space_reason
 from utils.level2 import FEEDS, format_version
 
 
@@ -369,6 +370,10 @@ class Dispatcher:
             result.record_failure(name, str(exc))
             return False
         except Exception as exc:  # one output failing does not stop the others
+            if is_no_space(exc):  # docs/reliability.md#transient-io-errors-and-full-disks
+                self.log.error("%s %s failed: %s", self.product, name, no_space_reason(path))
+                result.record_failure(name, no_space_reason(path))
+                return False
             self.log.error("%s %s failed: %s: %s", self.product, name, type(exc).__name__, exc, exc_info=True)
             result.record_failure(name, f"{type(exc).__name__}: {exc}")
             return False

@@ -18,11 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import h5py
 import numpy as np
 
 from modules.MapMaking.segments import ELEVATION_REASON, SegmentSelection, elevation_ok, scan_table
 from utils.coordinates import icrs_to_galactic
+from utils.h5io import RetryH5PY
 from utils.level2 import (
     BANDWIDTHS,
     CENTRAL_FREQS,
@@ -139,7 +139,7 @@ def prepass_file(
     (docs/mapmaking.md#pre-pass-and-segment-selection); count reasons."""
     band, chan = settings.band, settings.channel
     plans: list[SegmentPlan] = []
-    with h5py.File(obs.level2_path, "r", locking=False) as l2:
+    with RetryH5PY(obs.level2_path, "r", locking=False) as l2:
         scans = scan_table(l2)
         if scans is None:
             counts["no scans"] += 1
@@ -213,7 +213,7 @@ def sample_pointing(plans: list[SegmentPlan], frame: str, stride: int = 10) -> t
     for p in plans:
         by_file.setdefault(p.path, []).append(p)
     for path, segs in by_file.items():
-        with h5py.File(path, "r", locking=False) as l2:
+        with RetryH5PY(path, "r", locking=False) as l2:
             for p in segs:
                 ra = l2[PIXEL_RA][p.ifeed, p.start : p.stop : stride]
                 dec = l2[PIXEL_DEC][p.ifeed, p.start : p.stop : stride]
@@ -376,7 +376,7 @@ def read_file_segments(
     n_sum = 0
     pos = 0
     band, chan = settings.band, settings.channel
-    with h5py.File(path, "r", locking=False) as l2:
+    with RetryH5PY(path, "r", locking=False) as l2:
         data = l2[settings.tod_data_name]
         sample_rate_hz = float(l2[settings.noise_group].attrs.get("sample_rate_hz", np.nan))
         for p in plans:

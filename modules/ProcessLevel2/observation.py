@@ -25,6 +25,7 @@ from modules.pipeline_control.logging_setup import obsid_context
 from modules.pipeline_control.Pipeline import StreamingStage
 from modules.pipeline_control.streaming import ObservationContext, observation, run_streaming_group
 from modules.SQLModule.SQLModule import COMAPData, db
+from utils.disk import is_no_space, no_space_reason
 from utils.errors import BadCOMAPFile
 from utils.h5io import RetryH5PY
 
@@ -164,10 +165,13 @@ def process_observation(task: ObservationTask) -> ObservationResult:
             current = result.last_module or current
             result.status = "failed"
             result.error = _error_text(current, exc, obsid)
+            no_space = is_no_space(exc)  # docs/reliability.md#transient-io-errors-and-full-disks
+            if no_space:
+                result.error = f"{current}: {no_space_reason(final)}"
             result.db_ops = []
             db.take_deferred()
             mod_log = logging.getLogger(f"comap.{current}")
-            if isinstance(exc, BadCOMAPFile):
+            if isinstance(exc, BadCOMAPFile) or no_space:
                 mod_log.error("%s", result.error.split(": ", 1)[1])
             elif isinstance(exc, SystemExit | KeyboardInterrupt):
                 mod_log.error("interrupted")

@@ -36,9 +36,13 @@ def dump_toml(data: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        tomli_w.dump(tomlable(data), fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            tomli_w.dump(tomlable(data), fh)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

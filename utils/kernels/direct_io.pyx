@@ -13,8 +13,9 @@ cdef enum:
     MAX_IOV = 1024
 
 
-cdef int64_t _preadv_all(int fd, iovec* iov, int cnt, int64_t pos, int64_t want) noexcept nogil:
-    """``preadv`` until ``want`` bytes are in, retrying on EINTR and short reads; bytes read."""
+cdef int64_t _preadv_all(int fd, iovec* iov, int cnt, int64_t pos, int64_t want, int* err) noexcept nogil:
+    """``preadv`` until ``want`` bytes are in, retrying on EINTR and short reads; bytes read.
+    ``err`` receives the ``errno`` of a failed call (0 at end of file)."""
     cdef int64_t done = 0
     cdef Py_ssize_t r, skip
     cdef int first = 0
@@ -23,6 +24,7 @@ cdef int64_t _preadv_all(int fd, iovec* iov, int cnt, int64_t pos, int64_t want)
         if r < 0:
             if errno == EINTR:
                 continue
+            err[0] = errno
             return done
         if r == 0:
             return done
@@ -38,18 +40,20 @@ cdef int64_t _preadv_all(int fd, iovec* iov, int cnt, int64_t pos, int64_t want)
 
 
 def read_runs(int fd, unsigned char[::1] dest, const int64_t[::1] file_pos, const int64_t[::1] dest_pos,
-              const int64_t[::1] length):
+              const int64_t[::1] length, int[::1] err=None):
     """Read run k, the file bytes ``[file_pos[k], file_pos[k] + length[k])``, into
     ``dest[dest_pos[k]:dest_pos[k] + length[k]]``.
 
     Runs must be sorted by ``file_pos``; runs that follow each other in the file are read by one
     ``preadv`` (at most 1024 at a time). Returns the number of bytes read, or ``-1 - k`` when the
-    read of the group starting at run k failed or came up short (end of file).
+    read of the group starting at run k failed or came up short (end of file). ``err``, if given
+    (one int), receives the ``errno`` of the failed read, or 0 when it came up short.
     """
     cdef Py_ssize_t n = file_pos.shape[0], k = 0, start, cnt
     cdef int64_t pos, want, got, total = 0, failed = -1
     cdef iovec iov[MAX_IOV]
     cdef char* base
+    cdef int code = 0
     if n == 0:
         return 0
     base = <char*>&dest[0]
@@ -65,9 +69,11 @@ def read_runs(int fd, unsigned char[::1] dest, const int64_t[::1] file_pos, cons
                 want += length[k]
                 cnt += 1
                 k += 1
-            got = _preadv_all(fd, iov, <int>cnt, pos, want)
+            got = _preadv_all(fd, iov, <int>cnt, pos, want, &code)
             total += got
             if got != want:
                 failed = start
                 break
+    if err is not None and err.shape[0] > 0:
+        err[0] = code
     return total if failed < 0 else -1 - failed

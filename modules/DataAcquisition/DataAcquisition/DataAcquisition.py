@@ -61,6 +61,7 @@ from modules.pipeline_control.logging_setup import Progress, obsid_context
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import DbOp, db
+from utils.disk import free_space_shortfall
 from utils.errors import BadCOMAPFile
 
 log = logging.getLogger("comap.DataAcquisition")
@@ -69,6 +70,9 @@ _FILE_MODE_CHARS = set("DFugoarwxXstT0123456789,=+-")
 SKIP_DONE = "download job done, local copy missing (use --force)"
 SKIP_FAILED = "download failed earlier (use --retry-failed)"
 SKIP_BUSY = "being downloaded by another run"
+FETCH_MARGIN_FRACTION = 0.05
+"""The free-space margin is at least this fraction of the bytes to fetch: room for file-system
+overhead and for what else writes to the same disk while the download runs."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,6 +150,10 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
         Directory under ``local_dir`` for files that fail verification.
     register : bool
         Upsert verified files into ``comap_data``.
+    free_space_margin_gb : float
+        Space that must stay free on ``local_dir``'s file system after the download, GB (10⁹ B); the
+        margin is the larger of this and 5 % of the bytes to fetch. With less free space the stage
+        fetches nothing and stops the run (docs/reliability.md#transient-io-errors-and-full-disks).
     """
 
     announces_local_dir = True
@@ -162,6 +170,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     verify: bool = True
     quarantine_dir: str = ".quarantine"
     register: bool = True
+    free_space_margin_gb: Annotated[float, Range(ge=0)] = 1.0
 
     def __post_init__(self) -> None:
         # Injectable for tests: the retry sleep and the jitter source.
@@ -311,9 +320,20 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
             self._log_summary(0, 0, 0.0, Counter(), Counter(), 0, skipped)
             return result
 
+        shortfall = self._free_space_shortfall(files)
+        if shortfall is not None:  # docs/reliability.md#transient-io-errors-and-full-disks
+            db.release_jobs(ctx.run_id)
+            result.fatal = shortfall
+            return result
         Path(self.local_dir).mkdir(parents=True, exist_ok=True)
         self._execute(remote, rsync, files, result, skipped)
         return result
+
+    def _free_space_shortfall(self, files: list[RemoteFile]) -> str | None:
+        """None if ``local_dir`` has room for ``files`` plus the margin, else the one-line reason."""
+        need = sum(f.size_bytes for f in files)
+        margin = max(int(FETCH_MARGIN_FRACTION * need), int(self.free_space_margin_gb * 1e9))
+        return free_space_shortfall(self.local_dir, need, margin)
 
     # ------------------------------------------------------------------ dry run (parameter)
     def _dry_run(self, remote: Remote, rsync: str | None, sel: Selection, result: StageResult) -> StageResult:
@@ -329,6 +349,9 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
             lines.append(f"  rsync --dry-run would transfer {len(would)} file(s)")
         elif files:
             lines.append(f"  {self.local_dir} does not exist yet: every listed file would be transferred")
+        shortfall = self._free_space_shortfall(files) if files else None
+        if shortfall is not None:
+            lines.append(f"  a real run would stop here: {shortfall}")
         for line in lines:
             print(line, flush=True)
             log.info("%s", line)
