@@ -13,37 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import LEVEL2_THROUGH_NOISE_STATS, default_level2_modules
 
 from modules.ProcessLevel2.observation import reduce_in_process
 
 IN_USERNS = "COMAP_TEST_IN_USERNS"
-
-
-def _shared_conftest():
-    """tests/conftest.py (``import conftest`` here finds this folder's conftest)."""
-    spec = importlib.util.spec_from_file_location(
-        "_shared_conftest_io", Path(__file__).resolve().parents[1] / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_SHARED = _shared_conftest()
-LEVEL2_THROUGH_NOISE_STATS = _SHARED.LEVEL2_THROUGH_NOISE_STATS
-default_level2_modules = _SHARED.default_level2_modules
 
 
 # --------------------------------------------------------------------------------------------------
