@@ -149,6 +149,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     """
 
     announces_local_dir = True
+    creates_database = True  # the first stage of a new archive (docs/database.md#connection)
 
     n_rsyncs: Annotated[int, Range(ge=1)] = 2
     max_retries: Annotated[int, Range(ge=0)] = 3
