@@ -108,6 +108,8 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
     """
     p = Path(path)
     named = obsid_from_level1_name(p.name)
+    if p.is_file() and p.stat().st_size == 0:
+        raise BadCOMAPFile(f"{p}: empty file (0 bytes)")
     try:
         with Level1File(p) as l1:
             if validate:
@@ -120,7 +122,9 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
                     f"obsid mismatch: file name says {named}, /comap.obsid says {attrs['obsid']}"
                 )
             n_feeds = int(sum(1 for f in l1.feeds() if int(f) != GROUND_FEED))
-    except BadCOMAPFile:
+    except BadCOMAPFile as exc:
+        if "file signature not found" in exc.message:  # HDF5's words for "not HDF5 at all"
+            raise BadCOMAPFile(f"{exc.message} (not an HDF5 file)", obsid=exc.obsid) from None
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise BadCOMAPFile(f"cannot read level-1 file {p}: {' '.join(str(exc).split())}") from None
