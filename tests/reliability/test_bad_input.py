@@ -80,6 +80,17 @@ def _no_vane(p: Path) -> None:
         f["spectrometer/features"][...] = w
 
 
+def _short_feed_list(p: Path) -> None:
+    with h5py.File(p, "r+") as f:
+        del f["spectrometer/feeds"]
+        f["spectrometer/feeds"] = np.array([1, 2], dtype=np.int32)  # the TOD still has three feeds
+
+
+def _mjd_backwards(p: Path) -> None:
+    with h5py.File(p, "r+") as f:
+        f["spectrometer/MJD"][...] = f["spectrometer/MJD"][...][::-1]
+
+
 def _no_scans(p: Path) -> None:
     with h5py.File(p, "r+") as f:
         w = f["spectrometer/features"][...]
@@ -134,6 +145,13 @@ DATA_KINDS = {
     "all_nan_feed": DataKind(90010, _file(_nan_feed), None, "feed 2 has no finite Tsys"),
     "no_vane_event": DataKind(90011, _file(_no_vane), "level2", "no vane event"),
     "no_scans": DataKind(90012, _file(_no_scans), "level2", "no scans found"),
+    "tod_shape_differs_from_feeds": DataKind(
+        90013, _file(_short_feed_list), "level2", "spectrometer/tod has shape (3, 4, 16, 5750) but"
+    ),
+    "mjd_not_increasing": DataKind(90014, _file(_mjd_backwards), "level2", "MJD not strictly increasing"),
+    "missing_vane_housekeeping": DataKind(
+        90015, _file(_delete("hk/antenna0/vane")), "level2", "missing dataset hk/antenna0/vane"
+    ),
 }
 
 
@@ -325,6 +343,21 @@ CONFIG_KINDS = {
         "main.toml: Master.log_file: cannot write the log file",
     ),
     "missing_config_file": (lambda ws: None, ("nothing.toml",), "nothing.toml: file: config file not found"),
+    "config_path_is_a_directory": (
+        lambda ws: (ws.root / "cfg.toml").mkdir(),
+        ("cfg.toml",),
+        "cfg.toml: file: config path is not a file",
+    ),
+    "missing_level2_config_file": (
+        lambda ws: (_write(ws), (ws.root / "l2.toml").unlink()),
+        ("main.toml",),
+        "l2.toml: file (config_file of Level2Pipeline in main.toml): config file not found",
+    ),
+    "level1_path_is_a_file": (
+        lambda ws: _write(ws, l1="a_file"),
+        ("main.toml",),
+        "level1_data_paths: a_file is not a directory",
+    ),
     "missing_level1_directory": (
         lambda ws: _write(ws, l1="no_such_dir"),
         ("main.toml",),

@@ -149,6 +149,9 @@ class DataAssess(PipelineStage):
         for p in params["level1_data_paths"] or []:
             if Path(p).is_dir() or directory_expected(p):
                 continue  # a DataAcquisition earlier in the pipeline creates its local_dir
+            if Path(p).exists():
+                problems.append(f"level1_data_paths: {p} is not a directory")
+                continue
             hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
             problems.append(f"level1_data_paths: directory {p} does not exist{hint}")
         return problems
