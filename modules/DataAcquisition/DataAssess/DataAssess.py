@@ -141,7 +141,7 @@ class DataAssess(PipelineStage):
         self.verify_level1 = verify_level1
         self.follow_symlinks = follow_symlinks
         self._failed_before: dict[int, _dt.datetime | None] = {}  # obsid → time of its level1 failure
-        self._skipped_failed: list[int] = []
+        self._skipped_failed: list[int] = []  # obsids skipped because they failed earlier
 
     @classmethod
     def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
@@ -183,7 +183,7 @@ class DataAssess(PipelineStage):
                 log.info("cleared %d level-2 path(s) whose file is missing", n)
         registered = {o.obsid: o for o in db.query_observations()}
         self._failed_before = {j.obsid: j.finished_utc for j in db.job_table(LEVEL1_JOB, status="failed")}
-        self._skipped_failed: list[int] = []
+        self._skipped_failed = []
         seen_level1: dict[int, Path] = {}
         counts = {
             "level1 new": 0,
