@@ -241,7 +241,7 @@ def test_bad_level1_item(data_run, kind):
 def test_unusable_files_are_skipped_retried_and_cleared(data_run, tiny_archive):
     """A second run skips the recorded failures (exit 0); ``--retry-failed`` reads them again
     (exit 1, the same lines); a fixed file is registered and its failure record cleared."""
-    ws, first, _, _ = data_run
+    ws, _, _, _ = data_run
     level1_failures = [k.obsid for k in DATA_KINDS.values() if k.job == "level1"]
 
     res = ws.run(timeout=300)
