@@ -221,13 +221,21 @@ def test_data_run_finishes_the_batch(data_run):
 
 @pytest.mark.parametrize("kind", list(DATA_KINDS))
 def test_bad_level1_item(data_run, kind):
-    _, res, jobs, failed = data_run
+    ws, res, jobs, failed = data_run
     k = DATA_KINDS[kind]
     lines = _item_lines(res.stderr, k.obsid)
     if k.job is None:  # handled by the physics: the observation is done, with a warning
         assert jobs[(k.obsid, "level2")][0] == "done"
         assert any(k.cause in line for line in lines), lines
         assert all(line.startswith("WARNING") for line in lines), lines
+        from utils import level2 as l2layout
+
+        (path,) = [p for p in ws.level2_files() if p.name == f"Level2_{level1_name(k.obsid)}"]
+        with h5py.File(path, "r") as f:
+            feeds = list(f["spectrometer/feeds"][...])
+            tsys = f[str(l2layout.VANE_TSYS)][...]  # (event, feed, band, channel), K
+        assert feeds == [1, 2]
+        assert np.isnan(tsys[:, 1]).all() and np.isfinite(tsys[:, 0]).all()  # feed 2 recorded as NaN
         return
     assert len(lines) == 1, lines
     assert k.cause in lines[0]
