@@ -21,7 +21,17 @@ from utils.constants import GROUND_FEED, obsid_from_level1_name
 from utils.errors import BadCOMAPFile
 from utils.level1 import Level1File
 
-__all__ = ["DEMO_HINT", "directory_expected", "expect_directory", "observation_row", "read_level1_row"]
+__all__ = [
+    "DEMO_HINT",
+    "LEVEL1_JOB",
+    "directory_expected",
+    "expect_directory",
+    "observation_row",
+    "read_level1_row",
+]
+
+LEVEL1_JOB: str = "level1"
+"""Job stage of a level-1 file that cannot be registered (docs/acquisition.md#unusable-level-1-files)."""
 
 DEMO_HINT: str = "run make demo or python -m utils.simulator archive --preset demo --out demo/remote"
 """What to do when the simulated demo archive (``demo/remote/``) does not exist (docs/install.md#the-demo)."""

@@ -14,6 +14,7 @@ import h5py
 
 from modules.DataAcquisition.registration import (
     DEMO_HINT,
+    LEVEL1_JOB,
     directory_expected,
     observation_row,
     read_level1_row,
@@ -33,9 +34,6 @@ from utils.errors import BadCOMAPFile
 log = logging.getLogger("comap.DataAssess")
 
 __all__ = ["DEMO_HINT", "LEVEL1_JOB", "DataAssess", "level2_complete", "observation_row", "walk_files"]
-
-LEVEL1_JOB = "level1"
-"""Job stage of a level-1 file DataAssess cannot use (docs/acquisition.md#unusable-level-1-files)."""
 
 
 def walk_files(root: Path, pattern, *, follow_symlinks: bool = False) -> Iterator[Path]:
