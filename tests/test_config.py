@@ -472,7 +472,8 @@ def test_stage_runs_with_call_kwargs_and_writes_resolved_dump(tmp_path, userpkg)
         beta = "sec"
     """,
     )
-    res = run_cli([str(cfg)], tmp_path, extra_path=userpkg.parent)
+    # a user stage does not register observations: creating the database is asked for
+    res = run_cli([str(cfg), "--create-db"], tmp_path, extra_path=userpkg.parent)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "result.txt").read_text() == "7 sec"
     dumps = list((tmp_path / "logs").glob("*_main.resolved.toml"))
@@ -495,7 +496,7 @@ def test_dry_run_writes_nothing_but_the_log(tmp_path, userpkg):
         pipeline = ["mylab_cfgtest.probe.Stage(out='result.txt')"]
     """,
     )
-    res = run_cli([str(cfg), "--dry-run"], tmp_path, extra_path=userpkg.parent)
+    res = run_cli([str(cfg), "--dry-run", "--create-db"], tmp_path, extra_path=userpkg.parent)
     assert res.returncode == 0, res.stderr
     assert "database will be created at" in res.stdout
     assert not (tmp_path / "result.txt").exists()

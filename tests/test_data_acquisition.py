@@ -169,6 +169,15 @@ def test_done_jobs_are_not_fetched_again_and_size_mismatches_are(tiny_archive, t
     assert jobs_by_obsid()[90001].attempts == 3
 
 
+def test_a_verified_download_ends_an_unusable_level1_record(tiny_archive, tmp_path, fresh_db):
+    """docs/acquisition.md#unusable-level-1-files: a copy DataAcquisition verifies and registers sets
+    the obsid's failed ``level1`` job (written by DataAssess) back to pending, without the error."""
+    db.finish_job(90001, "level1", "failed", error="truncated file", last_module="DataAssess")
+    assert make_stage(tiny_archive.root, tmp_path / "level1").run().done == 1
+    (job,) = db.job_table("level1", obsids=[90001])
+    assert (job.status, job.error) == ("pending", None)
+
+
 # ------------------------------------------------------------------------------------------------
 # partial transfers are never complete
 # ------------------------------------------------------------------------------------------------

@@ -101,6 +101,11 @@ class DatabaseError(COMAPError):
     """The database is unreachable, locked beyond the busy timeout, or has the wrong schema."""
 
 
+class DatabaseMissing(DatabaseError):
+    """The database does not exist or has no tables, and creating it was not asked for
+    (docs/database.md#connection): usually a mistyped ``sql_database``."""
+
+
 class SimulatorError(COMAPError):
     """The simulator was asked for something it cannot produce (e.g. a scan below 25° elevation)."""
 

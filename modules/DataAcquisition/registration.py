@@ -21,7 +21,17 @@ from utils.constants import GROUND_FEED, obsid_from_level1_name
 from utils.errors import BadCOMAPFile
 from utils.level1 import Level1File
 
-__all__ = ["DEMO_HINT", "directory_expected", "expect_directory", "observation_row", "read_level1_row"]
+__all__ = [
+    "DEMO_HINT",
+    "LEVEL1_JOB",
+    "directory_expected",
+    "expect_directory",
+    "observation_row",
+    "read_level1_row",
+]
+
+LEVEL1_JOB: str = "level1"
+"""Job stage of a level-1 file that cannot be registered (docs/acquisition.md#unusable-level-1-files)."""
 
 DEMO_HINT: str = "run make demo or python -m utils.simulator archive --preset demo --out demo/remote"
 """What to do when the simulated demo archive (``demo/remote/``) does not exist (docs/install.md#the-demo)."""
@@ -108,6 +118,8 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
     """
     p = Path(path)
     named = obsid_from_level1_name(p.name)
+    if p.is_file() and p.stat().st_size == 0:
+        raise BadCOMAPFile(f"{p}: empty file (0 bytes)")
     try:
         with Level1File(p) as l1:
             if validate:
@@ -120,7 +132,9 @@ def read_level1_row(path: str | os.PathLike, *, validate: bool = False) -> dict[
                     f"obsid mismatch: file name says {named}, /comap.obsid says {attrs['obsid']}"
                 )
             n_feeds = int(sum(1 for f in l1.feeds() if int(f) != GROUND_FEED))
-    except BadCOMAPFile:
+    except BadCOMAPFile as exc:
+        if "file signature not found" in exc.message:  # HDF5's words for "not HDF5 at all"
+            raise BadCOMAPFile(f"{exc.message} (not an HDF5 file)", obsid=exc.obsid) from None
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise BadCOMAPFile(f"cannot read level-1 file {p}: {' '.join(str(exc).split())}") from None

@@ -23,7 +23,7 @@ import numpy as np
 from modules.pipeline_control import jobs
 from modules.pipeline_control.base import describe_stale, stale_stages
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
-from modules.pipeline_control.config_dump import tomlable
+from modules.pipeline_control.config_dump import dump_toml, tomlable
 from modules.pipeline_control.executors import PoolInitError, make_executor
 from modules.pipeline_control.logging_setup import Progress, obsid_context
 from modules.pipeline_control.parameters import Range
@@ -386,8 +386,22 @@ class Level2Pipeline(PipelineStage):
             tasks.append(ObservationTask(fields=fields, final_level2_path=str(final)))
         if not tasks:
             return result
+        self._write_resolved_config(sub, modules)
         self._dispatch(sub, tasks, force, result)
         return result
+
+    def _write_resolved_config(self, sub: LoadedConfig, modules: list[Any]) -> None:
+        """The resolved level-2 configuration of this run beside its outputs, as
+        ``<output_dir>/resolved_configs/<timestamp>_level2.toml``
+        (docs/configuration.md#the-resolved-config-dump)."""
+        stamp = self.context.timestamp or time.strftime("%Y-%m-%d_%H-%M-%S", time.gmtime())
+        path = Path(self._creator(modules).output_dir) / "resolved_configs" / f"{stamp}_level2.toml"
+        try:
+            dump_toml(sub.resolved_dict(), path)
+        except OSError as exc:  # the level-2 files still carry it in their config_toml attribute
+            log.warning("cannot write the resolved level-2 configuration %s: %s", path, exc)
+            return
+        log.info("resolved level-2 configuration written to %s", path)
 
     @staticmethod
     def _log_stale(stale: dict[int, str]) -> None:

@@ -33,7 +33,7 @@ from modules.SQLModule.engine import (
 )
 from modules.SQLModule.schema import ensure_schema
 from modules.SQLModule.values import _one_line
-from utils.errors import DatabaseError
+from utils.errors import DatabaseError, DatabaseMissing
 
 log = logging.getLogger("comap.db")
 
@@ -102,18 +102,19 @@ class Connection:
         Raises
         ------
         DatabaseError
-            The database is unreachable, missing (read-only or ``create=False``), empty without
-            ``create``, or has another schema version (legacy databases must be migrated:
-            ``python -m modules.SQLModule.migrate <target>``).
+            The database is unreachable, or has another schema version (legacy databases must be
+            migrated: ``python -m modules.SQLModule.migrate <target>``). Its subclass
+            :class:`~utils.errors.DatabaseMissing`: missing (read-only or ``create=False``) or empty
+            without ``create``.
         """
         self.disconnect()
         url, display, path = _resolve_target(target)
         timeout = _busy_timeout_s(busy_timeout_s)
         if path is not None:
             if read_only and not path.is_file():
-                raise DatabaseError(f"database {display} does not exist (cannot open it read-only)")
+                raise DatabaseMissing(f"database {display} does not exist (cannot open it read-only)")
             if not create and not path.is_file():
-                raise DatabaseError(f"database {display} does not exist (create=False)")
+                raise DatabaseMissing(f"database {display} does not exist (create=False)")
             if not read_only:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from modules.SQLModule.models import SCHEMA_VERSION, Base, SchemaInfo
-from utils.errors import DatabaseError
+from utils.errors import DatabaseError, DatabaseMissing
 
 log = logging.getLogger("comap.db")
 
@@ -162,7 +162,7 @@ def ensure_schema(engine: Engine, display: str, *, create: bool, read_only: bool
         _check_version(state, display)
     if not state.names and not create:
         why = "opened read-only" if read_only else "create=False"
-        raise DatabaseError(f"database {display} is empty (no tables; {why})")
+        raise DatabaseMissing(f"database {display} is empty (no tables; {why})")
     if not _needs_write(state, create=create):
         return
     if read_only:

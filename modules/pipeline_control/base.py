@@ -561,9 +561,13 @@ class PipelineStage(_ModuleMixin):
 
     ``sub_config_kind`` names the kind of file its ``config_file`` parameter points at
     (``'level2'`` or ``'map'``); the runner loads and validates it before any work.
+    ``creates_database`` marks the stages that register observations (DataAcquisition, DataAssess):
+    only a run with one of them (or ``--create-db``) may create a missing database
+    (docs/database.md#connection).
     """
 
     sub_config_kind: ClassVar[str | None] = None
+    creates_database: ClassVar[bool] = False
     _context: RunContext | None = None
 
     @property

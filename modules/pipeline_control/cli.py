@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="ignore job states and recompute everything")
     p.add_argument("--retry-failed", action="store_true", help="include observations whose job failed")
+    p.add_argument(
+        "--create-db",
+        action="store_true",
+        help="create sql_database if it does not exist (otherwise only DataAcquisition/DataAssess create it)",
+    )
     p.add_argument("--mpi", action="store_true", help="use MPI mode (needs mpi4py)")
     p.add_argument(
         "--list-modules", action="store_true", help="print every loadable module with its parameters and exit"
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             nprocess=args.nprocess,
             force=args.force,
             retry_failed=args.retry_failed,
+            create_db=args.create_db,
             mpi=args.mpi,
             log_level=args.log_level,
         )

@@ -180,6 +180,7 @@ def load_run_config(
             key = str(sub_path)
             if key in run.sub_configs:
                 continue
+            n_errors = len(errors.errors)
             sub = load_config(sub_path, sub_kind, errors, parent=main, master_overrides=master_overrides)
             if sub is None:
                 # name the stage that pointed at the missing or broken file
@@ -189,7 +190,8 @@ def load_run_config(
                 continue
             run.sub_configs[key] = sub
             checker = getattr(spec.cls, "validate_sub_config", None)
-            if callable(checker):
+            # a list with a rejected entry would give follow-on errors (e.g. "must contain ...")
+            if callable(checker) and len(errors.errors) == n_errors:
                 for problem in checker(sub) or []:
                     if isinstance(problem, ConfigError):
                         errors.extend([problem])

@@ -21,8 +21,9 @@ from typing import Any
 from modules.pipeline_control.base import PipelineStage, RunContext, StageResult
 from modules.pipeline_control.config import RunConfig, dump_toml, load_run_config
 from modules.pipeline_control.logging_setup import RunLogging, setup_logging
+from modules.pipeline_control.preflight import location_errors, may_create_database, missing_database_error
 from modules.pipeline_control.provenance import code_version
-from utils.errors import ConfigError, ConfigErrors, DatabaseError
+from utils.errors import ConfigError, ConfigErrors, DatabaseError, DatabaseMissing
 
 log = logging.getLogger("comap.runner")
 
@@ -43,6 +44,7 @@ class RunRequest:
     retry_failed: bool = False
     log_level: str = "INFO"
     console: bool = True
+    create_db: bool = False  # --create-db (docs/database.md#connection)
     world: Any = None  # the MPIWorld of an MPI run (docs/operations.md#running-under-mpi)
 
 
@@ -65,18 +67,20 @@ def print_config_errors(exc: ConfigErrors | ConfigError) -> None:
         print(err.line(), file=sys.stderr)
 
 
-def _connect_db(target: str, *, dry_run: bool) -> None:
+def _connect_db(target: str, *, dry_run: bool, create: bool) -> None:
+    """Connect the facade; ``create`` only for a run that may create its database
+    (docs/database.md#connection), else a missing or empty one raises DatabaseMissing."""
     from modules.SQLModule.SQLModule import db
 
     if dry_run:
         is_url = "://" in target
-        if not is_url and not Path(target).exists():
+        if create and not is_url and not Path(target).exists():
             print(f"database will be created at {Path(target).resolve()}")
             db.connect("sqlite://", create=True)
             return
         db.connect(target, create=False, read_only=True)
         return
-    db.connect(target, create=True)
+    db.connect(target, create=create)
 
 
 def format_summary(results: list[StageResult]) -> str:
@@ -119,6 +123,7 @@ def run_pipeline(
     mpi: bool = False,
     log_level: str = "INFO",
     console: bool = True,
+    create_db: bool = False,
 ) -> int:
     """Validate and run ``config_path``; return the exit status. See the module docstring."""
     timestamp = make_timestamp()
@@ -159,6 +164,7 @@ def run_pipeline(
         retry_failed=retry_failed,
         log_level=log_level,
         console=console,
+        create_db=create_db,
         world=world,
     )
     status = EXIT_FATAL
@@ -189,7 +195,17 @@ def _coordinate(request: RunRequest, overrides: dict[str, Any]) -> int:
         config=request.config_file,
         run_id=request.run_id,
     )
-    run_logging = setup_logging(log_path, request.log_level, console=request.console)
+    problems = location_errors(
+        run_config, log_path, create=may_create_database(run_config, request.create_db)
+    )
+    if problems:  # docs/configuration.md#validation: nothing written yet
+        print_config_errors(ConfigErrors(problems))
+        return EXIT_CONFIG
+    try:
+        run_logging = setup_logging(log_path, request.log_level, console=request.console)
+    except OSError as exc:
+        print_config_errors(ConfigError(f"cannot write the log file {log_path}: {exc}", str(config_path)))
+        return EXIT_CONFIG
     if world is not None:
         world.log_handlers = list(run_logging.handlers)
     try:
@@ -235,7 +251,11 @@ def _run(run_config: RunConfig, run_logging: RunLogging, request: RunRequest) ->
         log.info("resolved configuration written to %s", dump_path)
 
     try:
-        _connect_db(str(main.master.get("sql_database")), dry_run=dry_run)
+        create = may_create_database(run_config, request.create_db)
+        _connect_db(str(main.master.get("sql_database")), dry_run=dry_run, create=create)
+    except DatabaseMissing as exc:
+        print_config_errors(missing_database_error(run_config, str(exc)))
+        return EXIT_CONFIG
     except DatabaseError as exc:
         log.error("DatabaseError: %s", exc)
         return EXIT_FATAL

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--by", choices=("feed", "band", "channel", "source_group"), default=None)
             p.add_argument("--good-only", action="store_true", help="only rows with is_good")
         if name == "failed":
-            p.add_argument("--stage", default=None, help="job stage (level2, download); default all")
+            p.add_argument("--stage", default=None, help="job stage (level2, level1, download); default all")
         add_common_arguments(p)
         p.set_defaults(func=func)
     return parser

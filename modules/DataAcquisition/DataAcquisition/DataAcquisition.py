@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from modules.DataAcquisition.filters import Selection
-from modules.DataAcquisition.registration import read_level1_row
+from modules.DataAcquisition.registration import LEVEL1_JOB, read_level1_row
 from modules.DataAcquisition.remote_parameters import RemoteSelectionParameters
 from modules.DataAcquisition.rsync import (
     INSTALL_HINT,
@@ -157,6 +157,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     """
 
     announces_local_dir = True
+    creates_database = True  # the first stage of a new archive (docs/database.md#connection)
 
     n_rsyncs: Annotated[int, Range(ge=1)] = 2
     max_retries: Annotated[int, Range(ge=0)] = 3
@@ -465,6 +466,8 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
         with obsid_context(obsid):
             if fr.status == "done":
                 ops = [DbOp("upsert_observation", (fr.row,), {})] if (self.register and fr.row) else []
+                if ops:  # a verified copy ends an earlier "unusable level-1 file" record
+                    ops.append(DbOp("reset_failed", (LEVEL1_JOB, [obsid]), {}))
                 db.apply(
                     ops,
                     job={

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -13,11 +14,13 @@ import h5py
 
 from modules.DataAcquisition.registration import (
     DEMO_HINT,
+    LEVEL1_JOB,
     directory_expected,
     observation_row,
     read_level1_row,
 )
 from modules.pipeline_control import jobs
+from modules.pipeline_control.logging_setup import obsid_context
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import db
 from utils.constants import (
@@ -30,12 +33,15 @@ from utils.errors import BadCOMAPFile
 
 log = logging.getLogger("comap.DataAssess")
 
-__all__ = ["DEMO_HINT", "DataAssess", "level2_complete", "observation_row", "walk_files"]
+__all__ = ["DEMO_HINT", "LEVEL1_JOB", "DataAssess", "level2_complete", "observation_row", "walk_files"]
 
 
 def walk_files(root: Path, pattern, *, follow_symlinks: bool = False) -> Iterator[Path]:
-    """Files under ``root`` whose base name matches ``pattern``; hidden directories and files
-    (``.quarantine``, ``.rsync-partial``, staging files) are skipped."""
+    """Entries under ``root`` whose base name matches ``pattern``; hidden directories and files
+    (``.quarantine``, ``.rsync-partial``, staging files) are skipped.
+
+    A directory whose name matches is yielded, not searched: the caller reports it as an unusable
+    file. Any other directory named ``*.hd5`` is searched with a warning."""
     stack = [root]
     while stack:
         d = stack.pop()
@@ -50,6 +56,11 @@ def walk_files(root: Path, pattern, *, follow_symlinks: bool = False) -> Iterato
                 continue
             try:
                 if e.is_dir(follow_symlinks=follow_symlinks):
+                    if pattern.match(e.name):
+                        yield Path(e.path)
+                        continue
+                    if e.name.endswith(".hd5"):
+                        log.warning("%s is a directory named like an HDF5 file; searching it", e.path)
                     stack.append(Path(e.path))
                 elif e.is_file(follow_symlinks=follow_symlinks) and pattern.match(e.name):
                     yield Path(e.path)
@@ -108,6 +119,8 @@ class DataAssess(PipelineStage):
         Follow symbolic links while walking.
     """
 
+    creates_database = True  # registers observations (docs/database.md#connection)
+
     def __init__(
         self,
         level1_data_paths: list[str] | None = None,
@@ -125,6 +138,8 @@ class DataAssess(PipelineStage):
         self.clear_quality_stats_on_missing = clear_quality_stats_on_missing
         self.verify_level1 = verify_level1
         self.follow_symlinks = follow_symlinks
+        self._failed_before: dict[int, _dt.datetime | None] = {}  # obsid → time of its level1 failure
+        self._skipped_failed: list[int] = []  # obsids skipped because they failed earlier
 
     @classmethod
     def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
@@ -132,6 +147,9 @@ class DataAssess(PipelineStage):
         for p in params["level1_data_paths"] or []:
             if Path(p).is_dir() or directory_expected(p):
                 continue  # a DataAcquisition earlier in the pipeline creates its local_dir
+            if Path(p).exists():
+                problems.append(f"level1_data_paths: {p} is not a directory")
+                continue
             hint = f"; {DEMO_HINT}" if Path(p).parts[:1] == ("demo",) else ""
             problems.append(f"level1_data_paths: directory {p} does not exist{hint}")
         return problems
@@ -162,11 +180,14 @@ class DataAssess(PipelineStage):
             if n:
                 log.info("cleared %d level-2 path(s) whose file is missing", n)
         registered = {o.obsid: o for o in db.query_observations()}
+        self._failed_before = {j.obsid: j.finished_utc for j in db.job_table(LEVEL1_JOB, status="failed")}
+        self._skipped_failed = []
         seen_level1: dict[int, Path] = {}
         counts = {
             "level1 new": 0,
             "level1 updated": 0,
             "level1 unchanged": 0,
+            "level1 unusable earlier": 0,
             "level2 registered": 0,
             "level2 unchanged": 0,
             "level2 needs reprocessing": 0,
@@ -179,6 +200,12 @@ class DataAssess(PipelineStage):
                 continue
             for path in walk_files(Path(root), LEVEL1_NAME_RE, follow_symlinks=self.follow_symlinks):
                 self._assess_level1(path, registered, seen_level1, counts, result)
+        if self._skipped_failed:
+            log.info(
+                "%d unusable level-1 file(s) not changed since they failed; skipped (use --retry-failed): %s",
+                len(self._skipped_failed),
+                ", ".join(str(o) for o in self._skipped_failed[:10]),
+            )
         for root in self.level2_data_paths:
             if not Path(root).is_dir():
                 log.info("level-2 root %s does not exist yet; nothing to register there", root)
@@ -186,7 +213,9 @@ class DataAssess(PipelineStage):
             for path in walk_files(Path(root), LEVEL2_NAME_RE, follow_symlinks=self.follow_symlinks):
                 self._assess_level2(path, counts, result)
         result.done = counts["level1 new"] + counts["level1 updated"] + counts["level2 registered"]
-        result.skipped = counts["level1 unchanged"] + counts["level2 unchanged"]
+        result.skipped = (
+            counts["level1 unchanged"] + counts["level1 unusable earlier"] + counts["level2 unchanged"]
+        )
         log.info(
             "DataAssess: %s; %d unreadable", ", ".join(f"{v} {k}" for k, v in counts.items()), result.failed
         )
@@ -210,10 +239,19 @@ class DataAssess(PipelineStage):
             )
             return
         seen[obsid_from_name] = path
+        failed_at = self._failed_before.get(obsid_from_name, False)
+        if failed_at is not False and not self._retry(path, failed_at):
+            counts["level1 unusable earlier"] += 1
+            self._skipped_failed.append(obsid_from_name)
+            return
+        if path.is_dir():
+            self._unusable(obsid_from_name, path, "is a directory, not a level-1 file", result)
+            return
         existing = registered.get(obsid_from_name)
         abspath = str(path.resolve())
         if (
             existing is not None
+            and failed_at is False
             and not self.overwrite_existing
             and existing.level1_path == abspath
             and existing.level1_size_bytes == path.stat().st_size
@@ -223,11 +261,36 @@ class DataAssess(PipelineStage):
         try:
             row = read_level1_row(path, validate=self.verify_level1)
         except BadCOMAPFile as exc:
-            log.warning("cannot register %s: %s", path, exc)
-            result.record_failure(path.name, str(exc))
+            self._unusable(obsid_from_name, path, exc.message, result)
             return
         db.upsert_observation(row)
+        if failed_at is not False:
+            db.finish_job(obsid_from_name, LEVEL1_JOB, "done", last_module="DataAssess")
+            with obsid_context(obsid_from_name):
+                log.info("%s is usable again; its failure record is cleared", path)
         counts["level1 updated" if existing is not None else "level1 new"] += 1
+
+    def _retry(self, path: Path, failed_at: _dt.datetime | None) -> bool:
+        """Read a file that failed before only with --retry-failed or --force, or if it changed since
+        (modification or status-change time later than the failure)."""
+        if self.context.retry_failed or self.context.force or failed_at is None:
+            return True
+        try:
+            st = path.stat()
+        except OSError:
+            return True
+        return max(st.st_mtime, st.st_ctime) > failed_at.timestamp()
+
+    @staticmethod
+    def _unusable(obsid: int, path: Path, reason: str, result: StageResult) -> None:
+        """One warning line, a failure of the stage and a failed ``level1`` job with the reason
+        (docs/acquisition.md#unusable-level-1-files)."""
+        text = reason if path.name in reason else f"{path}: {reason}"
+        with obsid_context(obsid):
+            log.warning("unusable level-1 file, not registered: %s", text)
+        result.record_failure(path.name, text)
+        stored = text.replace(str(path), str(path.absolute()), 1)  # the database keeps absolute paths
+        db.finish_job(obsid, LEVEL1_JOB, "failed", error=stored, last_module="DataAssess")
 
     def _assess_level2(self, path: Path, counts: dict[str, int], result: StageResult) -> None:
         try:

@@ -19,6 +19,7 @@ from utils.constants import GROUND_FEED, OVRO_HEIGHT_M, OVRO_LAT_DEG, OVRO_LON_D
 from utils.coordinates import azel_to_icrs
 from utils.errors import BadCOMAPFile
 from utils.layout import DatasetPath
+from utils.paths import unwritable_reason
 from utils.source_mask import DEFAULT_MASK_RADIUS_ARCMIN, SourceMask
 
 OPTIONAL = "optional"
@@ -168,6 +169,9 @@ class CreateLevel2File(BaseCOMAPModule):
     @classmethod
     def parameter_rules(cls, params: Mapping[str, Any]) -> list[str]:
         problems = []
+        reason = unwritable_reason(str(params["output_dir"]), directory=True)
+        if reason:  # docs/configuration.md#validation: an unwritable output is a config error
+            problems.append(f"output_dir: cannot write level-2 files there: {reason}")
         msg = l2layout.validate_save_dir(str(params["save_dir_structure"]))
         if msg:
             problems.append(f"save_dir_structure: {msg}")
