@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import PipelineWorkspace
 
 L2_MODULES = [
     "modules.ProcessLevel2.CheckLevel1FileExists.CheckLevel1FileExists.CheckLevel1FileExists()",
@@ -187,20 +188,11 @@ def _failed_by_script(db_path: Path) -> list[dict]:
     return json.loads(out.getvalue())
 
 
-def _pipeline_workspace_class(config) -> type:
-    """``PipelineWorkspace`` of tests/conftest.py (``import conftest`` here finds this folder's conftest)."""
-    shared = Path(__file__).resolve().parents[1] / "conftest.py"
-    for plugin in config.pluginmanager.get_plugins():
-        if Path(str(getattr(plugin, "__file__", ""))).resolve() == shared:
-            return plugin.PipelineWorkspace
-    raise LookupError(shared)
-
-
 @pytest.fixture(scope="module")
-def data_run(tiny_archive, tmp_path_factory, request):
+def data_run(tiny_archive, tmp_path_factory):
     """One run of DataAssess + Level2Pipeline over the good file and every data-level bad item."""
     (good,) = tiny_archive.paths
-    ws = _pipeline_workspace_class(request.config)(tmp_path_factory.mktemp("bad-data"), [])
+    ws = PipelineWorkspace(tmp_path_factory.mktemp("bad-data"), [])
     copy_as(good, ws.level1, GOOD)
     for kind in DATA_KINDS.values():
         kind.make(ws.level1, good, kind.obsid)
