@@ -169,6 +169,35 @@ def test_done_jobs_are_not_fetched_again_and_size_mismatches_are(tiny_archive, t
     assert jobs_by_obsid()[90001].attempts == 3
 
 
+@needs_rsync
+def test_a_size_mismatch_fetched_by_another_run_meanwhile_is_not_fetched_twice(
+    tiny_archive, tmp_path, fresh_db, monkeypatch
+):
+    """Two runs see the same mismatched copy; the one that claims second finds the job finished
+    since its selection and leaves it (docs/operations.md#job-states)."""
+    local = tmp_path / "level1"
+    assert make_stage(tiny_archive.root, local).run().done == 1
+    (path,) = local.rglob("comap-*.hd5")
+    os.truncate(path, 1000)
+    os.utime(path, (0, 0))
+    late = make_stage(tiny_archive.root, local, run_id="run-late")
+    select = type(late)._select
+
+    def select_then_other_run_finishes(self, remote, rsync):
+        sel = select(self, remote, rsync)
+        if self is late:  # the other run selects, claims and fetches with the real _select
+            monkeypatch.setattr(type(late), "_select", select)
+            assert make_stage(tiny_archive.root, local, run_id="run-other").run().done == 1
+        return sel
+
+    monkeypatch.setattr(type(late), "_select", select_then_other_run_finishes)
+    result = late.run()
+    assert (result.done, result.skipped) == (0, 1)
+    job = jobs_by_obsid()[90001]
+    assert (job.run_id, job.attempts) == ("run-other", 2)
+    assert path.stat().st_size == tiny_archive.paths[0].stat().st_size
+
+
 def test_a_verified_download_ends_an_unusable_level1_record(tiny_archive, tmp_path, fresh_db):
     """docs/acquisition.md#unusable-level-1-files: a copy DataAcquisition verifies and registers sets
     the obsid's failed ``level1`` job (written by DataAssess) back to pending, without the error."""

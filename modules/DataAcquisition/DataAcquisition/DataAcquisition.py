@@ -259,6 +259,9 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
                 result.record_failure(remote.text, INSTALL_HINT)
                 return result
             log.warning("rsync not found on PATH; copying from %s with a verified Python copy", remote.text)
+        # The download jobs as they were when the selection was made: a size-mismatch re-download
+        # takes over a done job only if no other run has touched it since (docs/operations.md#job-states).
+        seen = {j.obsid: (j.status, j.updated_utc) for j in db.job_table("download")}
         try:
             sel = self._select(remote, rsync)
         except RemoteError as exc:
@@ -309,7 +312,14 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
                 len(mismatch),
                 ", ".join(str(o) for o in sorted(mismatch)[:10]),
             )
-            c = db.claim_jobs(sorted(mismatch), "download", force=True, **claim_kwargs)
+            c = db.claim_jobs(
+                sorted(mismatch),
+                "download",
+                force=True,
+                seen={o: seen.get(o, (None, None)) for o in mismatch},
+                **claim_kwargs,
+            )
+            skipped[SKIP_DONE] += len(c.skipped_done)
             claimed += c.claimed
             skipped[SKIP_BUSY] += len(c.busy)
         skipped = Counter({k: v for k, v in skipped.items() if v})
