@@ -108,4 +108,6 @@ class SimulatorError(COMAPError):
 def _one_line(text: str) -> str:
     """Collapse a message to one line: messages are one line by contract (docs/operations.md#error-model rule
     1)."""
-    return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+    # any line boundary str.splitlines knows (\v, \f, \x1c-\x1e, \x85, \u2028, \u2029 as well as
+    # \n and \r) would split the line (docs/reliability.md#config-fuzzing)
+    return " ".join(text.split()) if len(text.splitlines()) > 1 or text != text.rstrip("\n\r") else text

@@ -23,7 +23,13 @@ from modules.pipeline_control.parameters import (
     class_parameters,
     parameter_problems,
 )
-from modules.pipeline_control.resolve import KIND_TEXT, check_allowed, module_kind, resolve_callee
+from modules.pipeline_control.resolve import (
+    KIND_TEXT,
+    abstract_module,
+    check_allowed,
+    module_kind,
+    resolve_callee,
+)
 from utils.errors import ConfigError
 
 __all__ = ["all_sections", "resolve_entry"]
@@ -54,6 +60,14 @@ def resolve_entry(
         cls = resolve_callee(call.path, file=call.file, where=call.where, text=call.text)
     except ConfigError as exc:
         errors.extend([exc])
+        return None
+    if abstract_module(cls):
+        errors.add(
+            f"{cls.__name__} is a base class, not a pipeline module (run.py --list-modules lists them)",
+            call.file,
+            call.where,
+            call.text,
+        )
         return None
     kind = module_kind(cls)
     if kind is None or kind not in kind_allowed:

@@ -23,6 +23,7 @@ that signature. A constraint on a single parameter is part of its annotation::
 from __future__ import annotations
 
 import collections.abc as cabc
+import functools
 import inspect
 import math
 import typing
@@ -63,6 +64,8 @@ class Range:
             return None
         if isinstance(value, float) and math.isnan(value):
             return "must not be NaN"
+        if isinstance(value, float) and math.isinf(value):
+            return "must be finite"
         for bound, ok, text in (
             (self.ge, lambda b: value >= b, ">="),
             (self.gt, lambda b: value > b, ">"),
@@ -243,7 +246,17 @@ class ParamInfo:
 
 
 def class_parameters(cls: type) -> tuple[dict[str, ParamInfo], bool]:
-    """Parameters of ``cls.__init__`` (without ``self``) and whether it accepts ``**kwargs``."""
+    """Parameters of ``cls.__init__`` (without ``self``) and whether it accepts ``**kwargs``.
+
+    Read once per class: resolving the string annotations is most of a config check's time
+    (docs/reliability.md#config-fuzzing).
+    """
+    params, var_kw = _class_parameters(cls)
+    return dict(params), var_kw
+
+
+@functools.cache
+def _class_parameters(cls: type) -> tuple[dict[str, ParamInfo], bool]:
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):
