@@ -11,6 +11,7 @@ The types of every keyword are checked against the ``__init__`` annotations firs
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,7 +84,7 @@ def resolve_entry(
 
     # Sections: as written, canonical, and module form (docs/configuration.md#defaults-and-precedence).
     candidates = _section_candidates(call.path, cls)
-    found = {k: p for k in candidates if (p := _section_params(raw, k, candidates))}
+    found = {k: p for k in candidates if (p := _section_params(raw, k, candidates, cls))}
     section_key = None
     section: dict[str, Any] = {}
     if len(found) > 1:
@@ -194,11 +195,19 @@ def _section_candidates(path: str, cls: type) -> list[str]:
     return out
 
 
-def _section_params(raw: Mapping[str, Any], key: str, all_keys: list[str]) -> dict[str, Any]:
+def _section_params(raw: Mapping[str, Any], key: str, all_keys: list[str], cls: type) -> dict[str, Any]:
     node = _navigate(raw, key)
     if not node:
         return {}
     params = dict(node)
+    if key == cls.__module__:
+        # The module form: sub-tables named after other classes of the module are their sections
+        # (``[modules.MapMaking.MapMaking.LineMapMaking]`` next to ``...MapMaking``;
+        # docs/reliability.md#config-fuzzing).
+        module = sys.modules.get(cls.__module__)
+        for name in [n for n, v in params.items() if isinstance(v, dict)]:
+            if name != cls.__name__ and isinstance(getattr(module, name, None), type):
+                params.pop(name)
     # A longer candidate key nests inside this table; its sub-table is not a parameter here.
     for other in all_keys:
         if other != key and other.startswith(key + "."):

@@ -45,6 +45,9 @@ class ModuleInfo:
     def __repr__(self) -> str:
         return f"ModuleInfo({self.path})"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis's failure report
+        printer.text(repr(self))
+
     @property
     def file_kind(self) -> str:
         return FILE_KIND[self.kind]
