@@ -161,6 +161,10 @@ def check_value(value: Any, annotation: Any) -> str | None:
     if isinstance(annotation, type):
         if annotation in (int, float, str, bool, list, tuple, dict) and not _is_instance(value, annotation):
             return f"must be {annotation_text(annotation)}, got {type(value).__name__} {value!r}"
+        if (
+            annotation is str and "\0" in value
+        ):  # no path or name holds one (docs/reliability.md#config-fuzzing)
+            return f"must not contain a NUL character, got {value!r}"
         return None
     return None
 

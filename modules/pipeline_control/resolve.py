@@ -52,6 +52,9 @@ def resolve_callee(
     ``pkg.Name.Name`` and ``pkg.Name.Name.Name`` work (docs/configuration.md#call-strings rule 5).
     """
     parts = path.split(".")
+    if any(part.startswith("_") for part in parts):
+        # __base__, __class__, _private: never a listed module (docs/reliability.md#config-fuzzing)
+        raise ConfigError("a module path may not use names starting with '_'", file, where, text)
     obj: Any = None
     for i in range(len(parts), 0, -1):
         modname = ".".join(parts[:i])

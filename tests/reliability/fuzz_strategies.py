@@ -226,10 +226,12 @@ def _in(r: Range | None, v: float) -> bool:
 
 def out_of_range_values(annotation: Any) -> list[Any]:
     """Numbers just outside a ``Range`` of ``annotation`` (and NaN/inf where a bound excludes them),
-    and strings outside a ``Literal``: values the loader must refuse."""
+    strings outside a ``Literal`` and strings with a NUL: values the loader must refuse."""
     out: list[Any] = []
     alts = _alternatives(annotation)
     has_str = any(_split(a)[0] is str for a in alts)
+    if has_str:
+        out.append("nul\x00byte")
     for alt in alts:
         base, r = _split(alt)
         if typing.get_origin(base) is typing.Literal and not has_str:
