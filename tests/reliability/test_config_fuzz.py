@@ -184,6 +184,12 @@ def load_guarded(path: Path, kind: str, sentinel_file: Path):
     return cfg, errors.errors
 
 
+def _class_rule(error: ConfigError) -> bool:
+    """True for a problem a class's ``validate_config`` reported (``where`` is ``pipeline[i] Class``)."""
+    where = error.where or ""
+    return where.startswith("pipeline[") and where.count(" ") == 1
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
@@ -542,9 +548,8 @@ def _check_document(doc: Document, text: str, fuzz_dir: Path) -> str:
         if doc.expect == "valid":
             # only a cross-parameter rule of a class or the level-2 chain check may refuse it
             for e in errors:
-                assert (e.where or "").startswith("pipeline[") and (
-                    (e.where or "").count(" ") == 1 or "neither the level-1 file" in e.message
-                ), e.line()
+                chain = (e.where or "").startswith("pipeline[") and "neither the level-1 file" in e.message
+                assert _class_rule(e) or chain, e.line()
         return "refused"
     assert doc.expect != "invalid", f"accepted an invalid document ({doc.label}):\n{text}"
     assert cfg is not None
@@ -622,7 +627,7 @@ def _check_in_memory(doc: Document, sentinel: Path) -> str:
         check_errors(errors.errors)
         if doc.expect == "valid":
             for e in errors.errors:
-                assert (e.where or "").count(" ") == 1, e.line()  # a rule of the class
+                assert _class_rule(e), e.line()
         return "refused"
     assert doc.expect != "invalid", f"accepted an invalid call ({doc.label}): {entry.render()}"
     assert spec is not None and spec.cls is entry.module.cls
@@ -816,7 +821,7 @@ def test_sub_config_references_are_checked(fuzz_dir):
             check_errors(errors)
             if target == "valid":  # only a rule of a class or the level-2 chain check
                 for e in errors:
-                    rule = (e.where or "").count(" ") == 1 or e.where == "pipeline"  # validate_sub_config
+                    rule = _class_rule(e) or e.where == "pipeline"  # validate_sub_config
                     assert rule or "neither the level-1" in e.message, e.line()
             if target in ("missing", "directory", "broken", "empty"):
                 named = any(e.file == str(sub_path) for e in errors)
