@@ -74,8 +74,9 @@ class ConfigError(COMAPError):
         super().__init__(self.message)
 
     def __str__(self) -> str:
-        parts = [p for p in (self.file, self.where, self.message, self.text) if p not in (None, "")]
-        return ": ".join(parts)
+        # a file name keeps its characters, but a line break in it is shown escaped
+        parts = [_escape_breaks(self.file), _escape_breaks(self.where), self.message, self.text]
+        return ": ".join(p for p in parts if p not in (None, ""))
 
     def line(self) -> str:
         """The console line: ``ConfigError: <file>: <where>: <message>: <text>``."""
@@ -113,4 +114,13 @@ class SimulatorError(COMAPError):
 def _one_line(text: str) -> str:
     """Collapse a message to one line: messages are one line by contract (docs/operations.md#error-model rule
     1)."""
-    return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+    # any line boundary str.splitlines knows (\v, \f, \x1c-\x1e, \x85, \u2028, \u2029 as well as
+    # \n and \r) would split the line (docs/reliability.md#config-fuzzing)
+    return " ".join(text.split()) if len(text.splitlines()) > 1 or text != text.rstrip("\n\r") else text
+
+
+def _escape_breaks(text: str | None) -> str | None:
+    """``text`` with every line boundary of ``str.splitlines`` written as an escape (``\\u2028``)."""
+    if text is None or len(text.splitlines()) <= 1 and text == text.rstrip("\n\r"):
+        return text
+    return "".join(c.encode("unicode_escape").decode() if len(f"a{c}b".splitlines()) > 1 else c for c in text)

@@ -31,6 +31,8 @@ class CallSpec:
         return f"pipeline[{self.index}]"
 
 
+INT64 = 2**63  # TOML integers are 64-bit; so are the call strings' (docs/reliability.md#config-fuzzing)
+
 _LITERAL_HELP = (
     "values must be literals: numbers, strings, true/false (True/False), None, lists, tuples or dicts"
 )
@@ -52,6 +54,8 @@ def _check_literal(node: ast.AST) -> str | None:
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or node.value is None:
             return None
+        if isinstance(node.value, int) and not -INT64 <= node.value < INT64:
+            return "integers must fit in 64 bits"
         if isinstance(node.value, int | float | str):
             return None
         return f"{type(node.value).__name__} literals are not allowed"
@@ -61,7 +65,7 @@ def _check_literal(node: ast.AST) -> str | None:
             and isinstance(node.operand.value, int | float)
             and not isinstance(node.operand.value, bool)
         ):
-            return None
+            return _check_literal(node.operand)
         return "unary operators are only allowed on numbers"
     if isinstance(node, ast.List | ast.Tuple):
         for elt in node.elts:
@@ -126,6 +130,10 @@ def parse_call(text: str, *, file: str | Path, index: int) -> CallSpec:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise ConfigError(f"malformed call string ({exc.msg})", file, where, text) from None
+    except (ValueError, UnicodeError, RecursionError, MemoryError) as exc:
+        # NUL bytes, lone surrogates, thousands of nested operators (docs/reliability.md#config-fuzzing)
+        reason = "nested too deeply" if isinstance(exc, RecursionError | MemoryError) else str(exc)
+        raise ConfigError(f"malformed call string ({reason})", file, where, text) from None
     node = tree.body
     if not isinstance(node, ast.Call):
         raise ConfigError(

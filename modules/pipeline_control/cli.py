@@ -175,7 +175,7 @@ def _module_paths_from(config: str | None) -> list[str]:
                 raw = tomllib.load(fh)
             extra = (raw.get("Master") or {}).get("module_paths") or []
             prefixes.extend(str(x) for x in extra)
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, ValueError, AttributeError, TypeError):  # load_config reports the problem
             pass
     return prefixes
 

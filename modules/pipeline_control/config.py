@@ -115,9 +115,10 @@ def detect_file_kind(raw: Mapping[str, Any] | None) -> str:
     A main config whose pipeline holds only per-observation modules is run as
     ``Level2Pipeline(config_file=CONFIG)`` (docs/developer.md#kinds-of-modules rule 4).
     """
-    if not raw:
-        return "main"
-    pipeline = (raw.get("Master") or {}).get("pipeline") or []
+    master = raw.get("Master") if isinstance(raw, Mapping) else None
+    pipeline = master.get("pipeline") if isinstance(master, Mapping) else None
+    if not isinstance(pipeline, list):
+        return "main"  # load_config reports what is wrong (docs/reliability.md#config-fuzzing)
     kinds = set()
     for i, text in enumerate(pipeline):
         try:
@@ -150,7 +151,7 @@ def load_run_config(
     if path.is_file():
         try:
             raw_probe = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
+        except (ValueError, OSError):  # TOMLDecodeError, UnicodeDecodeError, a huge integer
             raw_probe = None
     implicit = detect_file_kind(raw_probe) == "level2"
     if implicit:

@@ -11,6 +11,7 @@ The types of every keyword are checked against the ``__init__`` annotations firs
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,13 @@ from modules.pipeline_control.parameters import (
     class_parameters,
     parameter_problems,
 )
-from modules.pipeline_control.resolve import KIND_TEXT, check_allowed, module_kind, resolve_callee
+from modules.pipeline_control.resolve import (
+    KIND_TEXT,
+    abstract_module,
+    check_allowed,
+    module_kind,
+    resolve_callee,
+)
 from utils.errors import ConfigError
 
 __all__ = ["all_sections", "resolve_entry"]
@@ -55,6 +62,14 @@ def resolve_entry(
     except ConfigError as exc:
         errors.extend([exc])
         return None
+    if abstract_module(cls):
+        errors.add(
+            f"{cls.__name__} is a base class, not a pipeline module (run.py --list-modules lists them)",
+            call.file,
+            call.where,
+            call.text,
+        )
+        return None
     kind = module_kind(cls)
     if kind is None or kind not in kind_allowed:
         allowed = " or ".join(KIND_TEXT[k] for k in sorted(kind_allowed))
@@ -69,7 +84,7 @@ def resolve_entry(
 
     # Sections: as written, canonical, and module form (docs/configuration.md#defaults-and-precedence).
     candidates = _section_candidates(call.path, cls)
-    found = {k: p for k in candidates if (p := _section_params(raw, k, candidates))}
+    found = {k: p for k in candidates if (p := _section_params(raw, k, candidates, cls))}
     section_key = None
     section: dict[str, Any] = {}
     if len(found) > 1:
@@ -180,11 +195,19 @@ def _section_candidates(path: str, cls: type) -> list[str]:
     return out
 
 
-def _section_params(raw: Mapping[str, Any], key: str, all_keys: list[str]) -> dict[str, Any]:
+def _section_params(raw: Mapping[str, Any], key: str, all_keys: list[str], cls: type) -> dict[str, Any]:
     node = _navigate(raw, key)
     if not node:
         return {}
     params = dict(node)
+    if key == cls.__module__:
+        # The module form: sub-tables named after other classes of the module are their sections
+        # (``[modules.MapMaking.MapMaking.LineMapMaking]`` next to ``...MapMaking``;
+        # docs/reliability.md#config-fuzzing).
+        module = sys.modules.get(cls.__module__)
+        for name in [n for n, v in params.items() if isinstance(v, dict)]:
+            if name != cls.__name__ and isinstance(getattr(module, name, None), type):
+                params.pop(name)
     # A longer candidate key nests inside this table; its sub-table is not a parameter here.
     for other in all_keys:
         if other != key and other.startswith(key + "."):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,7 +31,8 @@ def _is_str_or_list(v: Any) -> bool:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A 64-bit integer, as TOML and the database have them (docs/reliability.md#config-fuzzing)."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_obsid_list(v: Any) -> bool:
@@ -107,8 +109,11 @@ def read_toml(path: Path, errors: ErrorCollector) -> dict[str, Any] | None:
         errors.add(f"cannot read config file: {exc}", path, "file")
         return None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        raw = tomllib.loads(text)
+    except ValueError as exc:
+        if not isinstance(exc, tomllib.TOMLDecodeError):  # an integer of thousands of digits
+            errors.add(f"TOML value error: {exc}", path, "TOML")
+            return None
         msg = str(exc)
         m = _TOML_POS.search(msg)
         where, line_text = "TOML", None
@@ -121,6 +126,27 @@ def read_toml(path: Path, errors: ErrorCollector) -> dict[str, Any] | None:
             msg = _TOML_POS.sub("", msg).strip()
         errors.add(f"TOML syntax error: {msg}", path, where, line_text)
         return None
+    huge = _huge_integers(raw)
+    for key in huge:
+        errors.add("integer out of the 64-bit range of TOML", path, key)
+    return None if huge else raw
+
+
+def _huge_integers(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of integers outside the 64-bit range TOML allows (tomllib reads them anyway;
+    docs/reliability.md#config-fuzzing)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    out = []
+    for key, value in items:
+        if not prefix:
+            where = str(key)
+        else:
+            where = f"{prefix}.{key}" if isinstance(key, str) else f"{prefix}[{key}]"
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            out.append(where)
+        else:
+            out.extend(_huge_integers(value, where))
+    return out
 
 
 def validate_master(
@@ -158,13 +184,33 @@ def validate_master(
     if parent is not None and "log_file" in master_raw:
         log.info("%s: [Master] log_file is ignored under a main config (one log per run)", path)
     if isinstance(master.get("log_file"), str):
-        for name in re.findall(r"\{([^}]*)\}", master["log_file"]):
-            if name not in _LOG_PLACEHOLDERS:
-                errors.add(
-                    f"unknown log_file placeholder '{{{name}}}'; known: "
-                    "{timestamp}, {config}, {run_id}",
-                    path,
-                    "[Master] log_file",
-                    master["log_file"],
-                )
+        for problem in _log_file_problems(master["log_file"]):
+            errors.add(problem, path, "[Master] log_file", master["log_file"])
     return master
+
+
+def _log_file_problems(template: str) -> list[str]:
+    """What the runner's expansion of a ``log_file`` template would trip on: unknown or malformed
+    placeholders, a NUL byte, no file name (docs/reliability.md#config-fuzzing)."""
+    if not template:  # the default is used
+        return []
+    if "\0" in template:
+        return ["log_file must not contain a NUL character"]
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        return [f"malformed log_file template ({exc}); write a literal brace as {{{{ or }}}}"]
+    unknown = [
+        f"unknown log_file placeholder '{{{name}}}'; known: {{timestamp}}, {{config}}, {{run_id}}"
+        for name in names
+        if name not in _LOG_PLACEHOLDERS
+    ]
+    if unknown:
+        return unknown
+    try:
+        expanded = template.format(timestamp="t", config="c", run_id="r")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return [f"malformed log_file template ({type(exc).__name__}: {exc})"]
+    if Path(expanded).name in ("", ".", ".."):
+        return ["log_file must name a file, not a directory"]
+    return []

@@ -23,6 +23,7 @@ that signature. A constraint on a single parameter is part of its annotation::
 from __future__ import annotations
 
 import collections.abc as cabc
+import functools
 import inspect
 import math
 import typing
@@ -63,6 +64,8 @@ class Range:
             return None
         if isinstance(value, float) and math.isnan(value):
             return "must not be NaN"
+        if isinstance(value, float) and math.isinf(value):
+            return "must be finite"
         for bound, ok, text in (
             (self.ge, lambda b: value >= b, ">="),
             (self.gt, lambda b: value > b, ">"),
@@ -158,6 +161,10 @@ def check_value(value: Any, annotation: Any) -> str | None:
     if isinstance(annotation, type):
         if annotation in (int, float, str, bool, list, tuple, dict) and not _is_instance(value, annotation):
             return f"must be {annotation_text(annotation)}, got {type(value).__name__} {value!r}"
+        if (
+            annotation is str and "\0" in value
+        ):  # no path or name holds one (docs/reliability.md#config-fuzzing)
+            return f"must not contain a NUL character, got {value!r}"
         return None
     return None
 
@@ -243,7 +250,17 @@ class ParamInfo:
 
 
 def class_parameters(cls: type) -> tuple[dict[str, ParamInfo], bool]:
-    """Parameters of ``cls.__init__`` (without ``self``) and whether it accepts ``**kwargs``."""
+    """Parameters of ``cls.__init__`` (without ``self``) and whether it accepts ``**kwargs``.
+
+    Read once per class: resolving the string annotations is most of a config check's time
+    (docs/reliability.md#config-fuzzing).
+    """
+    params, var_kw = _class_parameters(cls)
+    return dict(params), var_kw
+
+
+@functools.cache
+def _class_parameters(cls: type) -> tuple[dict[str, ParamInfo], bool]:
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):

@@ -14,7 +14,14 @@ from typing import Any
 from modules.pipeline_control.base import BaseCOMAPModule, MapJob, PipelineStage, StreamingStage
 from utils.errors import ConfigError
 
-__all__ = ["DEFAULT_MODULE_PREFIX", "KIND_TEXT", "check_allowed", "module_kind", "resolve_callee"]
+__all__ = [
+    "DEFAULT_MODULE_PREFIX",
+    "KIND_TEXT",
+    "abstract_module",
+    "check_allowed",
+    "module_kind",
+    "resolve_callee",
+]
 
 DEFAULT_MODULE_PREFIX = "modules."
 
@@ -45,6 +52,9 @@ def resolve_callee(
     ``pkg.Name.Name`` and ``pkg.Name.Name.Name`` work (docs/configuration.md#call-strings rule 5).
     """
     parts = path.split(".")
+    if any(part.startswith("_") for part in parts):
+        # __base__, __class__, _private: never a listed module (docs/reliability.md#config-fuzzing)
+        raise ConfigError("a module path may not use names starting with '_'", file, where, text)
     obj: Any = None
     for i in range(len(parts), 0, -1):
         modname = ".".join(parts[:i])
@@ -81,6 +91,16 @@ def resolve_callee(
     if not isinstance(obj, type):
         raise ConfigError(f"{path} is not a class", file, where, text)
     return obj
+
+
+_BASE_CLASSES = (BaseCOMAPModule, StreamingStage, PipelineStage, MapJob)
+
+
+def abstract_module(cls: type) -> bool:
+    """True for a base class a pipeline module derives from (``BaseCOMAPModule``, ``MapProduct``, ...),
+    which ``run.py --list-modules`` does not list and a config may not name
+    (docs/reliability.md#config-fuzzing)."""
+    return cls in _BASE_CLASSES or bool(vars(cls).get("__abstract_module__", False))
 
 
 def module_kind(cls: type) -> str | None:
