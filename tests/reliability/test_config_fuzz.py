@@ -856,7 +856,7 @@ _CLI_LOOP = textwrap.dedent(
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = cli.main([path, "--dry-run"])
+                status = cli.main([path, "--dry-run", "--create-db"])
             except SystemExit as exc:
                 status = exc.code
             except BaseException:
@@ -922,8 +922,10 @@ def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProce
 
 
 def test_generated_configs_through_run_py_print_no_traceback(tmp_path):
-    """Thirty generated configs through the CLI entry point with ``--dry-run`` (in one process),
-    and a few of them through ``run.py`` itself: exit 0 or 2, never a traceback on the console."""
+    """Thirty generated configs through the CLI entry point with ``--dry-run --create-db`` (in one
+    process; the workspace has no database yet, and only ``--create-db`` lets a level-2 or map plan
+    start from none), and a few of them through ``run.py`` itself: exit 0 or 2, never a traceback
+    on the console."""
     paths = _generated_run_files(tmp_path)
     proc = _run([sys.executable, "-c", _CLI_LOOP, *map(str, paths)], tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -938,7 +940,11 @@ def test_generated_configs_through_run_py_print_no_traceback(tmp_path):
             assert lines, r["err"]
     assert statuses[0] >= 3 and statuses[2] >= 3, statuses  # both outcomes are exercised
     for path in paths[:: max(1, len(paths) // N_RUN_PY)][:N_RUN_PY]:
-        proc = _run([sys.executable, str(REPO / "run.py"), str(path), "--dry-run"], tmp_path, timeout=120)
+        proc = _run(
+            [sys.executable, str(REPO / "run.py"), str(path), "--dry-run", "--create-db"],
+            tmp_path,
+            timeout=120,
+        )
         assert proc.returncode in (0, 2), (path, proc.returncode, proc.stderr[-2000:])
         assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
