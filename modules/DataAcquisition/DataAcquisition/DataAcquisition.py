@@ -61,6 +61,7 @@ from modules.pipeline_control.logging_setup import Progress, obsid_context
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import DbOp, db
+from utils import faults
 from utils.errors import BadCOMAPFile
 
 log = logging.getLogger("comap.DataAcquisition")
@@ -441,6 +442,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
         self._finished.add(obsid)
         with obsid_context(obsid):
             if fr.status == "done":
+                faults.checkpoint("acquisition.arrived")
                 ops = [DbOp("upsert_observation", (fr.row,), {})] if (self.register and fr.row) else []
                 db.apply(
                     ops,
