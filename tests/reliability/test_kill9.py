@@ -311,3 +311,78 @@ def test_killed_under_mpi_then_resumed(tmp_path, reference, small_archive):
     assert any("on 2 MPI ranks" in r.output for r in runs), runs[0].output[-2000:]
     _finish_and_compare(root, reference[0])
     print(f"{len(runs)} MPI kills survived in {time.monotonic() - t0:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces: the hook itself, partial files of dead writers
+# --------------------------------------------------------------------------------------------------
+HOOK_SCRIPT = """
+import sys
+from utils import faults
+for i in range(int(sys.argv[1])):
+    faults.checkpoint(sys.argv[2])
+print("survived", flush=True)
+"""
+
+
+def _hook(tmp_path: Path, n: int, event: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("COMAP_FAULT_")}
+    return subprocess.run(
+        [sys.executable, "-c", HOOK_SCRIPT, str(n), event],
+        env={**base, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
+
+
+def test_the_hook_counts_over_processes_and_kills_at_the_nth_event(tmp_path):
+    counter = str(tmp_path / "events")
+    assert _hook(tmp_path, 3, "fits.write").stdout == "survived\n"  # off: nothing recorded
+    assert not (tmp_path / "events").exists() and not Path(faults.DEFAULT_COUNTER).exists()
+    for _ in range(2):  # two processes of one run share the count
+        res = _hook(
+            tmp_path, 2, "fits.write", COMAP_FAULT_COUNTER=counter, COMAP_FAULT_KILL_AT="fits.write:5"
+        )
+        assert res.returncode == 0, res.stderr
+    res = _hook(tmp_path, 3, "fits.write", COMAP_FAULT_COUNTER=counter, COMAP_FAULT_KILL_AT="fits.write:5")
+    assert res.returncode == -signal.SIGKILL and res.stdout == ""
+    assert [ln.split()[0] for ln in Path(counter).read_text().splitlines()] == ["fits.write"] * 5
+    res = _hook(tmp_path, 1, "fits.write", COMAP_FAULT_KILL_AT="fits.wrote:1")
+    assert res.returncode == 1 and "expected <event>:<N>" in res.stderr
+
+
+def test_partial_files_of_dead_writers_are_removed(tmp_path):
+    from modules.pipeline_control import jobs
+
+    final = tmp_path / "calibration_model.json"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    names = [
+        f".{final.name}.partial-{dead_pid}",  # a killed run of this host: removed
+        f".{final.name}.partial-{jobs.HOST}-{dead_pid}",  # the same, level-2 style: removed
+        f".{final.name}.partial-{os.getpid()}",  # a live writer: kept
+        f".{final.name}.partial-elsewhere-{dead_pid}",  # another host's: kept
+    ]
+    for name in names:
+        (tmp_path / name).write_text("{")
+    removed = jobs.remove_orphaned_partials(final)
+    assert sorted(p.name for p in removed) == sorted(names[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+def test_two_runs_of_the_same_second_claim_their_own_files(tmp_path):
+    from modules.pipeline_control.run_files import claim
+
+    log = tmp_path / "logs" / "2026-03-01_12-00-00_main.log"
+    assert claim(log, "2026-03-01_12-00-00-aaaa1111") == log
+    assert claim(log, "2026-03-01_12-00-00-bbbb2222") == log.with_name(
+        "2026-03-01_12-00-00_main_bbbb2222.log"
+    )
+    dump = tmp_path / "logs" / "2026-03-01_12-00-00_main.resolved.toml"
+    assert claim(dump, "x-aaaa1111", suffix=".resolved.toml") == dump
+    other = claim(dump, "x-bbbb2222", suffix=".resolved.toml")
+    assert other.name == "2026-03-01_12-00-00_main_bbbb2222.resolved.toml" and other.exists()
