@@ -34,8 +34,9 @@ def _insert_if_missing(s: Session, model: Any, row: dict[str, Any]) -> bool:
     transaction inserted it. Two runs registering the same observation at once then meet at the row
     (the second waits for the first to commit and leaves the row alone) instead of the second failing
     with a duplicate key (docs/reliability.md#concurrent-runs)."""
-    stmt = postgresql.insert(model.__table__).values(**row).on_conflict_do_nothing(index_elements=["obsid"])
-    return s.execute(stmt).rowcount == 1
+    table = model.__table__
+    stmt = postgresql.insert(table).values(**row).on_conflict_do_nothing(index_elements=["obsid"])
+    return s.execute(stmt.returning(table.c.obsid)).first() is not None
 
 
 class ObservationWrites(DeferredWrites):
