@@ -129,8 +129,8 @@ class Run:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COMAP_FAULT_")}
         env["PYTHONPATH"] = str(REPO)
         env.pop("COLUMNS", None)
-        # One OpenMP thread: threaded sums (the destriper's) end in an order that varies from run to run,
-        # which would make the maps of two identical runs differ in their last bits.
+        # One OpenMP thread: threaded sums end in an order that varies from run to run, which makes the
+        # destriper residual and segment noise of two identical runs' maps differ in their last bits.
         env["OMP_NUM_THREADS"] = "1"
         env[faults.ENV_COUNTER] = str(self.events_file)
         if point is not None:
