@@ -258,14 +258,29 @@ def reference(tmp_path_factory, small_archive):
     return root, run
 
 
+def _claimed(root: Path) -> set[tuple[int, str, int]]:
+    """(obsid, stage, pid) of every job marked running."""
+    if not (root / "db.sqlite").exists():
+        return set()
+    with sqlite3.connect(root / "db.sqlite") as con:
+        rows = con.execute("SELECT obsid, stage, pid FROM processing_jobs WHERE status = 'running'")
+        return {(int(o), str(s), int(p or 0)) for o, s, p in rows}
+
+
 def _chain(root: Path, points: list[str], *, mpi: bool) -> list[Run]:
     runs = []
+    stale: set[tuple[int, str, int]] = set()
     for point in points:
         run = Run(root, point, mpi=mpi)
         runs.append(run)
         print(run.describe().split("\n", 1)[0][:400], f"({run.seconds:.1f} s)")
         assert run.killed, run.describe()
         _check_after_kill(root, f"after the kill at {point}")
+        claimed = _claimed(root)
+        if any(e.startswith("level2.") for e in run.events):  # this run claimed its level-2 jobs
+            held = {job for job in claimed & stale if job[1] == "level2"}
+            assert not held, f"{point}: jobs of a killed run still claimed after the next claim: {held}"
+        stale = claimed  # held by the processes just killed
     return runs
 
 
