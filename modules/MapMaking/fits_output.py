@@ -163,10 +163,17 @@ def write_atomic_fits(path: str | Path, hdus) -> Path:
 
 
 def remove_stale_partials(path: str | Path) -> None:
-    """Delete ``<name>.partial-*`` files left by an interrupted write of ``path``."""
+    """Delete ``<name>.partial-<pid>`` files left by an interrupted write of ``path``: those of processes
+    of this host that are no longer alive. A live writer's file (another run making the same output at
+    once) is kept (docs/reliability.md#concurrent-runs)."""
+    from modules.pipeline_control.jobs import pid_alive
+
     path = Path(path)
     if path.parent.is_dir():
         for p in path.parent.glob(f"{path.name}.partial-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
             try:
                 p.unlink()
             except OSError:

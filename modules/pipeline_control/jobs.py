@@ -56,7 +56,8 @@ def remove_staging_files(final: str | Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +75,7 @@ def remove_orphaned_partials(final: str | Path) -> list[Path]:
     for p in staging_files(final):
         owner = p.name[len(f".{Path(final).name}.partial-") :]
         host, _, pid = owner.rpartition("-")
-        if not pid.isdigit() or host not in ("", HOST) or _alive(int(pid)):
+        if not pid.isdigit() or host not in ("", HOST) or pid_alive(int(pid)):
             continue
         try:
             p.unlink()

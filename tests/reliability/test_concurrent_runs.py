@@ -209,3 +209,18 @@ def test_two_runs_register_the_same_observations_at_once(pg_server, pg_url):
         assert sorted(s["obsid"] for s in db.query_observation_summaries()) == obsids
     finally:
         db.disconnect()
+
+
+def test_a_live_writers_partial_map_is_kept(tmp_path):
+    """Two runs making the same map at once: the second must not delete the first one's temporary file
+    (its rename would fail); a dead process's file goes."""
+    from modules.MapMaking.fits_output import remove_stale_partials
+
+    code = "import os; print(os.getpid())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # a pid now free
+    final = tmp_path / "GField30_band1_ch0_feed01to03.fits"
+    live, dead = (final.with_name(f"{final.name}.partial-{pid}") for pid in (os.getpid(), int(child.stdout)))
+    for p in (live, dead):
+        p.write_bytes(b"SIMPLE")
+    remove_stale_partials(final)
+    assert live.exists() and not dead.exists()
