@@ -355,10 +355,15 @@ class Dispatcher:
         return result
 
     def _make_output(self, job: Any, path: Path, config_sha: str, make, result: StageResult) -> bool:
-        """Make one output file unless it already carries ``config_sha``; a failure is recorded
-        and the others go on. Returns whether the file is there (made or up to date)."""
+        """Make one output file unless it already carries ``config_sha`` (and has its quicklook PNG,
+        which a run killed between the two did not write: docs/reliability.md#killed-at-any-point); a
+        failure is recorded and the others go on. Returns whether the file is there (made or up to date)."""
         name = path.name
-        if not (job.overwrite or self.context.force) and path.exists() and read_configsha(path) == config_sha:
+        up_to_date = path.exists() and read_configsha(path) == config_sha
+        if up_to_date and getattr(job, "quicklook", False) and not path.with_suffix(".png").exists():
+            self.log.info("%s has no quicklook PNG; making it again", name)
+            up_to_date = False
+        if not (job.overwrite or self.context.force) and up_to_date:
             self.log.info("%s is up to date", name)
             result.skipped += 1
             return True

@@ -21,6 +21,7 @@ import numpy as np
 from modules.MapMaking.fits_metadata import merge_obslists, obslist_hdu
 from modules.pipeline_control.config import dump_toml
 from modules.pipeline_control.provenance import code_version, fits_history_cards
+from utils import faults
 from utils.wcs import MapGeometry
 
 MASK_NEVER_HIT = 1
@@ -152,7 +153,9 @@ def write_atomic_fits(path: str | Path, hdus) -> Path:
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        faults.checkpoint("fits.write")
         os.replace(tmp, path)
+        faults.checkpoint("fits.written")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -160,10 +163,17 @@ def write_atomic_fits(path: str | Path, hdus) -> Path:
 
 
 def remove_stale_partials(path: str | Path) -> None:
-    """Delete ``<name>.partial-*`` files left by an interrupted write of ``path``."""
+    """Delete ``<name>.partial-<pid>`` files left by an interrupted write of ``path``: those of processes
+    of this host that are no longer alive. A live writer's file (another run making the same output at
+    once) is kept (docs/reliability.md#concurrent-runs)."""
+    from modules.pipeline_control.jobs import pid_alive
+
     path = Path(path)
     if path.parent.is_dir():
         for p in path.parent.glob(f"{path.name}.partial-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
             try:
                 p.unlink()
             except OSError:
@@ -256,10 +266,9 @@ def write_map_fits(
     if segment_table is not None:
         hdus.append(segment_noise_hdu(segment_table))
     remove_stale_partials(path)
-    out = write_atomic_fits(path, hdus)
-    if resolved_config is not None:
-        write_config_beside(out, resolved_config)
-    return out
+    if resolved_config is not None:  # before the FITS file, whose appearance marks the job done
+        write_config_beside(path, resolved_config)
+    return write_atomic_fits(path, hdus)
 
 
 SEGNOISE_UNITS = {"sigma_white": "K", "sigma_red": "K", "fknee_hz": "Hz", "level2_auto_rms": "K"}
@@ -437,12 +446,14 @@ def write_cube_fits(
         if info.segments is not None:
             table = obslist_hdu(info.segments)
             fits.append(tmp, table.data, header=table.header)
+        if resolved_config is not None:  # before the FITS file, whose appearance marks the job done
+            write_config_beside(path, resolved_config)
+        faults.checkpoint("cube.write")
         os.replace(tmp, path)
+        faults.checkpoint("cube.written")
     finally:
         if tmp.exists():
             tmp.unlink()
-    if resolved_config is not None:
-        write_config_beside(path, resolved_config)
     return path
 
 

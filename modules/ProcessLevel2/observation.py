@@ -25,6 +25,7 @@ from modules.pipeline_control.logging_setup import obsid_context
 from modules.pipeline_control.Pipeline import StreamingStage
 from modules.pipeline_control.streaming import ObservationContext, observation, run_streaming_group
 from modules.SQLModule.SQLModule import COMAPData, db
+from utils import faults
 from utils.disk import is_no_space, no_space_reason
 from utils.errors import BadCOMAPFile
 from utils.h5io import RetryH5PY
@@ -207,6 +208,7 @@ def _run_modules(ctx: ObservationContext, modules: list[Any], result: Observatio
             ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - t0
             ctx.invalidate()
             result.modules_run.append(name)
+            faults.checkpoint("level2.staged")
         else:
             active = [not _done(s, file_info) for s in group]
             if not any(active):
@@ -215,6 +217,7 @@ def _run_modules(ctx: ObservationContext, modules: list[Any], result: Observatio
             run_streaming_group(ctx, group, active)
             ctx.invalidate()
             result.modules_run.extend(type(s).__name__ for s, a in zip(group, active) if a)
+            faults.checkpoint("level2.staged")
     return True
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from modules.SQLModule.values import _one_line
+from utils import faults
 from utils.errors import DatabaseError
 
 LOCK_RETRIES: int = 5
@@ -128,6 +129,7 @@ def make_engine(
     -------
     sqlalchemy.engine.Engine
     """
+    faults.watch_commits()  # test-only; off unless set (docs/developer.md#fault-injection-hook)
     is_sqlite = url.get_backend_name() == "sqlite"
     if not is_sqlite:
         engine = create_engine(url, echo=echo, pool_pre_ping=True)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import delete, inspect, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from modules.SQLModule.deferred import DeferredWrites, write_op
@@ -26,6 +27,16 @@ from modules.SQLModule.source_groups import classify
 from modules.SQLModule.values import _clean, _first_line, _int, _nonempty, mjd_from_utc_start, utcnow
 
 log = logging.getLogger("comap.db")
+
+
+def _insert_if_missing(s: Session, model: Any, row: dict[str, Any]) -> bool:
+    """PostgreSQL: ``INSERT ... ON CONFLICT DO NOTHING`` of ``row`` into ``model``'s table; True if this
+    transaction inserted it. Two runs registering the same observation at once then meet at the row
+    (the second waits for the first to commit and leaves the row alone) instead of the second failing
+    with a duplicate key (docs/reliability.md#concurrent-runs)."""
+    table = model.__table__
+    stmt = postgresql.insert(table).values(**row).on_conflict_do_nothing(index_elements=["obsid"])
+    return s.execute(stmt.returning(table.c.obsid)).first() is not None
 
 
 class ObservationWrites(DeferredWrites):
@@ -87,15 +98,21 @@ class ObservationWrites(DeferredWrites):
                     "obsid %d: cannot parse utc_start %r; mjd_start left empty", obsid, values["utc_start"]
                 )
                 values["mjd_start"] = None
-        obs = s.get(COMAPData, obsid)
-        if "source" in values and "source_group" not in values:
-            comment = values.get("comment", obs.comment if obs is not None else "")
-            values["source"], values["source_group"] = classify(values["source"], comment)
         now = utcnow()
-        created = obs is None
-        if created:
-            obs = COMAPData(obsid=obsid, registered_utc=now)
-            s.add(obs)
+        created = None
+        if s.get_bind().dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already excludes the race
+            created = _insert_if_missing(s, COMAPData, {"obsid": obsid, "registered_utc": now})
+            obs = s.get(COMAPData, obsid, populate_existing=True, with_for_update=True)
+        else:
+            obs = s.get(COMAPData, obsid)
+        if "source" in values and "source_group" not in values:
+            comment = values.get("comment", obs.comment if obs is not None and not created else "")
+            values["source"], values["source_group"] = classify(values["source"], comment)
+        if created is None:
+            created = obs is None
+            if created:
+                obs = COMAPData(obsid=obsid, registered_utc=now)
+                s.add(obs)
         for key, value in values.items():
             setattr(obs, key, value)
         obs.updated_utc = now
@@ -105,14 +122,16 @@ class ObservationWrites(DeferredWrites):
                 select(ProcessingJob).where(ProcessingJob.obsid == obsid, ProcessingJob.stage == "level2")
             )
             status = "pending" if job is None else ("complete" if job.status == "done" else job.status)
-            s.add(
-                ObservationSummary(
-                    obsid=obsid,
-                    processing_status=status,
-                    processing_error=None if job is None else job.error,
-                    updated_utc=now,
-                )
+            row = dict(
+                obsid=obsid,
+                processing_status=status,
+                processing_error=None if job is None else job.error,
+                updated_utc=now,
             )
+            if s.get_bind().dialect.name == "postgresql":
+                _insert_if_missing(s, ObservationSummary, row)
+            else:
+                s.add(ObservationSummary(**row))
         return created
 
     def update_observation_summary(self, obsid: int, **cols: Any) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from utils import faults
+
 log = logging.getLogger("comap.jobs")
 
 HOST = socket.gethostname()
@@ -51,6 +53,37 @@ def remove_staging_files(final: str | Path) -> list[Path]:
             pass
     if removed:
         log.info("removed %d stale staging file(s) for %s", len(removed), Path(final).name)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphaned_partials(final: str | Path) -> list[Path]:
+    """Delete ``.<name>.partial-[<host>-]<pid>`` files of ``final`` whose writer, a process of this
+    host, is dead: what a killed run leaves (docs/reliability.md#killed-at-any-point). A partial file of a
+    live process, or of another host, is kept."""
+    removed = []
+    for p in staging_files(final):
+        owner = p.name[len(f".{Path(final).name}.partial-") :]
+        host, _, pid = owner.rpartition("-")
+        if not pid.isdigit() or host not in ("", HOST) or pid_alive(int(pid)):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d partial file(s) of %s left by dead processes", len(removed), Path(final).name)
     return removed
 
 
@@ -97,8 +130,10 @@ def publish(staging: str | Path, final: str | Path) -> Path:
     """``fsync`` the staging file, ``os.replace`` it onto ``final`` and ``fsync`` the directory."""
     staging, final = Path(staging), Path(final)
     fsync_file(staging)
+    faults.checkpoint("level2.publish")
     os.replace(staging, final)
     fsync_dir(final.parent)
+    faults.checkpoint("level2.published")
     return final
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modules.pipeline_control import run_files
 from modules.pipeline_control.base import PipelineStage, RunContext, StageResult
 from modules.pipeline_control.config import RunConfig, dump_toml, load_run_config
 from modules.pipeline_control.logging_setup import RunLogging, setup_logging
@@ -202,6 +203,7 @@ def _coordinate(request: RunRequest, overrides: dict[str, Any]) -> int:
         print_config_errors(ConfigErrors(problems))
         return EXIT_CONFIG
     try:
+        log_path = run_files.claim(log_path, request.run_id)  # a run of the same second has its own
         run_logging = setup_logging(log_path, request.log_level, console=request.console)
     except OSError as exc:
         print_config_errors(ConfigError(f"cannot write the log file {log_path}: {exc}", str(config_path)))
@@ -247,6 +249,7 @@ def _run(run_config: RunConfig, run_logging: RunLogging, request: RunRequest) ->
         dump_path = (
             run_logging.log_file.parent if run_logging.log_file else Path("logs")
         ) / f"{timestamp}_{config_file.stem}.resolved.toml"
+        dump_path = run_files.claim(dump_path, run_id, suffix=".resolved.toml")
         dump_toml(run_config.resolved_dict(), dump_path)
         log.info("resolved configuration written to %s", dump_path)
 

@@ -5,9 +5,9 @@
 Used to check that a change of code keeps what the pipeline writes. Files are matched by their path
 relative to each tree. Every HDF5 dataset is compared value by value (NaN equals NaN) together with
 its dtype, shape and attributes; every FITS HDU by data and header; JSON files key by key.
-Provenance and time stamps (code version, creation times, resolved parameters, file paths) are not
-compared. Pointing datasets (``*_ra``, ``*_dec``, ``*_az``, ``*_el`` in degrees) may differ by at
-most ``--atol-arcsec`` (default 0: bit identity).
+Provenance and time stamps (code version, creation times, resolved parameters, file paths, wall-clock
+durations) are not compared. Pointing datasets (``*_ra``, ``*_dec``, ``*_az``, ``*_el`` in degrees) may
+differ by at most ``--atol-arcsec`` (default 0: bit identity).
 
 Exit status 0 when the trees agree, 1 when they differ, 2 on usage errors.
 """
@@ -55,6 +55,7 @@ PROVENANCE_KEYS = frozenset(
         "COMAP CONFIGSHA",
         "COMAP VERSION",
         "CONFIGSHA",
+        "NOISE TIME",  # wall-clock seconds of the map-noise realisations
     }
 )
 POINTING_SUFFIXES = ("_ra", "_dec", "_az", "_el")

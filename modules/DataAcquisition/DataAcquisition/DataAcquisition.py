@@ -61,6 +61,7 @@ from modules.pipeline_control.logging_setup import Progress, obsid_context
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import DbOp, db
+from utils import faults
 from utils.disk import free_space_shortfall
 from utils.errors import BadCOMAPFile
 
@@ -475,6 +476,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
         self._finished.add(obsid)
         with obsid_context(obsid):
             if fr.status == "done":
+                faults.checkpoint("acquisition.arrived")
                 ops = [DbOp("upsert_observation", (fr.row,), {})] if (self.register and fr.row) else []
                 if ops:  # a verified copy ends an earlier "unusable level-1 file" record
                     ops.append(DbOp("reset_failed", (LEVEL1_JOB, [obsid]), {}))

@@ -16,10 +16,11 @@ import numpy as np
 from numpy.polynomial import polynomial as P
 from numpy.typing import NDArray
 
-from modules.pipeline_control import provenance
+from modules.pipeline_control import jobs, provenance
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import PipelineStage, StageResult
 from modules.SQLModule.SQLModule import db
+from utils import faults
 from utils.calibrators import DAYS_PER_YEAR, MODEL_TYPES, canonical_name, flux_jy
 
 log = logging.getLogger("comap.CalibrationModel")
@@ -483,12 +484,15 @@ class CalibrationModel(PipelineStage):
             "inputs_sha256": inputs_sha,
             "elements": elements,
         }
+        jobs.remove_orphaned_partials(path)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(_json_safe(doc), fh, indent=1, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
+        faults.checkpoint("calibration.write")
         os.replace(tmp, path)
+        faults.checkpoint("calibration.written")
         log.info("wrote %s (%d elements)", path, len(elements))
         return path
 
