@@ -20,6 +20,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from modules.pipeline_control import signals
+
 log = logging.getLogger("comap.jobs")
 
 HOST = socket.gethostname()
@@ -65,10 +67,13 @@ def prepare_staging(final: str | Path, *, start_from_published: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_staging_files(final)
     staging = staging_path(final)
+    signals.own(staging)  # removed if this worker is stopped (docs/reliability.md#signals)
     if start_from_published and final.exists():
         tmp = staging.with_name(staging.name + ".copy")
+        signals.own(tmp)
         shutil.copyfile(final, tmp)
         os.replace(tmp, staging)
+        signals.disown(tmp)
     return staging
 
 
@@ -98,6 +103,7 @@ def publish(staging: str | Path, final: str | Path) -> Path:
     staging, final = Path(staging), Path(final)
     fsync_file(staging)
     os.replace(staging, final)
+    signals.disown(staging)
     fsync_dir(final.parent)
     return final
 
@@ -107,6 +113,7 @@ def discard(staging: str | Path | None) -> None:
     if staging is None:
         return
     for p in (Path(staging), Path(str(staging) + ".copy")):
+        signals.disown(p)
         try:
             p.unlink()
         except FileNotFoundError:
