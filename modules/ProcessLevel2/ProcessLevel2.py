@@ -469,7 +469,8 @@ class Level2Pipeline(PipelineStage):
         if nprocess > 1 and ctx.logging is not None:
             import multiprocessing
 
-            log_queue = ctx.logging.start_queue(multiprocessing.get_context("spawn"))
+            with signals.spawning():  # the queue may start multiprocessing's resource tracker
+                log_queue = ctx.logging.start_queue(multiprocessing.get_context("spawn"))
         executor = make_executor(nprocess, log_queue=log_queue, log_level=ctx.log_level, world=world)
 
         ordered = self._order(tasks)

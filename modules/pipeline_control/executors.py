@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from modules.pipeline_control.signals import pool_worker_signals, stop_signal_received
+from modules.pipeline_control.signals import pool_worker_signals, spawning, stop_signal_received
 
 log = logging.getLogger("comap.executors")
 
@@ -210,7 +210,8 @@ class LocalPoolExecutor:
             ),
             daemon=True,
         )
-        proc.start()
+        with spawning():  # docs/reliability.md#signals
+            proc.start()
         child.close()
         return _Worker(proc, parent)
 

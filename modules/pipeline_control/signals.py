@@ -185,6 +185,24 @@ def die_with_parent(parent_pid: int | None) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+_CHILD_BLOCKED = {signal.SIGINT, signal.SIGHUP, DRAIN_SIGNAL}
+
+
+@contextlib.contextmanager
+def spawning() -> Iterator[None]:
+    """Block SIGINT, SIGHUP and SIGUSR1 while child processes are started: a child inherits the
+    mask, so one that receives them (Slurm signals every process of the job step) before it has
+    installed its own handlers does not die of them; :func:`pool_worker_signals` unblocks them."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_BLOCKED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _worker_term(signum: int, frame) -> None:
     remove_owned()
     os._exit(128 + signum)
@@ -194,9 +212,11 @@ def pool_worker_signals(parent_pid: int | None) -> None:
     """Signals of a local pool worker: SIGINT, SIGHUP and SIGUSR1 are the coordinator's business and
     ignored; SIGTERM removes the worker's staging files and exits with 143; the worker dies with its
     coordinator."""
-    for s in (signal.SIGINT, signal.SIGHUP, DRAIN_SIGNAL):
+    for s in _CHILD_BLOCKED:
         signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_term)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_BLOCKED)  # see spawning()
     die_with_parent(parent_pid)
 
 
@@ -237,6 +257,7 @@ __all__ = [
     "rank_signals",
     "remove_owned",
     "reset",
+    "spawning",
     "stop_after_stage",
     "stop_signal_received",
 ]

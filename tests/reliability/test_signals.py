@@ -28,6 +28,9 @@ import psutil
 import pytest
 from components import mpi_environment, mpiexec_path
 
+from modules.pipeline_control import signals
+from modules.pipeline_control.executors import LocalPoolExecutor
+
 REPO = Path(__file__).resolve().parents[2]
 
 HOLD_PACKAGE = '''
@@ -276,6 +279,19 @@ def interrupted(ws, mode: str, point, signum: int, *, group: bool = False) -> No
         assert "jobs returned to pending" in run.output, run.output[-3000:]
 
 
+def coordinator_killed(ws, mode: str) -> None:
+    """SIGKILL to the coordinator alone while its workers hold observations: the workers die with it;
+    the jobs stay ``running`` and the staging files stay, for the next run to take back and remove."""
+    run = Run(ws, mode)
+    staging(ws, run)
+    held = started(ws)
+    run.send(signal.SIGKILL)
+    code = run.finish()
+    release(ws)
+    assert code == -signal.SIGKILL
+    assert {jobs(ws)[o] for o in held} == {"running"} and ws.staging_files()
+
+
 def drained(ws, mode: str) -> None:
     """SIGUSR1 while every worker holds an observation: those finish, nothing new starts, the run stops
     after Level2Pipeline with exit 75."""
@@ -326,6 +342,7 @@ def test_serial(ws):
 def test_pool(ws):
     interrupted(ws, "pool", staging, signal.SIGTERM, group=True)  # as Slurm, systemd, docker stop send it
     interrupted(ws, "pool", first_published, signal.SIGINT)
+    coordinator_killed(ws, "pool")
     drained(ws, "pool")  # the second observation finishes; the stage after Level2Pipeline does not start
     completes(ws, "pool")
 
@@ -336,3 +353,54 @@ def test_mpi(ws):
     interrupted(ws, "mpi", staging, signal.SIGTERM, group=True)  # mpiexec forwards it to every rank
     drained(ws, "mpi")
     completes(ws, "mpi")
+
+
+def _hold_a_file(item: tuple[str, str]) -> str:
+    """Pool task: own and write ``path``, write ``marker`` (the pid), wait while it exists."""
+    path, marker = (Path(p) for p in item)
+    signals.own(path)
+    path.write_text("staging")
+    marker.write_text(str(os.getpid()))
+    while marker.exists():
+        time.sleep(0.02)
+    signals.disown(path)
+    path.unlink()
+    return "finished"
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_worker_and_its_signals(tmp_path):
+    """A pool worker survives SIGINT, SIGHUP and SIGUSR1 (its coordinator's to handle) and finishes its
+    item; on SIGTERM it removes the file it owns and exits with 143, and the coordinator stops as if it
+    had received the SIGTERM itself."""
+    staging_file, marker = tmp_path / "staging", tmp_path / "marker"
+    pool = LocalPoolExecutor(1)
+    try:
+        pool.start(_hold_a_file)
+        for stop in (False, True):
+            pool.submit(stop, (str(staging_file), str(marker)))
+            deadline = time.monotonic() + TIMEOUT_S
+            while not (marker.exists() and marker.read_text()):
+                assert time.monotonic() < deadline, "the worker never started its item"
+                time.sleep(0.02)
+            pid = int(marker.read_text())
+            if not stop:
+                for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                    os.kill(pid, signum)  # delivered before the worker can see the marker go
+                marker.unlink()
+                outcome = pool.wait(timeout=TIMEOUT_S)
+                assert outcome is not None and outcome.result == "finished", outcome
+                assert not staging_file.exists()
+            else:
+                (worker,) = (w.process for w in pool._workers if w.process.pid == pid)
+                os.kill(pid, signal.SIGTERM)
+                with pytest.raises(signals.Interrupted) as exc:
+                    pool.wait(timeout=TIMEOUT_S)
+                assert exc.value.signum == signal.SIGTERM
+                assert worker.exitcode == 128 + signal.SIGTERM
+                assert not staging_file.exists()
+                assert signals.interrupt_status() == 143
+    finally:
+        pool.shutdown(terminate=True)
+        marker.unlink(missing_ok=True)
+        signals.reset()
