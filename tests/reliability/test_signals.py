@@ -404,3 +404,37 @@ def test_a_pool_worker_and_its_signals(tmp_path):
         pool.shutdown(terminate=True)
         marker.unlink(missing_ok=True)
         signals.reset()
+
+
+def test_the_coordinator_handlers():
+    """In the coordinator a stop signal raises Interrupted carrying its number (exit 128 + signum), a
+    second one is ignored while the first is handled, SIGUSR1 only sets the drain flag, and the previous
+    handlers are back afterwards."""
+    before = {s: signal.getsignal(s) for s in (*signals.STOP_SIGNALS, signals.DRAIN_SIGNAL)}
+    with signals.coordinator_signals():
+        os.kill(os.getpid(), signals.DRAIN_SIGNAL)
+        assert signals.drain_requested()
+        with pytest.raises(signals.Interrupted) as exc:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler raises on the next bytecode; the sleep never ends
+        assert exc.value.signum == signal.SIGHUP and signals.interrupt_status() == 129
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the run is already stopping
+        assert signals.interrupt_status() == 129
+    assert {s: signal.getsignal(s) for s in before} == before
+    signals.reset()
+
+
+def test_a_drained_map_making_stage_starts_no_map_job():
+    """SIGUSR1 before a map-making stage's next job: no job starts, and the run stops after the stage."""
+    from modules.MapMaking.dispatch import Dispatcher
+
+    class NeverMade:
+        def instantiate(self):
+            raise AssertionError("a map job was started after the drain")
+
+    with signals.coordinator_signals():
+        os.kill(os.getpid(), signals.DRAIN_SIGNAL)
+        result = Dispatcher("MapMaking", "map").run([NeverMade(), NeverMade()], {})
+        assert result.done == 0 and result.failed == 0
+        assert signals.stop_after_stage(last=True) and signals.drained()
+    signals.reset()
