@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modules.pipeline_control.executors import LocalPoolExecutor, PoolInitError, TaskOutcome, _map_unordered
-from modules.pipeline_control.signals import rank_signals
+from modules.pipeline_control.signals import collective_step, rank_signals
 
 log = logging.getLogger("comap.mpi")
 
@@ -260,7 +260,8 @@ def serve(world: MPIWorld, log_level: int = logging.INFO) -> int:
         elif kind == "call":
             func, args = payload
             try:
-                func(world, *args)
+                with collective_step():  # docs/reliability.md#signals
+                    func(world, *args)
             except Exception as exc:
                 # straight to stderr too: rank 0 may be waiting in a collective and not reading logs
                 print(

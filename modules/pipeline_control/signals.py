@@ -64,6 +64,7 @@ class _State:
     drain: bool = False
     drained: bool = False
     left_pending: int = 0
+    in_collective: bool = False
 
 
 _STATE = _State()
@@ -224,6 +225,24 @@ def _rank_stop(signum: int, frame) -> None:
     if _STATE.stop_signum is not None:  # a second signal, e.g. the launcher ending the rank
         os._exit(128 + signum)
     _STATE.stop_signum = signum
+    if not _STATE.in_collective:
+        _park(signum)
+
+
+@contextlib.contextmanager
+def collective_step() -> Iterator[None]:
+    """Around a collective step on a rank other than 0: rank 0 waits in the same collective and can
+    act on a signal only once it is over, so a stop signal parks this rank after the step."""
+    _STATE.in_collective = True
+    try:
+        yield
+    finally:
+        _STATE.in_collective = False
+        if _STATE.stop_signum is not None:
+            _park(_STATE.stop_signum)
+
+
+def _park(signum: int) -> None:
     remove_owned()
     deadline = time.monotonic() + PARK_S
     while time.monotonic() < deadline:  # rank 0 got the signal too and will end every rank
@@ -245,6 +264,7 @@ __all__ = [
     "EXIT_DRAINED",
     "STOP_SIGNALS",
     "Interrupted",
+    "collective_step",
     "coordinator_signals",
     "die_with_parent",
     "disown",
