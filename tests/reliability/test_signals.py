@@ -157,7 +157,7 @@ class Run:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 pytest.fail(f"{self.mode}: never reached '{what}'\n{self.output[-3000:]}")
-            time.sleep(0.02)
+            time.sleep(0.05)
         self.tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
 
     def send(self, signum: int, *, group: bool = False) -> None:
@@ -292,14 +292,14 @@ def coordinator_killed(ws, mode: str) -> None:
     assert {jobs(ws)[o] for o in held} == {"running"} and ws.staging_files()
 
 
-def drained(ws, mode: str) -> None:
+def drained(ws, mode: str, *, group: bool = False) -> None:
     """SIGUSR1 while every worker holds an observation: those finish, nothing new starts, the run stops
-    after Level2Pipeline with exit 75."""
+    after Level2Pipeline with exit 75. ``group``: to every process of the run, as Slurm sends it."""
     run = Run(ws, mode)
     todo = {o for o, s in jobs(ws).items() if s != "done"} or set(ws.obsids)
     staging(ws, run)
     in_hand = set(started(ws))
-    run.send(signal.SIGUSR1)
+    run.send(signal.SIGUSR1, group=group)
     if mode == "mpi":
         time.sleep(1.0)  # mpiexec forwards the signal to the ranks on its own time
     release(ws)
@@ -310,7 +310,7 @@ def drained(ws, mode: str) -> None:
     assert {o for o in todo - in_hand if state[o] == "pending"} == todo - in_hand, state
     assert in_hand <= published(ws)
     assert not (markers(ws) / "after_ran").exists(), "the stage after the drain must not start"
-    assert ws.staging_files() == []
+    assert ws.staging_files() == [] and "Traceback" not in run.output
     if todo - in_hand:
         assert f"{len(todo - in_hand)} left pending" in run.output, run.output[-3000:]
 
@@ -341,9 +341,10 @@ def test_serial(ws):
 @pytest.mark.timeout(300)
 def test_pool(ws):
     interrupted(ws, "pool", staging, signal.SIGTERM, group=True)  # as Slurm, systemd, docker stop send it
-    interrupted(ws, "pool", first_published, signal.SIGINT)
+    interrupted(ws, "pool", first_published, signal.SIGHUP, group=True)  # the terminal closes
     coordinator_killed(ws, "pool")
-    drained(ws, "pool")  # the second observation finishes; the stage after Level2Pipeline does not start
+    # the second observation finishes; the stage after Level2Pipeline does not start
+    drained(ws, "pool", group=True)
     completes(ws, "pool")
 
 
