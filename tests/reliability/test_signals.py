@@ -16,6 +16,7 @@ a marker file exists, after writing a marker of their own:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -160,9 +161,15 @@ class Run:
             time.sleep(0.05)
         self.tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
 
-    def send(self, signum: int, *, group: bool = False) -> None:
-        if group:
+    def send(self, signum: int, *, to: str = "coordinator") -> None:
+        """``to``: the coordinator (or mpiexec); its process ``group``; ``all`` its processes, as Slurm
+        signals the processes of a job step (under MPI every rank gets the signal at once)."""
+        if to == "group":
             os.killpg(self.proc.pid, signum)
+        elif to == "all":
+            for p in self.tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(signum)
         else:
             self.proc.send_signal(signum)
 
@@ -267,7 +274,7 @@ def interrupted(ws, mode: str, point, signum: int, *, group: bool = False) -> No
     """Start a run, stop it with ``signum`` at ``point`` and check what it leaves."""
     run = Run(ws, mode)
     point(ws, run)
-    run.send(signum, group=group)
+    run.send(signum, to="group" if group else "coordinator")
     code = run.finish()
     release(ws)
     what = f"{mode}: {signal.Signals(signum).name}{' to the group' if group else ''} at {point.__name__}"
@@ -292,16 +299,14 @@ def coordinator_killed(ws, mode: str) -> None:
     assert {jobs(ws)[o] for o in held} == {"running"} and ws.staging_files()
 
 
-def drained(ws, mode: str, *, group: bool = False) -> None:
+def drained(ws, mode: str, *, to: str = "coordinator") -> None:
     """SIGUSR1 while every worker holds an observation: those finish, nothing new starts, the run stops
-    after Level2Pipeline with exit 75. ``group``: to every process of the run, as Slurm sends it."""
+    after Level2Pipeline with exit 75."""
     run = Run(ws, mode)
     todo = {o for o, s in jobs(ws).items() if s != "done"} or set(ws.obsids)
     staging(ws, run)
     in_hand = set(started(ws))
-    run.send(signal.SIGUSR1, group=group)
-    if mode == "mpi":
-        time.sleep(1.0)  # mpiexec forwards the signal to the ranks on its own time
+    run.send(signal.SIGUSR1, to=to)  # delivered before the workers can see their markers go
     release(ws)
     code = run.finish()
     assert code == 75, f"{mode}: SIGUSR1: exit {code}\n{run.output[-3000:]}"
@@ -344,7 +349,7 @@ def test_pool(ws):
     interrupted(ws, "pool", first_published, signal.SIGHUP, group=True)  # the terminal closes
     coordinator_killed(ws, "pool")
     # the second observation finishes; the stage after Level2Pipeline does not start
-    drained(ws, "pool", group=True)
+    drained(ws, "pool", to="group")
     completes(ws, "pool")
 
 
@@ -352,7 +357,7 @@ def test_pool(ws):
 def test_mpi(ws):
     mpiexec_path()
     interrupted(ws, "mpi", staging, signal.SIGTERM, group=True)  # mpiexec forwards it to every rank
-    drained(ws, "mpi")
+    drained(ws, "mpi", to="all")  # Slurm signals every rank (mpiexec would forward it, later)
     completes(ws, "mpi")
 
 
