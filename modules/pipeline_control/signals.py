@@ -11,11 +11,11 @@ SIGUSR1 asks for a **drain** (Slurm's ``--signal`` warning before the time limit
 the items in hand, start no new ones, leave the rest ``pending``, and the run stops after that stage
 with exit status :data:`EXIT_DRAINED`.
 
-Workers never act on these signals themselves, except SIGTERM (what the coordinator sends them to
-stop, and what Slurm or systemd send to the whole process group): a pool worker then removes the
-staging files it owns and leaves at once with ``os._exit`` (nothing can swallow it); an MPI rank
-other than 0 removes them and waits for rank 0 to end it. A pool worker also dies with its
-coordinator, even a SIGKILLed one (``PR_SET_PDEATHSIG`` on Linux).
+A pool worker ignores SIGINT, SIGHUP and SIGUSR1 (its coordinator's to handle); on SIGTERM (what the
+coordinator sends it to stop, and what Slurm or systemd send to the whole process group) it removes
+the staging files it owns and leaves at once with ``os._exit`` (nothing can swallow it). It also dies
+with its coordinator, even a SIGKILLed one (``PR_SET_PDEATHSIG`` on Linux). An MPI rank other than 0
+ignores SIGUSR1 and on a stop signal removes its staging files and waits for rank 0 to end it.
 """
 
 from __future__ import annotations
