@@ -27,6 +27,7 @@ from modules.MapMaking.fits_metadata import calibrator_beam_table
 from modules.MapMaking.fits_output import read_configsha, write_difference_map
 from modules.MapMaking.read_data import describe_counts
 from modules.MapMaking.segments import noise_group
+from modules.pipeline_control import signals
 from modules.pipeline_control.executors import LocalPoolExecutor, make_executor
 from modules.pipeline_control.logging_setup import Progress
 from modules.pipeline_control.Pipeline import RunContext, StageResult
@@ -269,17 +270,24 @@ class Dispatcher:
 
             log_queue = None
             if self.context.logging is not None:
-                log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
+                with signals.spawning():  # the queue may start multiprocessing's resource tracker
+                    log_queue = self.context.logging.start_queue(multiprocessing.get_context("spawn"))
             pool = make_executor(
                 max(2, int(n)), log_queue=log_queue, log_level=self.context.log_level, world=world
             )
             pool.start(call_read_task)
+        stopped = True
         try:
-            for spec in entries:
+            for i, spec in enumerate(entries):
+                if signals.drain_requested():  # docs/reliability.md#signals
+                    signals.left_pending(len(entries) - i)
+                    self.log.warning("drain requested (SIGUSR1): %d map job(s) not started", len(entries) - i)
+                    break
                 self.run_job(spec.instantiate(), None, master=master, result=result, executor=pool)
+            stopped = False
         finally:
             if pool is not None:
-                pool.shutdown()
+                pool.shutdown(terminate=stopped)  # interrupted: do not wait for the reads in flight
                 if self.context.logging is not None:
                     self.context.logging.stop_queue()
         return result

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from modules.pipeline_control import jobs
+from modules.pipeline_control import jobs, signals
 from modules.pipeline_control.base import describe_stale, stale_stages
 from modules.pipeline_control.config import ErrorCollector, LoadedConfig, load_config
 from modules.pipeline_control.config_dump import dump_toml, tomlable
@@ -483,7 +483,8 @@ class Level2Pipeline(PipelineStage):
         if nprocess > 1 and ctx.logging is not None:
             import multiprocessing
 
-            log_queue = ctx.logging.start_queue(multiprocessing.get_context("spawn"))
+            with signals.spawning():  # the queue may start multiprocessing's resource tracker
+                log_queue = ctx.logging.start_queue(multiprocessing.get_context("spawn"))
         executor = make_executor(nprocess, log_queue=log_queue, log_level=ctx.log_level, world=world)
 
         ordered = self._order(tasks)
@@ -512,7 +513,7 @@ class Level2Pipeline(PipelineStage):
             executor.start(process_observation, initializer=init_worker, initargs=(sub.entries, options))
             started = True
             while pending or in_flight:
-                while pending and executor.free_slots():
+                while pending and executor.free_slots() and not signals.drain_requested():
                     task = self._next_ready(pending, held, finished, in_flight)
                     if task is None:
                         break
@@ -544,6 +545,9 @@ class Level2Pipeline(PipelineStage):
             result.interrupted = True
             executor.shutdown(terminate=True)
             started = False
+            for task in ordered:  # what a worker ended by the launcher could not remove
+                if task.fields["obsid"] in in_flight:
+                    jobs.remove_staging_files(task.final_level2_path)
         except PoolInitError as exc:
             result.fatal = str(exc)
             started = False
@@ -556,6 +560,13 @@ class Level2Pipeline(PipelineStage):
         if result.fatal:
             n = db.release_jobs(ctx.run_id)
             log.error("%s; %d job(s) returned to pending", result.fatal, n)
+        elif pending and not result.interrupted and signals.drain_requested():
+            db.release_jobs(ctx.run_id)  # claimed but never started (docs/reliability.md#signals)
+            signals.left_pending(len(pending))
+            log.warning(
+                "drain requested (SIGUSR1): finished the observation(s) in hand; %d left pending",
+                len(pending),
+            )
         log.info(
             "level-2: %d done, %d failed, %d skipped in %.1f s",
             result.done,

@@ -214,6 +214,6 @@ def main(argv: list[str] | None = None) -> int:
             mpi=args.mpi,
             log_level=args.log_level,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # docs/reliability.md#signals

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from modules.pipeline_control.signals import pool_worker_signals, spawning, stop_signal_received
+
 log = logging.getLogger("comap.executors")
 
 
@@ -109,13 +111,9 @@ class SerialExecutor:
 
 
 def _worker_main(conn, fn, initializer, initargs, log_queue, log_level, n_threads) -> None:
-    """Entry point of a pool worker process (spawned)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C
-
-    def _term(signum, frame):  # let ``finally`` blocks remove staging files
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _term)
+    """Entry point of a pool worker process (spawned). Signals: docs/reliability.md#signals."""
+    parent = multiprocessing.parent_process()
+    pool_worker_signals(parent.pid if parent is not None else None)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n_threads)
     from modules.pipeline_control.logging_setup import setup_worker_logging
@@ -144,11 +142,13 @@ def _worker_main(conn, fn, initializer, initargs, log_queue, log_level, n_thread
         try:
             result = fn(item)
         except BaseException as exc:
-            conn.send((key, False, (type(exc).__name__, str(exc), traceback.format_exc())))
-            if isinstance(exc, SystemExit | KeyboardInterrupt):
-                break
+            reply = (key, False, (type(exc).__name__, str(exc), traceback.format_exc()))
         else:
-            conn.send((key, True, result))
+            reply = (key, True, result)
+        try:
+            conn.send(reply)
+        except OSError:  # the coordinator is gone (BrokenPipeError): nobody to report to
+            os._exit(1)
     conn.close()
 
 
@@ -210,7 +210,8 @@ class LocalPoolExecutor:
             ),
             daemon=True,
         )
-        proc.start()
+        with spawning():  # docs/reliability.md#signals
+            proc.start()
         child.close()
         return _Worker(proc, parent)
 
@@ -305,6 +306,10 @@ class LocalPoolExecutor:
         except OSError:
             pass
         self._workers.remove(w)
+        if code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            # stopped by SIGTERM that this coordinator did not send (Slurm or systemd signal the whole
+            # process group): the run is being stopped, not the item failing (docs/reliability.md#signals)
+            raise stop_signal_received(signal.SIGTERM)
         if w.task is not None:
             key, item = w.task
             log.debug("worker pid %s died with exit code %s while running %r", w.process.pid, code, key)

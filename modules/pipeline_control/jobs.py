@@ -20,6 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from modules.pipeline_control import signals
 from utils import faults
 
 log = logging.getLogger("comap.jobs")
@@ -98,10 +99,13 @@ def prepare_staging(final: str | Path, *, start_from_published: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_staging_files(final)
     staging = staging_path(final)
+    signals.own(staging)  # removed if this worker is stopped (docs/reliability.md#signals)
     if start_from_published and final.exists():
         tmp = staging.with_name(staging.name + ".copy")
+        signals.own(tmp)
         shutil.copyfile(final, tmp)
         os.replace(tmp, staging)
+        signals.disown(tmp)
     return staging
 
 
@@ -132,6 +136,7 @@ def publish(staging: str | Path, final: str | Path) -> Path:
     fsync_file(staging)
     faults.checkpoint("level2.publish")
     os.replace(staging, final)
+    signals.disown(staging)
     fsync_dir(final.parent)
     faults.checkpoint("level2.published")
     return final
@@ -142,6 +147,7 @@ def discard(staging: str | Path | None) -> None:
     if staging is None:
         return
     for p in (Path(staging), Path(str(staging) + ".copy")):
+        signals.disown(p)
         try:
             p.unlink()
         except FileNotFoundError:

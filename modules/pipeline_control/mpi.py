@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modules.pipeline_control.executors import LocalPoolExecutor, PoolInitError, TaskOutcome, _map_unordered
+from modules.pipeline_control.signals import collective_step, rank_signals
 
 log = logging.getLogger("comap.mpi")
 
@@ -228,9 +228,10 @@ def _error_payload(exc: BaseException) -> tuple[str, str, str]:
 def serve(world: MPIWorld, log_level: int = logging.INFO) -> int:
     """The loop of ranks 1…N−1: run rank 0's commands until ``stop``; returns the exit status (0).
 
-    Ctrl-C is ignored here, as in pool workers: rank 0 handles it, returns the claimed jobs to
-    pending and ends every rank."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Rank 0 handles the signals the launcher forwards to every rank (docs/reliability.md#signals): it
+    returns the claimed jobs to pending and ends every rank. Here SIGUSR1 is ignored, and a stop
+    signal only removes this rank's staging files and waits to be ended."""
+    rank_signals()
     _forward_logs(world, log_level)
     fn: Callable[[Any], Any] | None = None
     while True:
@@ -259,7 +260,8 @@ def serve(world: MPIWorld, log_level: int = logging.INFO) -> int:
         elif kind == "call":
             func, args = payload
             try:
-                func(world, *args)
+                with collective_step():  # docs/reliability.md#signals
+                    func(world, *args)
             except Exception as exc:
                 # straight to stderr too: rank 0 may be waiting in a collective and not reading logs
                 print(

@@ -3,7 +3,8 @@ print the end-of-run summary and return the exit status (docs/configuration.md#c
 
 Exit status: 0 all selected items succeeded or were already done; 1 the batch finished with
 failures; 2 configuration or usage error (nothing run); 3 fatal runtime error (database
-unreachable, ``max_consecutive_failures``); 130 interrupted.
+unreachable, ``max_consecutive_failures``); 75 drained by SIGUSR1 before everything was done (run
+it again); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (docs/reliability.md#signals).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules.pipeline_control import run_files
+from modules.pipeline_control import run_files, signals
 from modules.pipeline_control.base import PipelineStage, RunContext, StageResult
 from modules.pipeline_control.config import RunConfig, dump_toml, load_run_config
 from modules.pipeline_control.logging_setup import RunLogging, setup_logging
@@ -105,9 +106,11 @@ def format_summary(results: list[StageResult]) -> str:
 
 def exit_status(results: list[StageResult]) -> int:
     if any(r.interrupted for r in results):
-        return EXIT_INTERRUPTED
+        return signals.interrupt_status()
     if any(r.fatal for r in results):
         return EXIT_FATAL
+    if signals.drained():
+        return signals.EXIT_DRAINED
     if any(r.failed for r in results):
         return EXIT_FAILURES
     return EXIT_OK
@@ -170,11 +173,16 @@ def run_pipeline(
     )
     status = EXIT_FATAL
     try:
-        status = _coordinate(request, overrides)
+        with signals.coordinator_signals():
+            status = _coordinate(request, overrides)
+        return status
+    except KeyboardInterrupt as exc:  # a signal outside the stages (docs/reliability.md#signals)
+        status = signals.interrupt_status(exc)
+        print("interrupted", file=sys.stderr)
         return status
     finally:
         if world is not None and world.size > 1:
-            if status in (EXIT_OK, EXIT_FAILURES, EXIT_CONFIG):
+            if status in (EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, signals.EXIT_DRAINED):
                 world.stop()
             else:  # interrupted or fatal: ranks may be busy, end them all now
                 world.abort(status)  # docs/operations.md#running-under-mpi
@@ -336,6 +344,9 @@ def _run(run_config: RunConfig, run_logging: RunLogging, request: RunRequest) ->
             break
         if result.fatal:
             log.error("%s stopped the run: %s", name, result.fatal)
+            break
+        if signals.stop_after_stage(last=stage is stages[-1]):
+            log.warning("drain requested (SIGUSR1): the run stops after %s; run it again to finish", name)
             break
 
     summary = format_summary(results)
