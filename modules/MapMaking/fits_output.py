@@ -22,6 +22,7 @@ from modules.MapMaking.fits_metadata import merge_obslists, obslist_hdu
 from modules.pipeline_control.config import dump_toml
 from modules.pipeline_control.provenance import code_version, fits_history_cards
 from utils import faults
+from utils.processes import pid_alive
 from utils.wcs import MapGeometry
 
 MASK_NEVER_HIT = 1
@@ -166,8 +167,6 @@ def remove_stale_partials(path: str | Path) -> None:
     """Delete ``<name>.partial-<pid>`` files left by an interrupted write of ``path``: those of processes
     of this host that are no longer alive. A live writer's file (another run making the same output at
     once) is kept (docs/reliability.md#concurrent-runs)."""
-    from modules.pipeline_control.jobs import pid_alive
-
     path = Path(path)
     if path.parent.is_dir():
         for p in path.parent.glob(f"{path.name}.partial-*"):

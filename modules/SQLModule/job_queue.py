@@ -9,7 +9,6 @@ mirrors the job.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +21,7 @@ from modules.SQLModule.deferred import DeferredWrites, write_op
 from modules.SQLModule.models import COMAPData, ObservationSummary, ProcessingJob
 from modules.SQLModule.values import _chunks, _first_line, _int, _int_list, _unique, utcnow
 from utils.errors import DatabaseError
+from utils.processes import pid_alive
 
 log = logging.getLogger("comap.db")
 
@@ -119,21 +119,6 @@ def _lock_job_rows(s: Session, ids: list[int], stage: str, now: datetime) -> dic
         for job in s.scalars(stmt):
             existing[job.obsid] = job
     return existing
-
-
-def _pid_alive(pid: int) -> bool:
-    """Return True if a process with this pid exists on this host (unknown counts as alive)."""
-    if pid is None or pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True
-    return True
 
 
 class JobQueue(DeferredWrites):
@@ -285,7 +270,7 @@ class JobQueue(DeferredWrites):
 
     @staticmethod
     def _stale_reason(job: ProcessingJob, host: str, now: datetime, stale_after_s: float) -> str | None:
-        if job.host == host and job.pid is not None and not _pid_alive(job.pid):
+        if job.host == host and job.pid is not None and not pid_alive(job.pid):
             return f"owner pid {job.pid} is not alive on this host"
         if job.updated_utc is None:
             return "no heartbeat recorded"

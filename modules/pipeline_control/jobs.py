@@ -22,6 +22,7 @@ import numpy as np
 
 from modules.pipeline_control import signals
 from utils import faults
+from utils.processes import pid_alive
 
 log = logging.getLogger("comap.jobs")
 
@@ -55,17 +56,6 @@ def remove_staging_files(final: str | Path) -> list[Path]:
     if removed:
         log.info("removed %d stale staging file(s) for %s", len(removed), Path(final).name)
     return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_orphaned_partials(final: str | Path) -> list[Path]:
