@@ -29,7 +29,7 @@ from utils.errors import ConfigError, ConfigErrors, DatabaseError, DatabaseMissi
 
 log = logging.getLogger("comap.runner")
 
-EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_FATAL = 0, 1, 2, 3  # interrupted: signals.interrupt_status()
 
 
 @dataclass(frozen=True)
