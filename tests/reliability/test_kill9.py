@@ -181,12 +181,14 @@ class Run:
 
 
 def _outputs(root: Path) -> list[Path]:
-    """Every file the pipeline leaves under a final name (logs, database and inputs aside)."""
+    """Every file the pipeline leaves under a final name (logs, database and inputs aside; the
+    level-2 ``resolved_configs/`` hold one record per run, like the logs)."""
     skip = ("logs", "remote")
     keep = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if p.is_file() and rel.parts[0] not in skip and rel.parent != Path("."):
+        per_run = "resolved_configs" in rel.parts
+        if p.is_file() and rel.parts[0] not in skip and rel.parent != Path(".") and not per_run:
             keep.append(p)
     return keep
 
