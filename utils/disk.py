@@ -45,11 +45,13 @@ def no_space_reason(path: str | os.PathLike) -> str:
 
 def format_bytes(n: float) -> str:
     """``n`` bytes in decimal units, e.g. ``"1.5 GB"``."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         n /= 1000.0
-    return f"{n:.1f} TB"  # pragma: no cover - loop always returns
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000.0:.1f} TB"
 
 
 def free_space_shortfall(dest: str | os.PathLike, need_bytes: int, margin_bytes: int) -> str | None:

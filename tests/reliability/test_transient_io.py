@@ -320,3 +320,20 @@ def test_acquisition_stops_before_filling_the_disk(can_mount, workspace_factory,
             assert {j.status for j in db.job_table("download")} <= {"pending"}  # claims returned
         finally:
             db.disconnect()
+
+
+def test_byte_counts_read_in_decimal_units():
+    """The free-space line's sizes (docs/reliability.md#full-disks)."""
+    from utils.disk import format_bytes
+
+    sizes = (0, 999, 1000, 7.1e6, 16.8e6, 1e9, 999.9e9, 1.5e12)
+    assert [format_bytes(n) for n in sizes] == [
+        "0 B",
+        "999 B",
+        "1.0 kB",
+        "7.1 MB",
+        "16.8 MB",
+        "1.0 GB",
+        "999.9 GB",
+        "1.5 TB",
+    ]
