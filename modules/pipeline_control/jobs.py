@@ -44,15 +44,21 @@ def staging_files(final: str | Path) -> list[Path]:
     return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix))
 
 
-def remove_staging_files(final: str | Path) -> list[Path]:
-    """Delete older staging files of ``final`` (left by a crash or a killed worker)."""
+def _unlink(paths) -> list[Path]:
+    """Delete ``paths``; return those this call removed (one already gone is skipped)."""
     removed = []
-    for p in staging_files(final):
+    for p in paths:
         try:
             p.unlink()
             removed.append(p)
         except FileNotFoundError:
             pass
+    return removed
+
+
+def remove_staging_files(final: str | Path) -> list[Path]:
+    """Delete older staging files of ``final`` (left by a crash or a killed worker)."""
+    removed = _unlink(staging_files(final))
     if removed:
         log.info("removed %d stale staging file(s) for %s", len(removed), Path(final).name)
     return removed
@@ -62,17 +68,13 @@ def remove_orphaned_partials(final: str | Path) -> list[Path]:
     """Delete ``.<name>.partial-[<host>-]<pid>`` files of ``final`` whose writer, a process of this
     host, is dead: what a killed run leaves (docs/reliability.md#killed-at-any-point). A partial file of a
     live process, or of another host, is kept."""
-    removed = []
-    for p in staging_files(final):
-        owner = p.name[len(f".{Path(final).name}.partial-") :]
-        host, _, pid = owner.rpartition("-")
-        if not pid.isdigit() or host not in ("", HOST) or pid_alive(int(pid)):
-            continue
-        try:
-            p.unlink()
-            removed.append(p)
-        except FileNotFoundError:
-            pass
+    prefix = f".{Path(final).name}.partial-"
+
+    def orphaned(p: Path) -> bool:
+        host, _, pid = p.name[len(prefix) :].rpartition("-")
+        return pid.isdigit() and host in ("", HOST) and not pid_alive(int(pid))
+
+    removed = _unlink(p for p in staging_files(final) if orphaned(p))
     if removed:
         log.info("removed %d partial file(s) of %s left by dead processes", len(removed), Path(final).name)
     return removed
