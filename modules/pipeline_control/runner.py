@@ -353,8 +353,45 @@ def _run(run_config: RunConfig, run_logging: RunLogging, request: RunRequest) ->
     print(summary, flush=True)
     _log_to_file(run_logging, summary)
     status = exit_status(results)
+    _write_report(run_config, run_logging, request, results, dump_path, status)
     log.info("exit status %d", status)
     return status
+
+
+def _write_report(
+    run_config: RunConfig,
+    run_logging: RunLogging,
+    request: RunRequest,
+    results: list[StageResult],
+    dump_path: Path,
+    status: int,
+) -> None:
+    """Write the HTML run report beside the log (docs/operations.md#run-report) and print its path; a
+    failure is one WARNING line and never changes the exit status."""
+    if run_logging.log_file is None:
+        return
+    try:
+        from modules.pipeline_control.report import ReportInputs, write_run_report
+        from modules.SQLModule.SQLModule import db
+
+        inputs = ReportInputs(
+            run_id=request.run_id,
+            timestamp=request.timestamp,
+            config_file=request.config_file,
+            log_file=run_logging.log_file,
+            code_version=code_version(),
+            results=results,
+            resolved=run_config.resolved_dict(),
+            dump_path=dump_path,
+            database=str(run_config.main.master.get("sql_database")),
+            exit_status=status,
+        )
+        path = write_run_report(inputs, db)
+    except Exception as exc:
+        log.warning("run report not written: %s: %s", type(exc).__name__, " ".join(str(exc).split()))
+        return
+    print(f"run report: {path}", flush=True)
+    _log_to_file(run_logging, f"run report: {path}")
 
 
 def _log_to_file(run_logging: RunLogging, text: str) -> None:
