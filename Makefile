@@ -19,6 +19,7 @@ demo: env
 	@test -f demo/remote/obs_index.csv || $(PY) -m utils.simulator archive --preset demo --out demo/remote --seed 1
 	$(PY) run.py parameter_files/main_run.toml
 	$(PY) -m utils.simulator report demo/
+	@echo "run report: $$(ls -d logs/*_report | sort | tail -n 1)/index.html"
 
 test: env
 	$(PY) -m pytest -q

@@ -32,7 +32,7 @@ from modules.SQLModule.SQLModule import (
 N_OBS = 5000
 FAIL_EVERY = 37  # 136 failed observations
 CAL_EVERY = 50  # a TauA observation every 50th obsid
-REASONS = ("no vane event (feature 13) in spectrometer/features", "no scans found", "<script>alert(1)</script>")
+REASONS = ("no vane event (feature 13)", "no scans found", "<script>alert(1)</script>")
 MAX_REPORT_BYTES = 4_000_000
 """Bound on the whole season report: 25 observation pages of ≤ PAGE_SIZE rows (each row a few hundred
 bytes, ≤ 150 kB a page), the index page and at most four figures of ≤ 200 kB at 80 dpi."""

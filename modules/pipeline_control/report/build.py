@@ -16,7 +16,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from modules.pipeline_control.report import figures, gather, render
+import modules.pipeline_control.report.figures as figures
+import modules.pipeline_control.report.gather as gather
+import modules.pipeline_control.report.render as render
 
 log = logging.getLogger("comap.report")
 
