@@ -262,3 +262,18 @@ def test_a_report_folder_is_replaced_whole(season_report, tmp_path):
     assert index.is_file() and not (index.parent / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert "No observation failed." in index.read_text()
+
+
+def test_an_interrupted_run_exits_without_a_report(tmp_path, monkeypatch):
+    import modules.pipeline_control.report as report
+
+    calls = []
+    monkeypatch.setattr(report, "write_run_report", lambda inputs, db: calls.append(inputs))
+    run_logging = SimpleNamespace(log_file=tmp_path / "run.log", handlers=[])
+    run_config = SimpleNamespace(resolved_dict=lambda: {}, main=SimpleNamespace(master={}))
+    request = SimpleNamespace(run_id="r-1", timestamp="t", config_file=tmp_path / "c.toml")
+    interrupted = [StageResult(stage="Level2Pipeline", interrupted=True)]
+    runner._write_report(run_config, run_logging, request, interrupted, tmp_path / "d.toml", 130)
+    assert calls == []
+    runner._write_report(run_config, run_logging, request, [StageResult(stage="A")], tmp_path / "d.toml", 0)
+    assert len(calls) == 1 and calls[0].run_id == "r-1"

@@ -370,6 +370,9 @@ def _write_report(
     failure is one WARNING line and never changes the exit status."""
     if run_logging.log_file is None:
         return
+    if any(r.interrupted for r in results):  # a signal asks for a prompt exit (docs/reliability.md#signals)
+        log.info("run report not written: the run was interrupted")
+        return
     try:
         from modules.pipeline_control.report import ReportInputs, write_run_report
         from modules.SQLModule.SQLModule import db
