@@ -128,7 +128,6 @@ def browser(tmp_path_factory):
         from selenium.webdriver.chrome.service import Service
     except ImportError as exc:
         missing("browser", f"selenium is not installed: {exc}")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download a browser or driver
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (
@@ -145,7 +144,9 @@ def browser(tmp_path_factory):
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SE_OFFLINE", "true")  # Selenium Manager must not download a browser or driver
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         yield driver
     finally:

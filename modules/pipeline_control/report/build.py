@@ -132,13 +132,13 @@ def _build(inputs: ReportInputs, db: Any, out: Path, final: Path) -> None:
 
     thumbs = []
     for i, p in enumerate(products):
-        src = None
+        src = full = None
         if p.png is not None:
             src = f"map_{i:03d}_{p.png.name}"
-            shutil.copyfile(p.png, out / src)
-        thumbs.append(
-            (src, render.Link(p.fits.name, render.relative_href(p.fits, final)), f"{p.module}: {p.fits.name}")
-        )
+            figures.thumbnail(p.png, out / src)
+            full = render.Link("PNG", render.relative_href(p.png, final))
+        fits = render.Link(p.fits.name, render.relative_href(p.fits, final))
+        thumbs.append((src, fits, full, p.module))
 
     body = [f"<h1>{escape(title)}</h1>"]
     body += _provenance(inputs, final, model_files)

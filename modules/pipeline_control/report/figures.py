@@ -126,3 +126,17 @@ def calibrator_figure(cal: CalibratorPoints, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="x", useOffset=False)
     return save_figure(fig, path, dpi=DPI)
+
+
+THUMBNAIL_PX = 480
+"""Largest side (pixels) of the map and cube thumbnails."""
+
+
+def thumbnail(src: Path, dst: Path) -> Path:
+    """A copy of the quicklook ``src`` scaled to at most :data:`THUMBNAIL_PX` pixels a side."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        im.save(dst, format="PNG", optimize=True)
+    return dst

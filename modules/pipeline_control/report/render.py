@@ -242,13 +242,15 @@ def figure(name: str | None, alt: str) -> str:
     return f'<p><img class="figure" src="{quote(name)}" alt="{escape(alt)}"></p>'
 
 
-def gallery(items: Sequence[tuple[str | None, Link, str]]) -> str:
-    """Thumbnails (``src`` inside the report folder, or None) each linked to its product file."""
+def gallery(items: Sequence[tuple[str | None, Link, Link | None, str]]) -> str:
+    """Thumbnails (``src`` inside the report folder, or None) each linked to its product file, with
+    the product's name, its full-size quicklook and the module that wrote it as caption."""
     out = []
-    for src, target, caption in items:
-        img = f'<img src="{quote(src)}" alt="{escape(caption)}">' if src else "(no quicklook)"
+    for src, target, full, module in items:
+        img = f'<img src="{quote(src)}" alt="{escape(target.text)}">' if src else "(no quicklook)"
+        extra = f" · {link(full)}" if full is not None else ""
         out.append(
             f'<figure><a class="product" href="{target.href}">{img}</a>'
-            f"<figcaption>{escape(caption)}</figcaption></figure>"
+            f"<figcaption>{link(target)}{extra} ({escape(module)})</figcaption></figure>"
         )
     return '<div class="gallery">' + "".join(out) + "</div>"
