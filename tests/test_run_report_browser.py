@@ -209,7 +209,7 @@ def test_report_renders_in_chromium(demo_report, browser):
     assert level2 and all(p.resolve() in {h.resolve() for h in hrefs} for p in level2)
 
     height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1280, min(int(height) + 100, 8000))
+    browser.set_window_size(1280, min(int(height) + 300, 10000))
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
