@@ -19,7 +19,8 @@ demo: env
 	@test -f demo/remote/obs_index.csv || $(PY) -m utils.simulator archive --preset demo --out demo/remote --seed 1
 	$(PY) run.py parameter_files/main_run.toml
 	$(PY) -m utils.simulator report demo/
-	@echo "run report: $$(ls -d logs/*_report | sort | tail -n 1)/index.html"
+	@report=$$(ls -d logs/*_report 2>/dev/null | sort | tail -n 1); \
+		if [ -n "$$report" ]; then echo "run report: $$report/index.html"; fi
 
 test: env
 	$(PY) -m pytest -q
