@@ -28,7 +28,7 @@ th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top
 th{background:#f0f0f0}td.num{text-align:right}
 tr.failed td{background:#fde8e8}tr.done td.status{color:#176317}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:22em}
-.gallery img{width:100%;border:1px solid #ccc}figcaption{font-size:.8em;word-break:break-all}
+.gallery img{width:100%;border:1px solid #ccc}figcaption{font-size:.8em;overflow-wrap:anywhere}
 img.figure{max-width:100%;border:1px solid #ddd}
 pre{background:#f7f7f7;padding:.5em;overflow:auto;font-size:.8em}
 nav.pages a{margin-right:.4em}.note{color:#555;font-size:.9em}
