@@ -6,6 +6,7 @@ The rendering in a real browser is tests/test_run_report_browser.py."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -249,7 +250,8 @@ def test_a_failed_report_is_a_warning_and_keeps_the_exit_status(tmp_path, monkey
 
 
 def test_a_report_folder_is_replaced_whole(season_report, tmp_path):
-    """Writing again replaces the folder by rename; no hidden partial or old folder is left."""
+    """Writing again replaces the folder by rename; no hidden partial or old folder is left, and the
+    partial folder of a dead process is removed (that of a live one is not)."""
     db = SQLModule()
     db.connect(str(tmp_path / "small.sqlite"), create=True)
     log_file = tmp_path / "x.log"
@@ -257,10 +259,15 @@ def test_a_report_folder_is_replaced_whole(season_report, tmp_path):
     stale = report_dir(log_file)
     stale.mkdir()
     (stale / "stale.txt").write_text("old")
+    dead = tmp_path / ".y_report.partial-999999999"  # a run killed while writing its report
+    alive = tmp_path / f".z_report.partial-{os.getpid()}"  # a report being written now
+    for d in (dead, alive):
+        d.mkdir()
+        (d / "index.html").write_text("")
     index = write_run_report(inputs, db)
     db.disconnect()
     assert index.is_file() and not (index.parent / "stale.txt").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [alive.name]
     assert "No observation failed." in index.read_text()
 
 

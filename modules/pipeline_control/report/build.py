@@ -19,6 +19,7 @@ from typing import Any
 import modules.pipeline_control.report.figures as figures
 import modules.pipeline_control.report.gather as gather
 import modules.pipeline_control.report.render as render
+from utils.processes import pid_alive
 
 log = logging.getLogger("comap.report")
 
@@ -79,6 +80,7 @@ def write_run_report(inputs: ReportInputs, db: Any) -> Path:
     """
     t0 = time.monotonic()
     final = report_dir(inputs.log_file)
+    remove_orphans(final.parent)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -90,6 +92,18 @@ def write_run_report(inputs: ReportInputs, db: Any) -> Path:
         raise
     log.debug("run report written in %.2f s", time.monotonic() - t0)
     return final / "index.html"
+
+
+def remove_orphans(log_dir: Path) -> list[Path]:
+    """Remove the temporary report folders (``.<name>_report.partial-<pid>`` or ``.old-<pid>``) of
+    processes that are gone, e.g. a run killed while writing its report; return what was removed."""
+    removed = []
+    for p in Path(log_dir).glob(".*_report.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if p.is_dir() and kind.endswith((".partial", ".old")) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _publish(tmp: Path, final: Path) -> None:
