@@ -25,7 +25,9 @@ import h5py
 import numpy as np
 from astropy.io import fits
 
-PROG = "python -m modules.scripts.compare_outputs"
+from modules.scripts._commands import prog
+
+PROG = prog("compare_outputs")
 
 #: Attributes, header keywords and JSON keys that record when, how or by which code a file was made.
 PROVENANCE_KEYS = frozenset(

@@ -31,10 +31,11 @@ from modules.scripts._common import (
     emit,
     emit_json,
     open_db,
+    prog,
     run_main,
 )
 
-PROG = "python -m modules.scripts.db_overview"
+PROG = prog("db_overview")
 
 
 def _date(utc_start: str | None) -> str | None:

@@ -33,13 +33,14 @@ from modules.scripts._common import (
     add_selection_arguments,
     int_list,
     open_db,
+    prog,
     run_main,
 )
 from modules.SQLModule.SQLModule import QUALITY_STAT_COLUMNS
 from utils.constants import BAND_EDGES_GHZ
 from utils.plotting import new_figure, save_figure
 
-PROG = "python -m modules.scripts.diagnostics"
+PROG = prog("diagnostics")
 STATUS_ORDER = ("done", "failed", "running", "pending")
 STATUS_COLOURS = {"done": "tab:green", "failed": "tab:red", "running": "tab:orange", "pending": "tab:grey"}
 

@@ -17,9 +17,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from modules.scripts._common import add_common_arguments, add_selection_arguments, emit, open_db, run_main
+from modules.scripts._common import (
+    add_common_arguments,
+    add_selection_arguments,
+    emit,
+    open_db,
+    prog,
+    run_main,
+)
 
-PROG = "python -m modules.scripts.export_paths"
+PROG = prog("export_paths")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,10 +36,10 @@ from typing import Any
 
 from sqlalchemy import Table, and_, insert, select, update
 
-from modules.scripts._common import UsageError, add_format_arguments, emit, emit_json, open_db, run_main
+from modules.scripts._common import UsageError, add_format_arguments, emit, emit_json, open_db, prog, run_main
 from modules.SQLModule.SQLModule import Base, SQLModule
 
-PROG = "python -m modules.scripts.merge_databases"
+PROG = prog("merge_databases")
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "comap_data": ("obsid",),

@@ -32,11 +32,12 @@ from modules.scripts._common import (
     int_list,
     open_db,
     percentile,
+    prog,
     run_main,
 )
 from modules.SQLModule.SQLModule import QUALITY_STAT_COLUMNS
 
-PROG = "python -m modules.scripts.query_statistics"
+PROG = prog("query_statistics")
 PERCENTILES = (5, 25, 75, 95)
 
 

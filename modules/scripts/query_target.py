@@ -21,11 +21,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from modules.scripts._common import add_common_arguments, emit, open_db, run_main
+from modules.scripts._common import add_common_arguments, emit, open_db, prog, run_main
 from utils.constants import UTC_START_FORMAT
 from utils.level2 import PIXEL_DEC, PIXEL_RA
 
-PROG = "python -m modules.scripts.query_target"
+PROG = prog("query_target")
 
 
 def mean_radec(level2_path: str, stride: int = 50) -> tuple[float, float]:

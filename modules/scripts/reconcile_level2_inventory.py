@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from modules.DataAcquisition.DataAssess.DataAssess import level2_complete
-from modules.scripts._common import UsageError, add_common_arguments, emit, emit_json, open_db, run_main
+from modules.scripts._common import UsageError, add_common_arguments, emit, emit_json, open_db, prog, run_main
 
-PROG = "python -m modules.scripts.reconcile_level2_inventory"
+PROG = prog("reconcile_level2_inventory")
 LEVEL2_RE = re.compile(r"^Level2_comap-(\d{7})-.*\.hd5$")
 STAGING_RE = re.compile(r"^\.Level2_.*\.partial-.*$")
 STALE_STAGING_S = 86400.0

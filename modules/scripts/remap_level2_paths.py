@@ -15,9 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from modules.scripts._common import add_common_arguments, emit, emit_json, open_db, run_main
+from modules.scripts._common import add_common_arguments, emit, emit_json, open_db, prog, run_main
 
-PROG = "python -m modules.scripts.remap_level2_paths"
+PROG = prog("remap_level2_paths")
 
 
 def build_parser() -> argparse.ArgumentParser:

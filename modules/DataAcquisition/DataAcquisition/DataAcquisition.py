@@ -135,6 +135,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     retry_delay_s : float
         First retry delay, s; multiplied by ``backoff_factor`` each time, with ±30 % jitter.
     backoff_factor : float
+        Factor by which the retry delay grows after each failed attempt of a batch (≥ 1).
     bwlimit_kbps : int or None
         ``--bwlimit`` per rsync process, KiB/s (the legacy setting was 5000).
     rsync_timeout_s : int

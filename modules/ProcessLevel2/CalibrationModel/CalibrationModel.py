@@ -254,6 +254,8 @@ class CalibrationModel(PipelineStage):
     min_obsid, max_obsid : int, int or None
         Obsid range (inclusive) of the rows used; None = no upper limit.
     model_type : {'polynomial', 'mean', 'nearest'}
+        Model of measured/model flux against time: a weighted polynomial in years, the
+        inverse-variance weighted mean, or the measurement nearest in time.
     poly_degree : int
         Degree of the polynomial model.
     mjd_ref : float
