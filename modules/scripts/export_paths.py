@@ -26,11 +26,13 @@ from modules.scripts._common import (
     run_main,
 )
 
-PROG = prog("export_paths")
+SCRIPT = "export_paths"  # the installed command is comap-<SCRIPT with dashes>
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Print level-1 and/or level-2 paths, one per line.")
+    p = argparse.ArgumentParser(
+        prog=prog(SCRIPT), description="Print level-1 and/or level-2 paths, one per line."
+    )
     p.add_argument("which", choices=("level1", "level2", "both"))
     add_selection_arguments(p)
     p.add_argument("--output", default=None, metavar="FILE", help="write to FILE instead of stdout")
