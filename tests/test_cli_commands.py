@@ -132,6 +132,42 @@ def test_chdir_makes_the_config_and_its_relative_paths_resolve_from_dir(tmp_path
     ]
 
 
+def console_wrapper(bin_dir: Path, command: str) -> Path:
+    """The launcher pip writes for a ``[project.scripts]`` entry (its template, this interpreter)."""
+    module, function = project_scripts()[command].split(":")
+    path = bin_dir / command
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import re\nimport sys\n"
+        f"from {module} import {function}\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        f"    sys.exit({function}())\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def test_installed_comap_reduce_runs_a_project_from_anywhere(tmp_path):
+    project, bin_dir = tmp_path / "project", tmp_path / "bin"
+    _write_config(project)
+    bin_dir.mkdir()
+    command = console_wrapper(bin_dir, "comap-reduce")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # as an installed package: importable from anywhere
+    res = subprocess.run(
+        [str(command), "-C", "project", "main.toml", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "DataAssess: 0 level-1 file(s) under ['level1']" in res.stdout
+    res = subprocess.run([str(command), "main.toml", "--obsid", "x"], capture_output=True, text=True, env=env)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == ["comap-reduce: error: --obsid: 'x' is not an obsid"]
+
+
 # ------------------------------------------------------------------------------------------------
 # --describe
 # ------------------------------------------------------------------------------------------------
