@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -18,7 +19,13 @@ from modules.pipeline_control.callstrings import parse_call
 from modules.pipeline_control.config_entries import resolve_entry
 from modules.pipeline_control.config_master import LIST_KINDS
 from modules.pipeline_control.config_model import ErrorCollector
-from modules.pipeline_control.module_docs import defaults_toml, describe_class, describe_text, units_of
+from modules.pipeline_control.module_docs import (
+    defaults_toml,
+    describe_class,
+    describe_text,
+    descriptions_for,
+    units_of,
+)
 from modules.pipeline_control.parameters import class_parameters
 from modules.pipeline_control.resolve import resolve_callee
 from modules.scripts._commands import command_name
@@ -198,6 +205,65 @@ def test_describe_prints_type_default_units_and_description(capsys):
     assert "Samples within this distance of the source are fitted" in block[3]
 
 
+# Unit suffixes of parameter names and the units they stand for (docs/configuration.md#describing-a-module).
+UNIT_SUFFIXES = {
+    "s": "s",
+    "hz": "Hz",
+    "ghz": "GHz",
+    "deg": "deg",
+    "arcmin": "arcmin",
+    "arcsec": "arcsec",
+    "k": "K",
+    "kms": "km/s",
+    "gb": "GB",
+    "kbps": "KiB/s",
+    "sigma": "σ",
+}
+# "Selection, as CreateMap.": a description that sends the reader to another module's.
+POINTER = re.compile(r"(?:^|[,;(]\s*)as (?:in )?[A-Z][a-z]+[A-Z]\w*")
+
+
+def test_every_parameter_of_every_module_has_its_own_description(listed_classes):
+    """No grouped stand-in (``Destriper settings (samples, —, —, —, iterations)`` for five
+    parameters), no pointer to another module, and units that agree with a unit suffix of the name."""
+    problems = []
+    for item, cls in listed_classes:
+        described = describe_class(cls)
+        by_text: dict[str, list[str]] = {}
+        for p in described:
+            by_text.setdefault(p.description, []).append(p.name)
+            if POINTER.search(p.description):
+                problems.append(f"{item.path}: {p.name}: a pointer, not a description: {p.description!r}")
+            suffix = p.name.rsplit("_", 1)[-1] if "_" in p.name else ""
+            expected = UNIT_SUFFIXES.get(suffix)
+            if expected is not None and p.units != expected:
+                problems.append(f"{item.path}: {p.name}: units {p.units!r}, the name says {expected!r}")
+        for text, names in by_text.items():
+            # a genuine pair or range may share one sentence when the sentence names each parameter
+            if len(names) > 1 and not all(name in text for name in names):
+                problems.append(f"{item.path}: {', '.join(names)} share one description: {text!r}")
+    assert problems == []
+
+
+def test_a_shared_parameter_group_is_described_once():
+    """The map products take their shared parameters from the groups of job_parameters, which
+    describe them; a product redescribes only what differs (CreateMap's red-noise cuts)."""
+    from modules.MapMaking.job_parameters import DestriperParameters, SelectionParameters
+    from modules.MapMaking.MapMakingModules.CreateHitMap.CreateHitMap import CreateHitMap
+    from modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap import CreateLineMap
+    from modules.MapMaking.MapMakingModules.CreateMap.CreateMap import CreateMap
+
+    group = descriptions_for(SelectionParameters) | descriptions_for(DestriperParameters)
+    for cls in (CreateMap, CreateHitMap, CreateLineMap):
+        texts = descriptions_for(cls)
+        for name in ("source", "obsid_list_file", "min_obsid", "feeds", "use_quality_flags", "offset_length"):
+            if name in class_parameters(cls)[0]:
+                assert texts[name] == group[name], (cls.__name__, name)
+    assert descriptions_for(CreateMap)["sigma_red_cutoff_k"] != group["sigma_red_cutoff_k"]
+    assert "sky-free residual" in descriptions_for(CreateMap)["sigma_red_cutoff_k"]
+    assert descriptions_for(CreateHitMap)["sigma_red_cutoff_k"] == group["sigma_red_cutoff_k"]
+
+
 @pytest.mark.parametrize(
     ("name", "description", "annotation", "units"),
     [
@@ -207,6 +273,8 @@ def test_describe_prints_type_default_units_and_description(capsys):
         ("w", "Window [samples] of the filter.", int, "samples"),
         ("radius_arcmin", "Radius of the disc.", float, "arcmin"),
         ("timeout", "Timeout, s; 0 = none.", float, "s"),
+        ("velocity_center_kms", "LSRK radio velocity of the cube centre.", float, "km/s"),
+        ("lambda_ridge", "Ridge regularisation λ (K⁻²) added to the diagonal.", float, "K⁻²"),
         ("band", "Band(s) 0–3 and binned channel(s).", int, ""),  # a plural is not a unit
         ("plot", "Write the rms spectra (K) per feed.", bool, ""),  # a flag has no units
         ("n", "Number of bins.", int, ""),

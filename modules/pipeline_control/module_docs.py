@@ -2,9 +2,12 @@
 (docs/configuration.md#describing-a-module).
 
 The descriptions come from the numpydoc ``Parameters`` sections of the class and ``__init__``
-docstrings along the MRO; names, types and defaults from the ``__init__`` signature
-(:func:`.parameters.class_parameters`), the only place defaults live. The generated module reference
-of the documentation (``docs/_ext/comap_tables.py``) reads the descriptions with the same parser.
+docstrings along the MRO, so that a parameter group shared by several modules (the dataclasses of
+:mod:`modules.MapMaking.job_parameters`, ``RemoteSelectionParameters``) describes each of its
+parameters once and a module redescribes only those whose meaning differs in it. Names, types and
+defaults come from the ``__init__`` signature (:func:`.parameters.class_parameters`), the only place
+defaults live. The generated module reference of the documentation (``docs/_ext/comap_tables.py``)
+reads the descriptions with the same parser.
 """
 
 from __future__ import annotations
@@ -78,22 +81,20 @@ def parameter_descriptions(doc: str | None) -> dict[str, str]:
 def descriptions_for(cls: type) -> dict[str, str]:
     """Parameter descriptions from the class and ``__init__`` docstrings along the MRO (nearest wins).
 
-    An entry that abbreviates a run of names (``remote, local_dir, ... listing_timeout_s``) points
-    at a fuller description elsewhere: it is used only for names no other docstring describes.
+    A parameter group shared by several modules (a base class such as
+    :class:`~modules.MapMaking.job_parameters.SelectionParameters`) describes its parameters once; a
+    module redescribes only those whose meaning differs in it.
     """
     out: dict[str, str] = {}
-    fallback: dict[str, str] = {}
     for klass in cls.__mro__:
         if klass is object:
             continue
         for doc in (klass.__dict__.get("__doc__"), getattr(klass.__dict__.get("__init__"), "__doc__", None)):
             for names, text in _parameter_entries(doc):
-                target = fallback if any("..." in n for n in names) else out
                 for name in names:
-                    name = name.replace("...", "").strip()
-                    if text and name:
-                        target.setdefault(name, text)
-    return {**fallback, **out}
+                    if text:
+                        out.setdefault(name, text)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def descriptions_for(cls: type) -> dict[str, str]:
 _UNIT_WORDS = (
     r"K|mK|uK|µK|K km/s|K/K|Jy|mJy|Jy/beam|MJy/sr|Hz|kHz|MHz|GHz|s|ms|sec|seconds?|minutes?|min|hours?|h|"
     r"days?|d|deg|degrees?|arcmin|arcsec|rad|radians?|km/s|m/s|m|mm|cm|bytes?|kB|MB|GB|TB|KiB|MiB|GiB|TiB|"
-    r"%|percent|dB|samples?|channels?|pixels?|scans?|observations?|obsids?|MJD|UTC|K\^-1|1/K|K s\^1/2|"
+    r"%|percent|dB|samples?|channels?|pixels?|scans?|observations?|obsids?|MJD|UTC|K\^-1|1/K|K⁻¹|K⁻²|"
+    r"K s\^1/2|"
     r"sigma|σ"
 )
 _UNIT = rf"(?:{_UNIT_WORDS})(?:\s*(?:[/*^·]|per)\s*(?:{_UNIT_WORDS}|\d+))*"
@@ -116,6 +118,7 @@ _NAME_SUFFIX = {
     "mk": "mK",
     "hz": "Hz",
     "ghz": "GHz",
+    "kms": "km/s",
     "mhz": "MHz",
     "s": "s",
     "sec": "s",

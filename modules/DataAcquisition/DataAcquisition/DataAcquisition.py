@@ -122,12 +122,11 @@ class BatchStats:
 class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     """Download new level-1 files with parallel rsync, verify each one and register it in the database.
 
+    The remote and its filters (``remote`` … ``listing_timeout_s``) come first, in this order, and are
+    described in :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`.
+
     Parameters
     ----------
-    remote, local_dir, ssh_command, remote_index, ... listing_timeout_s
-        The remote and its filters, first and in this order: see
-        :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`. ``local_dir`` is the
-        download directory; remote relative paths are mirrored under it.
     n_rsyncs : int
         Concurrent rsync processes (one batch each).
     max_retries : int
