@@ -14,11 +14,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+# numpydoc "Parameters" sections: read by the same parser as ``run.py --describe``
+# (docs/configuration.md#describing-a-module), so the reference and the prompt agree.
+from modules.pipeline_control.module_docs import descriptions_for as _descriptions_for
+from modules.pipeline_control.module_docs import parameter_descriptions as parameter_descriptions
 
 #: Framework base classes, by name, in ``modules.pipeline_control.Pipeline``.
 BASE_CLASS_NAMES = ("BaseCOMAPModule", "StreamingStage", "PipelineStage", "MapJob")
@@ -30,8 +34,6 @@ KIND_TITLES = {
     "streaming": "Streaming stages",
     "map_job": "Map jobs",
 }
-
-_SECTION_UNDERLINE = re.compile(r"^\s*-{3,}\s*$")
 
 
 @dataclass
@@ -54,64 +56,6 @@ class ModuleDoc:
     parameters: list[ParameterDoc] = field(default_factory=list)
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
-
-
-# ------------------------------------------------------------------------------------------------
-# numpydoc "Parameters" sections
-# ------------------------------------------------------------------------------------------------
-
-
-def parameter_descriptions(doc: str | None) -> dict[str, str]:
-    """Descriptions from the ``Parameters`` section of a numpydoc docstring, keyed by name.
-
-    A combined entry (``plot_vane, plot_tsys : bool``) gives each name the same description.
-    Continuation lines are joined with single spaces.
-    """
-    if not doc:
-        return {}
-    lines = inspect.cleandoc(doc).splitlines()
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(lines) - 1:
-        if lines[i].strip() == "Parameters" and _SECTION_UNDERLINE.match(lines[i + 1]):
-            i += 2
-            break
-        i += 1
-    else:
-        return {}
-    names: list[str] = []
-    text: list[str] = []
-
-    def flush() -> None:
-        for n in names:
-            out[n] = " ".join(text).strip()
-
-    while i < len(lines):
-        line = lines[i]
-        if i + 1 < len(lines) and line.strip() and _SECTION_UNDERLINE.match(lines[i + 1]):
-            break  # the next section
-        if line.strip() and not line.startswith((" ", "\t")):
-            flush()
-            head = line.split(" : ", 1)[0].strip().rstrip(":")
-            names = [n.strip().lstrip("*") for n in head.split(",") if n.strip()]
-            text = []
-        elif line.strip():
-            text.append(line.strip())
-        i += 1
-    flush()
-    return out
-
-
-def _descriptions_for(cls: type) -> dict[str, str]:
-    """Parameter descriptions from the class and ``__init__`` docstrings along the MRO."""
-    out: dict[str, str] = {}
-    for klass in cls.__mro__:
-        if klass is object:
-            continue
-        for doc in (klass.__dict__.get("__doc__"), getattr(klass.__dict__.get("__init__"), "__doc__", None)):
-            for name, text in parameter_descriptions(doc).items():
-                out.setdefault(name, text)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

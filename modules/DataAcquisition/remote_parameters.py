@@ -43,13 +43,25 @@ class RemoteSelectionParameters:
         Passed to rsync as the single ``-e`` argument for ssh remotes.
     remote_index : str or None
         Relative path of an index CSV on the remote (e.g. ``obs_index.csv``); needed by the source
-        filters.
-    min_obsid_download, max_obsid_download : int, int or None
-        Inclusive obsid range.
+        filters (``include_sources`` ... ``exclude_source_groups``), which without it are not
+        applied (one warning).
+    min_obsid_download : int
+        Files of lower obsids are not selected (inclusive bound).
+    max_obsid_download : int or None
+        Files of higher obsids are not selected (inclusive bound); None = no upper limit.
     skip_registered : bool
         Skip files whose registered level-1 copy exists with the listed size.
-    include_sources, exclude_sources, include_source_groups, exclude_source_groups : list or None
-        Glob patterns, case-insensitive (need ``remote_index``). CO fields are excluded by default.
+    include_sources : list or None
+        Glob patterns (case-insensitive) of source names: only observations of a matching source
+        are selected; observations missing from ``remote_index`` are then rejected.
+    exclude_sources : list or None
+        Glob patterns (case-insensitive) of source names whose observations are not selected.
+    include_source_groups : list or None
+        Glob patterns (case-insensitive) of source groups: only observations of a matching group
+        are selected; observations missing from ``remote_index`` are then rejected.
+    exclude_source_groups : list or None
+        Glob patterns (case-insensitive) of source groups whose observations are not selected;
+        ``['CO']`` by default, which leaves out the CO fields.
     listing_timeout_s : float
         Subprocess timeout of the listing, s.
     """

@@ -41,13 +41,13 @@ class OutputParameters:
     Parameters
     ----------
     map_name : str
-        Prefix of every output file of the job.
+        Prefix of the name of every output file of the job.
     output_dir : str
-        Directory of the output files.
+        Directory the job's output files are written to.
     quicklook : bool
         Write a PNG quicklook beside each FITS file.
     overwrite : bool
-        Remake outputs even when their configuration hash matches.
+        Remake outputs even when the configuration hash in their header matches this job's.
     """
 
     map_name: str = "Unknown"
@@ -63,20 +63,36 @@ class SelectionParameters:
 
     Parameters
     ----------
-    source, source_group : str or list, optional
-        Selection by source name / group (``*`` and ``?`` wildcards, case-insensitive).
-    obsids, obsid_list_file, min_obsid, max_obsid
-        Selection by obsid list or range (override the ``[Master]`` values).
+    source : str or list, optional
+        Source name(s) whose observations the database query selects (``*`` and ``?`` wildcards,
+        case-insensitive); used when no obsid list is given.
+    source_group : str or list, optional
+        Source group(s) whose observations the database query selects (``*`` and ``?`` wildcards,
+        case-insensitive); used when no obsid list is given.
+    obsids : list of int, optional
+        The obsids of this job; takes the place of ``[Master] obsid_list`` and of the database query
+        (intersected with ``--obsid`` if given).
+    obsid_list_file : str, optional
+        Text file of the obsids of this job, one per line (``#`` starts a comment); read instead of
+        ``obsids`` when both are set.
+    min_obsid : int, optional
+        Lowest obsid (inclusive) of the database query; overrides ``[Master] min_obsid``.
+    max_obsid : int, optional
+        Highest obsid (inclusive) of the database query; overrides ``[Master] max_obsid``.
     database_file : str, optional
         Another database (opened read-only) for this job's selection, flags and calibration.
     tod_data_name : str
-        Level-2 dataset mapped.
+        Level-2 dataset read, shape (feed, band, channel, sample); its per-segment noise statistics
+        come from the NoiseStatsLevel2 group of the same basename.
     feeds : list of int, optional
-        Feeds used (default all).
+        Feed numbers used; None = every feed of each level-2 file.
     use_quality_flags : bool
-        Drop (feed, band, channel) flagged bad in the database.
+        Drop the (feed, band, channel) of an observation flagged bad in the database; an
+        observation without quality-flag rows counts as good.
     sigma_red_cutoff_k : float
-        Segments whose red-noise amplitude (K) exceeds this are dropped.
+        Segments (one scan of one feed) whose fitted red-noise amplitude σ_red (K, the 1/f
+        amplitude at the NoiseStatsLevel2 reference frequency) in the level-2 noise statistics of
+        ``tod_data_name`` exceeds this are dropped; NaN passes.
     """
 
     source: str | list | None = None
@@ -99,12 +115,17 @@ class CalibrationParameters:
     Parameters
     ----------
     calibration : {'model', 'none'}
+        ``'model'``: divide each segment by the CalibrationModel factor of its (feed, band,
+        channel) at the scan's mid-time, from vane K to K_RJ; ``'none'``: no factor (data stay in
+        vane K) and no calibration cut.
     calib_source : str
-        Calibrator whose model gives the factors.
+        Calibrator (TauA, CasA, CygA or Jupiter) whose CalibrationModel fit gives the factors.
     calib_min_factor, calib_max_factor : float
-        Accepted range of a factor.
+        Accepted range [calib_min_factor, calib_max_factor] of a segment's calibration factor
+        (dimensionless); a segment whose factor is outside it is dropped.
     missing_calibration : {'skip', 'unity'}
-        A segment without a factor is dropped, or taken with factor 1.
+        A segment without a finite calibration factor is dropped (``'skip'``) or taken with
+        factor 1 (``'unity'``).
     """
 
     calibration: Calibration = "model"
@@ -120,12 +141,18 @@ class GeometryParameters:
 
     Parameters
     ----------
-    wcs_def, wcs_def_file : str
-        Named geometry (``wcs_definitions.toml``) or ``'dynamic'``.
-    dynamic_wcs_cdelt, dynamic_wcs_padding : float
-        Pixel size and padding (deg) of the dynamic WCS.
+    wcs_def : str
+        Name of a geometry table of ``wcs_def_file`` (e.g. ``'Galactic'``), or ``'dynamic'`` for a
+        CAR grid fitted to the pointing of the kept segments.
+    wcs_def_file : str
+        TOML file of the named geometries; looked up as given, then relative to the working
+        directory, then relative to ``modules/MapMaking/``.
+    dynamic_wcs_cdelt : float
+        Pixel size of the dynamic WCS (deg); the default is 1 arcmin.
+    dynamic_wcs_padding : float
+        Margin added on each side of the pointing's extent by the dynamic WCS (deg).
     dynamic_frame : {'galactic', 'icrs'}
-        Frame of the dynamic WCS.
+        Frame of the dynamic WCS: Galactic (l, b) or ICRS (RA, Dec).
     """
 
     wcs_def: str = "dynamic"
@@ -146,11 +173,14 @@ class DestriperParameters:
     Parameters
     ----------
     offset_length : int
-        Samples per baseline offset.
+        Length of each destriper baseline offset (samples); offsets restart at every segment (one
+        scan of one feed), whose last offset may be shorter.
     tol : float
-        Relative residual at which the conjugate gradients stop.
+        The conjugate-gradient solve stops when its relative residual ``‖r‖/‖b‖`` is below this
+        (dimensionless).
     max_iter : int
-        Iteration limit.
+        Largest number of conjugate-gradient iterations; a solve that reaches it ends with status
+        ``max_iter``.
     """
 
     offset_length: Annotated[int, Range(ge=1)] = 100
@@ -165,9 +195,11 @@ class MaskingParameters:
     Parameters
     ----------
     hit_percentile : float
-        Pixels below this percentile of the hit counts are masked.
+        Hit pixels with fewer hits than this percentile (%) of the hit counts of all hit pixels are
+        masked (MASK bit 2).
     min_hits : int
-        Pixels with fewer hits are masked.
+        Pixels with fewer hits than this are masked (MASK bit 2): the hit threshold is the larger
+        of ``min_hits`` and the ``hit_percentile`` value.
     """
 
     hit_percentile: float = 5.0
@@ -181,12 +213,17 @@ class ChannelParameters:
 
     Parameters
     ----------
-    band, channel : int or list of int
-        Band(s) 0–3 and binned channel(s); a list makes one output per combination.
+    band : int or list of int
+        Band index 0–3; a list makes one output per band (and per ``channel``).
+    channel : int or list of int
+        Binned-channel index within the band; a list makes one output per channel (and per
+        ``band``).
     auto_rms_cap_k : float
-        Segments whose white-noise rms (K) is not finite, <= 0 or above this are dropped.
+        Segments whose white-noise rms (K, ``auto_rms`` of the level-2 noise statistics) is not
+        finite, <= 0 or above this are dropped.
     fknee_max_hz : float, optional
-        Segments whose 1/f knee (Hz) is above this are dropped.
+        Segments whose fitted 1/f knee frequency (Hz) is above this are dropped; None = no limit,
+        and NaN passes.
     """
 
     band: NonNegativeInt | list[NonNegativeInt] = 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
+import os
 import pkgutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -12,7 +14,11 @@ from dataclasses import dataclass
 
 from modules.pipeline_control.parameters import class_parameters
 from modules.pipeline_control.provenance import code_version
-from modules.pipeline_control.resolve import KIND_TEXT, module_kind
+from modules.pipeline_control.resolve import KIND_TEXT, check_allowed, module_kind, resolve_callee
+from utils.errors import ConfigError
+
+#: The console command ``pip install`` makes for :func:`main` (pyproject.toml ``[project.scripts]``).
+COMMAND = "comap-reduce"
 
 
 class _UsageError(Exception):
@@ -45,13 +51,25 @@ def parse_obsid_spec(spec: str) -> list[int]:
     return sorted(out)
 
 
+def program_name() -> str:
+    """``comap-reduce`` when started as the installed command, else ``run.py``."""
+    return COMMAND if os.path.basename(sys.argv[0] or "") == COMMAND else "run.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run.py",
+        prog=program_name(),
         description="comap-reduce: run the pipeline described by a TOML config "
         "(e.g. parameter_files/main_run.toml).",
     )
     p.add_argument("config", nargs="?", help="TOML config, usually parameter_files/main_run.toml")
+    p.add_argument(
+        "-C",
+        "--chdir",
+        metavar="DIR",
+        help="change to DIR before anything else: CONFIG and every relative path in the configs "
+        "are then relative to DIR (as make -C / git -C)",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -77,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpi", action="store_true", help="use MPI mode (needs mpi4py)")
     p.add_argument(
         "--list-modules", action="store_true", help="print every loadable module with its parameters and exit"
+    )
+    p.add_argument(
+        "--describe",
+        metavar="MODULE",
+        help="print every parameter of MODULE (dotted path or unique class name) with its type, "
+        "default, units and description, and exit",
+    )
+    p.add_argument(
+        "--defaults-toml",
+        metavar="MODULE",
+        help="print MODULE's TOML section with every parameter at its default, and exit",
     )
     p.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
@@ -180,25 +209,97 @@ def _module_paths_from(config: str | None) -> list[str]:
     return prefixes
 
 
+# ------------------------------------------------------------------------------------------------
+# --describe and --defaults-toml (docs/configuration.md#describing-a-module)
+# ------------------------------------------------------------------------------------------------
+
+
+def find_module(name: str, prefixes: Iterable[str] = ("modules.",)) -> type:
+    """The pipeline class ``name`` names: a dotted path (as in a call string) or a class name that
+    is unique among the listed modules (exact case first, then ignoring case).
+
+    Raises
+    ------
+    _UsageError
+        One line naming the candidates when ``name`` is unknown or ambiguous.
+    """
+    prefixes = list(prefixes)
+    listings, _ = list_modules(prefixes)
+    paths = [item.path for item in listings]
+    if "." in name:
+        module_paths = [p for p in prefixes if p != "modules."]
+        if check_allowed(name, module_paths):
+            try:
+                cls = resolve_callee(name)
+            except ConfigError:
+                cls = None
+            if cls is not None and f"{cls.__module__}.{cls.__qualname__}" in paths:
+                return cls
+        leaf = name.rsplit(".", 1)[-1]
+        close = [p for p in paths if p.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(name, paths)
+        raise _UsageError(
+            f"unknown module '{name}'"
+            + (f"; did you mean: {', '.join(close)}" if close else "; run.py --list-modules lists them")
+        )
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == name]
+    if not matches:
+        matches = [p for p in paths if p.rsplit(".", 1)[-1].lower() == name.lower()]
+    if len(matches) == 1:
+        return resolve_callee(matches[0])
+    if matches:
+        raise _UsageError(f"module name '{name}' is ambiguous; candidates: {', '.join(matches)}")
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    raise _UsageError(
+        f"unknown module '{name}'; "
+        + (f"did you mean: {', '.join(close)}" if close else f"known modules: {', '.join(names)}")
+    )
+
+
+def _describe(name: str, config: str | None, toml: bool) -> int:
+    from modules.pipeline_control.module_docs import defaults_toml, describe_text
+
+    try:
+        cls = find_module(name, _module_paths_from(config))
+    except _UsageError as exc:
+        print(f"{program_name()}: error: {exc}", file=sys.stderr)
+        return 2
+    if toml:
+        print(defaults_toml(cls), end="")
+    else:
+        kind = module_kind(cls) or ""
+        print(describe_text(cls, f"{kind}: {KIND_TEXT.get(kind, '')}"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = parser.prog
+    if args.chdir is not None:
+        try:
+            os.chdir(args.chdir)
+        except OSError as exc:
+            print(f"{prog}: error: --chdir {args.chdir}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     if args.version:
         print(code_version())
         return 0
+    if args.describe or args.defaults_toml:
+        return _describe(args.describe or args.defaults_toml, args.config, toml=bool(args.defaults_toml))
     if args.list_modules:
         return print_module_list(_module_paths_from(args.config))
     if not args.config:
         parser.print_usage(sys.stderr)
-        print("run.py: error: CONFIG is required (e.g. parameter_files/main_run.toml)", file=sys.stderr)
+        print(f"{prog}: error: CONFIG is required (e.g. parameter_files/main_run.toml)", file=sys.stderr)
         return 2
     try:
         obsids = sorted({o for spec in args.obsid for o in parse_obsid_spec(spec)}) if args.obsid else None
     except _UsageError as exc:
-        print(f"run.py: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if args.nprocess is not None and args.nprocess < 1:
-        print("run.py: error: --nprocess must be >= 1", file=sys.stderr)
+        print(f"{prog}: error: --nprocess must be >= 1", file=sys.stderr)
         return 2
     from modules.pipeline_control.runner import run_pipeline
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -190,6 +191,7 @@ def load_run_config(
                     last.where = f"file (config_file of {spec.name} in {main.path})"
                 continue
             run.sub_configs[key] = sub
+            _warn_overridden_master_keys(main, sub, errors)
             checker = getattr(spec.cls, "validate_sub_config", None)
             # a list with a rejected entry would give follow-on errors (e.g. "must contain ...")
             if callable(checker) and len(errors.errors) == n_errors:
@@ -200,4 +202,29 @@ def load_run_config(
                         errors.add(str(problem), sub.path, "pipeline")
     errors.raise_if_any()
     assert run is not None
+    run.warnings = list(errors.warnings)
     return run
+
+
+#: ``[Master]`` keys of a sub-config that a run takes from the main config (docs/configuration.md#warnings).
+OVERRIDDEN_BY_MAIN = ("sql_database",)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal values, or two spellings of the same relative or absolute file path."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and "://" not in a + b:
+        return os.path.normpath(a) == os.path.normpath(b)
+    return False
+
+
+def _warn_overridden_master_keys(main: LoadedConfig, sub: LoadedConfig, errors: ErrorCollector) -> None:
+    """A sub-config's own ``[Master]`` value that the run replaces by the main config's: one warning."""
+    written = sub.raw.get("Master") or {}
+    for key in OVERRIDDEN_BY_MAIN:
+        if key in written and not _same_setting(written[key], main.master.get(key)):
+            errors.warn(
+                f"{sub.path}: [Master] {key} = {written[key]!r} is overridden by the main config "
+                f"{main.path} ({main.master.get(key)!r}); using the main config's value"
+            )

@@ -97,6 +97,7 @@ def resolve_entry(
         )
     elif found:
         section_key, section = next(iter(found.items()))
+        _warn_overridden_section_keys(call, cls, section_key, section, errors)
     used_sections.update(found)
 
     params_info, var_kw = class_parameters(cls)
@@ -159,6 +160,30 @@ def resolve_entry(
     if problems:
         return None
     return ModuleSpec(call=call, cls=cls, kind=kind, params=resolved, section_key=section_key)
+
+
+def _comparable(value: Any) -> Any:
+    """``value`` with tuples as lists and booleans told apart from numbers, for equality."""
+    if isinstance(value, list | tuple):
+        return [_comparable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, bool):
+        return ("bool", value)
+    return value
+
+
+def _warn_overridden_section_keys(
+    call: CallSpec, cls: type, section_key: str, section: Mapping[str, Any], errors: ErrorCollector
+) -> None:
+    """A key given both in the TOML section and in the call string with different values: the call
+    wins (docs/configuration.md#defaults-and-precedence), with one warning line."""
+    for key, value in call.kwargs.items():
+        if key in section and _comparable(section[key]) != _comparable(value):
+            errors.warn(
+                f"{call.file}: {cls.__name__}: key '{key}' set in [{section_key}] ({section[key]!r}) "
+                f"and in the call string ({value!r}); using the call string's value"
+            )
 
 
 def _value_problems(cls: type, resolved: Mapping[str, Any]) -> list[str]:

@@ -85,6 +85,9 @@ class RunConfig:
     main: LoadedConfig
     sub_configs: dict[str, LoadedConfig] = field(default_factory=dict)
     implicit_level2: bool = False
+    #: One line per setting that is overridden without being an error (docs/configuration.md#warnings);
+    #: the runner logs them once, after its logging is set up.
+    warnings: list[str] = field(default_factory=list)
 
     def resolved_dict(self) -> dict[str, Any]:
         out = {"main": self.main.resolved_dict()}
@@ -94,10 +97,16 @@ class RunConfig:
 
 
 class ErrorCollector:
-    """Collects ConfigErrors so that every problem is reported at once."""
+    """Collects ConfigErrors so that every problem is reported at once, and warnings (each once)."""
 
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        """Record a warning line; the same line is recorded once (docs/configuration.md#warnings)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def add(
         self, message: str, file: str | Path | None = None, where: str | None = None, text: str | None = None

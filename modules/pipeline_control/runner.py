@@ -252,6 +252,8 @@ def _run(run_config: RunConfig, run_logging: RunLogging, request: RunRequest) ->
         )
     if run_config.implicit_level2:
         log.info("%s holds only per-observation modules; running it as Level2Pipeline", config_file)
+    for line in run_config.warnings:  # once per run, after the log is set up (docs/configuration.md#warnings)
+        logging.getLogger("comap.config").warning("%s", line)
 
     if not dry_run:
         dump_path = (

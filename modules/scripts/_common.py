@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
+from modules.scripts._commands import command_name as command_name
+from modules.scripts._commands import prog as prog
 from modules.SQLModule.SQLModule import SQLModule, db
 from utils.errors import ConfigError, DatabaseError
 

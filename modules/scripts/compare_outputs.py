@@ -25,7 +25,9 @@ import h5py
 import numpy as np
 from astropy.io import fits
 
-PROG = "python -m modules.scripts.compare_outputs"
+from modules.scripts._commands import prog
+
+SCRIPT = "compare_outputs"  # the installed command is comap-<SCRIPT with dashes>
 
 #: Attributes, header keywords and JSON keys that record when, how or by which code a file was made.
 PROVENANCE_KEYS = frozenset(
@@ -199,7 +201,7 @@ def compare_trees(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog(SCRIPT), description=__doc__.split("\n\n")[0])
     p.add_argument("reference", type=Path)
     p.add_argument("candidate", type=Path)
     p.add_argument("--atol-arcsec", type=float, default=0.0, help="tolerance on pointing datasets")
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     for d in (args.reference, args.candidate):
         if not d.is_dir():
-            print(f"{PROG}: {d} is not a directory", file=sys.stderr)
+            print(f"{prog(SCRIPT)}: {d} is not a directory", file=sys.stderr)
             return 2
     report = compare_trees(
         args.reference, args.candidate, atol_arcsec=args.atol_arcsec, ignore=args.ignore_attr, skip=args.skip

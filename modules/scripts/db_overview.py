@@ -31,10 +31,11 @@ from modules.scripts._common import (
     emit,
     emit_json,
     open_db,
+    prog,
     run_main,
 )
 
-PROG = "python -m modules.scripts.db_overview"
+SCRIPT = "db_overview"  # the installed command is comap-<SCRIPT with dashes>
 
 
 def _date(utc_start: str | None) -> str | None:
@@ -222,7 +223,7 @@ def cmd_field_status(db, args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Overview of the comap-reduce database (read-only)."
+        prog=prog(SCRIPT), description="Overview of the comap-reduce database (read-only)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 

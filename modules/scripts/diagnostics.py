@@ -33,13 +33,14 @@ from modules.scripts._common import (
     add_selection_arguments,
     int_list,
     open_db,
+    prog,
     run_main,
 )
 from modules.SQLModule.SQLModule import QUALITY_STAT_COLUMNS
 from utils.constants import BAND_EDGES_GHZ
 from utils.plotting import new_figure, save_figure
 
-PROG = "python -m modules.scripts.diagnostics"
+SCRIPT = "diagnostics"  # the installed command is comap-<SCRIPT with dashes>
 STATUS_ORDER = ("done", "failed", "running", "pending")
 STATUS_COLOURS = {"done": "tab:green", "failed": "tab:red", "running": "tab:orange", "pending": "tab:grey"}
 
@@ -222,7 +223,9 @@ PLOTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Diagnostic plots from the comap-reduce database.")
+    p = argparse.ArgumentParser(
+        prog=prog(SCRIPT), description="Diagnostic plots from the comap-reduce database."
+    )
     p.add_argument("plot", choices=sorted(PLOTS))
     p.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
     add_db_argument(p)

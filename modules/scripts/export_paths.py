@@ -17,13 +17,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from modules.scripts._common import add_common_arguments, add_selection_arguments, emit, open_db, run_main
+from modules.scripts._common import (
+    add_common_arguments,
+    add_selection_arguments,
+    emit,
+    open_db,
+    prog,
+    run_main,
+)
 
-PROG = "python -m modules.scripts.export_paths"
+SCRIPT = "export_paths"  # the installed command is comap-<SCRIPT with dashes>
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Print level-1 and/or level-2 paths, one per line.")
+    p = argparse.ArgumentParser(
+        prog=prog(SCRIPT), description="Print level-1 and/or level-2 paths, one per line."
+    )
     p.add_argument("which", choices=("level1", "level2", "both"))
     add_selection_arguments(p)
     p.add_argument("--output", default=None, metavar="FILE", help="write to FILE instead of stdout")

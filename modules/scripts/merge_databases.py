@@ -36,10 +36,10 @@ from typing import Any
 
 from sqlalchemy import Table, and_, insert, select, update
 
-from modules.scripts._common import UsageError, add_format_arguments, emit, emit_json, open_db, run_main
+from modules.scripts._common import UsageError, add_format_arguments, emit, emit_json, open_db, prog, run_main
 from modules.SQLModule.SQLModule import Base, SQLModule
 
-PROG = "python -m modules.scripts.merge_databases"
+SCRIPT = "merge_databases"  # the installed command is comap-<SCRIPT with dashes>
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "comap_data": ("obsid",),
@@ -164,7 +164,7 @@ def merge(src: SQLModule, dst: SQLModule, *, apply: bool, prefer_src: bool) -> M
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Merge every table of SRC into DST (dry run by default)."
+        prog=prog(SCRIPT), description="Merge every table of SRC into DST (dry run by default)."
     )
     p.add_argument("src", help="source database (path or SQLAlchemy URL); opened read-only")
     p.add_argument("dst", help="destination database; read-only unless --apply")

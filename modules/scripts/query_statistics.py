@@ -32,11 +32,12 @@ from modules.scripts._common import (
     int_list,
     open_db,
     percentile,
+    prog,
     run_main,
 )
 from modules.SQLModule.SQLModule import QUALITY_STAT_COLUMNS
 
-PROG = "python -m modules.scripts.query_statistics"
+SCRIPT = "query_statistics"  # the installed command is comap-<SCRIPT with dashes>
 PERCENTILES = (5, 25, 75, 95)
 
 
@@ -184,7 +185,7 @@ def cmd_status(db, args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Statistics from the comap-reduce database (read-only)."
+        prog=prog(SCRIPT), description="Statistics from the comap-reduce database (read-only)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     specs = (

@@ -21,11 +21,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from modules.scripts._common import add_common_arguments, emit, open_db, run_main
+from modules.scripts._common import add_common_arguments, emit, open_db, prog, run_main
 from utils.constants import UTC_START_FORMAT
 from utils.level2 import PIXEL_DEC, PIXEL_RA
 
-PROG = "python -m modules.scripts.query_target"
+SCRIPT = "query_target"  # the installed command is comap-<SCRIPT with dashes>
 
 
 def mean_radec(level2_path: str, stride: int = 50) -> tuple[float, float]:
@@ -56,7 +56,9 @@ def local_time(utc_start: str | None, offset_hours: float) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Observations of TARGET that have a level-2 file.")
+    p = argparse.ArgumentParser(
+        prog=prog(SCRIPT), description="Observations of TARGET that have a level-2 file."
+    )
     p.add_argument("target", help="source name; wildcards * and ? allowed (case-insensitive)")
     p.add_argument("--min-obsid", type=int, default=None)
     p.add_argument("--max-obsid", type=int, default=None)

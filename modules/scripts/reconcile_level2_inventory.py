@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from modules.DataAcquisition.DataAssess.DataAssess import level2_complete
-from modules.scripts._common import UsageError, add_common_arguments, emit, emit_json, open_db, run_main
+from modules.scripts._common import UsageError, add_common_arguments, emit, emit_json, open_db, prog, run_main
 
-PROG = "python -m modules.scripts.reconcile_level2_inventory"
+SCRIPT = "reconcile_level2_inventory"  # the installed command is comap-<SCRIPT with dashes>
 LEVEL2_RE = re.compile(r"^Level2_comap-(\d{7})-.*\.hd5$")
 STAGING_RE = re.compile(r"^\.Level2_.*\.partial-.*$")
 STALE_STAGING_S = 86400.0
@@ -188,7 +188,9 @@ def _apply(db, rows: list[dict[str, Any]]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Compare level-2 files on disk with the database.")
+    p = argparse.ArgumentParser(
+        prog=prog(SCRIPT), description="Compare level-2 files on disk with the database."
+    )
     p.add_argument("--root", action="append", required=True, metavar="DIR", help="level-2 root (repeatable)")
     p.add_argument("--apply", action="store_true", help="fix the paths (default: dry run, read-only)")
     p.add_argument("--report-dir", default="logs/reconcile", metavar="DIR", help="where the TSV report goes")

@@ -15,14 +15,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from modules.scripts._common import add_common_arguments, emit, emit_json, open_db, run_main
+from modules.scripts._common import add_common_arguments, emit, emit_json, open_db, prog, run_main
 
-PROG = "python -m modules.scripts.remap_level2_paths"
+SCRIPT = "remap_level2_paths"  # the installed command is comap-<SCRIPT with dashes>
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Rewrite level2_path values that start with OLD_PREFIX."
+        prog=prog(SCRIPT), description="Rewrite level2_path values that start with OLD_PREFIX."
     )
     p.add_argument("old_prefix")
     p.add_argument("new_prefix")

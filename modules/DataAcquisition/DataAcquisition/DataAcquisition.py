@@ -122,12 +122,11 @@ class BatchStats:
 class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     """Download new level-1 files with parallel rsync, verify each one and register it in the database.
 
+    The remote and its filters (``remote`` … ``listing_timeout_s``) come first, in this order, and are
+    described in :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`.
+
     Parameters
     ----------
-    remote, local_dir, ssh_command, remote_index, ... listing_timeout_s
-        The remote and its filters, first and in this order: see
-        :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`. ``local_dir`` is the
-        download directory; remote relative paths are mirrored under it.
     n_rsyncs : int
         Concurrent rsync processes (one batch each).
     max_retries : int
@@ -135,6 +134,7 @@ class DataAcquisition(RemoteSelectionParameters, PipelineStage):
     retry_delay_s : float
         First retry delay, s; multiplied by ``backoff_factor`` each time, with ±30 % jitter.
     backoff_factor : float
+        Factor by which the retry delay grows after each failed attempt of a batch (≥ 1).
     bwlimit_kbps : int or None
         ``--bwlimit`` per rsync process, KiB/s (the legacy setting was 5000).
     rsync_timeout_s : int

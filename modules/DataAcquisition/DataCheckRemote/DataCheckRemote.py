@@ -61,12 +61,14 @@ def summary_line(remote: str, sel: Selection) -> str:
 class DataCheckRemote(RemoteSelectionParameters, PipelineStage):
     """List the remote archive and report what is new; downloads nothing.
 
+    The remote and its filters (``remote`` … ``listing_timeout_s``) come first, in this order, and are
+    described in :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`.
+
     Parameters
     ----------
-    remote, local_dir, ssh_command, remote_index, ... listing_timeout_s
-        The remote and its filters, first and in this order: see
-        :class:`~modules.DataAcquisition.remote_parameters.RemoteSelectionParameters`. Here ``local_dir`` is
-        only where files would be placed (the "already present" check).
+    local_dir : str
+        Where DataAcquisition would download the files; read only, for the "already present" check
+        (nothing is written there).
     report_dir : str
         Directory of ``remote_check_<timestamp>.json``.
     """

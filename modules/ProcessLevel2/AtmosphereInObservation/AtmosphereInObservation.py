@@ -49,7 +49,9 @@ class AtmosphereInObservation(StreamingStage):
     plot : bool
         Write a quicklook PNG of tau against frequency per feed.
     plot_dir : str
+        Directory of the PNGs.
     overwrite : bool
+        Refit even if ``level2/atmosphere`` is complete.
     """
 
     provides = ("atmosphere", "median_k", "median_stride")

@@ -251,9 +251,13 @@ class CalibrationModel(PipelineStage):
     ----------
     source : str
         Calibrator whose fluxes define the model: TauA, CasA, CygA or Jupiter.
-    min_obsid, max_obsid : int, int or None
-        Obsid range (inclusive) of the rows used; None = no upper limit.
+    min_obsid : int
+        Lowest obsid (inclusive) of the calibrator fits used.
+    max_obsid : int or None
+        Highest obsid (inclusive) of the calibrator fits used; None = no upper limit.
     model_type : {'polynomial', 'mean', 'nearest'}
+        Model of measured/model flux against time: a weighted polynomial in years, the
+        inverse-variance weighted mean, or the measurement nearest in time.
     poly_degree : int
         Degree of the polynomial model.
     mjd_ref : float
@@ -261,7 +265,8 @@ class CalibrationModel(PipelineStage):
     chi2_max : float
         Rows with a larger reduced χ² are ignored.
     gain_min, gain_max : float
-        Accepted range of measured/model.
+        Accepted range [gain_min, gain_max] of the ratio measured/model flux (dimensionless); rows
+        outside it are ignored.
     min_observations : int
         Elements with fewer rows get no model.
     output_path : str or None

@@ -134,7 +134,8 @@ class CalibratorFitting(BaseCOMAPModule):
     beam_fwhm_arcmin_30ghz : float
         Beam FWHM at 30 GHz (arcmin), scaled as 30 GHz/ν with ν = ``level2/central_freqs``.
     min_width_factor, max_width_factor : float
-        Allowed fitted σ relative to the beam σ_b.
+        Bounds [min_width_factor, max_width_factor] of the fitted Gaussian widths σx, σy in units of
+        the beam σ_b at the channel's frequency (dimensionless).
     min_samples : int
         Minimum number of samples inside the fit radius.
     background : {'plane', 'constant'}

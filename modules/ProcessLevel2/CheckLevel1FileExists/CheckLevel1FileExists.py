@@ -23,8 +23,10 @@ class CheckLevel1FileExists(BaseCOMAPModule):
         Run the validation checklist (False only records the file size).
     probe_tod : bool
         Include C13, the read of single TOD elements that detects truncated files.
-    plot, plot_dir
-        Accepted for uniformity; nothing is plotted.
+    plot : bool
+        Accepted for uniformity with the other level-2 modules; this module draws no plots.
+    plot_dir : str
+        Accepted for uniformity with the other level-2 modules; no file is written there.
     """
 
     runs_with_others = True

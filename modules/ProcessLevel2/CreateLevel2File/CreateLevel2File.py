@@ -96,8 +96,10 @@ class CreateLevel2File(BaseCOMAPModule):
         (default 2.5 beam FWHM at 30 GHz).
     overwrite : bool
         Redo even if the file is complete.
-    plot, plot_dir
-        Accepted for uniformity; nothing is plotted.
+    plot : bool
+        Accepted for uniformity with the other level-2 modules; this module draws no plots.
+    plot_dir : str
+        Accepted for uniformity with the other level-2 modules; no file is written there.
     """
 
     reads = (

@@ -78,8 +78,10 @@ class FinalizeLevel2Metadata(BaseCOMAPModule):
         Level-2 group of the snapshot.
     overwrite : bool
         Accepted for uniformity; the snapshot is always rewritten when the module runs.
-    plot, plot_dir
-        Accepted for uniformity; nothing is plotted.
+    plot : bool
+        Accepted for uniformity with the other level-2 modules; this module draws no plots.
+    plot_dir : str
+        Accepted for uniformity with the other level-2 modules; no file is written there.
     """
 
     runs_with_others = True

@@ -147,10 +147,14 @@ class FindScans(BaseCOMAPModule):
         The default adds stare (16) after CES, raster and Lissajous.
     lissajous_status_code : int
         deTracker ``lissajous_status`` value meaning "scanning".
-    lissajous_trim_start_s, lissajous_trim_end_s : float
-        Removed from the start / end of each Lissajous scan, s.
-    trim_start_s, trim_end_s : float
-        Removed from the start / end of each feature-defined (and sky-dip) scan, s.
+    lissajous_trim_start_s : float
+        Time removed from the start of each Lissajous scan, s.
+    lissajous_trim_end_s : float
+        Time removed from the end of each Lissajous scan, s.
+    trim_start_s : float
+        Time removed from the start of each feature-defined (and sky-dip) scan, s.
+    trim_end_s : float
+        Time removed from the end of each feature-defined (and sky-dip) scan, s.
     skydip_feature : int
         Decoded feature of the sky-dip elevation ramps.
     min_scan_length_s : float

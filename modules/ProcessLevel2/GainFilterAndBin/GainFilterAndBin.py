@@ -124,7 +124,9 @@ class GainFilterAndBin(StreamingStage):
     plot : bool
         Quicklooks of ĝ(t) and of the binned spectra per feed.
     plot_dir : str
+        Directory of the PNGs.
     overwrite : bool
+        Recompute even if ``filtered_binned_data_name`` is complete.
     """
 
     algorithm_version = 2  # 2: the new default gain filter (docs/operations.md#algorithm-versions)

@@ -38,6 +38,8 @@ class NoiseStatsLevel1(StreamingStage):
         Write a quicklook PNG of the rms spectra (K) per feed.
     plot_dir : str
         Directory of the PNGs (``output_dir`` is an alias).
+    output_dir : str or None
+        Alias of ``plot_dir`` (legacy name); wins when given.
     overwrite : bool
         Recompute even if complete.
     """

@@ -227,8 +227,10 @@ class SystemTemperature(BaseCOMAPModule):
         A sky dip without a vane event uses the published vane of obsid + 1 (``'next'``) or fails.
     plot : bool
         Write quicklook PNGs: vane angle with the hot/cold selections, Tsys and gain spectra per feed.
-    plot_vane, plot_tsys : bool
-        Aliases of ``plot`` kept for legacy configs.
+    plot_vane : bool
+        Legacy name of the vane-angle quicklook switch; True turns on every quicklook, as ``plot``.
+    plot_tsys : bool
+        Legacy name of the Tsys-spectrum quicklook switch; True turns on every quicklook, as ``plot``.
     plot_dir : str
         Directory of the PNGs.
     overwrite : bool

@@ -89,20 +89,20 @@ class CreateHitMap(
     segments counted are those a CreateMap job with the same selection, channel cuts and
     calibration would take.
 
+    The parameters shared with CreateMap are described once, in their parameter groups
+    (:mod:`modules.MapMaking.job_parameters`): output, selection, channels, calibration and
+    geometry. The red-noise cuts (``sigma_red_cutoff_k``, ``fknee_max_hz``) use the level-2 noise
+    statistics here (docs/mapmaking.md#pre-pass-and-segment-selection). Below are those of
+    CreateHitMap alone, and the shared ones whose meaning differs here.
+
     Parameters
     ----------
-    map_name, output_dir, quicklook, overwrite
-        Output prefix and directory, PNG quicklook of HITS, remake even when up to date.
-    source, source_group, obsids, obsid_list_file, min_obsid, max_obsid, database_file
-        Selection, as CreateMap.
-    tod_data_name, feeds, use_quality_flags, sigma_red_cutoff_k
-        Dataset counted and segment selection, as CreateMap.
-    band, channel, auto_rms_cap_k, fknee_max_hz
-        Band(s), binned channel(s) and their segment cuts, as CreateMap.
-    calibration, calib_source, calib_min_factor, calib_max_factor, missing_calibration
-        Segments without a calibration factor in range are not counted, as CreateMap.
-    wcs_def, wcs_def_file, dynamic_wcs_cdelt, dynamic_wcs_padding, dynamic_frame
-        Geometry, as CreateMap.
+    quicklook : bool
+        Write a PNG quicklook of the HITS image beside each FITS file.
+    calibration : {'model', 'none'}
+        ``'model'``: a segment is counted only when its CalibrationModel factor passes the cuts of
+        ``calib_min_factor``, ``calib_max_factor`` and ``missing_calibration`` (hits are counts:
+        nothing is divided); ``'none'``: no calibration cut.
     per_feed : bool
         One map per feed (``_feedNN``) instead of one for all feeds.
     """

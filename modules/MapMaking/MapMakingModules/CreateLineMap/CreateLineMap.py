@@ -121,14 +121,12 @@ class CreateLineMap(
         Before stacking, smooth every line to the beam of the lowest-frequency (widest-beam) line, so
         that the stack has one beam (docs/mapmaking.md#common-beam-stacking); False averages the lines
         as observed, a mixture of beams. Not with ``destripe_channels``.
-    map_name, output_dir : str
-        Output prefix and directory.
-    source, source_group, feeds, database_file, obsids, obsid_list_file, min_obsid, max_obsid
-        Selection, as CreateMap.
-    wcs_def, wcs_def_file, dynamic_wcs_cdelt, dynamic_wcs_padding, dynamic_frame
-        2-D geometry, as CreateMap (deg).
-    velocity_center_kms, velocity_halfwidth_kms : float
-        LSRK radio velocity of the cube centre and the cube half-width (km/s).
+    map_name : str
+        Output prefix: ``{output_dir}/{map_name}_{linelabel}.fits``.
+    velocity_center_kms : float
+        LSRK radio velocity of the cube centre (km/s).
+    velocity_halfwidth_kms : float
+        Half-width of the cube's velocity range about ``velocity_center_kms`` (km/s).
     velocity_resolution_kms : float, optional
         Output channel width (km/s); default the native channel width ``c |Δν| / ν0`` (the widest
         of the stacked lines), and then the grid centre moves from ``velocity_center_kms`` by less
@@ -158,13 +156,17 @@ class CreateLineMap(
         and keeps every regridded sample in memory (12 bytes × n_v per sample).
     channel_rms_cap_k : float
         Native channels whose white-noise rms (K, after calibration) exceeds this get weight 0.
-    sigma_red_cutoff_k, alpha_min : float
-        Segment cuts from the binned noise statistics (of ``tod_data_name``) of the bin containing
-        the line.
-    calibration, calib_source, calib_min_factor, calib_max_factor, missing_calibration
-        Calibration factor of the binned channel containing the line, as CreateMap.
-    hit_percentile, min_hits : float, int
-        Masking, as CreateMap (docs/mapmaking.md#name-and-hdus).
+    sigma_red_cutoff_k : float
+        Segments whose fitted red-noise amplitude σ_red (K) in the level-2 noise statistics of
+        ``tod_data_name``, in the binned channel holding the line, exceeds this are dropped; NaN
+        passes.
+    alpha_min : float, optional
+        Segments whose fitted 1/f spectral index α in the level-2 noise statistics of
+        ``tod_data_name``, in the binned channel holding the line, is below this are dropped; None
+        = no limit.
+    calibration : {'model', 'none'}
+        ``'model'``: divide by the CalibrationModel factor of the binned channel holding the line
+        (after the vane gain); ``'none'``: no factor and no calibration cut.
     quicklook : bool
         PNG of the moment-0 map and of the spectrum at the brightest pixel beside each cube.
     overwrite : bool

@@ -117,27 +117,30 @@ class CreateMap(
 
     Each map is a FITS file with DESTRIPED, NAIVE, HITS, RMS, MASK, RMS_WHITE and SEGNOISE HDUs.
 
+    The parameters shared with the other map products are described once, in their parameter
+    groups (:mod:`modules.MapMaking.job_parameters`): output (``map_name`` … ``overwrite``),
+    selection (``source`` … ``sigma_red_cutoff_k``), channels (``band`` … ``fknee_max_hz``),
+    calibration, geometry, destriper (``offset_length``, ``tol``, ``max_iter``) and masking
+    (``hit_percentile``, ``min_hits``). Below are those of CreateMap alone, and the shared ones
+    whose meaning differs here.
+
     Parameters
     ----------
     map_name : str
         Output prefix: ``{output_dir}/{map_name}_band{band}_ch{channel}_{feedlabel}{suffix}.fits``.
-    band, channel : int or list of int
-        Band(s) 0–3 and binned channel(s); a list makes one map per combination.
-    output_dir : str
-    source, source_group : str or list, optional
-        Selection by source name / group (``*`` and ``?`` wildcards, case-insensitive).
-    obsids, obsid_list_file, min_obsid, max_obsid
-        Selection by obsid list or range (override the ``[Master]`` values).
-    tod_data_name : str
-        Level-2 dataset mapped.
-    database_file : str, optional
-        Another database (opened read-only) for this job's selection, flags and calibration.
-    wcs_def, wcs_def_file : str
-        Named geometry (``wcs_definitions.toml``) or ``'dynamic'``.
-    dynamic_wcs_cdelt, dynamic_wcs_padding, dynamic_frame
-        Pixel size and padding (deg) and frame (``'galactic'``/``'icrs'``) of the dynamic WCS.
-    offset_length, lambda_ridge, good_fraction, tol, max_iter
-        Destriper settings (samples, —, —, —, iterations).
+    sigma_red_cutoff_k : float
+        Segments whose red-noise amplitude σ_red (K), measured on the sky-free residual after a
+        first destriping and compared in level-2 units, exceeds this are dropped
+        (docs/mapmaking.md#map-noise); NaN passes.
+    fknee_max_hz : float, optional
+        Segments whose 1/f knee frequency (Hz), measured on the sky-free residual after a first
+        destriping, is above this are dropped (docs/mapmaking.md#map-noise); None = no limit.
+    lambda_ridge : float
+        Ridge regularisation λ (K⁻²) added to the diagonal of the destriper's offset system
+        (docs/mapmaking.md#model-and-equations); 0 (the default) = no regularisation.
+    good_fraction : float
+        An offset is solved for only when more than this fraction (dimensionless, 0 to 1) of its
+        samples have a positive weight and a pixel on the map; the other offsets are fixed at 0.
     split_mode : str
         ``none``, ``per_feed``, ``day_night``, ``odd_even_scans``, ``first_second_half``,
         ``alternate_obs``, ``custom``, ``scan_direction`` (samples by the sign of the azimuth velocity),
@@ -151,26 +154,39 @@ class CreateMap(
         For two-way splits also write ``(A − B)/2`` as ``_diff``.
     write_mean_azel : bool
         Record the mean az/el/MJD in the header.
-    feeds, use_quality_flags, auto_rms_cap_k, sigma_red_cutoff_k, fknee_max_hz
-        Segment selection (docs/mapmaking.md#pre-pass-and-segment-selection); the red-noise cuts
-        (``sigma_red_cutoff_k``, ``fknee_max_hz``) are applied to the sky-free noise of the destriped
-        residual (docs/mapmaking.md#map-noise).
     noise_realizations : int
         Noise-only simulations through the destriper behind the RMS HDU (docs/mapmaking.md#map-noise);
         0 writes the white-noise RMS.
-    calibration, calib_source, calib_min_factor, calib_max_factor, missing_calibration
-        Calibration factors from CalibrationModel (``'model'``) or none.
-    detrend, detrend_order, detrend_mask_abs_b_deg
-        Per-segment detrending (``median``, ``linear``, ``legendre``, ``none``).
-    spike_sigma, spike_medfilt_length, spike_dilate
-        Optional spike flagging (off by default).
+    detrend : {'median', 'linear', 'legendre', 'none'}
+        Trend subtracted from each segment before destriping: its median, a line in time, a robust
+        Legendre fit in time, elevation and azimuth, or nothing
+        (docs/mapmaking.md#per-segment-processing); bright-source samples are left out of the fit.
+    detrend_order : int
+        Highest Legendre order, in each of time, elevation and azimuth, of the ``'legendre'``
+        detrend.
+    detrend_mask_abs_b_deg : float
+        Samples at Galactic latitude |b| up to this (deg) are left out of the ``'legendre'`` detrend
+        fit, so that the Galactic plane does not bias it.
+    spike_sigma : float, optional
+        Samples further than this many white-noise σ from a running median get weight 0 (bright
+        sources excepted); None (the default) = no spike flagging.
+    spike_medfilt_length : int
+        Window of the running median of the spike flagging (samples).
+    spike_dilate : int
+        Each spike flag is widened to a window of this many samples centred on it (samples); 1 or
+        less = no widening.
     bright_downweight : float
         Solver weight factor of the samples flagged as bright sources in level 2 (sample flag 16,
         docs/level2.md#source-mask; configured in CreateLevel2File).
-    hit_percentile, min_hits, edge_clip, edge_clip_width, clip_percentiles
-        Masking (docs/mapmaking.md#name-and-hdus).
-    quicklook : bool
-        Write a PNG quicklook beside each FITS file.
+    edge_clip : bool
+        Mask (MASK bit 4, docs/mapmaking.md#name-and-hdus) the pixels within ``edge_clip_width`` of
+        the boundary of the unmasked area whose destriped value lies outside ``clip_percentiles`` of
+        the interior pixels.
+    edge_clip_width : int
+        Width of the boundary band examined by ``edge_clip`` (pixels).
+    clip_percentiles : [low, high], optional
+        Percentiles (%) of the interior pixels' destriped values outside which ``edge_clip`` masks
+        a boundary pixel; None = ``[0.5, 99.5]``. Acts only with ``edge_clip``.
     overwrite : bool
         Remake maps even when their configuration hash matches.
     """
