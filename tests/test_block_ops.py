@@ -56,6 +56,31 @@ def test_decimated_median_matches_nanmedian(block, stride):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("n", [2000, 2001])
+def test_windowed_median_is_the_exact_median_on_awkward_rows(n):
+    """Rows long enough for the windowed selection (docs/level2.md#streaming): ties, steps, sorted
+    rows, NaN, and a row whose evenly spaced sample misses the middle ranks (the plain selection
+    must take over). The median is an order statistic, so the result must be exactly numpy's."""
+    rng = np.random.default_rng(8)
+    t = np.arange(n)
+    rows = [
+        rng.integers(0, 4, n).astype(np.float32),  # heavy ties
+        np.where(t < 0.6 * n, 0.0, 1.0e6).astype(np.float32),  # a step: the median sits on the edge
+        np.sort(rng.normal(size=n)).astype(np.float32),
+        np.sort(rng.normal(size=n))[::-1].astype(np.float32),
+        np.where(rng.random(n) < 0.3, np.nan, rng.normal(size=n)).astype(np.float32),
+    ]
+    decoy = np.zeros(n, dtype=np.float32)  # every sampled position holds a large value
+    decoy[(2 * np.arange(128) + 1) * n // 256] = 1.0e6
+    rows.append(decoy)
+    raw = np.stack(rows)
+    got = decimated_nanmedian(raw, np.ones(len(rows)), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(raw.astype(np.float64), axis=-1)
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_airmass_fit_matches_polyfit(block):
     rng = np.random.default_rng(6)
     el = np.linspace(35.0, 65.0, block.shape[-1])

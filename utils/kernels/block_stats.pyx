@@ -10,7 +10,8 @@ Do not call this module directly: use :mod:`utils.block_ops`.
     :func:`utils.noise.pair_difference_rms`), and the NaN count of each row.
 ``decimated_median``
     Median of every ``stride``-th sample of ``raw*scale − offset − tau*x`` per row (finite values
-    only; the mean of the two middle values for an even count, as numpy), by selection.
+    only; the mean of the two middle values for an even count, as numpy), by selection within a
+    window bracketed by a sorted sample of the row (``_median``).
 ``airmass_sums``
     float64 sums ``n, Σx, Σy, Σxx, Σxy`` over finite ``y = raw * scale`` per row, for the
     closed-form fit ``y = offset + tau * x``.
@@ -22,7 +23,7 @@ row cost little beyond the one read from memory.
 from cython.parallel cimport parallel, prange
 from libc.math cimport NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
-from libcpp.algorithm cimport nth_element
+from libcpp.algorithm cimport nth_element, sort
 
 ctypedef fused real:
     float
@@ -144,6 +145,69 @@ def airmass_sums(const real[:, ::1] raw, const double[::1] scale, const double[:
         out[i, 4] = sxy
 
 
+cdef enum:
+    MEDIAN_SAMPLE = 128  # sorted sample that brackets the median (_median)
+    MEDIAN_HALF_WINDOW = 12  # sample ranks either side of the middle: the window is ±12/128 in rank
+    MEDIAN_MIN_WINDOWED = 512  # below this count a plain selection is as fast
+
+
+cdef inline double _select_median(double* buf, Py_ssize_t m) noexcept nogil:
+    """numpy's median of ``buf[:m]`` (m ≥ 1) by a plain selection; reorders ``buf``."""
+    cdef Py_ssize_t k = m // 2, t
+    cdef double lo
+    nth_element(buf, buf + k, buf + m)
+    if m % 2 == 1:
+        return buf[k]
+    lo = buf[0]
+    for t in range(1, k):
+        if buf[t] > lo:
+            lo = buf[t]
+    return 0.5 * (lo + buf[k])
+
+
+cdef inline double _median(double* buf, Py_ssize_t m, double* win) noexcept nogil:
+    """numpy's median of the finite ``buf[:m]`` (m ≥ 1), exactly; ``win`` is scratch of m doubles.
+
+    A plain selection costs about 12 ns per value here, most of the decimated-median time. Instead,
+    a sorted sample of 128 evenly spaced values brackets the middle ranks with two pivots; one
+    branch-free pass counts the values below the lower pivot and copies those between the pivots
+    into ``win``; the selection then runs on that window, about a fifth of the values. If the window
+    misses a middle rank (a few per cent of rows), the plain selection runs instead. Either way the
+    result is the same order statistic, so the value is identical to a full selection's."""
+    cdef double samp[MEDIAN_SAMPLE]
+    cdef Py_ssize_t j, t, k = m // 2, below = 0, w = 0, q, r_lo, r_hi
+    cdef double v, p_lo, p_hi, lo
+    cdef bint inside
+    if m < MEDIAN_MIN_WINDOWED:
+        return _select_median(buf, m)
+    for j in range(MEDIAN_SAMPLE):
+        samp[j] = buf[(2 * j + 1) * m // (2 * MEDIAN_SAMPLE)]
+    sort(samp, samp + MEDIAN_SAMPLE)
+    q = MEDIAN_SAMPLE // 2
+    p_lo = samp[q - MEDIAN_HALF_WINDOW]
+    p_hi = samp[q + MEDIAN_HALF_WINDOW - 1]
+    for t in range(m):
+        v = buf[t]
+        win[w] = v
+        inside = (v >= p_lo) & (v <= p_hi)
+        w = w + (1 if inside else 0)
+        below = below + (1 if v < p_lo else 0)
+    # the middle ranks are k (odd m) or k-1 and k (even m): both must fall inside the window
+    r_lo = (k if m % 2 == 1 else k - 1) - below
+    r_hi = k - below
+    if r_lo < 0 or r_hi >= w:
+        return _select_median(buf, m)
+    nth_element(win, win + r_hi, win + w)
+    if m % 2 == 1:
+        return win[r_hi]
+    lo = win[0]  # r_hi >= 1 here: r_lo = r_hi - 1 >= 0
+
+    for t in range(1, r_hi):
+        if win[t] > lo:
+            lo = win[t]
+    return 0.5 * (lo + win[r_hi])
+
+
 def decimated_median(const real[:, ::1] raw, const double[::1] scale, const double[::1] offset,
                      const double[::1] tau, const double[::1] x, Py_ssize_t stride, double[::1] out,
                      int n_threads):
@@ -151,12 +215,12 @@ def decimated_median(const real[:, ::1] raw, const double[::1] scale, const doub
     (NaN where there is none)."""
     cdef Py_ssize_t i, t, k, m, rows = raw.shape[0], n = raw.shape[1]
     cdef Py_ssize_t n_dec = (n + stride - 1) // stride if stride > 0 else 0
-    cdef double v, lo
+    cdef double v
     cdef double* buf
     if rows == 0:
         return
     with nogil, parallel(num_threads=n_threads):
-        buf = <double*>malloc((n_dec + 1) * sizeof(double))
+        buf = <double*>malloc(2 * (n_dec + 1) * sizeof(double))
         if buf != NULL:
             for i in prange(rows, schedule="static"):
                 m = 0
@@ -169,16 +233,7 @@ def decimated_median(const real[:, ::1] raw, const double[::1] scale, const doub
                 if m == 0:
                     out[i] = NAN
                 else:
-                    k = m // 2
-                    nth_element(buf, buf + k, buf + m)
-                    if m % 2 == 1:
-                        out[i] = buf[k]
-                    else:
-                        lo = buf[0]
-                        for t in range(1, k):
-                            if buf[t] > lo:
-                                lo = buf[t]
-                        out[i] = 0.5 * (lo + buf[k])
+                    out[i] = _median(buf, m, buf + n_dec + 1)
             free(buf)
         else:
             for i in prange(rows, schedule="static"):
