@@ -182,3 +182,28 @@ def test_masked_nanmean_matches_numpy(block, n_threads):
     np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
     assert np.isnan(got[0, 4]) and np.isnan(got[2, 7]) and np.isfinite(got[1, 3])
     np.testing.assert_allclose(masked_nanmean(raw, mask, min_count=10)[0, 4], 7.0)
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_kernel_threads_sleep_unless_the_user_chose_a_wait_policy(preset):
+    """Importing the kernels sets OMP_WAIT_POLICY=PASSIVE before libgomp loads, and keeps the
+    user's choice (docs/level2.md#streaming)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os\nfrom utils import block_ops\nprint(os.environ.get('OMP_WAIT_POLICY'))"
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, PYTHONPATH=str(repo)),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=repo,
+    ).stdout.strip()
+    assert out == (preset or "PASSIVE")
