@@ -15,6 +15,8 @@ Do not call this module directly: use :mod:`utils.block_ops`.
 ``airmass_sums``
     float64 sums ``n, Σx, Σy, Σxx, Σxy`` over finite ``y = raw * scale`` per row, for the
     closed-form fit ``y = offset + tau * x``.
+``masked_sums``
+    Sums and counts of the finite samples of each row over two sample selections, in one pass.
 
 Each row (a channel's samples of one scan) is small enough to stay in cache, so the passes over a
 row cost little beyond the one read from memory.
@@ -240,20 +242,28 @@ def decimated_median(const real[:, ::1] raw, const double[::1] scale, const doub
                 out[i] = NAN
 
 
-def masked_sums(const real[:, ::1] raw, const unsigned char[::1] mask, double[::1] total,
-                long long[::1] count, int n_threads):
-    """Per row: ``total[row]`` = Σ and ``count[row]`` = number of the finite ``raw[row, t]`` with
-    ``mask[t] != 0`` (one branch-free, vectorised pass; no copy of the selected samples)."""
+def masked_sums(const real[:, ::1] raw, const double[::1] w0, const double[::1] w1,
+                double[:, ::1] out, int n_threads):
+    """Per row, sums over two sample selections in one pass: ``out[row] = (Σ w0·v, Σ w0, Σ w1·v,
+    Σ w1)`` over the finite ``v = raw[row, t]``, with 0/1 weights ``w0[t]``, ``w1[t]`` (one
+    branch-free, vectorised pass; no copy of the selected samples). Both selections together cost
+    about what one did with a byte mask, whose mixed widths kept the loop scalar."""
     cdef Py_ssize_t i, t, rows = raw.shape[0], n = raw.shape[1]
-    cdef double v, s, c
-    cdef bint ok
+    cdef double v, f, s0, c0, s1, c1
     for i in prange(rows, nogil=True, num_threads=n_threads, schedule="static"):
-        s = 0.0
-        c = 0.0
+        s0 = 0.0
+        c0 = 0.0
+        s1 = 0.0
+        c1 = 0.0
         for t in range(n):
             v = raw[i, t]
-            ok = (mask[t] != 0) & (fabs(v) <= 1.7976931348623157e308)
-            s = s + (v if ok else 0.0)
-            c = c + (1.0 if ok else 0.0)
-        total[i] = s
-        count[i] = <long long>c
+            f = 1.0 if fabs(v) <= 1.7976931348623157e308 else 0.0
+            v = v if fabs(v) <= 1.7976931348623157e308 else 0.0
+            s0 = s0 + w0[t] * v
+            c0 = c0 + w0[t] * f
+            s1 = s1 + w1[t] * v
+            c1 = c1 + w1[t] * f
+        out[i, 0] = s0
+        out[i, 1] = c0
+        out[i, 2] = s1
+        out[i, 3] = c1
