@@ -13,6 +13,7 @@ from utils.block_ops import (
     filter_and_bin,
     inverse_gain,
     masked_nanmean,
+    masked_nanmeans,
     pair_difference_rms_and_nans,
 )
 from utils.noise import pair_difference_rms
@@ -182,6 +183,16 @@ def test_masked_nanmean_matches_numpy(block, n_threads):
     np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
     assert np.isnan(got[0, 4]) and np.isnan(got[2, 7]) and np.isfinite(got[1, 3])
     np.testing.assert_allclose(masked_nanmean(raw, mask, min_count=10)[0, 4], 7.0)
+    # two selections in one pass give each selection's own mean
+    other = np.zeros_like(mask)
+    other[2500:3001:3] = True
+    first, second = masked_nanmeans(raw, mask, other, min_count=11, n_threads=n_threads)
+    np.testing.assert_array_equal(first, got)
+    np.testing.assert_allclose(second, masked_nanmean(raw, other, min_count=11), rtol=1e-12, equal_nan=True)
+    sub = raw[..., other]
+    np.testing.assert_allclose(
+        second[1], np.nanmean(np.where(np.isfinite(sub[1]), sub[1], np.nan), axis=-1), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("preset", [None, "ACTIVE"])
