@@ -189,7 +189,7 @@ def test_masked_nanmean_matches_numpy(block, n_threads):
     first, second = masked_nanmeans(raw, mask, other, min_count=11, n_threads=n_threads)
     np.testing.assert_array_equal(first, got)
     np.testing.assert_allclose(second, masked_nanmean(raw, other, min_count=11), rtol=1e-12, equal_nan=True)
-    sub = raw[..., other]
+    sub = raw[..., other].astype(np.float64)
     np.testing.assert_allclose(
         second[1], np.nanmean(np.where(np.isfinite(sub[1]), sub[1], np.nan), axis=-1), rtol=1e-12
     )
