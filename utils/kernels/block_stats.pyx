@@ -39,7 +39,7 @@ cdef inline void _mean_std(const double* d, Py_ssize_t count, double centre, dou
     NaN differences fail the comparison and are skipped). The loop has no branch and this module is
     built with reassociation allowed (setup.py), so the compiler vectorises the three sums."""
     cdef Py_ssize_t j
-    cdef double v, k, s1 = 0.0, s2 = 0.0, c = 0.0, m, var
+    cdef double v, k, s1 = 0.0, s2 = 0.0, c = 0.0
     for j in range(count):
         v = d[j] - centre
         k = 1.0 if fabs(v) <= lim else 0.0
@@ -47,6 +47,13 @@ cdef inline void _mean_std(const double* d, Py_ssize_t count, double centre, dou
         s1 += v
         s2 += v * v
         c += k
+    _mean_std_from_sums(s1, s2, c, centre, mean, std, kept)
+
+
+cdef inline void _mean_std_from_sums(double s1, double s2, double c, double centre, double* mean,
+                                     double* std, Py_ssize_t* kept) noexcept nogil:
+    """Mean and ddof=1 std from the sums of ``d − centre``, its square and the count."""
+    cdef double m, var
     kept[0] = <Py_ssize_t>c
     if c == 0:
         mean[0] = NAN
@@ -64,20 +71,28 @@ cdef inline void _mean_std(const double* d, Py_ssize_t count, double centre, dou
 cdef inline void _row_pair_rms(const real* row, Py_ssize_t n, int estimator, double clip,
                                Py_ssize_t min_pairs, double* dbuf, double* rms,
                                long long* n_nan) noexcept nogil:
-    """One read of the row: the pair differences into ``dbuf`` (float64, NaN kept) and the NaN
-    count; the (clipped) statistics then run over ``dbuf``, which stays in cache."""
+    """One read of the row: the pair differences into ``dbuf`` (float64, NaN kept), the NaN count
+    and the sums of the unclipped statistics; the clipping passes then run over ``dbuf``, which
+    stays in cache."""
     cdef Py_ssize_t j, k, npairs = n // 2, n_valid, c
-    cdef double a, b, mean, s
+    cdef double a, b, v, w, f, mean, s, s1 = 0.0, s2 = 0.0, cnt = 0.0
     cdef long long nn = 0
     for j in range(npairs):
         a = row[2 * j]
         b = row[2 * j + 1]
-        dbuf[j] = b - a
+        v = b - a
+        dbuf[j] = v
         nn += (a != a) + (b != b)
+        # as _mean_std with centre 0 and no limit: NaN and ±inf differences are left out
+        f = 1.0 if fabs(v) <= 1e300 else 0.0
+        w = v if fabs(v) <= 1e300 else 0.0
+        s1 += w
+        s2 += w * w
+        cnt += f
     if n % 2 == 1 and row[n - 1] != row[n - 1]:
         nn += 1
     n_nan[0] = nn
-    _mean_std(dbuf, npairs, 0.0, 1e300, &mean, &s, &n_valid)
+    _mean_std_from_sums(s1, s2, cnt, 0.0, &mean, &s, &n_valid)
     if estimator == 1:
         for k in range(2):
             if not (s == s):
