@@ -315,14 +315,22 @@ class CreateLevel2File(BaseCOMAPModule):
             mjd = l1.mjd()
             mask = self.source_mask(getattr(file_info, "source", None))
             n_bright = 0
+            azel = [l1.pointing(pos, slice(None)) for pos in positions]
+            if self.compute_radec and positions:
+                # all feeds in one call: the astrometry of each time block is computed once,
+                # not once per feed (docs/mapmaking.md#coordinates)
+                ra_all, dec_all = azel_to_icrs(
+                    np.asarray([a for a, _ in azel], dtype=np.float64),
+                    np.asarray([e for _, e in azel], dtype=np.float64),
+                    mjd,
+                )
             for ifeed, pos in enumerate(positions):
-                az, el = l1.pointing(pos, slice(None))
-                az = np.asarray(az, dtype=np.float64)
-                el = np.asarray(el, dtype=np.float64)
+                az = np.asarray(azel[ifeed][0], dtype=np.float64)
+                el = np.asarray(azel[ifeed][1], dtype=np.float64)
                 az_ds[ifeed] = az
                 el_ds[ifeed] = el
                 if self.compute_radec:
-                    ra, dec = azel_to_icrs(az, el, mjd)
+                    ra, dec = ra_all[ifeed], dec_all[ifeed]
                 else:
                     ra = np.asarray(l1.file[L1.PIXEL_RA][pos], dtype=np.float64)
                     dec = np.asarray(l1.file[L1.PIXEL_DEC][pos], dtype=np.float64)
