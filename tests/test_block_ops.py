@@ -99,11 +99,18 @@ def test_airmass_fit_matches_polyfit(block):
     assert not flat.ok.any()
 
 
-def test_filter_and_bin_matches_numpy(block):
+@pytest.mark.parametrize("fitted", [True, False])
+def test_filter_and_bin_matches_numpy(block, fitted):
+    """Against NumPy, with an airmass fit and without one (tau = level = 0 takes the kernel's
+    shorter loop; one row keeps a level so that both loops run in one call)."""
     rng = np.random.default_rng(7)
     n_bands, n_chan, n = block.shape
     inv_gain = inverse_gain(rng.uniform(5e5, 2e6, (n_bands, n_chan)))
     offset, tau, level = (rng.normal(0, 1, (n_bands, n_chan)) for _ in range(3))
+    if not fitted:
+        tau[:] = 0.0
+        level[:] = 0.0
+        level[1, 2] = 0.5
     m = rng.uniform(30, 60, (n_bands, n_chan))
     x = rng.uniform(1.0, 1.5, n)
     wr = rng.normal(0, 1, (n_bands, n_chan))
