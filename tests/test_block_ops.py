@@ -13,6 +13,7 @@ from utils.block_ops import (
     filter_and_bin,
     inverse_gain,
     masked_nanmean,
+    masked_nanmeans,
     pair_difference_rms_and_nans,
 )
 from utils.noise import pair_difference_rms
@@ -56,6 +57,31 @@ def test_decimated_median_matches_nanmedian(block, stride):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("n", [2000, 2001])
+def test_windowed_median_is_the_exact_median_on_awkward_rows(n):
+    """Rows long enough for the windowed selection (docs/level2.md#streaming): ties, steps, sorted
+    rows, NaN, and a row whose evenly spaced sample misses the middle ranks (the plain selection
+    must take over). The median is an order statistic, so the result must be exactly numpy's."""
+    rng = np.random.default_rng(8)
+    t = np.arange(n)
+    rows = [
+        rng.integers(0, 4, n).astype(np.float32),  # heavy ties
+        np.where(t < 0.6 * n, 0.0, 1.0e6).astype(np.float32),  # a step: the median sits on the edge
+        np.sort(rng.normal(size=n)).astype(np.float32),
+        np.sort(rng.normal(size=n))[::-1].astype(np.float32),
+        np.where(rng.random(n) < 0.3, np.nan, rng.normal(size=n)).astype(np.float32),
+    ]
+    decoy = np.zeros(n, dtype=np.float32)  # every sampled position holds a large value
+    decoy[(2 * np.arange(128) + 1) * n // 256] = 1.0e6
+    rows.append(decoy)
+    raw = np.stack(rows)
+    got = decimated_nanmedian(raw, np.ones(len(rows)), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(raw.astype(np.float64), axis=-1)
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_airmass_fit_matches_polyfit(block):
     rng = np.random.default_rng(6)
     el = np.linspace(35.0, 65.0, block.shape[-1])
@@ -73,11 +99,18 @@ def test_airmass_fit_matches_polyfit(block):
     assert not flat.ok.any()
 
 
-def test_filter_and_bin_matches_numpy(block):
+@pytest.mark.parametrize("fitted", [True, False])
+def test_filter_and_bin_matches_numpy(block, fitted):
+    """Against NumPy, with an airmass fit and without one (tau = level = 0 takes the kernel's
+    shorter loop; one row keeps a level so that both loops run in one call)."""
     rng = np.random.default_rng(7)
     n_bands, n_chan, n = block.shape
     inv_gain = inverse_gain(rng.uniform(5e5, 2e6, (n_bands, n_chan)))
     offset, tau, level = (rng.normal(0, 1, (n_bands, n_chan)) for _ in range(3))
+    if not fitted:
+        tau[:] = 0.0
+        level[:] = 0.0
+        level[1, 2] = 0.5
     m = rng.uniform(30, 60, (n_bands, n_chan))
     x = rng.uniform(1.0, 1.5, n)
     wr = rng.normal(0, 1, (n_bands, n_chan))
@@ -157,3 +190,38 @@ def test_masked_nanmean_matches_numpy(block, n_threads):
     np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
     assert np.isnan(got[0, 4]) and np.isnan(got[2, 7]) and np.isfinite(got[1, 3])
     np.testing.assert_allclose(masked_nanmean(raw, mask, min_count=10)[0, 4], 7.0)
+    # two selections in one pass give each selection's own mean
+    other = np.zeros_like(mask)
+    other[2500:3001:3] = True
+    first, second = masked_nanmeans(raw, mask, other, min_count=11, n_threads=n_threads)
+    np.testing.assert_array_equal(first, got)
+    np.testing.assert_allclose(second, masked_nanmean(raw, other, min_count=11), rtol=1e-12, equal_nan=True)
+    sub = raw[..., other].astype(np.float64)
+    np.testing.assert_allclose(
+        second[1], np.nanmean(np.where(np.isfinite(sub[1]), sub[1], np.nan), axis=-1), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_kernel_threads_sleep_unless_the_user_chose_a_wait_policy(preset):
+    """Importing the kernels sets OMP_WAIT_POLICY=PASSIVE before libgomp loads, and keeps the
+    user's choice (docs/level2.md#streaming)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os\nfrom utils import block_ops\nprint(os.environ.get('OMP_WAIT_POLICY'))"
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, PYTHONPATH=str(repo)),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=repo,
+    ).stdout.strip()
+    assert out == (preset or "PASSIVE")

@@ -85,11 +85,11 @@ def pair_difference_rms_and_nans(
     return out.reshape(lead), nan.reshape(lead)
 
 
-def masked_nanmean(
-    raw: ArrayLike, mask: ArrayLike, min_count: int = 1, *, n_threads: int | None = None
-) -> NDArray[np.float64]:
-    """Mean over the selected samples of the last axis, ignoring NaN and ±inf, summed in float64
-    (docs/level2.md#systemtemperature).
+def masked_nanmeans(
+    raw: ArrayLike, first: ArrayLike, second: ArrayLike, min_count: int = 1, *, n_threads: int | None = None
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Means over two selections of samples of the last axis, ignoring NaN and ±inf, summed in
+    float64 (docs/level2.md#systemtemperature): the hot and cold vane states in one pass.
 
     One pass of the Cython kernel over ``raw`` (rows in parallel) instead of a copy of the selected
     samples, a finiteness mask and a zero-filled copy.
@@ -98,25 +98,39 @@ def masked_nanmean(
     ----------
     raw : array_like, shape (..., n)
         Spectrometer counts (float32).
-    mask : array_like of bool, shape (n,)
+    first, second : array_like of bool, shape (n,)
         Samples to average.
     min_count : int
         Entries with fewer finite selected samples get NaN.
 
     Returns
     -------
-    ndarray of float64, shape raw.shape[:-1]
+    mean_first, mean_second : ndarray of float64, shape raw.shape[:-1]
     """
     rows, lead = _rows(raw)
-    sel = np.ascontiguousarray(np.asarray(mask, dtype=bool).reshape(-1), dtype=np.uint8)
-    if sel.shape[0] != rows.shape[1]:
-        raise ValueError(f"mask has {sel.shape[0]} samples, raw has {rows.shape[1]}")
-    total = np.zeros(rows.shape[0])
-    count = np.zeros(rows.shape[0], dtype=np.int64)
-    _stats.masked_sums(rows, sel, total, count, _threads(n_threads))
-    out = np.full(rows.shape[0], np.nan)
-    np.divide(total, count, out=out, where=count >= max(int(min_count), 1))
-    return out.reshape(lead)
+    weights = []
+    for mask in (first, second):
+        w = np.ascontiguousarray(np.asarray(mask, dtype=bool).reshape(-1), dtype=np.float64)
+        if w.shape[0] != rows.shape[1]:
+            raise ValueError(f"mask has {w.shape[0]} samples, raw has {rows.shape[1]}")
+        weights.append(w)
+    sums = np.zeros((rows.shape[0], 4))
+    _stats.masked_sums(rows, weights[0], weights[1], sums, _threads(n_threads))
+    means = []
+    for total, count in ((sums[:, 0], sums[:, 1]), (sums[:, 2], sums[:, 3])):
+        out = np.full(rows.shape[0], np.nan)
+        np.divide(total, count, out=out, where=count >= max(int(min_count), 1))
+        means.append(out.reshape(lead))
+    return means[0], means[1]
+
+
+def masked_nanmean(
+    raw: ArrayLike, mask: ArrayLike, min_count: int = 1, *, n_threads: int | None = None
+) -> NDArray[np.float64]:
+    """Mean over the selected samples of the last axis, ignoring NaN and ±inf (one selection of
+    :func:`masked_nanmeans`); ``mask`` has shape (n,), the result ``raw.shape[:-1]``."""
+    mask = np.asarray(mask, dtype=bool)
+    return masked_nanmeans(raw, mask, mask, min_count, n_threads=n_threads)[0]
 
 
 @dataclass

@@ -261,10 +261,12 @@ def azel_to_icrs(
 
     Parameters
     ----------
-    az_deg, el_deg : array_like, shape (n,)
-        Observed azimuth (North through East) and elevation, degrees.
+    az_deg, el_deg : array_like, shape (n,) or (n_feeds, n)
+        Observed azimuth (North through East) and elevation, degrees. Several feeds sharing the
+        sample times are best converted in one call: the astrometry of each time block is then
+        computed once for all of them.
     mjd_utc : array_like, shape (n,) or scalar
-        Sample times, MJD (UTC).
+        Sample times, MJD (UTC), broadcast against the coordinates.
     block_s : float
         Length of the blocks over which the star-independent astrometry is frozen, s.
     **observer
@@ -273,7 +275,7 @@ def azel_to_icrs(
 
     Returns
     -------
-    ra_deg, dec_deg : ndarray, shape (n,)
+    ra_deg, dec_deg : ndarray, the broadcast shape of the inputs
         ICRS coordinates in degrees; RA in [0, 360). Non-finite inputs give NaN.
     """
     return tuple(_blockwise(az_deg, el_deg, mjd_utc, Observer(**observer), block_s, _observed_to_icrs))

@@ -15,7 +15,9 @@ group totals and lose each NaN sample
 
 and ``nan_count(t)`` counts the rows whose raw value is NaN, ``r_nan(t)`` those among the gain-filter
 rows (``wr != 0``). A (row, sample range) without NaN — nearly all of them — takes a loop without
-branches, which the compiler vectorises; the arithmetic per value is the same in both loops. ``d`` is never stored: the binned
+branches, which the compiler vectorises; the arithmetic per value is the same in both loops. A row
+with ``tau = level = 0`` (a scan without an airmass fit) takes a shorter loop without those terms,
+whose values are identical as long as every ``x`` is finite. ``d`` is never stored: the binned
 residual of the gain filter follows as ``num/den − ĝ(t) · wm/den``. Threads own disjoint ranges
 of samples, so the accumulators need no locks; each thread walks the rows in storage order.
 """
@@ -56,9 +58,13 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
     cdef Py_ssize_t c, i, t, t0, t1, n_nan
     cdef double v, d, ig, off, ta, lv, wri, wbi, wmi
     cdef int g
-    cdef bint binned
+    cdef bint binned, x_finite = True
     if rows == 0 or n == 0:
         return
+    for t in range(n):
+        if not fabs(x[t]) <= 1.7976931348623157e308:
+            x_finite = False
+            break
     for c in prange(n_chunks, nogil=True, num_threads=n_threads, schedule="static"):
         t0 = c * SAMPLE_CHUNK
         t1 = t0 + SAMPLE_CHUNK
@@ -77,7 +83,21 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
             n_nan = 0
             for t in range(t0, t1):
                 n_nan = n_nan + (1 if raw[i, t] != raw[i, t] else 0)
-            if n_nan == 0:
+            if n_nan == 0 and ta == 0.0 and lv == 0.0 and x_finite:
+                # no atmosphere term and no level (a scan without an airmass fit): subtracting
+                # 0·x(t) and 0 changes nothing, so leaving them out gives the same d
+                if binned and wri != 0.0:
+                    for t in range(t0, t1):
+                        d = raw[i, t] * ig - off
+                        r_sum[t] += wri * d
+                        num[g, t] += wbi * d
+                elif binned:
+                    for t in range(t0, t1):
+                        num[g, t] += wbi * (raw[i, t] * ig - off)
+                elif wri != 0.0:
+                    for t in range(t0, t1):
+                        r_sum[t] += wri * (raw[i, t] * ig - off)
+            elif n_nan == 0:
                 if binned and wri != 0.0:
                     for t in range(t0, t1):
                         d = raw[i, t] * ig - off - ta * x[t] - lv

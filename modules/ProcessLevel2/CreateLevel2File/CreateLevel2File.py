@@ -63,6 +63,10 @@ _UNITS = {
 }
 
 
+_RADEC_SAMPLES_PER_CALL = 1_000_000
+"""Feed samples converted to ICRS per call in CreateLevel2File (about 120 MB of temporaries)."""
+
+
 class CreateLevel2File(BaseCOMAPModule):
     """Create the level-2 file: metadata, hk copies, per-feed pointing and recomputed RA/Dec, and the
     sample flags with bit 8 (pointing not finite) and bit 16 (bright source, docs/level2.md#source-mask).
@@ -317,14 +321,27 @@ class CreateLevel2File(BaseCOMAPModule):
             mjd = l1.mjd()
             mask = self.source_mask(getattr(file_info, "source", None))
             n_bright = 0
+            azel = [l1.pointing(pos, slice(None)) for pos in positions]
+            radec: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            # feeds in groups of about _RADEC_SAMPLES_PER_CALL samples: the astrometry of each time
+            # block is computed once per group, not once per feed (docs/mapmaking.md#coordinates),
+            # and the temporaries stay bounded
+            per_call = max(1, _RADEC_SAMPLES_PER_CALL // max(n_tod, 1))
+            for first in range(0, len(positions) if self.compute_radec else 0, per_call):
+                group = range(first, min(first + per_call, len(positions)))
+                ra_g, dec_g = azel_to_icrs(
+                    np.asarray([azel[k][0] for k in group], dtype=np.float64),
+                    np.asarray([azel[k][1] for k in group], dtype=np.float64),
+                    mjd,
+                )
+                radec.update({k: (ra_g[j], dec_g[j]) for j, k in enumerate(group)})
             for ifeed, pos in enumerate(positions):
-                az, el = l1.pointing(pos, slice(None))
-                az = np.asarray(az, dtype=np.float64)
-                el = np.asarray(el, dtype=np.float64)
+                az = np.asarray(azel[ifeed][0], dtype=np.float64)
+                el = np.asarray(azel[ifeed][1], dtype=np.float64)
                 az_ds[ifeed] = az
                 el_ds[ifeed] = el
                 if self.compute_radec:
-                    ra, dec = azel_to_icrs(az, el, mjd)
+                    ra, dec = radec.pop(ifeed)
                 else:
                     ra = np.asarray(l1.file[L1.PIXEL_RA][pos], dtype=np.float64)
                     dec = np.asarray(l1.file[L1.PIXEL_DEC][pos], dtype=np.float64)

@@ -32,7 +32,7 @@ from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
 from modules.pipeline_control.provenance import is_complete, mark_incomplete
 from utils import level1_layout as L1
 from utils import level2 as l2layout
-from utils.block_ops import masked_nanmean
+from utils.block_ops import masked_nanmean, masked_nanmeans
 from utils.constants import FEATURE_VANE, ZERO_CELSIUS_K
 from utils.errors import BadCOMAPFile
 from utils.level1 import HK_SCALES, Level1File, runs
@@ -359,8 +359,7 @@ class SystemTemperature(BaseCOMAPModule):
             hot, cold = states[e]
             for i, feed in enumerate(feeds):
                 raw = l1.tod_block(ctx.l1_index(int(feed)), None, None, slice(start, stop))
-                v_hot = masked_nanmean(raw, hot, self.min_state_samples)
-                v_cold = masked_nanmean(raw, cold, self.min_state_samples)
+                v_hot, v_cold = masked_nanmeans(raw, hot, cold, self.min_state_samples)
                 del raw
                 ts, g = y_factor(v_hot, v_cold, t_hot[e], self.t_cold_k)
                 tsys[e, i] = ts
