@@ -101,7 +101,13 @@ def kill_run() -> None:
                     p.send_signal(signal.SIGSTOP)
                 except psutil.Error:
                     pass
-        for p in victims.values():
+        # Our own ancestors last: their death can take this process with it (PR_SET_PDEATHSIG), and a
+        # victim that was stopped but never killed would stay stopped for ever.
+        try:
+            ancestors = {p.pid for p in psutil.Process(me).parents()}
+        except psutil.Error:
+            ancestors = set()
+        for p in sorted(victims.values(), key=lambda p: p.pid in ancestors):
             try:
                 p.send_signal(signal.SIGKILL)
             except psutil.Error:
