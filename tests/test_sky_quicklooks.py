@@ -30,6 +30,7 @@ from utils.sky_plot import (
     NAN_IN_COVERAGE_COLOUR,
     OUTSIDE_COVERAGE_COLOUR,
     beam_ellipses,
+    colour_norm,
     robust_limits,
 )
 from utils.wcs import MapGeometry
@@ -111,6 +112,23 @@ def test_robust_limits_ignore_a_few_hot_pixels():
     assert -5.0 < vmin < 0.0 < vmax < 5.0  # noise of unit sigma: 150 draws stay within ±4σ
 
 
+def test_bright_source_gets_an_asinh_stretch_and_noise_a_linear_one():
+    """Noise alone: linear. Noise of unit sigma with a 1000σ source over 2 % of the pixels: asinh, and
+    the noise up to +3σ then spans a visible part of the colours (a linear scale gives it < 1 %)."""
+    rng = np.random.default_rng(2)
+    noise = rng.normal(size=2000)
+    norm, stretch = colour_norm(noise, *robust_limits(noise))
+    assert stretch == "linear"
+    bright = noise.copy()
+    bright[:40] += 1000.0
+    vmin, vmax = robust_limits(bright)
+    norm, stretch = colour_norm(bright, vmin, vmax)
+    assert stretch == "asinh" and vmax > 900.0
+    assert (3.0 - vmin) / (vmax - vmin) < 0.01  # what a linear scale would give +3σ
+    assert float(norm(3.0)) > 0.1
+    assert float(norm(vmin)) == pytest.approx(0.0, abs=1e-12) and float(norm(vmax)) == pytest.approx(1.0)
+
+
 def test_galactic_map_quicklook(products, tmp_path):
     """The default continuum map with a NaN and a 1e6 K pixel planted in its interior."""
     src = products.root / GALACTIC_MAP
@@ -134,6 +152,7 @@ def test_galactic_map_quicklook(products, tmp_path):
     rgb = render(fig)
     assert_sky_axes(ax, "GLON-CAR", ("Galactic longitude l", "Galactic latitude b"))
     assert header["OBJECT"] in ax.get_title() and "band 0 ch 0" in ax.get_title() and "GHz" in ax.get_title()
+    assert drawn.stretch == "linear"  # extended emission a few noise sigmas bright
     assert drawn.colorbar.ax.get_ylabel() == "K (Rayleigh-Jeans)"
     assert drawn.vmax <= original_max  # the 1e6 K pixel does not set the scale
     assert drawn.n_nan_in_coverage == nan_before + 1

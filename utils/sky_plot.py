@@ -26,6 +26,11 @@ PERCENTILES = (1.0, 99.5)
 MIN_PIXELS_BEYOND = 3
 """At least this many pixels lie beyond each percentile limit, so a handful of hot pixels never
 set the scale, even on a small map."""
+ASINH_ABOVE_NOISE = 50.0
+"""With ``stretch='auto'`` an asinh stretch is used when the upper limit lies more than this many
+noise sigmas (MAD) above the median: a bright source would otherwise leave the noise one colour."""
+LINEAR_NOISE_SIGMAS = 3.0
+"""The asinh stretch is linear up to this many noise sigmas above the median."""
 
 ZOOM_MARGIN_PIXELS, ZOOM_MARGIN_FRACTION = 5, 0.15
 """The view shows the coverage's bounding box and this margin (the larger of the two) on each side."""
@@ -41,6 +46,7 @@ class SkyImage:
     colorbar: Any
     vmin: float
     vmax: float
+    stretch: str
     n_valid: int
     n_nan_in_coverage: int
     n_outside: int
@@ -144,6 +150,39 @@ def robust_limits(
     return vmin, vmax
 
 
+def colour_norm(values: NDArray, vmin: float, vmax: float, stretch: str = "auto"):
+    """The colour normalisation between ``vmin`` and ``vmax`` and the stretch chosen.
+
+    ``'auto'`` is linear unless the upper limit lies more than :data:`ASINH_ABOVE_NOISE` noise
+    sigmas (``astropy.stats.mad_std`` of ``values``) above their median; then asinh
+    (``astropy.visualization.AsinhStretch``) with its linear part reaching
+    :data:`LINEAR_NOISE_SIGMAS` above the median, so that the noise and the faint emission keep
+    their colours while a bright source is not saturated at once.
+
+    Returns
+    -------
+    norm : astropy.visualization.ImageNormalize
+    stretch : {'linear', 'asinh'}
+    """
+    from astropy.stats import mad_std
+    from astropy.visualization import AsinhStretch, ImageNormalize, LinearStretch
+
+    if stretch not in ("auto", "linear", "asinh"):
+        raise ValueError(f"stretch must be 'auto', 'linear' or 'asinh', got {stretch!r}")
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    median = float(np.median(finite)) if finite.size else 0.0
+    sigma = float(mad_std(finite)) if finite.size else 0.0
+    if stretch == "auto":
+        bright = sigma > 0 and vmax - median > ASINH_ABOVE_NOISE * sigma
+        stretch = "asinh" if bright else "linear"
+    if stretch == "linear":
+        return ImageNormalize(vmin=vmin, vmax=vmax, stretch=LinearStretch(), clip=False), stretch
+    knee = (median + LINEAR_NOISE_SIGMAS * sigma - vmin) / (vmax - vmin)
+    a = float(np.clip(knee, 1e-3, 1.0))
+    return ImageNormalize(vmin=vmin, vmax=vmax, stretch=AsinhStretch(a), clip=False), stretch
+
+
 def unit_label(header: Mapping[str, Any]) -> str:
     """The colour-bar label from ``BUNIT`` (K of a Rayleigh-Jeans temperature scale named so)."""
     unit = str(header.get("BUNIT", "") or "").strip()
@@ -173,8 +212,9 @@ def draw_sky_image(
     beam_header: Mapping[str, Any] | None = None,
     percentiles: tuple[float, float] = PERCENTILES,
     cmap: str = "inferno",
+    stretch: str = "auto",
 ) -> SkyImage:
-    """Draw ``image`` on the WCSAxes ``ax`` with a robust linear colour scale, the NaN pixels
+    """Draw ``image`` on the WCSAxes ``ax`` with a robust colour scale, the NaN pixels
     inside the coverage in :data:`NAN_IN_COVERAGE_COLOUR`, the pixels outside in
     :data:`OUTSIDE_COVERAGE_COLOUR`, a legend of the two, a colour bar labelled ``label`` and the
     beam (``BMAJ``, ``BMIN``, ``BPA`` in deg from ``beam_header``) in the lower left corner. The
@@ -189,6 +229,8 @@ def draw_sky_image(
         Observed pixels (hits > 0). Limits are computed on the finite pixels inside it only.
     percentiles : (float, float)
         Lower and upper percentile of the colour limits (see :func:`robust_limits`).
+    stretch : {'auto', 'linear', 'asinh'}
+        Colour stretch between the limits (see :func:`colour_norm`).
     """
     from astropy.visualization.wcsaxes import add_beam
     from matplotlib import colormaps
@@ -203,9 +245,10 @@ def draw_sky_image(
     valid = finite & coverage
     nan_inside = coverage & ~finite
     vmin, vmax = robust_limits(image[valid], percentiles)
+    norm, stretch = colour_norm(image[valid], vmin, vmax, stretch)
     colours = colormaps[cmap].with_extremes(bad=OUTSIDE_COVERAGE_COLOUR)
     shown = np.where(valid, image, np.nan)
-    im = ax.imshow(shown, origin="lower", cmap=colours, vmin=vmin, vmax=vmax, interpolation="nearest")
+    im = ax.imshow(shown, origin="lower", cmap=colours, norm=norm, interpolation="nearest")
     overlay = ax.imshow(
         np.where(nan_inside, 1.0, np.nan),
         origin="lower",
@@ -224,6 +267,7 @@ def draw_sky_image(
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max"}.get(
         (below, above), "both"
     )
+    label = f"{label}, asinh scale" if stretch == "asinh" else label
     colorbar = ax.figure.colorbar(im, ax=ax, label=label, extend=extend, shrink=0.9)
     n_nan, n_out = int(nan_inside.sum()), int((~coverage).sum())
     ax.legend(
@@ -249,7 +293,7 @@ def draw_sky_image(
             linewidth=1.2,
             hatch="////",
         )
-    return SkyImage(im, overlay, colorbar, vmin, vmax, int(valid.sum()), n_nan, n_out)
+    return SkyImage(im, overlay, colorbar, vmin, vmax, stretch, int(valid.sum()), n_nan, n_out)
 
 
 def beam_ellipses(ax) -> list[Any]:
@@ -272,6 +316,7 @@ __all__ = [
     "SkyImage",
     "beam_ellipses",
     "celestial_wcs",
+    "colour_norm",
     "draw_sky_image",
     "frame_of",
     "label_sky_axes",

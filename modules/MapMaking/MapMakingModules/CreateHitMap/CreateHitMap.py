@@ -224,6 +224,7 @@ def _quicklook(fits_path: Path, hits: np.ndarray, header, title: str) -> Path:
         coverage=coverage,
         label="valid samples",
         percentiles=(0.0, 99.5),
+        stretch="linear",
     )
     ax.set_title(f"{title}: hits")
     return save_figure(fig, fits_path.with_suffix(".png"))
