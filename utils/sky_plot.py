@@ -231,6 +231,11 @@ def draw_sky_image(
         Lower and upper percentile of the colour limits (see :func:`robust_limits`).
     stretch : {'auto', 'linear', 'asinh'}
         Colour stretch between the limits (see :func:`colour_norm`).
+
+    Returns
+    -------
+    SkyImage
+        The artists, the colour limits and stretch used and the pixel counts.
     """
     from astropy.visualization.wcsaxes import add_beam
     from matplotlib import colormaps
