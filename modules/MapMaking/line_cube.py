@@ -182,8 +182,7 @@ def moment0_kkms(line: NDArray, velocities_kms: NDArray, window_kms: tuple[float
     return np.nansum(line[..., sel], axis=-1) * step
 
 
-def cube_quicklook_png(
-    png_path: Path,
+def cube_quicklook_figure(
     geometry: Any,
     hit: NDArray[np.int64],
     cube: Cube,
@@ -191,10 +190,29 @@ def cube_quicklook_png(
     mask_kms: tuple[float, float],
     masked: NDArray[np.bool_],
     title: str,
-) -> Path:
-    """PNG: moment-0 map over the line mask and the spectrum (± rms) at its most significant pixel
-    (largest moment 0 over its noise, so that a noisy edge pixel is not picked)."""
-    from utils.plotting import new_figure, save_figure
+):
+    """The cube quicklook (docs/map_products.md#quicklooks): the moment-0 map over the line mask on
+    the sky (coverage: the hit pixels; NaN inside it where the hit mask or an all-NaN spectrum
+    leaves no value; beam from ``cube.cards``) and the spectrum (± rms) at its most significant
+    pixel (largest moment 0 over its noise, so that a noisy edge pixel is not picked).
+
+    Parameters
+    ----------
+    hit : int array, shape (n_hit,)
+        Flattened full-grid index of every hit pixel.
+    cube : Cube
+        ``line`` and ``rms`` (K) of shape (n_hit, n_v); ``cards`` may hold BMAJ/BMIN/BPA (deg).
+    velocities_kms : ndarray, shape (n_v,)
+    masked : bool array, shape (n_hit,)
+        Hit pixels masked by the hit threshold.
+
+    Returns
+    -------
+    fig, sky_ax, spectrum_ax, drawn : Figure, WCSAxes, Axes, utils.sky_plot.SkyImage
+    """
+    from astropy.io import fits
+
+    from utils.sky_plot import draw_sky_image, frame_of, new_sky_figure
 
     m0 = moment0_kkms(cube.line, velocities_kms, mask_kms)
     m0 = np.where(masked | ~np.isfinite(cube.line).any(axis=1), np.nan, m0)
@@ -204,19 +222,22 @@ def cube_quicklook_png(
     image = np.full(geometry.n_pixels, np.nan)
     image[hit] = m0
     image = image.reshape(geometry.shape)
-    fig, axes = new_figure(ncols=2, figsize=(12.0, 5.0))
-    ax0, ax1 = axes
-    finite = image[np.isfinite(image)]
-    vmin, vmax = np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0)
-    im = ax0.imshow(image, origin="lower", cmap="inferno", vmin=vmin, vmax=vmax)
-    fig.colorbar(im, ax=ax0, label="K km/s")
+    coverage = np.zeros(geometry.n_pixels, dtype=bool)
+    coverage[hit] = True
+    header = fits.Header(geometry.fits_header())
+    for key in ("BMAJ", "BMIN", "BPA"):
+        if key in cube.cards:
+            card = cube.cards[key]
+            header[key] = card[0] if isinstance(card, tuple) else card
+    fig, ax0, (ax1,) = new_sky_figure(header, extra_panels=1, figsize=(12.0, 5.0))
+    drawn = draw_sky_image(
+        ax0, image, coverage=coverage.reshape(geometry.shape), label="K km/s", beam_header=header
+    )
     ax0.set_title(f"{title}: moment 0 ({mask_kms[0]:+.0f}…{mask_kms[1]:+.0f} km/s)")
-    ax0.set_xlabel(f"{geometry.header.get('CTYPE1', 'x')} pixel")
-    ax0.set_ylabel(f"{geometry.header.get('CTYPE2', 'y')} pixel")
     if np.isfinite(significance).any():
         k = int(np.nanargmax(significance))
         iy, ix = np.unravel_index(int(hit[k]), geometry.shape)
-        ax0.plot([ix], [iy], "c+", ms=12)
+        ax0.plot([ix], [iy], "+", color="lime", ms=12, mew=1.5)
         ax1.step(velocities_kms, cube.line[k], where="mid", color="k", label="LINE")
         ax1.fill_between(
             velocities_kms,
@@ -227,16 +248,42 @@ def cube_quicklook_png(
             label="± RMS",
         )
         ax1.axvspan(*mask_kms, color="tab:orange", alpha=0.15, label="line mask")
-        ax1.set_title(f"spectrum at pixel ({ix}, {iy}), moment 0 = {significance[k]:.1f} σ")
+        where = ax0.wcs.pixel_to_world(ix, iy)
+        if frame_of(ax0.wcs) == "galactic":
+            at = f"l = {where.l.deg:.3f}°, b = {where.b.deg:+.3f}°"
+        else:
+            at = f"RA {where.ra.to_string(unit='hourangle', sep='hms', precision=1)}, "
+            at += f"Dec {where.dec.to_string(sep='dms', precision=0, alwayssign=True)}"
+        ax1.set_title(f"spectrum at {at}\nmoment 0 = {significance[k]:.1f} σ (most significant pixel)")
         ax1.legend(loc="best")
     ax1.set_xlabel("LSRK radio velocity (km/s)")
     ax1.set_ylabel("K (Rayleigh-Jeans)")
+    return fig, ax0, ax1, drawn
+
+
+def cube_quicklook_png(
+    png_path: Path,
+    geometry: Any,
+    hit: NDArray[np.int64],
+    cube: Cube,
+    velocities_kms: NDArray,
+    mask_kms: tuple[float, float],
+    masked: NDArray[np.bool_],
+    title: str,
+) -> Path:
+    """Save :func:`cube_quicklook_figure` of the same arguments as ``png_path``."""
+    from utils.plotting import save_figure
+
+    fig, _ax0, _ax1, _drawn = cube_quicklook_figure(
+        geometry, hit, cube, velocities_kms, mask_kms, masked, title
+    )
     return save_figure(fig, png_path)
 
 
 __all__ = [
     "Cube",
     "cube_from_sums",
+    "cube_quicklook_figure",
     "cube_quicklook_png",
     "destripe_channels",
     "line_cards",

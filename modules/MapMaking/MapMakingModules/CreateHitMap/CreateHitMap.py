@@ -203,18 +203,29 @@ class CreateHitMap(
         path = write_atomic_fits(output.output_path, [primary, time_hdu, obslist_hdu(info.segments)])
         if self.quicklook:
             _quicklook(
-                path, hits.reshape(geometry.shape), f"{self.map_name} band {output.band} ch {output.channel}"
+                path,
+                hits.reshape(geometry.shape),
+                header,
+                f"{self.map_name} band {output.band} ch {output.channel}",
             )
         return path
 
 
-def _quicklook(fits_path: Path, hits: np.ndarray, title: str) -> Path:
-    """A PNG of the HITS image beside the FITS file."""
-    from utils.plotting import new_figure, save_figure
+def _quicklook(fits_path: Path, hits: np.ndarray, header, title: str) -> Path:
+    """A PNG of the HITS image on the sky beside the FITS file (docs/map_products.md#quicklooks)."""
+    from utils.plotting import save_figure
+    from utils.sky_plot import draw_sky_image, new_sky_figure
 
-    fig, ax = new_figure(figsize=(7.0, 6.0))
-    im = ax.imshow(np.where(hits > 0, hits, np.nan), origin="lower", cmap="viridis")
-    fig.colorbar(im, ax=ax, label="valid samples")
+    fig, ax, _ = new_sky_figure(header, figsize=(7.0, 6.0))
+    coverage = hits > 0
+    draw_sky_image(
+        ax,
+        np.where(coverage, hits, np.nan),
+        coverage=coverage,
+        label="valid samples",
+        percentiles=(0.0, 99.5),
+        stretch="linear",
+    )
     ax.set_title(f"{title}: hits")
     return save_figure(fig, fits_path.with_suffix(".png"))
 

@@ -422,7 +422,7 @@ class CreateLineMap(
                 path.with_suffix(".png"),
                 geometry,
                 acc.hit,
-                Cube(line, rms, continuum, correlation=channel_correlation(acc, settings)),
+                Cube(line, rms, continuum, cards, correlation=channel_correlation(acc, settings)),
                 grid.velocities_kms,
                 settings.mask_kms,
                 mask.ravel()[acc.hit] != 0,

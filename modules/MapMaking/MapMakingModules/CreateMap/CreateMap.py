@@ -710,27 +710,40 @@ def _reweight(
     return new, kept
 
 
-def quicklook_png(fits_path: Path) -> Path:
-    """A PNG of the DESTRIPED map beside the FITS file (same stem)."""
+def quicklook_figure(fits_path: Path):
+    """The quicklook of the DESTRIPED map of ``fits_path`` on the sky (docs/map_products.md#quicklooks):
+    coverage from its HITS image, beam from BMAJ/BMIN/BPA.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    ax : astropy.visualization.wcsaxes.WCSAxes
+    drawn : utils.sky_plot.SkyImage
+    """
     from astropy.io import fits
 
-    from utils.plotting import new_figure, save_figure
+    from utils.sky_plot import draw_sky_image, new_sky_figure, unit_label
 
     with fits.open(fits_path, memmap=False) as hdul:
         data = hdul[0].data
         header = hdul[0].header
-    fig, ax = new_figure(figsize=(7.0, 6.0))
-    finite = data[np.isfinite(data)]
-    vmin, vmax = np.percentile(finite, [1, 99]) if finite.size else (0, 1)
-    im = ax.imshow(data, origin="lower", cmap="inferno", vmin=vmin, vmax=vmax)
-    fig.colorbar(im, ax=ax, label="K (Rayleigh-Jeans)")
+        hits = hdul["HITS"].data if "HITS" in hdul else None
+    coverage = hits > 0 if hits is not None else np.isfinite(data)
+    fig, ax, _ = new_sky_figure(header, figsize=(7.0, 6.0))
+    drawn = draw_sky_image(ax, data, coverage=coverage, label=unit_label(header), beam_header=header)
     ax.set_title(
         f"{header.get('OBJECT', '')} band {header.get('BAND')} ch {header.get('CHANNEL')} "
         f"({header.get('FREQ', 0) / 1e9:.2f} GHz)"
     )
-    ax.set_xlabel(f"{header.get('CTYPE1', 'x')} pixel")
-    ax.set_ylabel(f"{header.get('CTYPE2', 'y')} pixel")
+    return fig, ax, drawn
+
+
+def quicklook_png(fits_path: Path) -> Path:
+    """A PNG of the DESTRIPED map on the sky beside the FITS file (same stem)."""
+    from utils.plotting import save_figure
+
+    fig, _ax, _drawn = quicklook_figure(fits_path)
     return save_figure(fig, fits_path.with_suffix(".png"))
 
 
-__all__ = ["CreateMap", "MapJobSpec", "feed_label", "quicklook_png"]
+__all__ = ["CreateMap", "MapJobSpec", "feed_label", "quicklook_figure", "quicklook_png"]
