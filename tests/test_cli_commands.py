@@ -175,6 +175,25 @@ def test_installed_comap_reduce_runs_a_project_from_anywhere(tmp_path):
     assert res.stderr.splitlines() == ["comap-reduce: error: --obsid: 'x' is not an obsid"]
 
 
+def test_installed_launchers_of_this_environment_answer(tmp_path):
+    """The launchers ``pip install`` wrote next to the interpreter (``make env`` in CI): each runs from
+    another directory. An environment installed before the commands existed has none of them; a
+    partial set, or a launcher that does not run, fails."""
+    bin_dir = Path(sys.executable).parent
+    present = {c: bin_dir / c for c in project_scripts() if (bin_dir / c).exists()}
+    if not present:
+        pytest.skip(f"the package was installed into {bin_dir} before its commands existed: pip install -e .")
+    assert sorted(present) == sorted(project_scripts())
+    for command, path in present.items():
+        res = subprocess.run([str(path), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert res.returncode == 0, (command, res.stderr)
+        assert res.stdout.startswith(f"usage: {command} "), res.stdout[:200]
+    res = subprocess.run(
+        [str(present["comap-reduce"]), "--version"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # --describe
 # ------------------------------------------------------------------------------------------------
