@@ -406,3 +406,44 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "db" / "test.db")
     return request.getfixturevalue("pg_url")
+
+
+def write_demo_like_configs(root: Path, remote: Path, *, main_master: str = "", sub_master: str = "") -> None:
+    """The demo's ``main_run.toml`` with its paths in ``root``: acquisition from ``remote``, the
+    shipped level-2 chain, one map (GField30, band 1, channel 0) and the demo's stacked RRL cube.
+
+    ``main_master`` and ``sub_master`` are extra ``[Master]`` lines (e.g. a ``log_file`` or
+    ``nprocess``) of ``main.toml`` and of the three sub-configs.
+    """
+    import tomllib
+
+    r = f"{remote}/"
+    stages = [
+        "modules.DataAcquisition.DataCheckRemote.DataCheckRemote.DataCheckRemote("
+        f"remote={r!r}, local_dir='level1', remote_index='obs_index.csv')",
+        "modules.DataAcquisition.DataAcquisition.DataAcquisition.DataAcquisition("
+        f"remote={r!r}, local_dir='level1', remote_index='obs_index.csv')",
+        "modules.DataAcquisition.DataAssess.DataAssess.DataAssess(level1_data_paths=['level1'], "
+        "level2_data_paths=['level2'])",
+        "modules.ProcessLevel2.ProcessLevel2.Level2Pipeline(config_file='l2.toml')",
+        "modules.ProcessLevel2.CalibrationModel.CalibrationModel.CalibrationModel(source='TauA', "
+        "model_type='mean', min_observations=1, output_path='calibration/calibration_model.json')",
+        "modules.MapMaking.MapMaking.MapMaking(config_file='maps.toml')",
+        "modules.MapMaking.MapMaking.LineMapMaking(config_file='cubes.toml')",
+    ]
+    main = f"[Master]\nsql_database = 'db.sqlite'\n{main_master}pipeline = [\n"
+    (root / "main.toml").write_text(main + "".join(f"  {s!r},\n" for s in stages) + "]\n")
+    with open(REPO_ROOT / "parameter_files" / "level2_processing.toml", "rb") as f:
+        modules = [m.replace("demo/level2", "level2") for m in tomllib.load(f)["Master"]["pipeline"]]
+    db = f"[Master]\nsql_database = 'db.sqlite'\n{sub_master}"
+    (root / "l2.toml").write_text(f"{db}pipeline = [\n" + "".join(f"  {m!r},\n" for m in modules) + "]\n")
+    (root / "maps.toml").write_text(
+        f'{db}pipeline = [\n  "modules.MapMaking.MapMakingModules.CreateMap.CreateMap('
+        "map_name='GField30', source='GField30', band=1, channel=0)\",\n]\n"
+        "[modules.MapMaking.MapMakingModules.CreateMap.CreateMap]\noutput_dir = 'maps'\n"
+    )
+    (root / "cubes.toml").write_text(
+        f'{db}pipeline = [\n  "modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap('
+        "map_name='GField30', source='GField30', lines=['H58a', 'H59a', 'H60a', 'H61a', 'H62a'])\",\n]\n"
+        "[modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap]\noutput_dir = 'cubes'\n"
+    )

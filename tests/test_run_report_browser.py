@@ -16,55 +16,19 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import h5py
 import pytest
 from components import missing
+from conftest import write_demo_like_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = REPO / "tests" / "artifacts" / "run_report.png"
 BAD_OBSID = 90104
-
-
-def _configs(root: Path, remote: Path) -> None:
-    """The demo's main_run.toml with its paths in ``root``: one map and the demo's RRL cube."""
-    r = f"{remote}/"
-    stages = [
-        "modules.DataAcquisition.DataCheckRemote.DataCheckRemote.DataCheckRemote("
-        f"remote={r!r}, local_dir='level1', remote_index='obs_index.csv')",
-        "modules.DataAcquisition.DataAcquisition.DataAcquisition.DataAcquisition("
-        f"remote={r!r}, local_dir='level1', remote_index='obs_index.csv')",
-        "modules.DataAcquisition.DataAssess.DataAssess.DataAssess(level1_data_paths=['level1'], "
-        "level2_data_paths=['level2'])",
-        "modules.ProcessLevel2.ProcessLevel2.Level2Pipeline(config_file='l2.toml')",
-        "modules.ProcessLevel2.CalibrationModel.CalibrationModel.CalibrationModel(source='TauA', "
-        "model_type='mean', min_observations=1, output_path='calibration/calibration_model.json')",
-        "modules.MapMaking.MapMaking.MapMaking(config_file='maps.toml')",
-        "modules.MapMaking.MapMaking.LineMapMaking(config_file='cubes.toml')",
-    ]
-    master = "[Master]\nsql_database = 'db.sqlite'\nlog_file = 'logs/{timestamp}_main.log'\n"
-    (root / "main.toml").write_text(
-        master + "pipeline = [\n" + "".join(f"  {s!r},\n" for s in stages) + "]\n"
-    )
-    with open(REPO / "parameter_files" / "level2_processing.toml", "rb") as f:
-        modules = [m.replace("demo/level2", "level2") for m in tomllib.load(f)["Master"]["pipeline"]]
-    db = "[Master]\nsql_database = 'db.sqlite'\n"
-    (root / "l2.toml").write_text(db + "pipeline = [\n" + "".join(f"  {m!r},\n" for m in modules) + "]\n")
-    (root / "maps.toml").write_text(
-        f'{db}pipeline = [\n  "modules.MapMaking.MapMakingModules.CreateMap.CreateMap('
-        "map_name='GField30', source='GField30', band=1, channel=0)\",\n]\n"
-        "[modules.MapMaking.MapMakingModules.CreateMap.CreateMap]\noutput_dir = 'maps'\n"
-    )
-    (root / "cubes.toml").write_text(
-        f'{db}pipeline = [\n  "modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap('
-        "map_name='GField30', source='GField30', lines=['H58a', 'H59a', 'H60a', 'H61a', 'H62a'])\",\n]\n"
-        "[modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap]\noutput_dir = 'cubes'\n"
-    )
 
 
 def _add_bad_file(remote: Path) -> None:
@@ -87,7 +51,7 @@ def demo_report(tmp_path_factory, small_archive):
     remote = root / "remote"
     shutil.copytree(small_archive.root, remote)
     _add_bad_file(remote)
-    _configs(root, remote)
+    write_demo_like_configs(root, remote, main_master="log_file = 'logs/{timestamp}_main.log'\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [sys.executable, str(REPO / "run.py"), "main.toml"],

@@ -13,14 +13,14 @@ reads the descriptions with the same parser.
 from __future__ import annotations
 
 import inspect
-import json
-import math
 import re
 import textwrap
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import tomli_w
 
 from modules.pipeline_control.parameters import annotation_text, class_parameters
 
@@ -239,36 +239,24 @@ def describe_text(cls: type, kind_text: str, width: int = 100) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
-
-
 def toml_value(value: Any) -> str | None:
-    """``value`` as a TOML inline value, or None if TOML cannot hold it (``None``, objects)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are TOML basic-string escapes
-    if isinstance(value, list | tuple):
-        items = [toml_value(v) for v in value]
-        return None if any(i is None for i in items) else "[" + ", ".join(items) + "]"  # type: ignore[arg-type]
+    """``value`` as a TOML inline value (written by ``tomli_w``), or None if TOML cannot hold it
+    (``None`` anywhere in it, or an object that is not a TOML type)."""
     if isinstance(value, Mapping):
         parts = []
         for k, v in value.items():
             text = toml_value(v)
             if text is None:
                 return None
-            parts.append(f"{_toml_key(str(k))} = {text}")
-        return "{" + ", ".join(parts) + "}" if parts else "{}"
-    return None
+            parts.append(f"{toml_value(str(k))} = {text}")
+        return "{" + ", ".join(parts) + "}"
+    if isinstance(value, list | tuple):
+        items = [toml_value(v) for v in value]
+        return None if any(i is None for i in items) else "[" + ", ".join(items) + "]"  # type: ignore[arg-type]
+    try:
+        return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
+    except TypeError:
+        return None
 
 
 def _comment(text: str, width: int) -> list[str]:

@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 import pytest
 from astropy.io import fits
+from conftest import write_demo_like_configs
 
 from modules.scripts.compare_outputs import compare_trees
 from utils import faults
@@ -65,44 +66,6 @@ SERIAL_POINTS = [
 ]
 # Under MPI (two ranks, each reducing observations): during level 2, and after a publish.
 MPI_POINTS = ["level2.staged:5", "level2.published:2", "level2.staged:3"]
-
-LEVEL2 = REPO / "parameter_files" / "level2_processing.toml"
-
-
-def _configs(root: Path, remote: Path) -> None:
-    """The demo's main_run.toml with its paths in ``root``, one map and the demo's cube."""
-    r = f"{remote}/"
-    stages = [
-        "modules.DataAcquisition.DataCheckRemote.DataCheckRemote.DataCheckRemote("
-        f"remote={r!r}, local_dir='level1', remote_index='obs_index.csv')",
-        "modules.DataAcquisition.DataAcquisition.DataAcquisition.DataAcquisition("
-        f"remote={r!r}, local_dir='level1', remote_index='obs_index.csv')",
-        "modules.DataAcquisition.DataAssess.DataAssess.DataAssess(level1_data_paths=['level1'], "
-        "level2_data_paths=['level2'])",
-        "modules.ProcessLevel2.ProcessLevel2.Level2Pipeline(config_file='l2.toml')",
-        "modules.ProcessLevel2.CalibrationModel.CalibrationModel.CalibrationModel(source='TauA', "
-        "model_type='mean', min_observations=1, output_path='calibration/calibration_model.json')",
-        "modules.MapMaking.MapMaking.MapMaking(config_file='maps.toml')",
-        "modules.MapMaking.MapMaking.LineMapMaking(config_file='cubes.toml')",
-    ]
-    db = "sql_database = 'db.sqlite'\nnprocess = 1\n"
-    main = "[Master]\nsql_database = 'db.sqlite'\npipeline = [\n"
-    (root / "main.toml").write_text(main + "".join(f"  {s!r},\n" for s in stages) + "]\n")
-    with open(LEVEL2, "rb") as f:
-        modules = [m.replace("demo/level2", "level2") for m in tomllib.load(f)["Master"]["pipeline"]]
-    (root / "l2.toml").write_text(
-        f"[Master]\n{db}pipeline = [\n" + "".join(f"  {m!r},\n" for m in modules) + "]\n"
-    )
-    (root / "maps.toml").write_text(
-        f'[Master]\n{db}pipeline = [\n  "modules.MapMaking.MapMakingModules.CreateMap.CreateMap('
-        "map_name='GField30', source='GField30', band=1, channel=0)\",\n]\n"
-        "[modules.MapMaking.MapMakingModules.CreateMap.CreateMap]\noutput_dir = 'maps'\n"
-    )
-    (root / "cubes.toml").write_text(
-        f'[Master]\n{db}pipeline = [\n  "modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap('
-        "map_name='GField30', source='GField30', lines=['H58a', 'H59a', 'H60a', 'H61a', 'H62a'])\",\n]\n"
-        "[modules.MapMaking.MapMakingModules.CreateLineMap.CreateLineMap]\noutput_dir = 'cubes'\n"
-    )
 
 
 def _kill_tree(pid: int) -> None:
@@ -254,7 +217,7 @@ def _jobs(root: Path) -> list[tuple]:
 def reference(tmp_path_factory, small_archive):
     """An uninterrupted run of the demo-like configuration."""
     root = tmp_path_factory.mktemp("kill9-reference")
-    _configs(root, small_archive.root)
+    write_demo_like_configs(root, small_archive.root, sub_master="nprocess = 1\n")
     run = Run(root, None, mpi=False)
     assert run.returncode == 0, run.output[-3000:]
     return root, run
@@ -307,7 +270,7 @@ def test_killed_at_twenty_points_then_resumed(tmp_path, reference, small_archive
     t0 = time.monotonic()
     root = tmp_path / "ws"
     root.mkdir()
-    _configs(root, small_archive.root)
+    write_demo_like_configs(root, small_archive.root, sub_master="nprocess = 1\n")
     runs = _chain(root, SERIAL_POINTS, mpi=False)
     final = _finish_and_compare(root, reference[0])
     stages = {p.split(".")[0] for p in SERIAL_POINTS}
@@ -323,7 +286,7 @@ def test_killed_under_mpi_then_resumed(tmp_path, reference, small_archive):
     t0 = time.monotonic()
     root = tmp_path / "ws"
     root.mkdir()
-    _configs(root, small_archive.root)
+    write_demo_like_configs(root, small_archive.root, sub_master="nprocess = 1\n")
     runs = _chain(root, MPI_POINTS, mpi=True)
     assert any("on 2 MPI ranks" in r.output for r in runs), runs[0].output[-2000:]
     _finish_and_compare(root, reference[0])
