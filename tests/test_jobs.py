@@ -4,6 +4,9 @@ rule 5)."""
 from __future__ import annotations
 
 import os
+import sys
+
+import psutil
 
 from modules.pipeline_control import jobs
 
@@ -53,3 +56,30 @@ def test_discard_is_safe(tmp_path):
     jobs.discard(st)
     jobs.discard(None)
     assert not st.exists()
+
+
+def test_pid_alive_counts_a_zombie_as_dead():
+    """A killed owner whose parent died with it lingers as a zombie until init reaps it (which some
+    container inits never do): its jobs and partial files must still be taken over."""
+    import subprocess
+    import time
+
+    from utils.processes import pid_alive
+
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE  # exited, not yet reaped
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not pid_alive(child.pid)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

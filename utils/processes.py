@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 
+import psutil
+
 
 def pid_alive(pid: int | None) -> bool:
-    """True if a process ``pid`` exists on this host.
+    """True if a process ``pid`` exists on this host and has not exited.
 
-    Unknown counts as alive (``None``, a non-positive pid, or an ``os.kill`` error other than "no
-    such process"), so that nothing of a live owner is ever taken over or removed.
+    A zombie (exited, not yet reaped: its parent was killed with it and the host's init does not reap
+    at once) is dead: it holds nothing and will never release what it owned. Unknown counts as alive
+    (``None``, a non-positive pid, or an ``os.kill`` error other than "no such process"), so that
+    nothing of a live owner is ever taken over or removed.
     """
     if pid is None or pid <= 0:
         return True
@@ -20,4 +24,9 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except OSError:  # PermissionError included: the process exists under another user
         return True
-    return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
