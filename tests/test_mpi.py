@@ -221,10 +221,23 @@ def test_failures_on_a_rank_and_a_dead_rank(fragile_ws, small_archive):
     assert "Traceback" not in again.stderr
 
 
+def _rank0(launcher_pid: int):
+    """Rank 0's process: the child of hydra's proxy with ``PMI_RANK=0`` (its pool worker is its child)."""
+    import psutil
+
+    for proc in psutil.Process(launcher_pid).children(recursive=True):
+        if proc.parent().name().startswith("hydra_pmi_proxy") and proc.environ().get("PMI_RANK") == "0":
+            return proc
+    raise AssertionError("no rank 0 under mpiexec")
+
+
 @pytest.mark.timeout(300)
-def test_ctrl_c_returns_the_jobs_and_ends_every_rank(fragile_ws):
-    """SIGINT to mpiexec (what Ctrl-C sends) while both ranks hold an observation: exit 130, the jobs back to
-    pending, no process of the run left."""
+@pytest.mark.parametrize("to", ["mpiexec", "rank 0"])
+def test_ctrl_c_returns_the_jobs_and_ends_every_rank(fragile_ws, to):
+    """SIGINT while both ranks hold an observation: exit 130, the jobs back to pending, everything rank 0
+    printed relayed, no process of the run left. Sent to mpiexec (what Ctrl-C does), every rank gets it
+    and the run ends in order; sent to rank 0 alone, rank 1 is still inside its observation, does not
+    confirm the stop and is ended with MPI_Abort."""
     import psutil
 
     ws = fragile_ws
@@ -241,14 +254,15 @@ def test_ctrl_c_returns_the_jobs_and_ends_every_rank(fragile_ws):
             time.sleep(0.1)
         assert len(list(markers.glob("started_*"))) == 2, "both ranks should be busy"
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        proc.send_signal(signal.SIGINT)
+        (proc if to == "mpiexec" else _rank0(proc.pid)).send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
         (markers / "hold").unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, out[-3000:]
-    assert "jobs returned to pending" in out
+    assert "jobs returned to pending" in out and "exit status 130" in out, out[-3000:]
+    assert ("did not stop" in out) == (to == "rank 0"), out[-3000:]
     assert {s for s, _e in _jobs(ws).values()} == {"pending"}
     time.sleep(0.5)
     assert not [

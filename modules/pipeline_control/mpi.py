@@ -24,6 +24,7 @@ receive spins, and an idle rank would take a core from the ranks that work.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -38,9 +39,15 @@ from modules.pipeline_control.signals import collective_step, rank_signals
 
 log = logging.getLogger("comap.mpi")
 
-TAG_COMMAND, TAG_RESULT, TAG_LOG = 101, 102, 103
+TAG_COMMAND, TAG_RESULT, TAG_LOG, TAG_STOPPED = 101, 102, 103, 104
 POLL_S = 0.002
 """Sleep between two polls of a waiting rank, s (docs/operations.md#running-under-mpi)."""
+STOP_GRACE_S = 10.0
+"""How long rank 0 waits for every rank to confirm ``stop`` before it ends them with
+``MPI_Abort``, s (docs/reliability.md#signals)."""
+RELAY_S = 0.5
+"""Pause before ``MPI_Abort``, s: the launcher kills its proxies on an abort, and rank 0's last
+console lines must reach mpiexec's output first."""
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -85,6 +92,7 @@ class MPIWorld:
     size: int
     n_threads: int = 1
     log_handlers: list[logging.Handler] = field(default_factory=list)
+    _stopped: bool | None = field(default=None, init=False, repr=False)
 
     @property
     def is_coordinator(self) -> bool:
@@ -119,19 +127,48 @@ class MPIWorld:
         finally:
             self.drain_logs()
 
-    def stop(self) -> None:
-        """Tell every other rank that the run is over (rank 0; idempotent)."""
-        if getattr(self, "_stopped", False):
-            return
-        self._stopped = True
+    def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
+        """Tell every other rank that the run is over and wait for each to confirm (rank 0).
+
+        Idle ranks and ranks parked by a stop signal confirm at once and then finalise MPI, so the run
+        ends in order: the launcher relays everything rank 0 printed, and its exit status is rank 0's.
+
+        Returns
+        -------
+        bool
+            True when every rank confirmed within ``grace_s`` seconds (a rank still inside an
+            observation does not); idempotent.
+        """
+        if self._stopped is not None:
+            return self._stopped
         self.broadcast_command("stop")
+        waiting = set(range(1, self.size))
+        deadline = time.monotonic() + grace_s
+        while waiting and time.monotonic() < deadline:
+            got = self.poll(TAG_STOPPED)
+            if got is None:
+                self.drain_logs()
+                time.sleep(POLL_S)
+            else:
+                waiting.discard(got[0])
         self.drain_logs()
+        if waiting:
+            log.error("MPI rank(s) %s did not stop within %.0f s", sorted(waiting), grace_s)
+        self._stopped = not waiting
+        return self._stopped
+
+    def end(self, status: int) -> None:
+        """End the other ranks at the end of the run (rank 0): in order when they all confirm
+        :meth:`stop`, else with :meth:`abort`."""
+        if not self.stop():
+            self.abort(status)
 
     def abort(self, status: int) -> None:  # pragma: no cover - ends the process
-        """End every rank at once (rank 0, after an interrupt or a fatal error)."""
+        """End every rank at once (rank 0, when a rank does not answer)."""
         self.drain_logs()
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(RELAY_S)
         self.comm.Abort(status)
 
     # --- polling helpers --------------------------------------------------------------------------
@@ -225,13 +262,32 @@ def _error_payload(exc: BaseException) -> tuple[str, str, str]:
     return type(exc).__name__, str(exc), traceback.format_exc()
 
 
+def _leave_when_stopped(world: MPIWorld) -> None:
+    """A rank parked by a stop signal: once rank 0's ``stop`` arrived, confirm it, finalise MPI and
+    exit 0 (the run's status is rank 0's); return otherwise. Other commands are dropped: rank 0 sends
+    nothing but ``end`` and ``stop`` to an interrupted run."""
+    status = world._status()
+    while world.comm.Iprobe(source=0, tag=TAG_COMMAND, status=status):
+        if world.comm.recv(source=0, tag=TAG_COMMAND)[0] == "stop":
+            world.comm.send(world.rank, dest=0, tag=TAG_STOPPED)
+            from mpi4py import MPI
+
+            MPI.Finalize()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The interrupted observation's frames are abandoned (its staging file is gone), so no
+            # unwinding; but libc's exit, not os._exit: without MPICH's exit handlers the launcher
+            # loses rank 0's later output and exit status (measured with mpich 4).
+            ctypes.CDLL(None).exit(0)
+
+
 def serve(world: MPIWorld, log_level: int = logging.INFO) -> int:
     """The loop of ranks 1…N−1: run rank 0's commands until ``stop``; returns the exit status (0).
 
     Rank 0 handles the signals the launcher forwards to every rank (docs/reliability.md#signals): it
     returns the claimed jobs to pending and ends every rank. Here SIGUSR1 is ignored, and a stop
-    signal only removes this rank's staging files and waits to be ended."""
-    rank_signals()
+    signal only removes this rank's staging files and waits for rank 0's ``stop``."""
+    rank_signals(lambda: _leave_when_stopped(world))
     _forward_logs(world, log_level)
     fn: Callable[[Any], Any] | None = None
     while True:
@@ -272,6 +328,7 @@ def serve(world: MPIWorld, log_level: int = logging.INFO) -> int:
                 )
                 logging.getLogger("comap.mpi").exception("collective step failed on rank %d", world.rank)
         elif kind == "stop":
+            world.comm.send(world.rank, dest=0, tag=TAG_STOPPED)
             return 0
         else:  # pragma: no cover - protocol error
             raise RuntimeError(f"unknown MPI command {kind!r}")

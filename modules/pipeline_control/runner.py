@@ -182,10 +182,7 @@ def run_pipeline(
         return status
     finally:
         if world is not None and world.size > 1:
-            if status in (EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, signals.EXIT_DRAINED):
-                world.stop()
-            else:  # interrupted or fatal: ranks may be busy, end them all now
-                world.abort(status)  # docs/operations.md#running-under-mpi
+            world.end(status)  # docs/operations.md#running-under-mpi
 
 
 def _coordinate(request: RunRequest, overrides: dict[str, Any]) -> int:

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -65,6 +65,7 @@ class _State:
     drained: bool = False
     left_pending: int = 0
     in_collective: bool = False
+    while_parked: Callable[[], None] | None = None
 
 
 _STATE = _State()
@@ -246,14 +247,24 @@ def _park(signum: int) -> None:
     remove_owned()
     deadline = time.monotonic() + PARK_S
     while time.monotonic() < deadline:  # rank 0 got the signal too and will end every rank
+        if _STATE.while_parked is not None:
+            _STATE.while_parked()  # returns only while rank 0 has not ended the run
         time.sleep(0.05)
     os._exit(128 + signum)
 
 
-def rank_signals() -> None:
+def rank_signals(while_parked: Callable[[], None] | None = None) -> None:
     """Signals of MPI ranks 1…N−1: SIGUSR1 is ignored (rank 0 drains); a stop signal removes the
     rank's staging files and parks it until rank 0 ends the run (for at most :data:`PARK_S`), so
-    that the rank's death cannot make the launcher end rank 0 before it returned the jobs."""
+    that the rank's death cannot make the launcher end rank 0 before it returned the jobs.
+
+    Parameters
+    ----------
+    while_parked : callable, optional
+        Called about every 50 ms while the rank is parked; it ends the process when rank 0 has ended
+        the run (and returns otherwise).
+    """
+    _STATE.while_parked = while_parked
     signal.signal(DRAIN_SIGNAL, signal.SIG_IGN)
     for s in STOP_SIGNALS:
         signal.signal(s, _rank_stop)
