@@ -108,13 +108,14 @@ def make_maps(job: CreateMap, observations, *, flags: dict | None = None) -> dic
         made[out.suffix] = job.make(out, inputs, job.job_config_hash(out, observations, updated))
     if job.write_difference:
         result = StageResult(stage="MapMaking")
-        Dispatcher("MapMaking", "map")._write_differences(outputs, set(made.values()), result)
+        Dispatcher("MapMaking", "map")._write_differences(job, outputs, set(made.values()), result)
         assert result.failed == 0
         diff = outputs[0].output_path.with_name(
             outputs[0].output_path.name.replace(outputs[0].suffix, "_diff")
         )
         if diff.exists():
             made["_diff"] = diff
+            assert diff.with_suffix(".png").exists() == job.quicklook
     return made
 
 

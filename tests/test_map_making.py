@@ -179,6 +179,8 @@ def test_jackknife_difference_is_noise(workspace_factory, two_fields, kind):
         "JK_band1_ch0_feed01to03_jkA.fits",
         "JK_band1_ch0_feed01to03_jkB.fits",
     ]
+    # the difference map has its quicklook like the two halves (default quicklook=True)
+    assert sorted(p.name for p in (ws.root / "maps").glob("*.png")) == [n[:-5] + ".png" for n in names]
     with fits.open(ws.root / "maps" / names[0]) as hdul:
         diff = hdul[0].data.astype(np.float64)
         rms = hdul["RMS"].data.astype(np.float64)

@@ -359,7 +359,7 @@ class Dispatcher:
             if self._make_output(job, out.output_path, sha, make, result):
                 made.add(out.output_path)
         if getattr(job, "write_difference", False):
-            self._write_differences(outputs, made, result)
+            self._write_differences(job, outputs, made, result)
         return result
 
     def _make_output(self, job: Any, path: Path, config_sha: str, make, result: StageResult) -> bool:
@@ -394,8 +394,9 @@ class Dispatcher:
         self.log.info("wrote %s in %.1f s", path, time.perf_counter() - t0)
         return True
 
-    def _write_differences(self, outputs: list[Any], made: set[Path], result: StageResult) -> None:
-        """``(A − B)/2`` of the two-way splits whose A and B files are there, as ``_diff``."""
+    def _write_differences(self, job: Any, outputs: list[Any], made: set[Path], result: StageResult) -> None:
+        """``(A − B)/2`` of the two-way splits whose A and B files are there, as ``_diff``, with the
+        job's quicklook PNG when it draws them."""
         for out in outputs:
             pair = getattr(out, "pair", None)
             if not pair or out.suffix != pair[0] or out.output_path not in made:
@@ -407,6 +408,8 @@ class Dispatcher:
             diff_path = a_path.with_name(a_path.name.replace(pair[0] + ".fits", "_diff.fits"))
             try:
                 write_difference_map(a_path, b_path, diff_path)
+                if getattr(job, "quicklook", False):
+                    job.write_quicklook(diff_path)
                 result.done += 1
             except Exception as exc:
                 self.log.error("difference map %s failed: %s", diff_path.name, exc, exc_info=True)

@@ -641,8 +641,13 @@ class CreateMap(
             },
         )
         if self.quicklook:
-            quicklook_png(path)
+            self.write_quicklook(path)
         return path
+
+    def write_quicklook(self, fits_path: Path) -> Path:
+        """The quicklook PNG beside one of this job's FITS files: a map, or the jackknife difference
+        of a two-way split, which has the same layout."""
+        return quicklook_png(fits_path)
 
 
 def _median(values: np.ndarray) -> float:
