@@ -230,3 +230,27 @@ def test_hit_map_quicklook(more_maps):
     png = path.with_suffix(".png")
     assert png.exists() and png.stat().st_size > 0
     assert fits.getheader(path)["CTYPE1"] == "GLON-CAR"
+
+
+def test_difference_map_quicklook(products, tmp_path):
+    """A jackknife difference (A − B)/2: a diverging colour map with limits symmetric about zero and a
+    linear stretch, although the map it comes from is drawn with an asymmetric scale."""
+    from modules.MapMaking.fits_output import write_difference_map
+
+    src = products.root / GALACTIC_MAP
+    a, b = tmp_path / "a.fits", tmp_path / "b.fits"
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    with fits.open(b, mode="update") as hdul:  # B = A − 2·noise: the difference is +noise
+        data = hdul[0].data
+        noise = np.random.default_rng(3).normal(scale=0.01, size=data.shape).astype(data.dtype)
+        data -= 2 * noise
+    diff = write_difference_map(a, b, tmp_path / "ab_diff.fits")
+    _fig, _ax, plain = quicklook_figure(a)
+    fig, ax, drawn = quicklook_figure(diff)
+    render(fig)
+    assert plain.image.get_cmap().name == "inferno" and plain.vmin != -plain.vmax
+    assert drawn.image.get_cmap().name == "RdBu_r"
+    assert drawn.vmin == -drawn.vmax and drawn.stretch == "linear"
+    assert 0.01 < drawn.vmax < 0.04  # the noise's 99.5th percentile (σ = 0.01) sets it, not the sky
+    assert "(A-B)/2" in ax.get_title()

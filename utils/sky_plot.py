@@ -32,6 +32,9 @@ noise sigmas (MAD) above the median: a bright source would otherwise leave the n
 LINEAR_NOISE_SIGMAS = 3.0
 """The asinh stretch is linear up to this many noise sigmas above the median."""
 
+DIVERGING_CMAP = "RdBu_r"
+"""Colour map of a difference (jackknife) map: white at zero, red positive, blue negative."""
+
 ZOOM_MARGIN_PIXELS, ZOOM_MARGIN_FRACTION = 5, 0.15
 """The view shows the coverage's bounding box and this margin (the larger of the two) on each side."""
 
@@ -213,6 +216,7 @@ def draw_sky_image(
     percentiles: tuple[float, float] = PERCENTILES,
     cmap: str = "inferno",
     stretch: str = "auto",
+    symmetric: bool = False,
 ) -> SkyImage:
     """Draw ``image`` on the WCSAxes ``ax`` with a robust colour scale, the NaN pixels
     inside the coverage in :data:`NAN_IN_COVERAGE_COLOUR`, the pixels outside in
@@ -231,6 +235,9 @@ def draw_sky_image(
         Lower and upper percentile of the colour limits (see :func:`robust_limits`).
     stretch : {'auto', 'linear', 'asinh'}
         Colour stretch between the limits (see :func:`colour_norm`).
+    symmetric : bool
+        Limits ``±max(|vmin|, |vmax|)`` and a linear stretch, so that zero sits at the centre of a
+        diverging ``cmap`` (a difference map, whose sign matters).
 
     Returns
     -------
@@ -250,6 +257,9 @@ def draw_sky_image(
     valid = finite & coverage
     nan_inside = coverage & ~finite
     vmin, vmax = robust_limits(image[valid], percentiles)
+    if symmetric:
+        vmax = max(abs(vmin), abs(vmax))
+        vmin, stretch = -vmax, "linear"
     norm, stretch = colour_norm(image[valid], vmin, vmax, stretch)
     colours = colormaps[cmap].with_extremes(bad=OUTSIDE_COVERAGE_COLOUR)
     shown = np.where(valid, image, np.nan)

@@ -717,7 +717,8 @@ def _reweight(
 
 def quicklook_figure(fits_path: Path):
     """The quicklook of the DESTRIPED map of ``fits_path`` on the sky (docs/map_products.md#quicklooks):
-    coverage from its HITS image, beam from BMAJ/BMIN/BPA.
+    coverage from its HITS image, beam from BMAJ/BMIN/BPA; a jackknife difference map (``COMAP DIFFA``
+    in its header) in a diverging colour map, symmetric about zero.
 
     Returns
     -------
@@ -727,7 +728,7 @@ def quicklook_figure(fits_path: Path):
     """
     from astropy.io import fits
 
-    from utils.sky_plot import draw_sky_image, new_sky_figure, unit_label
+    from utils.sky_plot import DIVERGING_CMAP, draw_sky_image, new_sky_figure, unit_label
 
     with fits.open(fits_path, memmap=False) as hdul:
         data = hdul[0].data
@@ -735,7 +736,16 @@ def quicklook_figure(fits_path: Path):
         hits = hdul["HITS"].data if "HITS" in hdul else None
     coverage = hits > 0 if hits is not None else np.isfinite(data)
     fig, ax, _ = new_sky_figure(header, figsize=(7.0, 6.0))
-    drawn = draw_sky_image(ax, data, coverage=coverage, label=unit_label(header), beam_header=header)
+    difference = "COMAP DIFFA" in header
+    drawn = draw_sky_image(
+        ax,
+        data,
+        coverage=coverage,
+        label=unit_label(header),
+        beam_header=header,
+        cmap=DIVERGING_CMAP if difference else "inferno",
+        symmetric=difference,
+    )
     ax.set_title(
         f"{header.get('OBJECT', '')} band {header.get('BAND')} ch {header.get('CHANNEL')} "
         f"({header.get('FREQ', 0) / 1e9:.2f} GHz)"
