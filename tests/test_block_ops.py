@@ -225,3 +225,50 @@ def test_kernel_threads_sleep_unless_the_user_chose_a_wait_policy(preset):
         cwd=repo,
     ).stdout.strip()
     assert out == (preset or "PASSIVE")
+
+
+@pytest.mark.parametrize("estimator", ["std", "clipped_std", "mad"])
+@pytest.mark.parametrize(("n", "stride"), [(3001, 10), (3000, 7), (3001, 1), (1, 10)])
+def test_pair_difference_pass_also_copies_the_decimated_samples(block, estimator, n, stride):
+    """The decimated copy taken in the pair-difference read of each row (docs/level2.md#streaming)
+    is exactly ``x[..., ::stride]``, and taking it changes neither the rms nor the NaN count."""
+    x = np.ascontiguousarray(block[..., :n])
+    out = np.full((*x.shape[:-1], -(-n // stride)), -7.0, dtype=np.float32)
+    rms, nan = pair_difference_rms_and_nans(x, estimator=estimator, stride=stride, decimated_out=out)
+    np.testing.assert_array_equal(out, x[..., ::stride])
+    plain_rms, plain_nan = pair_difference_rms_and_nans(x, estimator=estimator)
+    np.testing.assert_array_equal(rms, plain_rms)
+    np.testing.assert_array_equal(nan, plain_nan)
+    with pytest.raises(ValueError, match="decimated_out"):
+        pair_difference_rms_and_nans(x, stride=stride, decimated_out=out.astype(np.float64))
+
+
+def test_decimated_median_of_the_compact_copy_is_identical(block):
+    """The medians read a compact copy of every stride-th sample instead of the block: the same
+    values in the same order, so the same order statistic, bit for bit."""
+    rng = np.random.default_rng(9)
+    scale, offset, tau = (rng.uniform(0.5, 2, (3, 8)) for _ in range(3))
+    x = rng.uniform(1.0, 2.0, block.shape[-1])
+    for stride in (1, 10, 13):
+        compact = np.ascontiguousarray(block[..., ::stride])
+        np.testing.assert_array_equal(
+            decimated_nanmedian(compact, scale, 1, offset=offset, tau=tau, airmass=x[::stride]),
+            decimated_nanmedian(block, scale, stride, offset=offset, tau=tau, airmass=x),
+        )
+
+
+def test_airmass_fit_with_a_non_finite_airmass_leaves_that_sample_out(block):
+    """A non-finite airmass sample takes every row through the per-sample loop (no shared x sums)."""
+    rng = np.random.default_rng(10)
+    x = 1.0 / np.sin(np.radians(np.linspace(35.0, 65.0, block.shape[-1])))
+    x[17] = np.nan
+    x[400] = np.inf
+    scale = inverse_gain(rng.uniform(5e5, 2e6, (3, 8)))
+    fit = airmass_fit(block, scale, x)
+    for b, c in [(0, 0), (0, 1), (1, 3)]:
+        y = block[b, c].astype(np.float64) * scale[b, c]
+        ok = np.isfinite(y) & np.isfinite(x)
+        slope, intercept = np.polyfit(x[ok], y[ok], 1)
+        assert fit.tau[b, c] == pytest.approx(slope, rel=1e-8)
+        assert fit.offset[b, c] == pytest.approx(intercept, rel=1e-8)
+        assert fit.n[b, c] == ok.sum()

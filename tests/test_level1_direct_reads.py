@@ -103,3 +103,23 @@ def test_bytes_missing_from_the_file_are_an_error(tmp_path):
             reader.read((len(FEEDS) - 1, 0, 0, 0), out.shape, out)
     finally:
         reader.close()
+
+
+def test_reads_from_threads_equal_serial_reads_and_counts(tmp_path):
+    """TOD reads from several threads (SystemTemperature reads one feed per thread) give the
+    values of serial reads; counting bytes makes them take turns, so the count is exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = write_level1(tmp_path / NAME, n_tod=N_TOD, chunks=(1, 1, 4, 128))
+    boxes = [(feed, None, None, slice(100 * feed, 100 * feed + 250)) for feed in range(len(FEEDS))] * 3
+    with Level1File(path) as l1:
+        serial = [l1.tod_block(*box) for box in boxes]
+    for count in (False, True):
+        with Level1File(path, count_bytes=count) as l1:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                threaded = list(pool.map(lambda box: l1.tod_block(*box), boxes))
+            for a, b in zip(serial, threaded):
+                np.testing.assert_array_equal(a, b)
+            if count:
+                values = sum(a.size for a in serial) * 4
+                assert values <= l1.bytes_read_tod < values + 20_000  # the boxes plus the chunk index

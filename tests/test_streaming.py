@@ -8,7 +8,7 @@ import pytest
 from conftest import default_level2_modules, reduce_in_process
 
 from modules.pipeline_control.config import ErrorCollector, load_config
-from modules.pipeline_control.streaming import ObservationContext
+from modules.pipeline_control.streaming import FeedScanBlock, ObservationContext
 from modules.ProcessLevel2.ProcessLevel2 import Level2Pipeline
 
 CHAIN = [
@@ -105,3 +105,56 @@ def test_calibration_interpolates_between_vane_events(small_archive, tmp_path, n
         w = (t - vane_mjd[0]) / (vane_mjd[-1] - vane_mjd[0])
         expected = (1 - w) * gains[0, 0].astype(np.float64) + w * gains[-1, 0]
         np.testing.assert_allclose(ctx.calibration(feed, s)[0], expected, rtol=1e-12)
+
+
+def test_the_decimated_copy_is_taken_in_the_first_read_of_each_row(small_archive, tmp_path, monkeypatch):
+    """NoiseStatsLevel1 reads every row, so it fills the decimated copy that
+    AtmosphereInObservation's median reads (docs/level2.md#streaming): no stage copies it again,
+    and the stored median is the median of every median_stride-th calibrated sample."""
+    from utils.block_ops import decimated_nanmedian, inverse_gain
+    from utils.level1 import Level1File
+
+    copies = []
+    original = FeedScanBlock.decimated
+
+    def spy(self, stride):
+        copies.append(int(stride) not in self._decimated)
+        return original(self, stride)
+
+    monkeypatch.setattr(FeedScanBlock, "decimated", spy)
+    path = small_archive["GField30"]
+    l2, ctx, _ = reduce_in_process(path, tmp_path, default_level2_modules(GainFilterAndBin=None))
+    assert copies and not any(copies)  # every block's copy was already there
+    with h5py.File(l2, "r") as f:
+        median_k = f["level2/atmosphere/median_k"][...]
+        scans = f["level2/scan_edges"][...]
+        stride = int(f["level2/atmosphere"].attrs.get("median_stride", 10))
+    with Level1File(path) as l1:
+        for s, (a, b) in enumerate(scans):
+            feed = int(ctx.feeds[0])
+            raw = l1.tod_block(ctx.l1_index(feed), None, None, slice(int(a), int(b)))
+            gain, _ = ctx.calibration(feed, s)
+            expected = decimated_nanmedian(raw, inverse_gain(gain), stride).astype(np.float32)
+            np.testing.assert_array_equal(median_k[0, :, :, s], expected)
+
+
+def test_block_decimated_copy_filled_or_made_once():
+    rng = np.random.default_rng(3)
+    raw = rng.normal(size=(2, 3, 101)).astype(np.float32)
+    raw.setflags(write=False)
+    n = raw.shape[-1]
+    block = FeedScanBlock(
+        1, 0, 0, 0, n, raw, np.zeros(n), np.zeros(n), np.zeros(n), np.ones((2, 3)), np.ones((2, 3))
+    )
+    assert block.decimation_request() is None  # no stage of the pass asked for one
+    block.decimation_stride = 10
+    stride, buf = block.decimation_request()
+    assert stride == 10 and buf.shape == (2, 3, 11)
+    buf[...] = raw[..., ::10]
+    block.keep_decimated(stride, buf)
+    assert block.decimation_request() is None
+    assert not block.decimated(10).flags.writeable
+    np.testing.assert_array_equal(block.decimated(10), raw[..., ::10])
+    made = block.decimated(7)  # not asked for: copied from raw once
+    assert made.flags.c_contiguous and block.decimated(7) is made
+    np.testing.assert_array_equal(made, raw[..., ::7])

@@ -41,6 +41,11 @@ def _rows(x: ArrayLike) -> tuple[NDArray, tuple[int, ...]]:
     return np.ascontiguousarray(a.reshape(-1, a.shape[-1])), lead
 
 
+def decimated_length(n: int, stride: int) -> int:
+    """Number of samples in ``x[..., ::stride]`` for ``n`` samples."""
+    return -(-int(n) // max(1, int(stride)))
+
+
 def pair_difference_rms_and_nans(
     x: ArrayLike,
     *,
@@ -48,6 +53,8 @@ def pair_difference_rms_and_nans(
     clip_sigma: float = 5.0,
     min_pairs: int = 10,
     n_threads: int | None = None,
+    stride: int = 0,
+    decimated_out: NDArray | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """White-noise rms per sample (pair differences along the last axis) and NaN count per row.
 
@@ -60,6 +67,10 @@ def pair_difference_rms_and_nans(
         Samples (counts or K); NaN marks missing values.
     estimator, clip_sigma, min_pairs
         As :func:`utils.noise.pair_difference_rms`.
+    stride : int
+        With ``decimated_out``, also copy ``x[..., ::stride]`` into it in the same read of each
+        row (the decimated medians of the streaming pass use that copy, docs/level2.md#streaming).
+    decimated_out : ndarray, shape (..., decimated_length(n, stride)), dtype of x, C-contiguous
 
     Returns
     -------
@@ -68,21 +79,45 @@ def pair_difference_rms_and_nans(
     n_nan : ndarray, shape (...), int64
     """
     rows, lead = _rows(x)
+    dec = _decimated_rows(rows, stride, decimated_out)
     if estimator == "mad":
         from utils.noise import pair_difference_rms
 
         rms = pair_difference_rms(rows, estimator="mad", clip_sigma=clip_sigma, min_pairs=min_pairs)
+        if dec.shape[1]:
+            dec[...] = rows[:, ::stride]
         return rms.reshape(lead), np.isnan(rows).sum(axis=-1).astype(np.int64).reshape(lead)
     if estimator not in _ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected 'std', 'clipped_std' or 'mad'")
     out = np.empty(rows.shape[0], dtype=np.float64)
     nan = np.zeros(rows.shape[0], dtype=np.int64)
     _stats.pair_diff_rms(
-        rows, _ESTIMATORS[estimator], float(clip_sigma), int(min_pairs), out, nan, _threads(n_threads)
+        rows,
+        _ESTIMATORS[estimator],
+        float(clip_sigma),
+        int(min_pairs),
+        out,
+        nan,
+        _threads(n_threads),
+        int(stride) if dec.shape[1] else 0,
+        dec,
     )
     if rows.shape[1] < 2:
         nan[:] = np.isnan(rows).sum(axis=-1)
     return out.reshape(lead), nan.reshape(lead)
+
+
+def _decimated_rows(rows: NDArray, stride: int, out: NDArray | None) -> NDArray:
+    """``out`` as a (rows, n_dec) view to fill, or an empty (rows, 0) array when there is none."""
+    if out is None or int(stride) <= 0:
+        return np.empty((rows.shape[0], 0), dtype=rows.dtype)
+    n_dec = decimated_length(rows.shape[1], stride)
+    if out.dtype != rows.dtype or not out.flags.c_contiguous or out.size != rows.shape[0] * n_dec:
+        raise ValueError(
+            f"decimated_out must be C-contiguous {rows.dtype} with {rows.shape[0]} × {n_dec} values, "
+            f"got {out.dtype} shape {out.shape}"
+        )
+    return out.reshape(rows.shape[0], n_dec)
 
 
 def masked_nanmeans(

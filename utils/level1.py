@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -197,6 +198,8 @@ class Level1File(Level1Checks):
         self._rate_hz: float | None = None
         self._bytes_tod = 0
         self._bytes_closed = 0
+        # TOD reads may come from several threads; counting bytes (benchmarks) serialises them
+        self._lock = threading.RLock()
         self.validated = False
 
     # ---------------------------------------------------------------------------------------- open
@@ -287,12 +290,15 @@ class Level1File(Level1Checks):
     @contextmanager
     def _count_tod(self) -> Iterator[None]:
         fobj = self._fobj
-        before = fobj.bytes_read if fobj is not None else 0
-        direct_before = self._direct_bytes()
-        try:
+        if fobj is None:  # not counting: reads from several threads may overlap
             yield
-        finally:
-            if fobj is not None:
+            return
+        with self._lock:  # the counters are shared, so counted reads take turns
+            before = fobj.bytes_read
+            direct_before = self._direct_bytes()
+            try:
+                yield
+            finally:
                 self._bytes_tod += fobj.bytes_read - before + self._direct_bytes() - direct_before
 
     def _direct_bytes(self) -> int:
@@ -572,7 +578,9 @@ class Level1File(Level1Checks):
         if not self.direct_reads:
             return None
         if self._direct is None:
-            self._direct = DirectReader.for_dataset(self._tod_dataset(), self.path) or False
+            with self._lock:
+                if self._direct is None:
+                    self._direct = DirectReader.for_dataset(self._tod_dataset(), self.path) or False
         return self._direct or None
 
     def pointing(

@@ -37,6 +37,7 @@ from modules.ProcessLevel2.observation import (
     init_worker,
     instantiate_modules,
     process_observation,
+    release_worker,
 )
 from modules.SQLModule.SQLModule import COMAPData, db
 from utils import level1_layout as L1
@@ -555,6 +556,7 @@ class Level2Pipeline(PipelineStage):
             bar.close()
             if started:
                 executor.shutdown(terminate=result.interrupted)
+            release_worker()  # what an in-process worker kept between observations
             if log_queue is not None:
                 ctx.logging.stop_queue()
         if result.fatal:

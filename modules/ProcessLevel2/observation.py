@@ -9,6 +9,7 @@ staging file with ``os.replace`` on success. It never raises: every outcome is a
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -60,6 +61,9 @@ class _WorkerState:
     specs: list[ModuleSpec] = field(default_factory=list)
     modules: list[Any] = field(default_factory=list)
     options: WorkerOptions = field(default_factory=WorkerOptions)
+    # block buffers of the streaming pass, kept from one observation to the next: touching a fresh
+    # block-sized array costs a page fault per page, which takes longer than the read itself
+    buffers: dict[str, Any] = field(default_factory=dict)
 
 
 _STATE = _WorkerState()
@@ -85,6 +89,13 @@ def init_worker(specs: list[ModuleSpec], options: WorkerOptions) -> None:
     _STATE.specs = list(specs)
     _STATE.options = options
     _STATE.modules = instantiate_modules(specs, options.on_parameter_change)
+    _STATE.buffers = {}
+
+
+def release_worker() -> None:
+    """Drop the modules and block buffers of :func:`init_worker` (the end of an in-process run)."""
+    _STATE.modules = []
+    _STATE.buffers = {}
 
 
 def file_info_from_fields(fields: dict[str, Any]) -> COMAPData:
@@ -127,6 +138,11 @@ def process_observation(task: ObservationTask) -> ObservationResult:
     final = Path(task.final_level2_path)
     result = ObservationResult(obsid=obsid, status="failed", level2_path=str(final))
     staging: Path | None = None
+    # No cyclic garbage collection inside an observation: a full collection walks every object of
+    # the process (astropy, h5py, SQLAlchemy) and costs more than the few cycles it would free
+    # before the observation ends and collection resumes (docs/level2.md#streaming).
+    collecting = gc.isenabled()
+    gc.disable()
     previous_deferred = db.deferred
     db.set_deferred(True)
     db.take_deferred()
@@ -138,7 +154,10 @@ def process_observation(task: ObservationTask) -> ObservationResult:
             file_info.level2_path = str(staging)
             file_info.final_level2_path = str(final)
             ctx = ObservationContext(
-                file_info, hk_time_offset_s=options.hk_time_offset_s, count_bytes=options.count_bytes
+                file_info,
+                hk_time_offset_s=options.hk_time_offset_s,
+                count_bytes=options.count_bytes,
+                buffers=_STATE.buffers,
             )
             with observation(ctx):
                 ran = _run_modules(ctx, _STATE.modules, result)
@@ -185,6 +204,8 @@ def process_observation(task: ObservationTask) -> ObservationResult:
         finally:
             db.set_deferred(previous_deferred)
             result.peak_rss_mb = _peak_rss_mb()
+            if collecting:
+                gc.enable()
     return result
 
 
@@ -261,6 +282,7 @@ __all__ = [
     "init_worker",
     "instantiate_modules",
     "process_observation",
+    "release_worker",
 ]
 
 

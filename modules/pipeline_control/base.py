@@ -428,11 +428,15 @@ class StreamingStage(BaseCOMAPModule):
         ``calibration(ctx, feed, scan) -> (gain, tsys)``, each ``(B, C)`` float64: how the pass
         calibrates a block (``block.gain``, ``block.tsys``, ``block.tod_k``). The stage that
         writes the calibration supplies this function; the stages of one pass share it.
+    decimation_stride : int
+        Stride of the decimated copy of the raw block the stage reads (``block.decimated``), or 0.
+        The driver has the copy made in the first read of each row (docs/level2.md#streaming).
     """
 
     provides: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
     calibration: ClassVar[Calibration | None] = None
+    decimation_stride: int = 0
 
     def begin(self, ctx: ObservationContext) -> None:
         """Allocate outputs in ``ctx.l2`` (datasets pre-created at full size)."""

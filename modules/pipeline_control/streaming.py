@@ -70,9 +70,19 @@ class ObservationContext:
     calibration_source : callable or None
         How blocks are calibrated (:data:`Calibration`); set by :func:`run_streaming_group` from
         the stages of the pass.
+    buffers : dict
+        Block-sized buffers of the pass (:func:`read_block`); a worker passes one dict for all its
+        observations so that they are allocated once, a standalone context keeps its own.
     """
 
-    def __init__(self, file_info: Any, *, hk_time_offset_s: float = 0.6, count_bytes: bool = False) -> None:
+    def __init__(
+        self,
+        file_info: Any,
+        *,
+        hk_time_offset_s: float = 0.6,
+        count_bytes: bool = False,
+        buffers: dict[str, Any] | None = None,
+    ) -> None:
         self.file_info = file_info
         self.obsid = int(file_info.obsid)
         self.hk_time_offset_s = float(hk_time_offset_s)
@@ -86,6 +96,7 @@ class ObservationContext:
         self.bytes_read_total = 0
         self.tod_storage_size: int | None = None
         self.calibration_source: Calibration | None = None
+        self.buffers: dict[str, Any] = {} if buffers is None else buffers
         self._cache: dict[str, Any] = {}
 
     # --- files ------------------------------------------------------------------------------
@@ -236,7 +247,10 @@ class FeedScanBlock:
     """One feed × one scan of level-1 data, shared by the stages of a streaming pass.
 
     ``raw`` is float32 ``(B, C, n)`` counts and read-only; ``tod_k`` is ``raw / gain`` (vane K),
-    computed once on first use, NaN where the gain is not finite or ≤ 0.
+    computed once on first use, NaN where the gain is not finite or ≤ 0. ``decimated(stride)`` is
+    ``raw[..., ::stride]`` as a compact copy, made once per block: the driver sets
+    ``decimation_stride`` to the stride the stages of the pass ask for, and the first stage that
+    reads every row anyway fills that copy in the same read (:meth:`decimation_request`).
     """
 
     feed: int
@@ -251,7 +265,10 @@ class FeedScanBlock:
     gain: np.ndarray
     tsys: np.ndarray
     products: dict[str, Any] = field(default_factory=dict)
+    decimation_stride: int = 0
     _tod_k: np.ndarray | None = None
+    _decimation_buffer: np.ndarray | None = None
+    _decimated: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -267,22 +284,64 @@ class FeedScanBlock:
             self._tod_k = out
         return self._tod_k
 
+    def decimated(self, stride: int) -> np.ndarray:
+        """``raw[..., ::stride]`` as a C-contiguous read-only float32 array ``(B, C, ⌈n/stride⌉)``.
+
+        Filled by an earlier stage of the pass when ``stride`` is :attr:`decimation_stride`,
+        otherwise copied from ``raw`` on first use; either way made once per block.
+        """
+        stride = max(1, int(stride))
+        dec = self._decimated.get(stride)
+        if dec is None:
+            dec = np.ascontiguousarray(self.raw[..., ::stride])
+            dec.setflags(write=False)
+            self._decimated[stride] = dec
+        return dec
+
+    def decimation_request(self) -> tuple[int, np.ndarray] | None:
+        """``(stride, buffer)`` for a stage that reads every row anyway: it may fill ``buffer``
+        (float32, ``(B, C, ⌈n/stride⌉)``) with ``raw[..., ::stride]`` and then call
+        :meth:`keep_decimated`. None when no stage of the pass asks for a decimated copy, or it
+        is already there."""
+        stride = int(self.decimation_stride)
+        if stride <= 0 or stride in self._decimated:
+            return None
+        n_dec = -(-self.n // stride)
+        buf = self._decimation_buffer
+        shape = (*self.raw.shape[:-1], n_dec)
+        if buf is None or buf.size < int(np.prod(shape)):
+            buf = np.empty(int(np.prod(shape)), dtype=np.float32)
+        return stride, buf[: int(np.prod(shape))].reshape(shape)
+
+    def keep_decimated(self, stride: int, values: np.ndarray) -> None:
+        """Record ``values`` (filled from a :meth:`decimation_request`) as ``decimated(stride)``."""
+        values = values.view()
+        values.setflags(write=False)
+        self._decimated[int(stride)] = values
+
+
+def _buffer(ctx: ObservationContext, key: str, size: int) -> np.ndarray:
+    """A flat float32 buffer of at least ``size`` values from ``ctx.buffers``."""
+    buf = ctx.buffers.get(key)
+    if buf is None or buf.size < size:
+        ctx.buffers.pop(key, None)  # free the old one before the new one is touched
+        buf = ctx.buffers[key] = np.empty(size, dtype=np.float32)
+    return buf
+
 
 def read_block(ctx: ObservationContext, feed: int, scan: int, *, buffer: int = 0) -> FeedScanBlock:
     """Read one feed × scan block from level 1 (the only read of those bytes in a pass).
 
-    The block is read into one of two buffers reused for the whole pass (sized for the longest
-    scan): a fresh block-sized array costs a page fault per 4 KiB on first touch, which takes longer
-    than the read itself. ``block.raw`` is therefore only valid until that buffer is read into again.
+    The block is read into one of two buffers reused for the whole pass, and by a worker for all its
+    observations (``ctx.buffers``, sized for the longest scan): a fresh block-sized array costs a
+    page fault per 4 KiB on first touch, which takes longer than the read itself. ``block.raw`` is
+    therefore only valid until that buffer is read into again.
     """
     start, stop = (int(x) for x in ctx.scans[scan])
     n_bands, n_chan = ctx.frequency_ghz.shape
     longest = int(np.max(np.diff(ctx.scans, axis=1))) if len(ctx.scans) else 0
     size = n_bands * n_chan * (stop - start)
-    key = f"_tod_buffer{buffer}"
-    buf = ctx.scratch.get(key)
-    if buf is None or buf.size < n_bands * n_chan * longest:
-        buf = ctx.scratch[key] = np.empty(n_bands * n_chan * longest, dtype=np.float32)
+    buf = _buffer(ctx, f"_tod_buffer{buffer}", n_bands * n_chan * longest)
     raw = buf[:size].reshape(n_bands, n_chan, stop - start)
     ctx.l1.tod_block(ctx.l1_index(feed), slice(None), slice(None), slice(start, stop), out=raw)
     raw = raw.view()
@@ -311,6 +370,7 @@ class BlockStage(Protocol):
     provides: ClassVar[tuple[str, ...]]
     requires: ClassVar[tuple[str, ...]]
     calibration: Calibration | None
+    decimation_stride: int
 
     def begin(self, ctx: ObservationContext) -> None: ...
 
@@ -342,6 +402,9 @@ def run_streaming_group(
     required = {name for s, a in zip(stages, active) if a for name in s.requires}
     replaying = [not a and bool(set(s.provides) & required) for s, a in zip(stages, active)]
     users = [i for i in range(len(stages)) if active[i] or replaying[i]]
+    # the decimated copy the first active stage asking for one will read (FeedScanBlock.decimated)
+    strides = [int(stages[i].decimation_stride) for i in users if active[i]]
+    stride = next((s for s in strides if s > 0), 0)
     with ctx.open_l2("a"):
         ctx.invalidate()
         for i in users:
@@ -366,6 +429,10 @@ def run_streaming_group(
                     if k + 1 < len(order)
                     else None
                 )
+                if stride:
+                    n_dec = -(-block.n // stride)
+                    block.decimation_stride = stride
+                    block._decimation_buffer = _buffer(ctx, "_decimated", block.raw[..., 0].size * n_dec)
                 for i in users:
                     t0 = time.perf_counter()
                     if active[i]:

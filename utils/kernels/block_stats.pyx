@@ -7,11 +7,12 @@ Do not call this module directly: use :mod:`utils.block_ops`.
 ``pair_diff_rms``
     White-noise rms per sample from pair differences ``d_j = x[2j+1] - x[2j]`` of finite pairs,
     with the ``std`` or ``clipped_std`` estimator of docs/level2.md#noisestatslevel1 (the same definition as
-    :func:`utils.noise.pair_difference_rms`), and the NaN count of each row.
+    :func:`utils.noise.pair_difference_rms`), and the NaN count of each row; optionally a copy of
+    every ``stride``-th sample, taken while the row is in cache, for the decimated medians.
 ``decimated_median``
     Median of every ``stride``-th sample of ``raw*scale − offset − tau*x`` per row (finite values
     only; the mean of the two middle values for an even count, as numpy), by selection within a
-    window bracketed by a sorted sample of the row (``_median``).
+    window bracketed by order statistics of a sample of the row (``_median``).
 ``airmass_sums``
     float64 sums ``n, Σx, Σy, Σxx, Σxy`` over finite ``y = raw * scale`` per row, for the
     closed-form fit ``y = offset + tau * x``.
@@ -25,7 +26,7 @@ row cost little beyond the one read from memory.
 from cython.parallel cimport parallel, prange
 from libc.math cimport NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
-from libcpp.algorithm cimport nth_element, sort
+from libcpp.algorithm cimport nth_element
 
 ctypedef fused real:
     float
@@ -70,11 +71,12 @@ cdef inline void _mean_std_from_sums(double s1, double s2, double c, double cent
 
 cdef inline void _row_pair_rms(const real* row, Py_ssize_t n, int estimator, double clip,
                                Py_ssize_t min_pairs, double* dbuf, double* rms,
-                               long long* n_nan) noexcept nogil:
+                               long long* n_nan, Py_ssize_t stride, real* dec) noexcept nogil:
     """One read of the row: the pair differences into ``dbuf`` (float64, NaN kept), the NaN count
     and the sums of the unclipped statistics; the clipping passes then run over ``dbuf``, which
-    stays in cache."""
-    cdef Py_ssize_t j, k, npairs = n // 2, n_valid, c
+    stays in cache, and stop at the first that cuts nothing (most rows need only one). With
+    ``stride > 0``, every ``stride``-th sample is also copied to ``dec`` while the row is in cache."""
+    cdef Py_ssize_t j, k, npairs = n // 2, n_valid, c, kept
     cdef double a, b, v, w, f, mean, s, s1 = 0.0, s2 = 0.0, cnt = 0.0
     cdef long long nn = 0
     for j in range(npairs):
@@ -94,76 +96,126 @@ cdef inline void _row_pair_rms(const real* row, Py_ssize_t n, int estimator, dou
     n_nan[0] = nn
     _mean_std_from_sums(s1, s2, cnt, 0.0, &mean, &s, &n_valid)
     if estimator == 1:
+        kept = n_valid
         for k in range(2):
             if not (s == s):
                 break
             _mean_std(dbuf, npairs, mean, clip * s, &mean, &s, &c)
+            if c == kept:
+                break  # nothing was cut: another pass would keep the same differences
+            kept = c
     if n_valid >= min_pairs and n_valid >= 1:
         rms[0] = s / sqrt(2.0)
     else:
         rms[0] = NAN
+    if stride > 0:
+        for k in range((n + stride - 1) // stride):
+            dec[k] = row[k * stride]
 
 
 def pair_diff_rms(const real[:, ::1] x, int estimator, double clip_sigma, Py_ssize_t min_pairs,
-                  double[::1] out, long long[::1] n_nan, int n_threads):
+                  double[::1] out, long long[::1] n_nan, int n_threads, Py_ssize_t stride,
+                  real[:, ::1] dec):
     """Rows of ``x`` (rows, n) → ``out[row]`` rms per sample, ``n_nan[row]`` NaN count.
 
-    ``estimator``: 0 = std, 1 = clipped_std.
+    ``estimator``: 0 = std, 1 = clipped_std. With ``stride > 0``, ``dec`` (rows, ⌈n/stride⌉)
+    receives ``x[:, ::stride]``; with ``stride == 0`` it is not touched.
     """
-    cdef Py_ssize_t i, rows = x.shape[0], n = x.shape[1]
+    cdef Py_ssize_t i, j, rows = x.shape[0], n = x.shape[1]
     cdef double* dbuf
     if rows == 0:
         return
     if n < 2:
         out[:] = NAN
         n_nan[:] = 0
+        if stride > 0 and n == 1:
+            dec[:, 0] = x[:, 0]
         return
     with nogil, parallel(num_threads=n_threads):
         dbuf = <double*>malloc((n // 2 + 1) * sizeof(double))
         if dbuf != NULL:
             for i in prange(rows, schedule="static"):
-                _row_pair_rms(&x[i, 0], n, estimator, clip_sigma, min_pairs, dbuf, &out[i], &n_nan[i])
+                _row_pair_rms(&x[i, 0], n, estimator, clip_sigma, min_pairs, dbuf, &out[i], &n_nan[i],
+                              stride, &dec[i, 0] if stride > 0 else NULL)
             free(dbuf)
         else:
             for i in prange(rows, schedule="static"):
                 out[i] = NAN
+                if stride > 0:
+                    for j in range((n + stride - 1) // stride):
+                        dec[i, j] = x[i, j * stride]
+
+
+cdef inline void _airmass_row_slow(const real* row, Py_ssize_t n, double sc, const double* x,
+                                   double* out) noexcept nogil:
+    """``(n, Σx, Σy, Σxx, Σxy)`` over the samples where ``y = row*sc`` and ``x`` are finite."""
+    cdef Py_ssize_t t
+    cdef double y, xv, c = 0.0, sx = 0.0, sy = 0.0, sxx = 0.0, sxy = 0.0
+    cdef bint ok
+    for t in range(n):
+        # branch-free (vectorised): a sample with a non-finite y or x adds zeros
+        y = row[t] * sc
+        xv = x[t]
+        ok = (fabs(y) < 1e300) & (fabs(xv) < 1e300)
+        y = y if ok else 0.0
+        xv = xv if ok else 0.0
+        c = c + (1.0 if ok else 0.0)
+        sx = sx + xv
+        sy = sy + y
+        sxx = sxx + xv * xv
+        sxy = sxy + xv * y
+    out[0] = c
+    out[1] = sx
+    out[2] = sy
+    out[3] = sxx
+    out[4] = sxy
 
 
 def airmass_sums(const real[:, ::1] raw, const double[::1] scale, const double[::1] x,
                  double[:, ::1] out, int n_threads):
     """Per row: ``out[row] = (n, Σx, Σy, Σxx, Σxy)`` over samples where ``y = raw*scale`` and ``x``
-    are finite."""
+    are finite.
+
+    When every ``x`` is finite and a row has no NaN or infinity (nearly every row), ``n``, ``Σx``
+    and ``Σxx`` are the same for all rows: they are summed once, and the row loop sums only ``y``
+    and ``x·y``, a third of the work. A row whose sums come out non-finite takes the per-sample
+    loop again (it is in cache), so the result follows the per-sample definition either way."""
     cdef Py_ssize_t i, t, rows = raw.shape[0], n = raw.shape[1]
-    cdef double y, xv, c, sx, sy, sxx, sxy, sc
-    cdef bint ok
+    cdef double y, sc, sy, sxy, x_n = 0.0, x_s = 0.0, x_ss = 0.0
+    cdef bint x_finite = True
+    if rows == 0:
+        return
+    for t in range(n):
+        if not fabs(x[t]) < 1e300:
+            x_finite = False
+            break
+        x_n += 1.0
+        x_s += x[t]
+        x_ss += x[t] * x[t]
     for i in prange(rows, nogil=True, num_threads=n_threads, schedule="static"):
-        c = 0.0
-        sx = 0.0
-        sy = 0.0
-        sxx = 0.0
-        sxy = 0.0
         sc = scale[i]
-        for t in range(n):
-            # branch-free (vectorised): a sample with a non-finite y or x adds zeros
-            y = raw[i, t] * sc
-            xv = x[t]
-            ok = (fabs(y) < 1e300) & (fabs(xv) < 1e300)
-            y = y if ok else 0.0
-            xv = xv if ok else 0.0
-            c = c + (1.0 if ok else 0.0)
-            sx = sx + xv
-            sy = sy + y
-            sxx = sxx + xv * xv
-            sxy = sxy + xv * y
-        out[i, 0] = c
-        out[i, 1] = sx
-        out[i, 2] = sy
-        out[i, 3] = sxx
-        out[i, 4] = sxy
+        # |sc| < 1e260 keeps |y| below the 1e300 limit for every finite float value
+        if x_finite and n > 0 and fabs(sc) < 1e260:
+            sy = 0.0
+            sxy = 0.0
+            for t in range(n):
+                y = raw[i, t] * sc
+                sy = sy + y
+                sxy = sxy + x[t] * y
+            if fabs(sy) < 1e300 and fabs(sxy) < 1e300:
+                out[i, 0] = x_n
+                out[i, 1] = x_s
+                out[i, 2] = sy
+                out[i, 3] = x_ss
+                out[i, 4] = sxy
+            else:
+                _airmass_row_slow(&raw[i, 0], n, sc, &x[0], &out[i, 0])
+        else:
+            _airmass_row_slow(&raw[i, 0], n, sc, &x[0], &out[i, 0])
 
 
 cdef enum:
-    MEDIAN_SAMPLE = 128  # sorted sample that brackets the median (_median)
+    MEDIAN_SAMPLE = 128  # sample whose order statistics bracket the median (_median)
     MEDIAN_HALF_WINDOW = 12  # sample ranks either side of the middle: the window is ±12/128 in rank
     MEDIAN_MIN_WINDOWED = 512  # below this count a plain selection is as fast
 
@@ -186,7 +238,7 @@ cdef inline double _median(double* buf, Py_ssize_t m, double* win) noexcept nogi
     """numpy's median of the finite ``buf[:m]`` (m ≥ 1), exactly; ``win`` is scratch of m doubles.
 
     A plain selection costs about 12 ns per value here, most of the decimated-median time. Instead,
-    a sorted sample of 128 evenly spaced values brackets the middle ranks with two pivots; one
+    two order statistics of a sample of 128 evenly spaced values bracket the middle ranks; one
     branch-free pass counts the values below the lower pivot and copies those between the pivots
     into ``win``; the selection then runs on that window, about a fifth of the values. If the window
     misses a middle rank (a few per cent of rows), the plain selection runs instead. Either way the
@@ -199,8 +251,10 @@ cdef inline double _median(double* buf, Py_ssize_t m, double* win) noexcept nogi
         return _select_median(buf, m)
     for j in range(MEDIAN_SAMPLE):
         samp[j] = buf[(2 * j + 1) * m // (2 * MEDIAN_SAMPLE)]
-    sort(samp, samp + MEDIAN_SAMPLE)
+    # the two pivots are order statistics of the sample: two selections cost half a sort
     q = MEDIAN_SAMPLE // 2
+    nth_element(samp, samp + q - MEDIAN_HALF_WINDOW, samp + MEDIAN_SAMPLE)
+    nth_element(samp + q - MEDIAN_HALF_WINDOW + 1, samp + q + MEDIAN_HALF_WINDOW - 1, samp + MEDIAN_SAMPLE)
     p_lo = samp[q - MEDIAN_HALF_WINDOW]
     p_hi = samp[q + MEDIAN_HALF_WINDOW - 1]
     for t in range(m):

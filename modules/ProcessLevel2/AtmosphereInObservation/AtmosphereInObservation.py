@@ -73,6 +73,11 @@ class AtmosphereInObservation(StreamingStage):
         self.plot_dir = plot_dir
         self.overwrite = overwrite
 
+    @property
+    def decimation_stride(self) -> int:
+        """The median reads every ``median_stride``-th sample (``block.decimated``)."""
+        return self.median_stride
+
     def begin(self, ctx) -> None:
         shape, chunks = ctx.channel_scan_shape()
         n_feeds, n_bands, n_chan, n_scans = shape
@@ -86,7 +91,7 @@ class AtmosphereInObservation(StreamingStage):
     def process_block(self, ctx, block) -> None:
         inv_gain = inverse_gain(block.gain)
         el = np.asarray(block.el_deg, dtype=np.float64)
-        median = decimated_nanmedian(block.raw, inv_gain, self.median_stride)
+        median = decimated_nanmedian(block.decimated(self.median_stride), inv_gain, 1)
         finite_el = el[np.isfinite(el)]
         fitted = bool(finite_el.size >= 2 and np.ptp(finite_el) >= self.min_elevation_range_deg)
         offset, tau = median.copy(), np.zeros_like(median)

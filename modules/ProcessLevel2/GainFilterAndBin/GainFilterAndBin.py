@@ -193,6 +193,11 @@ class GainFilterAndBin(StreamingStage):
         return problems
 
     # --- pass hooks -----------------------------------------------------------------------------
+    @property
+    def decimation_stride(self) -> int:
+        """The level median reads every ``median_stride``-th sample (``block.decimated``)."""
+        return self.median_stride
+
     def begin(self, ctx) -> None:
         n_feeds = len(ctx.feeds)
         n_bands, n_chan = ctx.frequency_ghz.shape
@@ -282,8 +287,9 @@ class GainFilterAndBin(StreamingStage):
             # offset is then the scan median over the same samples: the remaining level is 0
             level = np.where(np.isfinite(offset), 0.0, np.nan)
         else:
+            stride = self.median_stride
             level = decimated_nanmedian(
-                block.raw, inv_gain, self.median_stride, offset=offset, tau=tau_eff, airmass=airmass
+                block.decimated(stride), inv_gain, 1, offset=offset, tau=tau_eff, airmass=airmass[::stride]
             )
         mask = channel_mask(
             block.tsys,

@@ -80,9 +80,14 @@ class NoiseStatsLevel1(StreamingStage):
         ctx.scratch[GROUP] = {"n_nan": np.zeros((n_bands, n_chan), dtype=np.int64)}
 
     def process_block(self, ctx, block) -> None:
+        # this pass reads every row, so it also takes the decimated copy later stages ask for
+        request = block.decimation_request()
+        stride, dec = request if request else (0, None)
         rms_raw, nan = pair_difference_rms_and_nans(
-            block.raw, estimator=self.estimator, clip_sigma=self.clip_sigma
+            block.raw, estimator=self.estimator, clip_sigma=self.clip_sigma, stride=stride, decimated_out=dec
         )
+        if request:
+            block.keep_decimated(stride, dec)
         gain = np.asarray(block.gain, dtype=np.float64)
         good = np.isfinite(gain) & (gain > 0)
         rms_k = np.where(good, rms_raw / np.where(good, gain, 1.0), np.nan).astype(np.float32)

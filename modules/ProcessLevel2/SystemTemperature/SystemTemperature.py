@@ -21,11 +21,13 @@ A sky dip without a vane borrows the published ``level2/vane`` of obsid + 1.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
+from utils.kernels.median_filter import max_threads
 
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
@@ -354,16 +356,23 @@ class SystemTemperature(BaseCOMAPModule):
         n_ev, n_feeds = len(kept), len(feeds)
         tsys = np.full((n_ev, n_feeds, n_bands, n_channels), np.nan, dtype=np.float32)
         gain = np.full_like(tsys, np.nan)
-        for e, k in enumerate(kept):
-            start, stop = (int(x) for x in events[k])
+        l1_index = [ctx.l1_index(int(feed)) for feed in feeds]
+
+        def measure(e: int, i: int) -> None:
+            start, stop = (int(x) for x in events[kept[e]])
             hot, cold = states[e]
-            for i, feed in enumerate(feeds):
-                raw = l1.tod_block(ctx.l1_index(int(feed)), None, None, slice(start, stop))
-                v_hot, v_cold = masked_nanmeans(raw, hot, cold, self.min_state_samples)
-                del raw
-                ts, g = y_factor(v_hot, v_cold, t_hot[e], self.t_cold_k)
-                tsys[e, i] = ts
-                gain[e, i] = g
+            raw = l1.tod_block(l1_index[i], None, None, slice(start, stop))
+            v_hot, v_cold = masked_nanmeans(raw, hot, cold, self.min_state_samples, n_threads=1)
+            del raw
+            tsys[e, i], gain[e, i] = y_factor(v_hot, v_cold, t_hot[e], self.t_cold_k)
+
+        # One feed per thread: reading an event is a copy out of the page cache, bound by one core,
+        # and the reads and the kernel release the GIL (docs/level2.md#systemtemperature).
+        l1.open()
+        work = [(e, i) for e in range(n_ev) for i in range(n_feeds)]
+        with ThreadPoolExecutor(max_workers=max(1, int(max_threads()))) as pool:
+            for done in pool.map(lambda ei: measure(*ei), work):
+                del done
         edges = events[kept].astype(np.int64)
         mid = 0.5 * (mjd[edges[:, 0]] + mjd[edges[:, 1] - 1])
         return VaneResult(
