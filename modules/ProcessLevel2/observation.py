@@ -138,11 +138,10 @@ def process_observation(task: ObservationTask) -> ObservationResult:
     final = Path(task.final_level2_path)
     result = ObservationResult(obsid=obsid, status="failed", level2_path=str(final))
     staging: Path | None = None
-    # No cyclic garbage collection inside an observation: a full collection walks every object of
-    # the process (astropy, h5py, SQLAlchemy) and costs more than the few cycles it would free
-    # before the observation ends and collection resumes (docs/level2.md#streaming).
-    collecting = gc.isenabled()
-    gc.disable()
+    # The objects alive before the observation (astropy, h5py, SQLAlchemy, the modules) are set
+    # aside from the cyclic garbage collector while it runs: its collections then walk only what
+    # the observation made, and the cycles among those are still freed (docs/level2.md#streaming).
+    gc.freeze()
     previous_deferred = db.deferred
     db.set_deferred(True)
     db.take_deferred()
@@ -204,8 +203,7 @@ def process_observation(task: ObservationTask) -> ObservationResult:
         finally:
             db.set_deferred(previous_deferred)
             result.peak_rss_mb = _peak_rss_mb()
-            if collecting:
-                gc.enable()
+            gc.unfreeze()
     return result
 
 

@@ -7,10 +7,12 @@ import math
 import os
 import posixpath
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
+from utils.kernels.median_filter import max_threads
 
 from modules.pipeline_control import provenance
 from modules.pipeline_control.parameters import Range
@@ -275,7 +277,8 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         plot_scan = int(np.argmax(lengths)) if n_scans else -1
         rows_per_scan = n_bands * n_bins
         band_idx, bin_idx = np.divmod(np.arange(rows_per_scan), n_bins)
-        for ifeed in range(n_feeds):
+
+        def one_feed(ifeed: int) -> None:
             feed = int(feeds[ifeed])
             x = np.asarray(src[ifeed], dtype=np.float32)  # (B, K, N)
             flags = l2layout.read_sample_flags(l2, ifeed)
@@ -332,6 +335,21 @@ class NoiseStatsLevel2(BaseCOMAPModule):
                             float(st.sigma_red[r]),
                             float(st.alpha[r]),
                         )
+            plots[ifeed] = (spectra, fits_for_plot)
+
+        # Feeds are independent and their segments seeded per segment, so they run in parallel
+        # threads (numpy, the FFTs and the running-median kernel release the GIL) with results
+        # independent of the order; plots are drawn afterwards, in this thread.
+        plots: dict[int, tuple[dict, dict]] = {}
+        pool = ThreadPoolExecutor(max_workers=max(1, min(n_feeds, int(max_threads()))))
+        try:
+            for future in [pool.submit(one_feed, ifeed) for ifeed in range(n_feeds)]:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for ifeed in range(n_feeds):
+            feed = int(feeds[ifeed])
+            spectra, fits_for_plot = plots[ifeed]
             if self.plot and spectra:
                 self._plot_feed(ctx.obsid, path, feed, plot_scan, n_bands, n_bins, spectra, fits_for_plot)
             n_fit = int(out["fit_ok"][ifeed].sum())

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
+from utils.kernels.median_filter import max_threads
 
 from modules.pipeline_control import provenance
 from modules.pipeline_control.parameters import Range
@@ -345,9 +347,10 @@ class PostBinCleaning(BaseCOMAPModule):
                 provenance.mark_incomplete(l2[STATS_GROUP])
             n_out = np.full((n_feeds, n_bands, n_bins, n_scans), NOT_EVALUATED, dtype=np.int32)
             atm = np.full((n_feeds, n_bands, n_bins, n_scans), np.nan, dtype=np.float32)
-            n_short = 0
             lengths = scans[:, 1] - scans[:, 0]
-            for ifeed in range(n_feeds):
+
+            def clean_feed(ifeed: int) -> tuple[NDArray, NDArray, int]:
+                n_short = 0
                 x = np.asarray(src[ifeed], dtype=np.float32)  # (B, K, N)
                 x[..., l2layout.excluded_samples(l2layout.read_sample_flags(l2, ifeed))] = np.nan
                 el = np.asarray(el_ds[ifeed], dtype=np.float64)
@@ -376,10 +379,22 @@ class PostBinCleaning(BaseCOMAPModule):
                         y[:, :, scans[s, 0] : scans[s, 1]] = yy[j]
                     n_out[ifeed][..., group] = np.moveaxis(nn.reshape(group.size, n_bands, n_bins), 0, -1)
                     atm[ifeed][..., group] = np.moveaxis(aa.reshape(group.size, n_bands, n_bins), 0, -1)
-                dst[ifeed] = y
-                if self.plot:
-                    self._plot_feed(ctx.obsid, int(feeds[ifeed]), x, y, scans)
-                del x, y
+                return x, y, n_short
+
+            # Feeds are independent: they are cleaned in parallel threads (numpy and the
+            # running-median kernel release the GIL); results are written and drawn in feed order.
+            n_short = 0
+            pool = ThreadPoolExecutor(max_workers=max(1, min(n_feeds, int(max_threads()))))
+            try:
+                for ifeed, future in enumerate([pool.submit(clean_feed, i) for i in range(n_feeds)]):
+                    x, y, short = future.result()
+                    n_short += short
+                    dst[ifeed] = y
+                    if self.plot:
+                        self._plot_feed(ctx.obsid, int(feeds[ifeed]), x, y, scans)
+                    del x, y
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
             if n_short:
                 self.logger.info(
                     "%d of %d segments have <= %d finite samples: median-subtracted only",

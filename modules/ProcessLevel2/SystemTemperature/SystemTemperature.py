@@ -367,12 +367,17 @@ class SystemTemperature(BaseCOMAPModule):
             tsys[e, i], gain[e, i] = y_factor(v_hot, v_cold, t_hot[e], self.t_cold_k)
 
         # One feed per thread: reading an event is a copy out of the page cache, bound by one core,
-        # and the reads and the kernel release the GIL (docs/level2.md#systemtemperature).
-        l1.open()
+        # and the reads and the kernel release the GIL (docs/level2.md#systemtemperature). The first
+        # read runs alone, so that a file that cannot be read fails once rather than once per thread.
         work = [(e, i) for e in range(n_ev) for i in range(n_feeds)]
-        with ThreadPoolExecutor(max_workers=max(1, int(max_threads()))) as pool:
-            for done in pool.map(lambda ei: measure(*ei), work):
-                del done
+        if work:
+            measure(*work[0])
+        pool = ThreadPoolExecutor(max_workers=max(1, int(max_threads())))
+        try:
+            for future in [pool.submit(measure, e, i) for e, i in work[1:]]:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         edges = events[kept].astype(np.int64)
         mid = 0.5 * (mjd[edges[:, 0]] + mjd[edges[:, 1] - 1])
         return VaneResult(
