@@ -147,7 +147,7 @@ def test_block_decimated_copy_filled_or_made_once():
         1, 0, 0, 0, n, raw, np.zeros(n), np.zeros(n), np.zeros(n), np.ones((2, 3)), np.ones((2, 3))
     )
     assert block.decimation_request() is None  # no stage of the pass asked for one
-    block.decimation_stride = 10
+    block.plan_decimation(10)
     stride, buf = block.decimation_request()
     assert stride == 10 and buf.shape == (2, 3, 11)
     buf[...] = raw[..., ::10]

@@ -138,16 +138,16 @@ def process_observation(task: ObservationTask) -> ObservationResult:
     final = Path(task.final_level2_path)
     result = ObservationResult(obsid=obsid, status="failed", level2_path=str(final))
     staging: Path | None = None
-    # The objects alive before the observation (astropy, h5py, SQLAlchemy, the modules) are set
-    # aside from the cyclic garbage collector while it runs: its collections then walk only what
-    # the observation made, and the cycles among those are still freed (docs/level2.md#streaming).
-    gc.freeze()
     previous_deferred = db.deferred
     db.set_deferred(True)
     db.take_deferred()
     current = "Level2Pipeline"
     with obsid_context(obsid):
         try:
+            # The objects alive before the observation (astropy, h5py, SQLAlchemy, the modules) are
+            # set aside from the cyclic garbage collector while it runs: its collections then walk
+            # only what the observation made, whose cycles are still freed (docs/level2.md#streaming).
+            gc.freeze()
             file_info = file_info_from_fields(fields)
             staging = jobs.prepare_staging(final, start_from_published=not options.force)
             file_info.level2_path = str(staging)

@@ -248,9 +248,9 @@ class FeedScanBlock:
 
     ``raw`` is float32 ``(B, C, n)`` counts and read-only; ``tod_k`` is ``raw / gain`` (vane K),
     computed once on first use, NaN where the gain is not finite or ≤ 0. ``decimated(stride)`` is
-    ``raw[..., ::stride]`` as a compact copy, made once per block: the driver sets
-    ``decimation_stride`` to the stride the stages of the pass ask for, and the first stage that
-    reads every row anyway fills that copy in the same read (:meth:`decimation_request`).
+    ``raw[..., ::stride]`` as a compact copy, made once per block: the driver plans the stride the
+    stages of the pass ask for (:meth:`plan_decimation`), and the first stage that reads every row
+    anyway fills that copy in the same read (:meth:`decimation_request`).
     """
 
     feed: int
@@ -297,6 +297,12 @@ class FeedScanBlock:
             dec.setflags(write=False)
             self._decimated[stride] = dec
         return dec
+
+    def plan_decimation(self, stride: int, buffer: np.ndarray | None = None) -> None:
+        """Ask for ``decimated(stride)`` to be taken in the first read of each row (the driver
+        calls this), in ``buffer`` (flat float32, reused from block to block) if it is large enough."""
+        self.decimation_stride = int(stride)
+        self._decimation_buffer = buffer
 
     def decimation_request(self) -> tuple[int, np.ndarray] | None:
         """``(stride, buffer)`` for a stage that reads every row anyway: it may fill ``buffer``
@@ -403,7 +409,7 @@ def run_streaming_group(
     replaying = [not a and bool(set(s.provides) & required) for s, a in zip(stages, active)]
     users = [i for i in range(len(stages)) if active[i] or replaying[i]]
     # the decimated copy the first active stage asking for one will read (FeedScanBlock.decimated)
-    strides = [int(stages[i].decimation_stride) for i in users if active[i]]
+    strides = [int(getattr(stages[i], "decimation_stride", 0)) for i in users if active[i]]
     stride = next((s for s in strides if s > 0), 0)
     with ctx.open_l2("a"):
         ctx.invalidate()
@@ -431,8 +437,7 @@ def run_streaming_group(
                 )
                 if stride:
                     n_dec = -(-block.n // stride)
-                    block.decimation_stride = stride
-                    block._decimation_buffer = _buffer(ctx, "_decimated", block.raw[..., 0].size * n_dec)
+                    block.plan_decimation(stride, _buffer(ctx, "_decimated", block.raw[..., 0].size * n_dec))
                 for i in users:
                     t0 = time.perf_counter()
                     if active[i]:

@@ -12,13 +12,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from utils.kernels.median_filter import max_threads
 
 from modules.pipeline_control import provenance
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule
 from utils import level2 as l2layout
 from utils.errors import BadCOMAPFile
+from utils.kernels import median_filter as _median_kernel
 from utils.layout import DatasetPath
 from utils.noise import one_over_f_model, segment_noise_stats
 
@@ -341,7 +341,7 @@ class NoiseStatsLevel2(BaseCOMAPModule):
         # threads (numpy, the FFTs and the running-median kernel release the GIL) with results
         # independent of the order; plots are drawn afterwards, in this thread.
         plots: dict[int, tuple[dict, dict]] = {}
-        pool = ThreadPoolExecutor(max_workers=max(1, min(n_feeds, int(max_threads()))))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(n_feeds, int(_median_kernel.max_threads()))))
         try:
             for future in [pool.submit(one_feed, ifeed) for ifeed in range(n_feeds)]:
                 future.result()

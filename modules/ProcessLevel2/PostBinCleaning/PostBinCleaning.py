@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from utils.kernels.median_filter import max_threads
 
 from modules.pipeline_control import provenance
 from modules.pipeline_control.parameters import Range
@@ -23,6 +22,7 @@ from modules.pipeline_control.Pipeline import BaseCOMAPModule
 from utils import level2 as l2layout
 from utils.errors import BadCOMAPFile
 from utils.filters import running_median_nan
+from utils.kernels import median_filter as _median_kernel
 from utils.layout import DatasetPath
 from utils.noise import nanmedian_rows, pair_difference_rms
 
@@ -384,7 +384,7 @@ class PostBinCleaning(BaseCOMAPModule):
             # Feeds are independent: they are cleaned in parallel threads (numpy and the
             # running-median kernel release the GIL); results are written and drawn in feed order.
             n_short = 0
-            pool = ThreadPoolExecutor(max_workers=max(1, min(n_feeds, int(max_threads()))))
+            pool = ThreadPoolExecutor(max_workers=max(1, min(n_feeds, int(_median_kernel.max_threads()))))
             try:
                 for ifeed, future in enumerate([pool.submit(clean_feed, i) for i in range(n_feeds)]):
                     x, y, short = future.result()

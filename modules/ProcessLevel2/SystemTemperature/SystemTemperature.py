@@ -27,7 +27,6 @@ from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
-from utils.kernels.median_filter import max_threads
 
 from modules.pipeline_control.parameters import Range
 from modules.pipeline_control.Pipeline import BaseCOMAPModule, RetryH5PY
@@ -37,6 +36,7 @@ from utils import level2 as l2layout
 from utils.block_ops import masked_nanmean, masked_nanmeans
 from utils.constants import FEATURE_VANE, ZERO_CELSIUS_K
 from utils.errors import BadCOMAPFile
+from utils.kernels import median_filter as _median_kernel
 from utils.level1 import HK_SCALES, Level1File, runs
 from utils.vane import TSYS_CONVENTION, TSYS_CONVENTION_ATTR, TSYS_DEFINITION, noise_equivalent_tsys
 
@@ -372,7 +372,7 @@ class SystemTemperature(BaseCOMAPModule):
         work = [(e, i) for e in range(n_ev) for i in range(n_feeds)]
         if work:
             measure(*work[0])
-        pool = ThreadPoolExecutor(max_workers=max(1, int(max_threads())))
+        pool = ThreadPoolExecutor(max_workers=max(1, int(_median_kernel.max_threads())))
         try:
             for future in [pool.submit(measure, e, i) for e, i in work[1:]]:
                 future.result()
