@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from utils.block_ops import decimated_length
 from utils.errors import BadCOMAPFile
 from utils.h5io import RetryH5PY
 from utils.level2 import FEEDS, FREQUENCY, LEVEL1_FEED_INDEX, MJD, PIXEL_AZ, PIXEL_EL, SCAN_EDGES
@@ -312,12 +314,12 @@ class FeedScanBlock:
         stride = int(self.decimation_stride)
         if stride <= 0 or stride in self._decimated:
             return None
-        n_dec = -(-self.n // stride)
+        shape = (*self.raw.shape[:-1], decimated_length(self.n, stride))
+        size = math.prod(shape)
         buf = self._decimation_buffer
-        shape = (*self.raw.shape[:-1], n_dec)
-        if buf is None or buf.size < int(np.prod(shape)):
-            buf = np.empty(int(np.prod(shape)), dtype=np.float32)
-        return stride, buf[: int(np.prod(shape))].reshape(shape)
+        if buf is None or buf.size < size:
+            buf = np.empty(size, dtype=np.float32)
+        return stride, buf[:size].reshape(shape)
 
     def keep_decimated(self, stride: int, values: np.ndarray) -> None:
         """Record ``values`` (filled from a :meth:`decimation_request`) as ``decimated(stride)``."""
@@ -436,8 +438,8 @@ def run_streaming_group(
                     else None
                 )
                 if stride:
-                    n_dec = -(-block.n // stride)
-                    block.plan_decimation(stride, _buffer(ctx, "_decimated", block.raw[..., 0].size * n_dec))
+                    size = block.raw[..., 0].size * decimated_length(block.n, stride)
+                    block.plan_decimation(stride, _buffer(ctx, "_decimated", size))
                 for i in users:
                     t0 = time.perf_counter()
                     if active[i]:
