@@ -225,6 +225,33 @@ def test_cube_quicklook(products):
     assert_beam(ax0, h)
 
 
+def test_cube_quicklook_says_why_no_spectrum(products):
+    """A line mask narrower than the channel spacing holds no channel centre: the spectrum panel
+    says so instead of staying blank."""
+    path = products.root / CUBE
+    with fits.open(path) as hdul:
+        h = hdul["LINE"].header
+        n_v = h["NAXIS3"]
+        hit = np.flatnonzero(hdul["HITS"].data.ravel() > 0)
+        line = hdul["LINE"].data.reshape(n_v, -1)[:, hit].T.astype(np.float64)
+        rms = hdul["RMS"].data.reshape(n_v, -1)[:, hit].T.astype(np.float64)
+        masked = hdul["MASK"].data.ravel()[hit] != 0
+    geometry = MapGeometry(
+        {f"{k}{i}": h[f"{k}{i}"] for k in ("CTYPE", "CRPIX", "CDELT", "CRVAL", "NAXIS") for i in (1, 2)}
+    )
+    velocities = WCS(h).spectral.pixel_to_world_values(np.arange(n_v)) / 1e3
+    cube = Cube(line, rms, np.zeros(len(hit)), {k: h[k] for k in ("BMAJ", "BMIN", "BPA")})
+    between = 0.5 * (velocities[0] + velocities[1])
+    window = (between - 1e-3 * abs(velocities[1] - velocities[0]), between)
+    fig, ax0, ax1, drawn = cube_quicklook_figure(geometry, hit, cube, velocities, window, masked, "fld")
+    render(fig)
+    texts = [t.get_text() for t in ax1.texts]
+    assert any(t.startswith("no channel centre inside the line mask") for t in texts), texts
+    assert not ax1.lines and "none to show" in ax1.get_title()
+    # the moment map is not a map of zeros: an empty sum is no measurement
+    assert drawn.n_valid == 0 and "no channel in" in ax0.get_title()
+
+
 def test_hit_map_quicklook(more_maps):
     path = more_maps.root / HIT_MAP
     png = path.with_suffix(".png")

@@ -176,9 +176,12 @@ def channel_correlation(acc: LineAccumulation, settings: LineReaderSettings) -> 
 
 
 def moment0_kkms(line: NDArray, velocities_kms: NDArray, window_kms: tuple[float, float]) -> NDArray:
-    """Zeroth moment Σ T Δv (K km/s) over the channels whose centres lie in ``window_kms``."""
+    """Zeroth moment Σ T Δv (K km/s) over the channels whose centres lie in ``window_kms``; NaN when
+    no channel centre does (an empty sum is not a measurement of zero)."""
     step = float(np.median(np.diff(velocities_kms))) if velocities_kms.size > 1 else 1.0
     sel = (velocities_kms >= window_kms[0]) & (velocities_kms <= window_kms[1])
+    if not sel.any():
+        return np.full(np.shape(line)[:-1], np.nan)
     return np.nansum(line[..., sel], axis=-1) * step
 
 
@@ -233,7 +236,9 @@ def cube_quicklook_figure(
     drawn = draw_sky_image(
         ax0, image, coverage=coverage.reshape(geometry.shape), label="K km/s", beam_header=header
     )
-    ax0.set_title(f"{title}: moment 0 ({mask_kms[0]:+.0f}…{mask_kms[1]:+.0f} km/s)")
+    window = f"{mask_kms[0]:+.0f}…{mask_kms[1]:+.0f} km/s"
+    in_mask = (np.asarray(velocities_kms) >= mask_kms[0]) & (np.asarray(velocities_kms) <= mask_kms[1])
+    ax0.set_title(f"{title}: moment 0 ({window})" if in_mask.any() else f"{title}: no channel in {window}")
     if np.isfinite(significance).any():
         k = int(np.nanargmax(significance))
         iy, ix = np.unravel_index(int(hit[k]), geometry.shape)
@@ -256,6 +261,16 @@ def cube_quicklook_figure(
             at += f"Dec {where.dec.to_string(sep='dms', precision=0, alwayssign=True)}"
         ax1.set_title(f"spectrum at {at}\nmoment 0 = {significance[k]:.1f} σ (most significant pixel)")
         ax1.legend(loc="best")
+    else:
+        # say why the panel is empty rather than leave blank axes
+        v = np.asarray(velocities_kms, dtype=np.float64)
+        if not in_mask.any():
+            step = float(np.median(np.abs(np.diff(v)))) if v.size > 1 else float("nan")
+            why = f"no channel centre inside the line mask\n({v.size} channels {step:.0f} km/s apart)"
+        else:
+            why = "no pixel with a finite moment-0 σ"
+        ax1.text(0.5, 0.5, why, transform=ax1.transAxes, ha="center", va="center", color="0.3")
+        ax1.set_title("spectrum: none to show")
     ax1.set_xlabel("LSRK radio velocity (km/s)")
     ax1.set_ylabel("K (Rayleigh-Jeans)")
     return fig, ax0, ax1, drawn
