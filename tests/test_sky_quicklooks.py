@@ -193,10 +193,9 @@ def test_equatorial_map_quicklook(more_maps):
     assert drawn.n_valid > 0 and drawn.vmin < drawn.vmax
 
 
-def test_cube_quicklook(products):
-    """The moment-0 panel of the stacked cube, rebuilt from its FITS file, with the cube's common beam."""
-    path = products.root / CUBE
-    assert path.with_suffix(".png").exists()
+def _cube_inputs(path):
+    """The arguments of ``cube_quicklook_figure`` rebuilt from a cube's FITS file: (LINE header,
+    geometry, hit pixels, Cube with the header's channel correlations, velocities in km/s, mask)."""
     with fits.open(path) as hdul:
         h = hdul["LINE"].header
         n_v = h["NAXIS3"]
@@ -210,6 +209,15 @@ def test_cube_quicklook(products):
     velocities = WCS(h).spectral.pixel_to_world_values(np.arange(n_v)) / 1e3
     cube = Cube(line, rms, np.zeros(len(hit)), {k: h[k] for k in ("BMAJ", "BMIN", "BPA")})
     cube.correlation = (h["HIERARCH LINE CORR1"], h["HIERARCH LINE CORRB"])
+    return h, geometry, hit, cube, velocities, masked
+
+
+def test_cube_quicklook(products):
+    """The moment-0 panel of the stacked cube, rebuilt from its FITS file, with the cube's common beam."""
+    path = products.root / CUBE
+    assert path.with_suffix(".png").exists()
+    h, geometry, hit, cube, velocities, masked = _cube_inputs(path)
+    line = cube.line
     mask_kms = (h["HIERARCH LINE MASKLO"], h["HIERARCH LINE MASKHI"])
     fig, ax0, ax1, drawn = cube_quicklook_figure(
         geometry, hit, cube, velocities, mask_kms, masked, "fld stack"
@@ -229,18 +237,7 @@ def test_cube_quicklook_says_why_no_spectrum(products):
     """A line mask narrower than the channel spacing holds no channel centre: the spectrum panel
     says so instead of staying blank."""
     path = products.root / CUBE
-    with fits.open(path) as hdul:
-        h = hdul["LINE"].header
-        n_v = h["NAXIS3"]
-        hit = np.flatnonzero(hdul["HITS"].data.ravel() > 0)
-        line = hdul["LINE"].data.reshape(n_v, -1)[:, hit].T.astype(np.float64)
-        rms = hdul["RMS"].data.reshape(n_v, -1)[:, hit].T.astype(np.float64)
-        masked = hdul["MASK"].data.ravel()[hit] != 0
-    geometry = MapGeometry(
-        {f"{k}{i}": h[f"{k}{i}"] for k in ("CTYPE", "CRPIX", "CDELT", "CRVAL", "NAXIS") for i in (1, 2)}
-    )
-    velocities = WCS(h).spectral.pixel_to_world_values(np.arange(n_v)) / 1e3
-    cube = Cube(line, rms, np.zeros(len(hit)), {k: h[k] for k in ("BMAJ", "BMIN", "BPA")})
+    _h, geometry, hit, cube, velocities, masked = _cube_inputs(path)
     between = 0.5 * (velocities[0] + velocities[1])
     window = (between - 1e-3 * abs(velocities[1] - velocities[0]), between)
     fig, ax0, ax1, drawn = cube_quicklook_figure(geometry, hit, cube, velocities, window, masked, "fld")
