@@ -262,6 +262,13 @@ def topocentric_to_lsrk_velocity_kms(
     return radio_velocity_kms(freq_ghz, rest_freq_ghz) + np.asarray(v_corr_kms, dtype=np.float64)
 
 
+def channels_in_window(velocities_kms: NDArray, window_kms: tuple[float, float]) -> NDArray[np.bool_]:
+    """The channels whose centre velocities (km/s) lie in ``window_kms`` (inclusive): the channels a
+    zeroth moment over that window sums."""
+    v = np.asarray(velocities_kms, dtype=np.float64)
+    return (v >= window_kms[0]) & (v <= window_kms[1])
+
+
 def moment0_sigma_kkms(
     rms: NDArray,
     velocities_kms: NDArray,
@@ -278,7 +285,7 @@ def moment0_sigma_kkms(
 
     Channels are taken as contiguous; NaN σ count as 0."""
     step = float(np.median(np.diff(velocities_kms))) if velocities_kms.size > 1 else 1.0
-    sel = (velocities_kms >= window_kms[0]) & (velocities_kms <= window_kms[1])
+    sel = channels_in_window(velocities_kms, window_kms)
     s = np.nan_to_num(np.asarray(rms, dtype=np.float64)[..., sel])
     total, square = s.sum(axis=-1), (s**2).sum(axis=-1)
     lag1 = (s[..., 1:] * s[..., :-1]).sum(axis=-1)
@@ -292,6 +299,7 @@ __all__ = [
     "SPEED_OF_LIGHT_KMS",
     "RecombinationLine",
     "channel_velocity_width_kms",
+    "channels_in_window",
     "line_frequency_ghz",
     "line_name",
     "lines_in_range",

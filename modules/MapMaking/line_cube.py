@@ -21,7 +21,7 @@ from modules.MapMaking.read_line_data import (
     LineSpec,
     line_free_channels,
 )
-from utils.rrl import moment0_sigma_kkms
+from utils.rrl import channels_in_window, moment0_sigma_kkms
 
 log = logging.getLogger("comap.LineMapMaking")
 
@@ -179,7 +179,7 @@ def moment0_kkms(line: NDArray, velocities_kms: NDArray, window_kms: tuple[float
     """Zeroth moment Σ T Δv (K km/s) over the channels whose centres lie in ``window_kms``; NaN when
     no channel centre does (an empty sum is not a measurement of zero)."""
     step = float(np.median(np.diff(velocities_kms))) if velocities_kms.size > 1 else 1.0
-    sel = (velocities_kms >= window_kms[0]) & (velocities_kms <= window_kms[1])
+    sel = channels_in_window(velocities_kms, window_kms)
     if not sel.any():
         return np.full(np.shape(line)[:-1], np.nan)
     return np.nansum(line[..., sel], axis=-1) * step
@@ -237,7 +237,7 @@ def cube_quicklook_figure(
         ax0, image, coverage=coverage.reshape(geometry.shape), label="K km/s", beam_header=header
     )
     window = f"{mask_kms[0]:+.0f}…{mask_kms[1]:+.0f} km/s"
-    in_mask = (np.asarray(velocities_kms) >= mask_kms[0]) & (np.asarray(velocities_kms) <= mask_kms[1])
+    in_mask = channels_in_window(velocities_kms, mask_kms)
     ax0.set_title(f"{title}: moment 0 ({window})" if in_mask.any() else f"{title}: no channel in {window}")
     if np.isfinite(significance).any():
         k = int(np.nanargmax(significance))
