@@ -45,7 +45,8 @@ def test_direct_reads_equal_hdf5(level1, sel):
         np.testing.assert_array_equal(out, b)
 
 
-def test_direct_reads_count_exactly_the_box(tmp_path):
+def test_direct_reads_count_exactly_the_box(tmp_path, monkeypatch):
+    monkeypatch.setattr(DirectReader, "max_gap", 0)  # every run read on its own: no byte outside the box
     path = write_level1(tmp_path / NAME, n_tod=N_TOD, chunks=(1, 1, 4, 128))
     with Level1File(path, count_bytes=True) as l1:
         l1.tod_block(1, 1, slice(3, 13), slice(120, 390))
@@ -57,6 +58,28 @@ def test_direct_reads_count_exactly_the_box(tmp_path):
         assert l1.bytes_read_total > l1.bytes_read_tod  # plus superblock, object headers, …
         total = l1.bytes_read_total
     assert l1.bytes_read_total == total  # the counts survive close()
+
+
+def test_runs_separated_by_small_gaps_are_read_in_one_call(tmp_path, monkeypatch):
+    """A box that cuts through chunks is one run per row of each chunk, separated by the rest of
+    the row. Gaps up to ``DirectReader.max_gap`` bytes are read into scratch by the same ``preadv``
+    (one call instead of one per run): the values stay HDF5's, and the extra bytes counted are
+    exactly the gaps, never more than the chunks the box touches."""
+    path = write_level1(tmp_path / NAME, n_tod=N_TOD, chunks=(1, 1, 4, 128))
+    sel = (1, 1, slice(3, 13), slice(120, 390))
+    counted = {}
+    for gap in (0, DirectReader.max_gap):
+        monkeypatch.setattr(DirectReader, "max_gap", gap)
+        with Level1File(path, count_bytes=True) as l1, Level1File(path, direct_reads=False) as hdf5:
+            np.testing.assert_array_equal(l1.tod_block(*sel), hdf5.tod_block(*sel))
+            counted[gap] = l1.bytes_read_tod  # the box (with the chunk index, the same both times)
+    extra = counted[DirectReader.max_gap] - counted[0]
+    box = 10 * 270 * 4
+    # channels 3…12 touch 4 chunks of 4 channels; samples 120…389 touch 4 chunks of 128
+    touched = 4 * 4 * (4 * 128 * 4)
+    # inside a chunk, the rows of a box piece are 128 - width samples apart: every such gap is read
+    assert 0 < extra <= touched - box
+    assert DirectReader.max_gap >= 4096  # a partial 1024-sample row of a COMAP chunk is at most 4 kB
 
 
 def test_strided_and_filtered_reads_go_through_hdf5(tmp_path):
@@ -105,10 +128,13 @@ def test_bytes_missing_from_the_file_are_an_error(tmp_path):
         reader.close()
 
 
-def test_reads_from_threads_equal_serial_reads_and_counts(tmp_path):
+def test_reads_from_threads_equal_serial_reads_and_counts(tmp_path, monkeypatch):
     """TOD reads from several threads (SystemTemperature reads one feed per thread) give the
-    values of serial reads; counting bytes makes them take turns, so the count is exact."""
+    values of serial reads; counting bytes makes them take turns, so the count is exact (runs
+    read one by one here, so that the count is the boxes')."""
     from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(DirectReader, "max_gap", 0)
 
     path = write_level1(tmp_path / NAME, n_tod=N_TOD, chunks=(1, 1, 4, 128))
     boxes = [(feed, None, None, slice(100 * feed, 100 * feed + 250)) for feed in range(len(FEEDS))] * 3

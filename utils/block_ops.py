@@ -314,6 +314,7 @@ def filter_and_bin(
     group: ArrayLike,
     n_groups: int,
     *,
+    nan_count: ArrayLike | None = None,
     n_threads: int | None = None,
 ) -> BinnedSums:
     """One pass over a raw block: ``d = raw·inv_gain − offset − tau·airmass − level`` summed three ways.
@@ -329,6 +330,9 @@ def filter_and_bin(
     group : array_like of int, shape (B, C)
         Output group of each channel (e.g. ``band * K + bin``), −1 for none.
     n_groups : int
+    nan_count : array_like of int, shape (B, C), optional
+        NaN samples of each channel in ``raw`` (NoiseStatsLevel1's ``nan_count``): a channel with
+        none is not searched for NaN (the sums are the same either way).
 
     Returns
     -------
@@ -376,5 +380,6 @@ def filter_and_bin(
         out.nan_count,
         out.r_nan,
         _threads(n_threads),
+        None if nan_count is None else vec(nan_count, np.int64),
     )
     return out

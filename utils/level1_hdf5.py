@@ -148,16 +148,20 @@ class DirectReader:
     prefetch thread stalls every level-2 write of the main thread until it ends. Reading the bytes
     straight from the file needs the lock only once, to list where the chunks are. Each run of the
     box along the last axis is a contiguous range of the file; runs that follow each other in the
-    file (all rows of a chunk the box covers in full) are read by one ``preadv`` scattering them
-    straight into the output, as HDF5 does, so no byte outside the box is read and nothing is
-    copied twice. The reads run in the Cython kernel ``utils.kernels.direct_io`` without the GIL.
-    ``bytes_read`` counts every byte read.
+    file (all rows of a chunk the box covers in full), or lie at most :attr:`max_gap` bytes apart
+    (the rows of a chunk the box cuts through along time), are read by one ``preadv`` scattering
+    them straight into the output, the gaps into scratch, so nothing is copied twice. The reads
+    run in the Cython kernel ``utils.kernels.direct_io`` without the GIL. ``bytes_read`` counts
+    every byte read, gaps included.
 
     Use :meth:`for_dataset`, which returns None for a layout this class does not read (filters,
     external storage, another dtype or byte order).
     """
 
     ITEMSIZE = 4
+    #: Runs at most this many bytes apart are read by one call, the gap into scratch: a call costs
+    #: more than copying a few kB (docs/formats/level1.md#direct-tod-reads).
+    max_gap = 8192
 
     def __init__(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...] | None, offsets: Any):
         self.shape = tuple(int(n) for n in shape)
@@ -255,7 +259,7 @@ class DirectReader:
         file_pos, dest_pos, length = (np.ascontiguousarray(a[order]) for a in (file_pos, dest_pos, length))
         flat = out.reshape(-1).view(np.uint8)
         err = np.zeros(1, dtype=np.intc)
-        got = read_runs(self._fd, flat, file_pos, dest_pos, length, err)
+        got = read_runs(self._fd, flat, file_pos, dest_pos, length, err, self.max_gap)
         if got < 0:
             at = int(file_pos[-1 - got])
             if err[0]:

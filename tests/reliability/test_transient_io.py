@@ -110,12 +110,12 @@ def failing_level1_io(monkeypatch, level1, code: int, k: int) -> dict:
             raise OSError(code, f"Can't synchronously read data (file read failed: errno = {code})")
         return real_hyperslab(*args, **kwargs)
 
-    def runs(fd, dest, file_pos, dest_pos, length, err=None):
+    def runs(fd, dest, file_pos, dest_pos, length, err=None, max_gap=0):
         if left["direct"] > 0:
             left["direct"] -= 1
             err[0] = code
             return -1
-        return real_runs(fd, dest, file_pos, dest_pos, length, err)
+        return real_runs(fd, dest, file_pos, dest_pos, length, err, max_gap)
 
     monkeypatch.setattr(h5py, "File", file)
     monkeypatch.setattr(level1_mod, "read_hyperslab", hyperslab)
@@ -185,7 +185,7 @@ INJECT = textwrap.dedent(
         import utils.h5io
         import utils.kernels.direct_io as direct_io
 
-        def read_runs(fd, dest, file_pos, dest_pos, length, err=None):
+        def read_runs(fd, dest, file_pos, dest_pos, length, err=None, max_gap=0):
             err[0] = errno.ESTALE
             return -1
 

@@ -15,7 +15,8 @@ group totals and lose each NaN sample
 
 and ``nan_count(t)`` counts the rows whose raw value is NaN, ``r_nan(t)`` those among the gain-filter
 rows (``wr != 0``). A (row, sample range) without NaN — nearly all of them — takes a loop without
-branches, which the compiler vectorises; the arithmetic per value is the same in both loops. A row
+branches, which the compiler vectorises (a row whose NaN count over the block is known to be 0 is
+not even searched); the arithmetic per value is the same in both loops. A row
 with ``tau = level = 0`` (a scan without an airmass fit) takes a shorter loop without those terms,
 whose values are identical as long as every ``x`` is finite. ``d`` is never stored: the binned
 residual of the gain filter follows as ``num/den − ĝ(t) · wm/den``. Threads own disjoint ranges
@@ -37,7 +38,7 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
                const double[::1] tau, const double[::1] x, const double[::1] level,
                const double[::1] wr, const double[::1] wb, const double[::1] m, const int[::1] group,
                double[::1] r_sum, double[:, ::1] num, double[:, ::1] den, double[:, ::1] wm,
-               int[::1] nan_count, int[::1] r_nan, int n_threads):
+               int[::1] nan_count, int[::1] r_nan, int n_threads, const long long[::1] row_nan=None):
     """Accumulate the channel sums of one block.
 
     ``r_sum``, ``num`` and ``nan_count`` must be zero-initialised. ``den`` and ``wm`` must hold, for
@@ -52,15 +53,19 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
     group : (rows,) int32 output group of each row, or -1 for none
     r_sum : (n,) float64; num, den, wm : (n_groups, n) float64; nan_count : (n,) int32
     r_nan : (n,) int32, the NaN values among the rows with ``wr != 0`` (the gain-filter channels)
+    row_nan : (rows,) int64 or None, NaN samples of each row over all of ``raw``: a row with none
+        skips the look for NaN in each sample range (None: every row is looked at)
     """
     cdef Py_ssize_t rows = raw.shape[0], n = raw.shape[1]
     cdef Py_ssize_t n_chunks = (n + SAMPLE_CHUNK - 1) // SAMPLE_CHUNK
     cdef Py_ssize_t c, i, t, t0, t1, n_nan
     cdef double v, d, ig, off, ta, lv, wri, wbi, wmi
     cdef int g
-    cdef bint binned, x_finite = True
+    cdef bint binned, x_finite = True, known = row_nan is not None
     if rows == 0 or n == 0:
         return
+    if known and row_nan.shape[0] != rows:
+        raise ValueError("row_nan must have one count per row")
     for t in range(n):
         if not fabs(x[t]) <= 1.7976931348623157e308:
             x_finite = False
@@ -81,8 +86,9 @@ def filter_bin(const real[:, ::1] raw, const double[::1] inv_gain, const double[
             g = group[i]
             binned = g >= 0 and wbi > 0.0
             n_nan = 0
-            for t in range(t0, t1):
-                n_nan = n_nan + (1 if raw[i, t] != raw[i, t] else 0)
+            if not known or row_nan[i] != 0:  # a row known to have no NaN needs no look
+                for t in range(t0, t1):
+                    n_nan = n_nan + (1 if raw[i, t] != raw[i, t] else 0)
             if n_nan == 0 and ta == 0.0 and lv == 0.0 and x_finite:
                 # no atmosphere term and no level (a scan without an airmass fit): subtracting
                 # 0·x(t) and 0 changes nothing, so leaving them out gives the same d

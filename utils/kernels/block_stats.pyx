@@ -84,13 +84,15 @@ cdef inline void _row_pair_rms(const real* row, Py_ssize_t n, int estimator, dou
         b = row[2 * j + 1]
         v = b - a
         dbuf[j] = v
-        nn += (a != a) + (b != b)
         # as _mean_std with centre 0 and no limit: NaN and ±inf differences are left out
         f = 1.0 if fabs(v) <= 1e300 else 0.0
         w = v if fabs(v) <= 1e300 else 0.0
         s1 += w
         s2 += w * w
         cnt += f
+    if cnt < npairs:  # a NaN sample makes its pair's difference NaN: count them only then
+        for j in range(2 * npairs):
+            nn += row[j] != row[j]
     if n % 2 == 1 and row[n - 1] != row[n - 1]:
         nn += 1
     n_nan[0] = nn

@@ -320,6 +320,7 @@ class GainFilterAndBin(StreamingStage):
             np.where(mask, m, 0.0),
             state["group"],
             n_bands * n_bin,
+            nan_count=nan_count,
         )
         l2 = ctx.l2[l2layout.LEVEL2_GROUP]
         sl = slice(block.start, block.stop)
