@@ -147,13 +147,12 @@ def test_filter_and_bin_matches_numpy(block, fitted):
     )
 
 
-def test_filter_and_bin_independent_of_threads(block):
-    """Each sample's sums are formed by one thread adding the rows in storage order, so one, two
-    and three threads give the same bits (the level-2 output does not depend on the machine's
-    core count)."""
-    rng = np.random.default_rng(8)
+def _random_filter_args(block, seed: int) -> tuple:
+    """Random per-channel terms for ``filter_and_bin(block, *args)``: gain, offset, tau, airmass,
+    level, weights, normalisation, two groups per band."""
+    rng = np.random.default_rng(seed)
     n_bands, n_chan, n = block.shape
-    args = (
+    return (
         inverse_gain(rng.uniform(5e5, 2e6, (n_bands, n_chan))),
         rng.normal(0, 1, (n_bands, n_chan)),
         rng.normal(0, 1, (n_bands, n_chan)),
@@ -165,6 +164,13 @@ def test_filter_and_bin_independent_of_threads(block):
         (np.arange(n_bands)[:, None] * 2 + np.arange(n_chan)[None, :] // (n_chan // 2)).astype(np.int32),
         n_bands * 2,
     )
+
+
+def test_filter_and_bin_independent_of_threads(block):
+    """Each sample's sums are formed by one thread adding the rows in storage order, so one, two
+    and three threads give the same bits (the level-2 output does not depend on the machine's
+    core count)."""
+    args = _random_filter_args(block, seed=8)
     runs = [filter_and_bin(block, *args, n_threads=k) for k in (1, 2, 3)]
     for sums in runs[1:]:
         for name in ("r_sum", "num", "den", "wm", "nan_count", "r_nan"):
@@ -176,20 +182,7 @@ def test_filter_and_bin_with_known_nan_counts_gives_the_same_bits(block):
     skip the look for NaN: the sums must be the same bits as without the counts, with NaN channels
     (one every 5th sample, one all NaN) among them. A count that hid a NaN channel would poison
     its samples' sums with NaN, which the comparison catches."""
-    rng = np.random.default_rng(9)
-    n_bands, n_chan, n = block.shape
-    args = (
-        inverse_gain(rng.uniform(5e5, 2e6, (n_bands, n_chan))),
-        rng.normal(0, 1, (n_bands, n_chan)),
-        rng.normal(0, 1, (n_bands, n_chan)),
-        rng.uniform(1.0, 1.5, n),
-        rng.normal(0, 1, (n_bands, n_chan)),
-        rng.normal(0, 1, (n_bands, n_chan)),
-        rng.uniform(0, 2, (n_bands, n_chan)),
-        rng.uniform(30, 60, (n_bands, n_chan)),
-        (np.arange(n_bands)[:, None] * 2 + np.arange(n_chan)[None, :] // (n_chan // 2)).astype(np.int32),
-        n_bands * 2,
-    )
+    args = _random_filter_args(block, seed=9)
     nan_count = np.isnan(block).sum(axis=-1)
     assert (nan_count > 0).sum() == 2 and (nan_count == 0).sum() > 20
     plain = filter_and_bin(block, *args)
