@@ -66,8 +66,8 @@ def raw():
 
 
 def test_element_wise_kernels_and_medians_are_bit_identical(builds, raw):
-    """No fused multiply-adds in either build: filter_bin's per-sample sums and the decimated
-    medians (order statistics of identically computed values) agree bit for bit."""
+    """No fused multiply-adds in either build: filter_bin's per-sample sums, the decimated medians
+    and the row medians (order statistics of identically computed values) agree bit for bit."""
     rows, n = raw.shape
     rng = np.random.default_rng(12)
     inv_gain, offset, tau, level, wr, m = (rng.uniform(0.5, 2.0, rows) for _ in range(6))
@@ -84,7 +84,9 @@ def test_element_wise_kernels_and_medians_are_bit_identical(builds, raw):
         )
         med = np.empty(rows)
         stats.decimated_median(raw, inv_gain, offset, tau, x, 7, med, 2)
-        results.append((r_sum, num, den, wm, nan_count, r_nan, med))
+        row_med = np.empty(rows)
+        stats.nanmedian_rows(raw.astype(np.float64), row_med, 2)
+        results.append((r_sum, num, den, wm, nan_count, r_nan, med, row_med))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 

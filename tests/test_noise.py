@@ -196,15 +196,30 @@ def test_pair_difference_rms_nan_handling():
         pair_difference_rms(x, estimator="rms")
 
 
+def _numpy_median_of_finite(x):
+    finite = np.where(np.isfinite(x), x, np.nan)
+    return np.array([np.nanmedian(r) if np.isfinite(r).any() else np.nan for r in finite])
+
+
 def test_nanmedian_rows_matches_numpy():
+    """Exactly numpy's median of the finite values, on both sides of the kernel's windowed-selection
+    threshold (512 values), with infinities counted as missing, in float64 and float32."""
     rng = np.random.default_rng(15)
-    for n in (1, 2, 7, 8, 700):
-        x = rng.standard_normal((6, n))
+    for n in (1, 2, 7, 8, 511, 512, 513, 700, 4000, 15001):
+        x = rng.standard_normal((9, n)) * 10.0 ** rng.integers(-4, 5, size=(9, 1))
         x[rng.random(x.shape) < 0.3] = np.nan
         x[0] = np.nan
-        got = nanmedian_rows(x)
-        expected = np.array([np.nanmedian(r) if np.isfinite(r).any() else np.nan for r in x])
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+        x[1, : n // 2 + 1] = np.inf  # infinities are missing values, not the median
+        x[2] = np.round(x[2], 1)  # ties at the middle ranks
+        x[3] = np.where(np.arange(n) % 128 == 0, 1e6, x[3])  # aligned with the kernel's pivot sample
+        x[4] = np.sort(x[4])
+        expected = _numpy_median_of_finite(x)
+        np.testing.assert_array_equal(nanmedian_rows(x), expected)
+        np.testing.assert_array_equal(nanmedian_rows(x.T, axis=0), expected)  # non-contiguous rows
+        x32 = x.astype(np.float32)
+        got32 = nanmedian_rows(x32)
+        assert got32.dtype == np.float32
+        np.testing.assert_array_equal(got32, _numpy_median_of_finite(x32).astype(np.float32))
     assert nanmedian_rows(np.zeros((2, 3, 0))).shape == (2, 3)
 
 

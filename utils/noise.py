@@ -40,6 +40,8 @@ from scipy.optimize import least_squares
 from scipy.special import digamma
 
 from utils.filters import running_median_nan
+from utils.kernels import block_stats as _block_stats
+from utils.kernels import median_filter as _median_kernel
 
 __all__ = [
     "ESTIMATORS",
@@ -249,8 +251,10 @@ def difference_rms(
 def nanmedian_rows(x: ArrayLike, *, axis: int = -1) -> NDArray:
     """Median of the finite values along ``axis``; NaN (without a warning) where there are none.
 
-    Same values as ``numpy.nanmedian`` (mean of the two middle values for an even count), but
-    vectorised over rows by one sort instead of numpy's per-row loop for long rows.
+    Same values as ``numpy.nanmedian`` (mean of the two middle values for an even count; only the
+    sign of a zero median may differ when +0.0 and -0.0 tie at the middle rank). float64 rows go
+    through a windowed selection per row in :mod:`utils.kernels.block_stats`, rows in parallel;
+    float32 rows are sorted (vectorised over rows, not numpy's per-row loop).
 
     Parameters
     ----------
@@ -263,6 +267,14 @@ def nanmedian_rows(x: ArrayLike, *, axis: int = -1) -> NDArray:
     """
     rows, lead = _rows(x, axis)
     dtype = np.float32 if rows.dtype == np.float32 else np.float64
+    if dtype == np.float64:
+        # 5-10x faster than sorting the rows; float32 keeps the sort, whose mean of the two middle
+        # values is rounded in float32
+        out = np.empty(rows.shape[0])
+        _block_stats.nanmedian_rows(
+            np.ascontiguousarray(rows, dtype=np.float64), out, max(1, int(_median_kernel.max_threads()))
+        )
+        return out.reshape(lead)
     out = np.full(rows.shape[0], np.nan, dtype=dtype)
     n = rows.shape[1]
     for sl in _row_chunks(rows.shape[0], n):

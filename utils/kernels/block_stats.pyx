@@ -13,6 +13,8 @@ Do not call this module directly: use :mod:`utils.block_ops`.
     Median of every ``stride``-th sample of ``raw*scale − offset − tau*x`` per row (finite values
     only; the mean of the two middle values for an even count, as numpy), by selection within a
     window bracketed by order statistics of a sample of the row (``_median``).
+``nanmedian_rows``
+    numpy's median of the finite values of each row, by the same windowed selection.
 ``airmass_sums``
     float64 sums ``n, Σx, Σy, Σxx, Σxy`` over finite ``y = raw * scale`` per row, for the
     closed-form fit ``y = offset + tau * x``.
@@ -23,10 +25,12 @@ Each row (a channel's samples of one scan) is small enough to stay in cache, so 
 row cost little beyond the one read from memory.
 """
 
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
 from libcpp.algorithm cimport nth_element
+
+import numpy as np
 
 ctypedef fused real:
     float
@@ -311,6 +315,29 @@ def decimated_median(const real[:, ::1] raw, const double[::1] scale, const doub
         else:
             for i in prange(rows, schedule="static"):
                 out[i] = NAN
+
+
+def nanmedian_rows(const double[:, ::1] x, double[::1] out, int n_threads):
+    """Per row: numpy's median of the finite values of ``x`` (NaN where there is none), by the
+    windowed selection of ``_median``; rows in parallel, each thread with its own scratch."""
+    cdef Py_ssize_t i, t, m, rows = x.shape[0], n = x.shape[1]
+    cdef Py_ssize_t width = 2 * (n + 1)
+    cdef int threads = max(1, n_threads)
+    cdef double v
+    cdef double* buf
+    if rows == 0:
+        return
+    scratch_array = np.empty((threads, width), dtype=np.float64)
+    cdef double[:, ::1] scratch = scratch_array
+    with nogil, parallel(num_threads=threads):
+        buf = &scratch[threadid(), 0]
+        for i in prange(rows, schedule="static"):
+            m = 0
+            for t in range(n):
+                v = x[i, t]
+                buf[m] = v
+                m = m + (1 if fabs(v) <= 1.7976931348623157e308 else 0)
+            out[i] = NAN if m == 0 else _median(buf, m, buf + n + 1)
 
 
 def masked_sums(const real[:, ::1] raw, const double[::1] w0, const double[::1] w1,
