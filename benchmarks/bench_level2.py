@@ -9,9 +9,10 @@
   (``read_direct`` feed by feed into a float32 buffer), twice: with a warm page cache and with a
   cold one (``posix_fadvise(POSIX_FADV_DONTNEED)`` on the level-1 file before every timed read and
   every timed level-2 pass). One warm worker (one process, its default number of OpenMP threads,
-  which is reported) takes its passes on request: after an untimed pass and an untimed read, each of
-  ``--repeat`` rounds times a plain read and then a pass (``_paired_runs``). Each side is the median
-  over the rounds. Target ≤ 3× (warm). Per-module timings and the per-round ratios are printed too.
+  which is reported) takes its passes on request: after an untimed pass, each of ``--repeat``
+  rounds makes two plain reads and two passes and times the second of each (``_paired_runs``).
+  Each side is the median over the rounds. Target ≤ 3× (warm). Per-module timings and the
+  per-round ratios are printed too.
 * **B6** peak RSS of the worker for the same observation simulated with 4, 8 and 19 feeds (same
   n_tod). Target: RSS(19) − RSS(4) ≤ max(10 % of RSS(4), 50 MB), and RSS ≤ 4 × block + 0.5 GB.
 
